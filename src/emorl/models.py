@@ -319,3 +319,15 @@ def load_adapters(base: Base, folders: dict[str, str | Path] | list[str | Path])
             base.model = model
     model.eval()
     return model, infos
+
+
+def adapters_disabled(model: Any) -> Any:
+    """Context manager: run ``model`` as the frozen base (no adapter), without a second copy of the weights.
+    Works on a PeftModel (its ``disable_adapter``) and is a no-op on a plain model."""
+    import contextlib
+
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.disable_adapter()
+    return contextlib.nullcontext()
