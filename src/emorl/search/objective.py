@@ -1,0 +1,107 @@
+"""The search objective: decode a fixed validation subset with the ensemble for a batch of weight points,
+score the replies with every objective's reward, and return per-objective means and their aggregate.
+
+Every point is decoded on the same prompts with the same seed, so scores of different points are
+comparable (the reference code drew a new random validation subset at each evaluation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from emorl.config import GenerationConfig
+from emorl.search.evaluator import Score
+from emorl.utils import EmorlError
+
+MODES = ("hidden", "logits", "probs", "params")
+# Modes whose greedy decode depends only on the direction of w: hidden and logits mixing are linear in w
+# before an argmax, so w and c·w (c > 0) pick the same tokens. Never params (w scales the task vectors) and
+# never under sampling (the sampling distribution changes with c).
+SCALE_INVARIANT_MODES = ("hidden", "logits")
+
+
+def is_scale_invariant(mode: str, generation: GenerationConfig) -> bool:
+    return mode in SCALE_INVARIANT_MODES and not generation.do_sample
+
+
+def aggregate_weights(objectives: Sequence[str], objective_weights: Sequence[float] | None) -> np.ndarray:
+    """Normalised weights of the objectives in the aggregate (default: the plain mean)."""
+    if objective_weights is None:
+        return np.full(len(objectives), 1.0 / len(objectives))
+    w = np.asarray(objective_weights, dtype=float)
+    if w.shape != (len(objectives),):
+        raise EmorlError(f"search.objective_weights: {len(w)} weights given for {len(objectives)} objectives "
+                         f"({', '.join(objectives)}); give one weight per objective, in that order")
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise EmorlError(f"search.objective_weights: {list(w)} must be finite, non-negative and not all zero")
+    return w / w.sum()
+
+
+class EnsembleObjective:
+    """``objective(points) -> [Score]`` for :func:`hierarchical_search`, decoding with an EnsembleModel.
+
+    ``ensemble`` needs ``.names`` (its K adapters, the axes of a weight point) and ``.generate(prompts,
+    weights=(G, K), mode=..., ...)`` returning G lists of replies. ``rewards`` maps objective name to
+    reward (see :mod:`emorl.rewards`); the aggregate is their ``objective_weights``-weighted mean.
+    """
+
+    def __init__(self, ensemble: Any, prompts: Sequence[str], rewards: dict[str, Any], *, mode: str = "hidden",
+                 generation: GenerationConfig | None = None, seed: int = 0,
+                 objective_weights: Sequence[float] | None = None) -> None:
+        if mode not in MODES:
+            raise EmorlError(f"search mode {mode!r} is not one of {', '.join(MODES)}")
+        if not prompts:
+            raise EmorlError("the search needs at least one validation prompt (search.prompts >= 1 and a "
+                             "non-empty validation split)")
+        if not rewards:
+            raise EmorlError("the search needs at least one objective reward")
+        self.ensemble = ensemble
+        self.prompts = list(prompts)
+        self.rewards = dict(rewards)
+        self.names = list(ensemble.names)
+        self.mode = mode
+        self.generation = generation or GenerationConfig(do_sample=False)
+        self.seed = seed
+        self.weights = aggregate_weights(list(self.rewards), objective_weights)
+        self.points_decoded = 0
+
+    @property
+    def dim(self) -> int:
+        return len(self.names)
+
+    @property
+    def scale_invariant(self) -> bool:
+        return is_scale_invariant(self.mode, self.generation)
+
+    def __call__(self, points: np.ndarray) -> list[Score]:
+        points = np.asarray(points, dtype=np.float64)
+        g = self.generation
+        out = self.ensemble.generate(self.prompts, weights=points, mode=self.mode, max_new_tokens=g.max_new_tokens,
+                                     do_sample=g.do_sample, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                                     seed=self.seed)
+        texts = getattr(out, "texts", out)
+        if len(texts) != len(points) or any(len(t) != len(self.prompts) for t in texts):
+            raise EmorlError(f"the ensemble returned {len(texts)} groups of replies for {len(points)} weight points "
+                             f"x {len(self.prompts)} prompts")
+        self.points_decoded += len(points)
+        return self.score_replies(texts)
+
+    def score_replies(self, texts: Sequence[Sequence[str]]) -> list[Score]:
+        """Scores of G groups of replies (one group per weight point, one reply per prompt): each reward is
+        called once on all G x B pairs, then averaged per point."""
+        from emorl.rewards import score
+
+        n_pts, n_prompts = len(texts), len(self.prompts)
+        flat = [r for group in texts for r in group]
+        means = {name: score(rw, self.prompts * n_pts, flat).reshape(n_pts, n_prompts).mean(1)
+                 for name, rw in self.rewards.items()}
+        agg = np.stack([means[n] for n in self.rewards], axis=1) @ self.weights
+        return [Score(float(agg[i]), {n: float(means[n][i]) for n in self.rewards}) for i in range(n_pts)]
+
+    def degenerate(self) -> Score:
+        """The all-zero point under hidden/logits mixing: all-zero logits, so the decode yields no text; it is
+        scored as empty replies, without decoding."""
+        return self.score_replies([[""] * len(self.prompts)])[0]
