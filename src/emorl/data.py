@@ -96,8 +96,7 @@ def load_splits(cfg: DataConfig) -> Splits:
 def split_records(records: list[Record], split: list[float], shuffle: bool = True, seed: int = 0,
                   max_prompts: int | None = None) -> Splits:
     """Deterministic split. Repeated prompts are dropped first (first occurrence kept) so a prompt can never
-    be trained on and tested on; cut points are ``floor(n * cumulative fraction)``, as the reference's
-    80/10/10 file-order split."""
+    be trained on and tested on; cut points are ``floor(n * cumulative fraction)``."""
     if len(split) != 3 or any(not math.isfinite(s) or s < 0 for s in split) or abs(sum(split) - 1) > 1e-6:
         raise EmorlError(f"data.split must be three non-negative fractions summing to 1, got {split}")
     if max_prompts is not None and max_prompts < 1:
