@@ -13,7 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread: tiny models are dominated by per-op overhead, and with 2 OpenMP threads on a loaded 2-core
+# box every small matmul spin-waits (measured 30x slower). Set EMORL_TEST_THREADS to change it.
+torch.set_num_threads(int(os.environ.get("EMORL_TEST_THREADS", "1")))
 
 
 @pytest.fixture

@@ -132,3 +132,16 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was)
+
+
+_CONSOLE = None
+
+
+def console() -> Any:
+    """The shared rich console (stderr), so progress bars and log lines don't interleave badly."""
+    global _CONSOLE
+    if _CONSOLE is None:
+        from rich.console import Console
+
+        _CONSOLE = Console(stderr=True)
+    return _CONSOLE

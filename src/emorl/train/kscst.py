@@ -1,0 +1,208 @@
+"""k-sample self-critical sequence training (k-SCST), the RL step of EMORL — readable top to bottom.
+
+For a batch of B prompts the policy samples k replies each. Every reply gets a scalar reward
+
+    R = Σ_j λ_j · ln(clip(s_j, 1e-4, 0.9999))          (paper; ``transform="identity"`` uses Σ λ_j s_j)
+
+from the raw objective scores s_j ∈ [0, 1]. The baseline of a reply is the mean reward of the k replies of the
+same prompt, so the advantages of a group sum to zero. The loss is REINFORCE with that baseline:
+
+    loss = − mean_i [ A_i · Σ_t log π(y_it | x_i, y_i<t) ]  (+ β · mean_i Σ_t KL_it)
+
+where the sum runs over the *sampled token ids* (not a re-tokenisation of the decoded text, a bug of the
+reference code), masking the prompt, the padding and everything after the first EOS. The optional KL term is a
+per-token estimate against the base model (adapter disabled) that carries gradient; the reference's KL is
+computed under no_grad and multiplied by zero-mean advantages, i.e. a no-op (spec §3.4).
+
+Two things keep the update cheap on memory and time:
+* log-probs of the sampled ids are ``logit[y] − logsumexp(logits)`` on the reply positions only — no
+  full-vocabulary log-softmax copy and no logits for prompt positions;
+* (causal models) the prompt is run once per prompt and its KV cache repeated for its k replies, so the
+  shared prefix is not recomputed k times; micro-batches bound the activation memory.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import LlamaForCausalLM
+
+# ------------------------------------------------------------------------------------------ rewards
+
+
+def transform_rewards(scores: np.ndarray, weights: np.ndarray, kind: str = "log",
+                      clip_min: float = 1e-4, clip_max: float = 0.9999) -> np.ndarray:
+    """Scores (n, J) of J objectives in [0, 1] and weights λ (J,) -> per-sample reward R (n,)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim == 1:
+        scores = scores[:, None]
+    weights = np.asarray(weights, dtype=np.float64)
+    if kind == "log":
+        scores = np.log(np.clip(scores, clip_min, clip_max))
+    elif kind != "identity":
+        raise ValueError(f"unknown reward transform {kind!r}")
+    return scores @ weights
+
+
+def group_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """k-SCST baseline: each reward minus the mean of its prompt's k rewards (rows grouped k by k)."""
+    r = rewards.reshape(-1, k)
+    return (r - r.mean(dim=1, keepdim=True)).reshape(-1)
+
+
+# ------------------------------------------------------------------------------------------ rollout tensors
+
+
+@dataclass
+class RolloutBatch:
+    """Token ids of one policy's rollouts. Rows are grouped by prompt: rows [i*k, (i+1)*k) share prompt i.
+
+    ``prompt_ids``/``prompt_mask`` hold the B distinct prompts (left-padded for causal models, right-padded for
+    seq2seq encoders); ``completion_ids``/``completion_mask`` the B·k sampled replies (mask covers the tokens up to
+    and including the first EOS)."""
+
+    prompt_ids: torch.Tensor  # (B, P)
+    prompt_mask: torch.Tensor  # (B, P)
+    completion_ids: torch.Tensor  # (B*k, T)
+    completion_mask: torch.Tensor  # (B*k, T) float/bool
+    k: int
+
+    def slice_prompts(self, start: int, stop: int) -> RolloutBatch:
+        k = self.k
+        return RolloutBatch(self.prompt_ids[start:stop], self.prompt_mask[start:stop],
+                            self.completion_ids[start * k:stop * k], self.completion_mask[start * k:stop * k], k)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """1 for reply tokens up to and including the first EOS of each row, 0 after it (generate() pads finished
+    rows with pad = often the EOS id itself, so "after the first EOS" is the only safe rule)."""
+    is_eos = torch.zeros_like(completion_ids, dtype=torch.bool)
+    for e in eos_ids:
+        is_eos |= completion_ids == e
+    # number of EOS strictly before position t; keep positions with none before them
+    before = torch.cumsum(is_eos.int(), dim=1) - is_eos.int()
+    return (before == 0).to(torch.float32)
+
+
+# ------------------------------------------------------------------------------------------ log-probs
+
+# transformers renamed the `past_key_values` argument/output to `cache` during 5.x; accept both
+CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def _output_cache(out: Any) -> Any:
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
+
+def _gather_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[ids] without materialising the full log-softmax."""
+    logits = logits.float()
+    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def causal_token_logprobs(model: Any, batch: RolloutBatch, share_prompt: bool = True) -> torch.Tensor:
+    """Per-token log-probs (B*k, T) of the sampled reply ids under a causal LM (with grad if enabled).
+
+    ``share_prompt``: run each prompt once and repeat its KV cache for its k replies (exact: the same positions
+    and mask as a full forward; tested against ``share_prompt=False``)."""
+    k = batch.k
+    pmask = batch.prompt_mask.long()
+    cmask = batch.completion_mask.long()
+    T = batch.completion_ids.shape[1]
+    ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
+    if not share_prompt:
+        ids = torch.cat([batch.prompt_ids.repeat_interleave(k, 0), batch.completion_ids], dim=1)
+        mask = torch.cat([pmask.repeat_interleave(k, 0), cmask], dim=1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1, use_cache=False)
+        return _gather_logprobs(out.logits[:, :-1], batch.completion_ids)
+    # 1) the prompt once: its cache and the logits that predict the first reply token
+    out = model(input_ids=batch.prompt_ids, attention_mask=pmask, position_ids=ppos, use_cache=True, logits_to_keep=1)
+    first = _gather_logprobs(out.logits[:, -1].repeat_interleave(k, 0), batch.completion_ids[:, 0])
+    if T == 1:
+        return first[:, None]
+    cache = _output_cache(out)
+    cache.batch_repeat_interleave(k)  # differentiable: new tensors, the graph runs back to the prompt forward
+    # 2) the k replies continue from the shared prefix
+    full_mask = torch.cat([pmask.repeat_interleave(k, 0), cmask[:, :-1]], dim=1)
+    cpos = ppos[:, -1:].repeat_interleave(k, 0) + torch.arange(1, T, device=ppos.device)
+    out2 = model(input_ids=batch.completion_ids[:, :-1], attention_mask=full_mask, position_ids=cpos,
+                 use_cache=True, **{CACHE_KW: cache})
+    rest = _gather_logprobs(out2.logits, batch.completion_ids[:, 1:])
+    return torch.cat([first[:, None], rest], dim=1)
+
+
+def seq2seq_token_logprobs(model: Any, batch: RolloutBatch, decoder_start_id: int) -> torch.Tensor:
+    """Per-token log-probs (B*k, T) of the sampled reply ids under an encoder-decoder (encoder run once per prompt)."""
+    k = batch.k
+    enc = model.get_encoder()(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask)
+    hidden = enc.last_hidden_state.repeat_interleave(k, 0)
+    start = torch.full_like(batch.completion_ids[:, :1], decoder_start_id)
+    dec_in = torch.cat([start, batch.completion_ids[:, :-1]], dim=1)
+    out = model(encoder_outputs=(hidden,), attention_mask=batch.prompt_mask.repeat_interleave(k, 0),
+                decoder_input_ids=dec_in, decoder_attention_mask=batch.completion_mask.long(), use_cache=False)
+    return _gather_logprobs(out.logits, batch.completion_ids)
+
+
+def token_logprobs(model: Any, batch: RolloutBatch, is_seq2seq: bool, decoder_start_id: int | None = None,
+                   share_prompt: bool = True) -> torch.Tensor:
+    if is_seq2seq:
+        return seq2seq_token_logprobs(model, batch, int(decoder_start_id or 0))
+    return causal_token_logprobs(model, batch, share_prompt=share_prompt)
+
+
+# ------------------------------------------------------------------------------------------ the loss
+
+
+def kscst_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, n_total: int,
+               ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """REINFORCE with the k-sample mean baseline over one micro-batch.
+
+    ``n_total`` is the number of samples in the whole batch, so summing micro-batch losses gives the batch mean.
+    KL: the k3 estimator exp(Δ) − Δ − 1 with Δ = log π_ref − log π per reply token (non-negative, unbiased for
+    KL(π‖π_ref), gradient through log π), summed over the reply like the log-probs."""
+    mask = mask.to(logp.dtype)
+    seq_logp = (logp * mask).sum(-1)
+    pg = -(advantages.to(logp.dtype) * seq_logp).sum() / n_total
+    stats = {"pg_loss": float(pg.detach())}
+    loss = pg
+    if ref_logp is not None and kl_coef > 0:
+        delta = ref_logp.detach() - logp
+        kl = ((torch.exp(delta) - delta - 1) * mask).sum(-1)
+        kl_term = kl_coef * kl.sum() / n_total
+        loss = loss + kl_term
+        stats["kl"] = float(kl.detach().sum()) / n_total
+    return loss, stats
+
+
+def policy_gradient_step(model: Any, batch: RolloutBatch, advantages: torch.Tensor, *, is_seq2seq: bool,
+                         micro_batch_rows: int, decoder_start_id: int | None = None, kl_coef: float = 0.0,
+                         reference: Any = None, share_prompt: bool = True) -> dict[str, float]:
+    """Accumulate the gradient of the k-SCST loss over micro-batches (the caller clips and steps).
+
+    ``reference``: a context manager factory that turns ``model`` into the base (adapter disabled) — used for
+    the KL term only when ``kl_coef > 0``."""
+    k = batch.k
+    n_prompts = batch.prompt_ids.shape[0]
+    n_total = n_prompts * k
+    per_mb = max(1, micro_batch_rows // k)
+    totals: dict[str, float] = {"loss": 0.0}
+    for s in range(0, n_prompts, per_mb):
+        mb = batch.slice_prompts(s, min(n_prompts, s + per_mb))
+        adv = advantages[s * k:(s * k) + mb.completion_ids.shape[0]]
+        ref = None
+        if kl_coef > 0 and reference is not None:
+            with torch.no_grad(), reference():
+                ref = token_logprobs(model, mb, is_seq2seq, decoder_start_id, share_prompt)
+        logp = token_logprobs(model, mb, is_seq2seq, decoder_start_id, share_prompt)
+        loss, stats = kscst_loss(logp, mb.completion_mask, adv, n_total, ref, kl_coef)
+        loss.backward()
+        totals["loss"] += float(loss.detach())
+        for key, v in stats.items():
+            totals[key] = totals.get(key, 0.0) + v
+    return totals
