@@ -96,7 +96,7 @@ def sample_rollouts(model: Any, base: Base, groups: list[tuple[str, list[str]]],
                 pad_token_id=tok.pad_token_id, eos_token_id=eos_ids(base), **extra)
     finally:
         model.train(was_training)
-    completions = out[:, 1:] if base.is_seq2seq else out[:, ids.shape[1]:]
+    completions = (out[:, 1:] if base.is_seq2seq else out[:, ids.shape[1]:]).contiguous()
     if completions.shape[1] == 0:  # every row ended at once (possible with tiny models): keep one EOS token
         completions = torch.full((ids.shape[0], 1), eos_ids(base)[0], dtype=ids.dtype, device=ids.device)
     cmask = completion_mask(completions, eos_ids(base))

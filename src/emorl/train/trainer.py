@@ -156,7 +156,7 @@ class Trainer:
                     model.delete_adapter(n)
         model = add_adapters(self.base, [n for n, _ in todo], self.cfg.lora)
         for i, (n, objs) in enumerate(todo):
-            params = {k: p for k, p in model.named_parameters() if "lora_" in k and f".{n}." in k}
+            params = {k: p for k, p in model.named_parameters() if "lora_" in k and k.endswith(f".{n}.weight")}
             for p in params.values():
                 p.requires_grad_(True)
             opt = torch.optim.AdamW(params.values(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)

@@ -1,0 +1,176 @@
+"""The k-SCST pieces against plainly written references."""
+
+import numpy as np
+import pytest
+import torch
+
+from emorl.config import LoraConfig
+from emorl.data import encode_prompts, format_prompts
+from emorl.models import add_adapters
+from emorl.train.kscst import (
+    RolloutBatch,
+    causal_token_logprobs,
+    completion_mask,
+    group_advantages,
+    kscst_loss,
+    policy_gradient_step,
+    seq2seq_token_logprobs,
+    transform_rewards,
+)
+from emorl.train.strategies import DynaOptWeighting, Exp3, FixedWeighting, make_weighting
+
+
+def test_transform_rewards_log_clip_and_weights():
+    s = np.array([[0.0, 0.5], [1.0, 0.25]])
+    r = transform_rewards(s, np.array([0.5, 0.5]))
+    expected = 0.5 * np.log(np.clip(s, 1e-4, 0.9999)).sum(1)
+    np.testing.assert_allclose(r, expected)
+    np.testing.assert_allclose(transform_rewards(s, np.array([1.0, 0.0]), "identity"), [0.0, 1.0])
+
+
+def test_advantages_sum_to_zero_per_prompt_group():
+    r = torch.tensor([1.0, 2.0, 6.0, -1.0, -1.0, 5.0])
+    a = group_advantages(r, 3)
+    torch.testing.assert_close(a.view(2, 3).sum(1), torch.zeros(2))
+    torch.testing.assert_close(a, torch.tensor([-2.0, -1.0, 3.0, -2.0, -2.0, 4.0]))
+
+
+def test_completion_mask_stops_after_first_eos():
+    eos = 2
+    ids = torch.tensor([[5, 6, 2, 2, 2], [5, 2, 7, 2, 9], [5, 6, 7, 8, 9]])
+    m = completion_mask(ids, [eos])
+    assert m.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def _adapted(base, std=0.2):
+    m = add_adapters(base, ["obj"], LoraConfig(r=4, alpha=8, dropout=0.0))
+    g = torch.Generator().manual_seed(0)
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=g) * std
+    m.eval()
+    return m
+
+
+def _rollout(base, model, statements, k=3, new=6):
+    texts = format_prompts(base.tokenizer, statements, base.is_seq2seq)
+    enc = encode_prompts(base.tokenizer, texts, 64, base.is_seq2seq)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=True, max_new_tokens=new, num_return_sequences=k,
+                             pad_token_id=base.tokenizer.pad_token_id)
+    comp = out[:, 1:] if base.is_seq2seq else out[:, enc["input_ids"].shape[1]:]
+    return RolloutBatch(enc["input_ids"], enc["attention_mask"], comp,
+                        completion_mask(comp, [base.tokenizer.eos_token_id]), k)
+
+
+def test_causal_logprobs_match_full_log_softmax(tiny_base):
+    """Shared-prompt log-probs (prompt once, cache repeated k times) == a plain full forward + log_softmax."""
+    m = _adapted(tiny_base)
+    batch = _rollout(tiny_base, m, ["I feel sad.", "My cat ran away last night and I miss her so much."])
+    fast = causal_token_logprobs(m, batch, share_prompt=True)
+    k = batch.k
+    ids = torch.cat([batch.prompt_ids.repeat_interleave(k, 0), batch.completion_ids], 1)
+    mask = torch.cat([batch.prompt_mask.repeat_interleave(k, 0), torch.ones_like(batch.completion_ids)], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logp = m(input_ids=ids, attention_mask=mask, position_ids=pos).logits.log_softmax(-1)
+    P = batch.prompt_ids.shape[1]
+    ref = logp[:, P - 1:-1].gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(causal_token_logprobs(m, batch, share_prompt=False), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompt_gradient_equals_full_forward_gradient(tiny_base):
+    m = _adapted(tiny_base)
+    batch = _rollout(tiny_base, m, ["I feel sad.", "Work is awful lately."])
+    grads = []
+    for share in (True, False):
+        m.zero_grad()
+        for n, p in m.named_parameters():
+            p.requires_grad_("lora_" in n)
+        causal_token_logprobs(m, batch, share_prompt=share).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for n, p in m.named_parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+
+
+def test_seq2seq_logprobs_match_labels_forward(tiny_t5_base):
+    m = _adapted(tiny_t5_base)
+    batch = _rollout(tiny_t5_base, m, ["I feel sad.", "Nobody calls me anymore."], k=2)
+    fast = seq2seq_token_logprobs(m, batch, tiny_t5_base.model.config.decoder_start_token_id)
+    k = batch.k
+    out = m(input_ids=batch.prompt_ids.repeat_interleave(k, 0),
+            attention_mask=batch.prompt_mask.repeat_interleave(k, 0), labels=batch.completion_ids.contiguous())
+    ref = out.logits.log_softmax(-1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_is_reinforce_with_mean_baseline():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    adv = torch.tensor([0.5, -0.5])
+    loss, _ = kscst_loss(logp, mask, adv, n_total=2)
+    assert float(loss) == pytest.approx(-(0.5 * -3.0 + -0.5 * -10.0) / 2)
+    loss.backward()
+    # gradient only on unmasked tokens, = -adv / N
+    assert logp.grad.tolist() == [[-0.25, -0.25, 0.0], [0.25, 0.25, 0.25]]
+
+
+def test_kl_term_k3_is_zero_at_reference_and_positive_elsewhere():
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    mask = torch.ones(1, 2)
+    _, st = kscst_loss(logp, mask, torch.zeros(1), 1, ref_logp=logp.detach().clone(), kl_coef=0.1)
+    assert st["kl"] == pytest.approx(0.0)
+    loss, st = kscst_loss(logp, mask, torch.zeros(1), 1, ref_logp=torch.tensor([[-1.5, -1.0]]), kl_coef=0.1)
+    assert st["kl"] > 0
+    loss.backward()
+    assert logp.grad.abs().sum() > 0  # the KL carries gradient (the reference's did not)
+
+
+def test_micro_batching_gives_the_same_gradient(tiny_base):
+    m = _adapted(tiny_base)
+    batch = _rollout(tiny_base, m, ["I feel sad.", "Work is awful.", "I failed my exam.", "I'm lonely."], k=2)
+    adv = group_advantages(torch.tensor([0.1, 0.9, 0.3, 0.2, 0.5, 0.4, 0.8, 0.1]), 2)
+    grads = []
+    for rows in (8, 2):
+        m.zero_grad()
+        for n, p in m.named_parameters():
+            p.requires_grad_("lora_" in n)
+        policy_gradient_step(m, batch, adv, is_seq2seq=False, micro_batch_rows=rows)
+        grads.append(torch.cat([p.grad.flatten() for n, p in m.named_parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------- strategies
+
+def test_fixed_and_uniform_weights():
+    assert make_weighting("uniform", ["a", "b", "c"]).weights().tolist() == pytest.approx([1 / 3] * 3)
+    assert make_weighting("single", ["a"]).weights().tolist() == [1.0]
+    with pytest.raises(ValueError):
+        FixedWeighting(["a", "b"], [1.0, -1.0])
+
+
+def test_exp3_probabilities_and_update():
+    b = Exp3(4, gamma=0.07)
+    np.testing.assert_allclose(b.probs(), 0.25)
+    b.update(2, 1.0)
+    p = b.probs()
+    # w_2 = exp(0.07 * (1 / 0.25) / 4) = exp(0.07)
+    w = np.array([1, 1, np.exp(0.07), 1])
+    np.testing.assert_allclose(p, 0.93 * w / w.sum() + 0.07 / 4)
+
+
+def test_dynaopt_updates_weight_bandit_once_per_round_and_roundtrips():
+    d = DynaOptWeighting(["a", "b"], gamma=0.5, seed=3)
+    counts = []
+    for r in range(6):
+        before = d.weight_bandit.log_w.copy()
+        d.on_validation({"a": 0.1 * r, "b": 0.2})
+        changed = (d.weight_bandit.log_w != before).sum()
+        counts.append(int(changed))
+        assert d.weights().sum() == pytest.approx(1.0)
+    assert max(counts) <= 1  # at most one objective up-weighted per round (original DynaOpt)
+    assert d.bandit_reward({"a": 1.0, "b": 1.0}) > 0
+    e = DynaOptWeighting(["a", "b"], gamma=0.5, seed=99)
+    e.load_state_dict(d.state_dict())
+    np.testing.assert_allclose(e.weights(), d.weights())
+    assert e.arm == d.arm and e.rng.random() == d.rng.random()

@@ -1,0 +1,221 @@
+"""The trainer on the tiny preset: learning, resume equivalence, interruption, metadata, bad input."""
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from emorl.config import ModelConfig, load_config
+from emorl.data import Record
+from emorl.models import load_adapters, load_base, read_adapter_info
+from emorl.rewards import RewardError
+from emorl.train.trainer import Trainer, coefficient_of_variation_converged
+from emorl.utils import EmorlError
+
+
+@dataclass
+class Splits:
+    train: list
+    validation: list
+    test: list
+
+
+RECORDS = [Record(f"I feel worried about problem number {i} at home.") for i in range(40)]
+SPLITS = Splits(RECORDS[:30], RECORDS[30:38], RECORDS[38:])
+
+
+class Capitals:
+    """Share of words starting with a capital letter: ~0.27 for the random tiny model, learnable quickly."""
+
+    name = "capitals"
+
+    def __call__(self, prompts, responses):
+        return np.array([sum(w[:1].isupper() for w in r.split()) / max(1, len(r.split())) for r in responses])
+
+
+class Short:
+    name = "short"
+
+    def __call__(self, prompts, responses):
+        return np.array([1.0 / (1 + len(r)) for r in responses])
+
+
+def _cfg(*overrides):
+    return load_config("tiny", ["objectives={capitals: {type: length}, short: {type: length}}", "train.max_steps=4",
+                                "train.val_every=2", "train.checkpoint_every=2", *overrides])
+
+
+def _trainer(tmp_path, cfg, **kw):
+    rewards = {"capitals": Capitals(), "short": Short()}
+    return Trainer(cfg, tmp_path, rewards=kw.pop("rewards", rewards), splits=SPLITS, progress=False, **kw)
+
+
+def _weights(folder):
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_learning_raises_the_reward_clearly(tmp_path):
+    cfg = _cfg("train.objectives=[capitals]", "train.max_steps=20", "train.lr=2e-2", "train.batch_size=4", "train.k=4",
+               "train.val_every=5", "train.val_prompts=8", "train.val_samples=2", "train.reward_transform=identity",
+               "lora.r=8", "lora.alpha=16", "train.convergence_threshold=0")
+    info = _trainer(tmp_path, cfg).train()["capitals"]
+    values = [c["value"] for c in info.curve]
+    assert len(values) == 5
+    assert values[0] < 0.35, values
+    assert max(values[-2:]) > values[0] + 0.2, values  # ~0.27 -> ~0.6 measured
+
+
+def test_single_strategy_writes_one_adapter_per_objective(tmp_path, tiny_base):
+    cfg = _cfg()
+    infos = _trainer(tmp_path, cfg, base=tiny_base).train()
+    assert set(infos) == {"capitals", "short"}
+    for name in infos:
+        d = tmp_path / "adapters" / name
+        assert (d / "adapter_config.json").exists() and (d / "adapter_model.safetensors").exists()
+        meta = json.loads((d / "emorl.json").read_text())
+        assert meta["objective"] == name and meta["strategy"] == "single"
+        assert meta["steps"] == 4 and meta["prompts_consumed"] == 8 and meta["wall_time_s"] > 0
+        assert meta["base"]["fingerprint"] == tiny_base.fingerprint
+        assert [c["step"] for c in meta["curve"]] == [0, 2, 4]
+        assert meta["extra"]["finished"] is True
+    # peft's own loader reads it; the two adapters are different
+    from peft import PeftModel
+
+    fresh = load_base(ModelConfig(name="tiny-llama"))
+    pm = PeftModel.from_pretrained(fresh.model, str(tmp_path / "adapters" / "short"), adapter_name="short")
+    assert "short" in pm.peft_config
+    a, b = _weights(tmp_path / "adapters" / "capitals"), _weights(tmp_path / "adapters" / "short")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (tmp_path / "logs" / "single-capitals+short.jsonl").read_text().splitlines()]
+    assert any("capitals/rewards/capitals/mean" in r for r in log)
+    assert not (tmp_path / "checkpoints" / "single-capitals+short").exists()  # cleaned after success
+
+
+def test_resume_after_crash_gives_identical_weights(tmp_path):
+    cfg = _cfg()
+    _trainer(tmp_path / "a", cfg).train()
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_step3(tr):
+        if tr.policies[0].step == 3:
+            raise Crash  # simulates a kill after the step-2 checkpoint: step 3 is lost
+
+    with pytest.raises(Crash):
+        _trainer(tmp_path / "b", cfg, callbacks=[crash_after_step3]).train()
+    assert (tmp_path / "b" / "checkpoints" / "single-capitals+short" / "state.json").exists()
+    _trainer(tmp_path / "b", cfg).train(resume=True)
+    for name in ("capitals", "short"):
+        wa, wb = _weights(tmp_path / "a" / "adapters" / name), _weights(tmp_path / "b" / "adapters" / name)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+        ca = json.loads((tmp_path / "a" / "adapters" / name / "emorl.json").read_text())["curve"]
+        cb = json.loads((tmp_path / "b" / "adapters" / name / "emorl.json").read_text())["curve"]
+        assert [c["scores"] for c in ca] == [c["scores"] for c in cb]
+
+
+def test_request_stop_checkpoints_and_resume_finishes(tmp_path):
+    cfg = _cfg("train.checkpoint_every=100")
+
+    def stop_at_1(tr):
+        if tr.policies[0].step == 1:
+            tr.request_stop()
+
+    assert _trainer(tmp_path, cfg, callbacks=[stop_at_1]).train() == {}
+    state = json.loads((tmp_path / "checkpoints" / "single-capitals+short" / "state.json").read_text())
+    assert state["trainer"]["policies"]["capitals"]["step"] == 1
+    infos = _trainer(tmp_path, cfg).train(resume=True)
+    assert infos["capitals"].steps == 4
+
+
+def test_finished_adapters_are_skipped_unless_forced(tmp_path):
+    cfg = _cfg("train.max_steps=2")
+    _trainer(tmp_path, cfg).train()
+    before = (tmp_path / "adapters" / "short" / "adapter_model.safetensors").read_bytes()
+    assert _trainer(tmp_path, cfg).train() == {}
+    assert (tmp_path / "adapters" / "short" / "adapter_model.safetensors").read_bytes() == before
+    assert set(_trainer(tmp_path, cfg, force=True).train()) == {"capitals", "short"}
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    cfg = _cfg("train.checkpoint_every=1")
+
+    def stop(tr):
+        tr.request_stop()
+
+    _trainer(tmp_path, cfg, callbacks=[stop]).train()
+    with pytest.raises(EmorlError, match=r"config changed in train.lr"):
+        _trainer(tmp_path, _cfg("train.checkpoint_every=1", "train.lr=0.5")).train(resume=True)
+    # budgets may change
+    assert _trainer(tmp_path, _cfg("train.checkpoint_every=1", "train.max_steps=3")).train(resume=True)
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "dynaopt", "fixed"])
+def test_baselines_train_one_policy_on_all_objectives(tmp_path, strategy):
+    extra = ["train.fixed_weights=[0.7, 0.3]"] if strategy == "fixed" else []
+    cfg = _cfg(f"train.strategy={strategy}", "train.max_steps=2", *extra)
+    infos = _trainer(tmp_path, cfg).train()
+    assert list(infos) == [strategy]
+    meta = json.loads((tmp_path / "baselines" / strategy / "emorl.json").read_text())
+    assert meta["objectives"] == ["capitals", "short"]
+    assert set(meta["curve"][0]["scores"]) == {"capitals", "short"}
+    if strategy == "dynaopt":
+        assert len(meta["extra"]["weights_log"]) == len(meta["curve"])
+
+
+def test_bad_reward_stops_with_named_error_and_keeps_checkpoint(tmp_path):
+    class Broken:
+        name = "short"
+
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, prompts, responses):
+            self.calls += 1
+            out = np.full(len(responses), 0.5)
+            if self.calls > 5:
+                out[1] = np.nan
+            return out
+
+    cfg = _cfg("train.objectives=[short]", "train.checkpoint_every=1", "train.max_steps=10")
+    with pytest.raises(RewardError, match="short") as e:
+        _trainer(tmp_path, cfg, rewards={"short": Broken()}).train()
+    assert "nan" in str(e.value).lower()
+    ckpt = tmp_path / "checkpoints" / "single-short"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["trainer"]["policies"]["short"]["step"] >= 1
+    load_file(str(ckpt / "weights.safetensors"))  # still readable
+
+
+def test_adapter_from_another_base_is_refused(tmp_path):
+    cfg = _cfg("train.objectives=[short]", "train.max_steps=1")
+    _trainer(tmp_path, cfg).train()
+    other = load_base(ModelConfig(name="tiny-llama", seed=1))
+    with pytest.raises(EmorlError, match="fingerprint"):
+        load_adapters(other, [tmp_path / "adapters" / "short"])
+    same = load_base(ModelConfig(name="tiny-llama"))
+    model, infos = load_adapters(same, [tmp_path / "adapters" / "short"])
+    assert infos["short"].steps == 1 and read_adapter_info(tmp_path / "adapters" / "short").objective == "short"
+
+
+def test_convergence_rule():
+    assert not coefficient_of_variation_converged([0.5] * 19, 20, 0.015)
+    assert coefficient_of_variation_converged([0.5] * 20, 20, 0.015)
+    assert not coefficient_of_variation_converged([0.1, 0.9] * 10, 20, 0.015)
+    assert not coefficient_of_variation_converged([0.5] * 20, 20, 0.0)
+
+
+def test_empty_split_is_an_error(tmp_path):
+    with pytest.raises(EmorlError, match="validation split is empty"):
+        Trainer(_cfg(), tmp_path, splits=Splits(RECORDS, [], []), rewards={}, progress=False)
+
+
+def test_seq2seq_trains(tmp_path):
+    cfg = _cfg("model.name=tiny-t5", "train.objectives=[short]", "train.max_steps=2")
+    info = _trainer(tmp_path, cfg).train()["short"]
+    assert info.steps == 2 and len(info.curve) == 2
