@@ -282,6 +282,21 @@ def test_fluency_matches_unbatched_reference(tiny_base):
     np.testing.assert_allclose(got[:3], one, rtol=1e-4)  # padding and batch composition change nothing
 
 
+def test_shared_prefix_cache_changes_nothing(tiny_base):
+    from emorl.data import format_prompts
+    from emorl.rewards.lm import _common_prefix, causal_nll
+
+    tok = tiny_base.tokenizer
+    ctx = tok(format_prompts(tok, PROMPTS3 * 2, False, None), add_special_tokens=False)["input_ids"]
+    tgt = tok(REPLIES3 * 2, add_special_tokens=False)["input_ids"]
+    assert _common_prefix(list(zip(ctx, tgt, strict=True))) >= 8  # the template's default system prompt
+    args = (tiny_base.model, ctx, tgt, tok.pad_token_id, "cpu", 4)
+    with torch.no_grad():
+        np.testing.assert_allclose(causal_nll(*args, share_prefix=True), causal_nll(*args, share_prefix=False),
+                                   rtol=1e-5)
+    assert _common_prefix([([1, 2, 3], [9]), ([1, 2], [9])]) == 1  # each row keeps a context token of its own
+
+
 def test_fluency_ignores_trained_adapters(tiny_base):
     from emorl.config import LoraConfig
     from emorl.models import add_adapters
@@ -357,6 +372,31 @@ def test_perplexity_matches_reference_and_shares_model(tiny_lm_dir):
     np.testing.assert_allclose(got_alone, [5000 / (5000 + math.exp(n)) for n in ref_alone], rtol=1e-4)
     np.testing.assert_allclose(got_paper, [5000 / (5000 + math.exp(n)) for n in ref_paper], rtol=1e-4)
     assert not np.allclose(got_alone, got_paper)
+
+
+def test_perplexity_gpt2_architecture_and_full_logits_path(tmp_path, monkeypatch):
+    """GPT-2 (learned absolute positions: left padding is only right with explicit position ids), through the
+    path for models without ``logits_to_keep`` as well."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from emorl.models import smollm2_tokenizer_dir
+    from emorl.rewards import lm
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir()))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256)).eval()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    spec = {"type": "perplexity", "model": str(tmp_path), "include_prompt": True, "ppl0": 40000}
+    got = score(build_reward("gpt2", spec), PROMPTS3, REPLIES3)
+    ref = []
+    for p, rep in zip(PROMPTS3, REPLIES3, strict=True):
+        ids = tok(p, add_special_tokens=False).input_ids + tok(rep, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            ref.append(float(model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss))  # the paper's way
+    np.testing.assert_allclose(got, [40000 / (40000 + math.exp(n)) for n in ref], rtol=1e-4)
+    monkeypatch.setattr(lm, "_accepts", lambda model, arg: False)
+    np.testing.assert_allclose(score(build_reward("gpt2b", spec), PROMPTS3, REPLIES3), got, rtol=1e-5)
 
 
 def test_perplexity_bad_model_path(tmp_path):

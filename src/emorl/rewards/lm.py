@@ -7,11 +7,13 @@ to [0, 1]. The default map is ``ppl0 / (ppl0 + ppl)`` (= ``sigmoid(ln ppl0 - NLL
 ``(scale - ppl) / scale`` clipped to [0, 1], which is flat (0) for every ``ppl >= scale``.
 
 Batches are sorted by length, left-padded (with explicit position ids, so padding changes nothing) and
-micro-batched; only the logits of the last ``max reply length + 1`` positions are materialised.
+micro-batched; only the logits of the last ``max reply length + 1`` positions are materialised. A prefix shared
+by every prompt (the chat template's system prompt) is run once and its KV cache reused.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from typing import TYPE_CHECKING, Any
@@ -42,11 +44,28 @@ def _accepts(model: Any, arg: str) -> bool:
         return False
 
 
+def _common_prefix(rows: list[tuple[list[int], list[int]]]) -> int:
+    """Length of the token prefix shared by every context, leaving each at least one token of its own (the
+    last context token's logits predict the first reply token)."""
+    ctxs = [c for c, _ in rows]
+    n = min(len(c) for c in ctxs) - 1
+    first = ctxs[0]
+    for c in ctxs[1:]:
+        k = 0
+        while k < n and c[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
 def causal_nll(model: Any, contexts: list[list[int]], targets: list[list[int]], pad_id: int,
-               device: torch.device | str, micro_batch: int = 16, max_len: int | None = None) -> np.ndarray:
+               device: torch.device | str, micro_batch: int = 16, max_len: int | None = None,
+               share_prefix: bool = True, min_prefix: int = 8) -> np.ndarray:
     """Mean NLL of each ``targets[i]`` given ``contexts[i]`` under a causal LM (NaN where a target is empty).
 
-    A row with no context uses its first target token as context (nothing predicts it)."""
+    A row with no context uses its first target token as context (nothing predicts it). With ``share_prefix``,
+    a token prefix common to every context (a chat template's system prompt) is run once and its KV cache
+    reused by every micro-batch."""
     rows: list[tuple[list[int], list[int]]] = []
     for c, t in zip(contexts, targets, strict=True):
         c, t = list(c), list(t)
@@ -58,11 +77,20 @@ def causal_nll(model: Any, contexts: list[list[int]], targets: list[list[int]], 
         rows.append((c, t))
     out = np.full(len(rows), np.nan)
     todo = [i for i, (_, t) in enumerate(rows) if t]
+    if not todo:
+        return out
     todo.sort(key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     keep_arg = _accepts(model, "logits_to_keep")
+    plen = _common_prefix([rows[i] for i in todo]) if share_prefix else 0
+    prefix_cache = None
+    if plen >= min_prefix:
+        prefix_cache = model(input_ids=torch.tensor([rows[todo[0]][0][:plen]], device=device),
+                             use_cache=True).past_key_values
+    if prefix_cache is None or not hasattr(prefix_cache, "batch_repeat_interleave"):  # short prefix, legacy cache
+        prefix_cache, plen = None, 0
     for s in range(0, len(todo), micro_batch):
         idx = todo[s: s + micro_batch]
-        seqs = [rows[i][0] + rows[i][1] for i in idx]
+        seqs = [rows[i][0][plen:] + rows[i][1] for i in idx]
         tlen = [len(rows[i][1]) for i in idx]
         T, L = max(map(len, seqs)), max(tlen)
         ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
@@ -70,9 +98,17 @@ def causal_nll(model: Any, contexts: list[list[int]], targets: list[list[int]], 
         for r, q in enumerate(seqs):
             ids[r, T - len(q):] = torch.tensor(q)
             mask[r, T - len(q):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        kw: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-                              "position_ids": pos.to(device), "use_cache": False}
+        pos = plen + (mask.cumsum(-1) - 1).clamp(min=0)
+        kw: dict[str, Any] = {"input_ids": ids.to(device), "position_ids": pos.to(device)}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(idx))
+            kw["past_key_values"] = cache
+            kw["attention_mask"] = torch.cat([torch.ones((len(idx), plen), dtype=torch.long), mask], -1).to(device)
+            kw["use_cache"] = True
+        else:
+            kw["attention_mask"] = mask.to(device)
+            kw["use_cache"] = False
         if keep_arg:
             kw["logits_to_keep"] = L + 1
         logits = model(**kw).logits[:, -(L + 1):-1].float()  # position j predicts token j + 1
@@ -138,6 +174,7 @@ class Fluency(_LikelihoodReward):
     def __init__(self, name: str, opts: Options, base: Base | None = None):
         super().__init__(name, opts)
         self.max_reply_tokens = opts.get("max_reply_tokens", 256, int, check=positive, expect="an integer >= 1")
+        self.share_prefix = opts.get("share_prefix", True, bool)
         if base is None:
             raise RewardError(f"objectives.{name}.type: reward type 'fluency' scores replies under the base model; "
                               f"build it with build_reward(..., base=load_base(...)), or use type 'perplexity' with "
@@ -162,7 +199,7 @@ class Fluency(_LikelihoodReward):
             if b.is_seq2seq:
                 nll = seq2seq_nll(model, ctx, tgt, pad, b.device, self.micro_batch)
             else:
-                nll = causal_nll(model, ctx, tgt, pad, b.device, self.micro_batch)
+                nll = causal_nll(model, ctx, tgt, pad, b.device, self.micro_batch, share_prefix=self.share_prefix)
         return self._finish(nll, list(responses))
 
 
