@@ -67,6 +67,7 @@ class EnsembleObjective:
         self.seed = seed
         self.weights = aggregate_weights(list(self.rewards), objective_weights)
         self.points_decoded = 0
+        self._base_replies: list[str] | None = None
 
     @property
     def dim(self) -> int:
@@ -78,16 +79,32 @@ class EnsembleObjective:
 
     def __call__(self, points: np.ndarray) -> list[Score]:
         points = np.asarray(points, dtype=np.float64)
-        g = self.generation
-        out = self.ensemble.generate(self.prompts, weights=points, mode=self.mode, max_new_tokens=g.max_new_tokens,
-                                     do_sample=g.do_sample, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                                     seed=self.seed)
-        texts = getattr(out, "texts", out)
-        if len(texts) != len(points) or any(len(t) != len(self.prompts) for t in texts):
-            raise EmorlError(f"the ensemble returned {len(texts)} groups of replies for {len(points)} weight points "
-                             f"x {len(self.prompts)} prompts")
-        self.points_decoded += len(points)
+        zero = ~(points > 0).any(axis=1)
+        texts: list[list[str]] = [[] for _ in range(len(points))]
+        live = np.flatnonzero(~zero)
+        if len(live):
+            out = self.ensemble.generate(self.prompts, weights=points[live], mode=self.mode, seed=self.seed,
+                                         **_generation_kwargs(self.generation))
+            groups = out.all_texts if hasattr(out, "all_texts") else out
+            if len(groups) != len(live) or any(len(t) != len(self.prompts) for t in groups):
+                raise EmorlError(f"the ensemble returned {len(groups)} groups of replies for {len(live)} weight "
+                                 f"points x {len(self.prompts)} prompts")
+            for i, group in zip(live, groups, strict=True):
+                texts[i] = list(group)
+            self.points_decoded += len(live)
+        for i in np.flatnonzero(zero):
+            texts[i] = self.zero_replies()
         return self.score_replies(texts)
+
+    def zero_replies(self) -> list[str]:
+        """Replies at w = 0. Mixing modes: no adapter contributes, the mixed logits are zero (hidden) or
+        constant (logits, probs), so the decode is degenerate and treated as empty replies. ``params``: W0
+        alone, i.e. the base model, decoded with the adapters disabled (the ensemble refuses all-zero weights)."""
+        if self.mode != "params":
+            return [""] * len(self.prompts)
+        if self._base_replies is None:
+            self._base_replies = decode_base(self.ensemble.base, self.prompts, self.generation, self.seed)
+        return list(self._base_replies)
 
     def score_replies(self, texts: Sequence[Sequence[str]]) -> list[Score]:
         """Scores of G groups of replies (one group per weight point, one reply per prompt): each reward is
@@ -102,6 +119,33 @@ class EnsembleObjective:
         return [Score(float(agg[i]), {n: float(means[n][i]) for n in self.rewards}) for i in range(n_pts)]
 
     def degenerate(self) -> Score:
-        """The all-zero point under hidden/logits mixing: all-zero logits, so the decode yields no text; it is
-        scored as empty replies, without decoding."""
+        """The all-zero point of a scale-invariant decode (hidden/logits mixing, greedy): all-zero logits, no
+        text; it is scored as empty replies, without decoding."""
         return self.score_replies([[""] * len(self.prompts)])[0]
+
+
+def _generation_kwargs(g: GenerationConfig) -> dict[str, Any]:
+    return {"max_new_tokens": g.max_new_tokens, "min_new_tokens": g.min_new_tokens, "do_sample": g.do_sample,
+            "temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p}
+
+
+def decode_base(base: Any, prompts: list[str], generation: GenerationConfig, seed: int) -> list[str]:
+    """Replies of the base model alone (adapters disabled), with the ensemble's prompt formatting."""
+    import torch
+
+    from emorl.data import encode_prompts, format_prompts
+    from emorl.models import adapters_disabled
+
+    texts = format_prompts(base.tokenizer, prompts, base.is_seq2seq, base.config.system_prompt)
+    enc = encode_prompts(base.tokenizer, texts, base.config.max_prompt_tokens, base.is_seq2seq, base.device)
+    g = generation
+    kw: dict[str, Any] = {"max_new_tokens": g.max_new_tokens, "min_new_tokens": g.min_new_tokens,
+                          "do_sample": g.do_sample, "pad_token_id": base.tokenizer.pad_token_id}
+    if g.do_sample:
+        kw.update(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
+        torch.manual_seed(seed)
+    with torch.inference_mode(), adapters_disabled(base.model):
+        out = base.model.generate(**enc, **kw)
+    if not base.is_seq2seq:
+        out = out[:, enc["input_ids"].shape[1]:]
+    return [t.strip() for t in base.tokenizer.batch_decode(out, skip_special_tokens=True)]

@@ -1,0 +1,155 @@
+"""The search through the real decoder and rewards on the tiny preset: files and plots written, the batched
+objective equals point-by-point decoding, resume decodes nothing, foreign adapters refused, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from emorl.config import load_config
+from emorl.search import expected_evaluations
+from emorl.search.objective import EnsembleObjective
+from emorl.search.runner import search_run
+from emorl.utils import EmorlError
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny run folder: config.yaml and three random (non-zero) LoRA adapters."""
+    from emorl.models import AdapterInfo, add_adapters, load_base, save_adapter
+
+    run = tmp_path_factory.mktemp("run")
+    cfg = load_config("tiny", ["search.iterations=2", "search.prompts=3", "search.generation.max_new_tokens=6",
+                               "search.batch_points=16"])
+    cfg.save(run / "config.yaml")
+    base = load_base(cfg.model)
+    names = cfg.trained_objectives()
+    model = add_adapters(base, names, cfg.lora)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    for n in names:
+        save_adapter(model, n, run / "adapters" / n, AdapterInfo(objective=n, base=base.identity))
+    return run
+
+
+@pytest.fixture(scope="module")
+def ensemble(run_dir):
+    from emorl.ensemble import EnsembleModel
+
+    return EnsembleModel.from_run(run_dir)
+
+
+class Counting:
+    """Wraps an ensemble and counts the weight points it is asked to decode."""
+
+    def __init__(self, ens):
+        self.ens, self.names, self.base, self.points = ens, ens.names, ens.base, []
+
+    def generate(self, prompts, weights, **kw):
+        self.points.extend(map(tuple, np.atleast_2d(weights).tolist()))
+        return self.ens.generate(prompts, weights, **kw)
+
+
+def test_end_to_end_writes_log_best_and_plots(run_dir, ensemble):
+    counting = Counting(ensemble)
+    res, out = search_run(run_dir, mode="hidden", progress=False, ensemble=counting)
+    assert out == run_dir / "search" / "hidden"
+    assert {"points.jsonl", "best.json", "history.png", "landscape.png", "tradeoff.png", "weights.png"} <= \
+        {p.name for p in out.iterdir()}
+    lines = (out / "points.jsonl").read_text().splitlines()
+    header, points = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
+    assert header["names"] == ["reflection", "empathy", "fluency"] and len(header["adapters"]) == 3
+    assert len(points) == res.n_unique == expected_evaluations(3, 2)
+    assert {"weights", "aggregate", "scores", "round", "time"} <= set(points[0])
+    assert set(points[0]["scores"]) == {"reflection", "empathy", "fluency"}
+    # greedy hidden mixing: one decode per direction, never the zero point
+    assert len(counting.points) == res.n_decoded < res.n_unique
+    assert (0.0, 0.0, 0.0) not in counting.points
+    best = json.loads((out / "best.json").read_text())
+    assert best["weight_vector"] == res.weights and best["aggregate"] == pytest.approx(res.aggregate)
+    assert res.aggregate == max(p["aggregate"] for p in points if p["aggregate"] is not None)
+    # resuming a finished search decodes nothing and returns the same point
+    again = Counting(ensemble)
+    res2, _ = search_run(run_dir, mode="hidden", progress=False, ensemble=again, resume=True, plots=False)
+    assert again.points == [] and res2.weights == res.weights
+
+
+def test_batched_objective_equals_point_by_point(run_dir, ensemble):
+    """Scores of points decoded together equal decoding each point alone and scoring it with plain code."""
+    from emorl.rewards import build_rewards, score
+
+    cfg = load_config(str(run_dir / "config.yaml"))
+    rewards = build_rewards(cfg.objectives, ensemble.base)
+    prompts = ["I lost my job today and I feel numb.", "My sister stopped talking to me.", "I can't sleep."]
+    obj = EnsembleObjective(ensemble, prompts, rewards, mode="logits", generation=cfg.search.generation)
+    pts = np.array([[1.0, 0.5, 0.0], [0.25, 0.25, 1.0], [0.0, 0.0, 0.0], [0.5, 1.0, 0.5]])
+    got = obj(pts)
+    for p, s in zip(pts, got, strict=True):
+        if not p.any():
+            replies = [""] * len(prompts)
+        else:
+            replies = ensemble.generate(prompts, p, mode="logits", max_new_tokens=6, do_sample=False).texts
+        ref = {n: float(np.mean(score(r, prompts, replies))) for n, r in rewards.items()}
+        assert s.scores == pytest.approx(ref, abs=1e-6)
+        assert s.aggregate == pytest.approx(np.mean(list(ref.values())), abs=1e-6)
+    weighted = EnsembleObjective(ensemble, prompts, rewards, mode="logits", generation=cfg.search.generation,
+                                 objective_weights=[2, 1, 1])(pts[:1])[0]
+    sc = weighted.scores
+    assert weighted.aggregate == pytest.approx((2 * sc["reflection"] + sc["empathy"] + sc["fluency"]) / 4)
+
+
+def test_params_mode_decodes_base_at_zero_and_cli(run_dir, capsys, monkeypatch):
+    import emorl.search.objective as objective_mod
+    from emorl.cli import main
+
+    calls = []
+    real = objective_mod.decode_base
+    monkeypatch.setattr(objective_mod, "decode_base", lambda *a: calls.append(a) or real(*a))
+    rc = main(["search", "--run", str(run_dir), "--mode", "params", "--iterations", "1", "--no-plots",
+               "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "best weights" in out and "aggregate score" in out
+    rows = [json.loads(x) for x in (run_dir / "search" / "params" / "points.jsonl").read_text().splitlines()[1:]]
+    assert len(rows) == 27 and all(r["source"] == "decoded" for r in rows)  # params: no direction reuse
+    assert len(calls) == 1  # w = 0 in params mode is the base model: decoded (once), not scored as degenerate
+    # an existing log is not overwritten without --resume / --fresh
+    assert main(["search", "--run", str(run_dir), "--mode", "params", "--iterations", "1", "--no-plots",
+                 "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_against_other_adapters_refused(run_dir, tmp_path):
+    import shutil
+
+    other = tmp_path / "run"
+    shutil.copytree(run_dir, other)
+    f = other / "adapters" / "empathy" / "adapter_model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(f))
+    k = next(iter(sd))
+    sd[k] = sd[k] + 1.0
+    save_file(sd, str(f), metadata={"format": "pt"})
+    with pytest.raises(EmorlError, match="other adapters"):
+        search_run(other, mode="hidden", progress=False, resume=True)
+
+
+def test_bad_inputs_fail_before_loading(run_dir, tmp_path):
+    cfg = load_config(str(run_dir / "config.yaml"))
+    with pytest.raises(EmorlError, match="mode"):
+        search_run(run_dir, cfg, mode="average")
+    cfg.search.objective_weights = [1.0, 2.0]
+    with pytest.raises(EmorlError, match="objective_weights: 2 weights given for 3 objectives"):
+        search_run(run_dir, cfg, mode="hidden")
+    with pytest.raises(EmorlError, match="config.yaml does not exist"):
+        search_run(tmp_path, mode="hidden")
+    (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    with pytest.raises(EmorlError, match="no trained adapter"):
+        search_run(tmp_path, mode="hidden")
