@@ -1,0 +1,372 @@
+"""The cached, batched decoding engine behind :class:`~emorl.ensemble.EnsembleModel`.
+
+Rows of a forward are laid out adapter-major: for a chunk of n (weight point, prompt) pairs, rows
+``[k*n:(k+1)*n]`` carry adapter k (the :func:`~emorl.ensemble.lora_bank` layout), so the K adapters of a step run
+as one forward over the shared base. The prompt prefill runs once per adapter on the B prompts; its KV cache is
+then forked (row-indexed) for every weight point. Finished rows are dropped from the batch (their cache rows too)
+once they are a quarter of it, so early EOS saves work.
+
+Mixing rules, per step, from the K adapters' last hidden states h_k (after the final norm) with weights w:
+
+* ``hidden``  (EMORL): logits = head(sum_k w_k h_k)   — head = the shared LM head with its output scaling
+* ``logits``  (MOD):   scores = sum_k w_k log_softmax(head(h_k))
+* ``probs``:           scores = log sum_k w_k softmax(head(h_k))
+* ``params``  (model soups): one stream whose LoRA layers apply W0 + sum_k w_k ΔW_k (the bank's weighted mode)
+
+Sampling draws one uniform per (point, prompt, step) from a generator seeded by (seed, weight point), so a
+point's samples do not depend on which other points or how many rows share its batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from emorl.utils import EmorlError
+
+MODES = ("hidden", "logits", "probs", "params")
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+def check_weights(weights: Any, k: int, normalize: bool = False, names: list[str] | None = None
+                  ) -> tuple[np.ndarray, bool]:
+    """Validate mixing weights before any work: a K-vector or a G×K matrix, finite, >= 0, no all-zero point.
+
+    Returns (G×K float64 array, whether a single vector was given). ``normalize`` rescales each point to sum 1.
+    Under greedy decoding, ``hidden`` and ``logits`` mixing are invariant to scaling a point by c > 0."""
+    label = f" ({', '.join(names)})" if names else ""
+    try:
+        w = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise EmorlError(f"weights: expected numbers, one per adapter{label}; got {weights!r}") from e
+    single = w.ndim == 1
+    if single:
+        w = w[None, :]
+    if w.ndim != 2 or w.shape[0] == 0:
+        raise EmorlError(f"weights: expected a vector of {k} or a G×{k} matrix, got shape {np.shape(weights)}")
+    if w.shape[1] != k:
+        raise EmorlError(f"weights: each point needs {k} weights, one per adapter{label}; got {w.shape[1]}")
+    for g, row in enumerate(w):
+        where = "weights" if single else f"weights[{g}]"
+        if not np.isfinite(row).all():
+            raise EmorlError(f"{where} = {row.tolist()}: NaN or infinite weight")
+        if (row < 0).any():
+            raise EmorlError(f"{where} = {row.tolist()}: weights must be >= 0")
+        if not (row > 0).any():
+            raise EmorlError(f"{where} is all zero: that point is degenerate (no adapter contributes); give at "
+                             f"least one positive weight")
+    if normalize:
+        w = w / w.sum(axis=1, keepdims=True)
+    return w, single
+
+
+def point_seed(seed: int, weights: np.ndarray) -> int:
+    """A sampling seed for one weight point that depends only on (seed, the point's weights)."""
+    h = hashlib.sha256(np.asarray(weights, dtype=np.float64).round(12).tobytes() + str(int(seed)).encode())
+    return int.from_bytes(h.digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+# ------------------------------------------------------------------------------------------------ result
+
+@dataclass
+class GenerationResult:
+    """Decoded replies for G weight points × B prompts.
+
+    ``texts`` / ``token_ids`` / ``lengths`` drop the point axis when ``weights`` was one vector. Token ids are
+    right-padded with the pad id after a row's end (EOS is kept; a matched stop string's tokens are kept in the
+    ids but cut from the text)."""
+
+    prompts: list[str]
+    names: list[str]
+    mode: str
+    weights: np.ndarray  # (G, K) as used (after normalisation)
+    all_texts: list[list[str]]  # G × B
+    all_token_ids: torch.Tensor  # (G, B, T) long, pad after a row's end
+    all_lengths: torch.Tensor  # (G, B) generated tokens per row, EOS included
+    single: bool = False
+    scores: torch.Tensor | None = None  # (G, B, T, V) mixed scores before sampling warpers, if requested
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def texts(self) -> list[str] | list[list[str]]:
+        return self.all_texts[0] if self.single else self.all_texts
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        return self.all_token_ids[0] if self.single else self.all_token_ids
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.all_lengths[0] if self.single else self.all_lengths
+
+    def records(self) -> list[dict[str, Any]]:
+        """One dict per (point, prompt): prompt, weights, mode, response — the rows of ``emorl generate``."""
+        return [{"prompt": p, "weights": dict(zip(self.names, map(float, self.weights[g]), strict=True)),
+                 "mode": self.mode, "response": self.all_texts[g][b]}
+                for g in range(len(self.all_texts)) for b, p in enumerate(self.prompts)]
+
+
+# ------------------------------------------------------------------------------------------------ model parts
+
+def _cache_kwarg(module: Any) -> str:
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _out_cache(out: Any) -> Any:
+    c = getattr(out, "cache", None)
+    return c if c is not None else out.past_key_values
+
+
+def fork_cache(cache: Any, idx: torch.Tensor) -> Any:
+    """A new cache holding rows ``idx`` of ``cache`` (which is left untouched)."""
+    from transformers import EncoderDecoderCache
+
+    if isinstance(cache, EncoderDecoderCache):
+        return EncoderDecoderCache(fork_cache(cache.self_attention_cache, idx),
+                                   fork_cache(cache.cross_attention_cache, idx))
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    new.batch_select_indices(idx)
+    return new
+
+
+class Head:
+    """The shared LM head with the architecture's output transform: T5's d_model^-0.5 before a tied head,
+    Cohere's ``logit_scale``, Granite's ``logits_scaling``, Gemma's final soft-capping. :meth:`verify` checks it
+    against the model's own forward, so an unknown transform is caught instead of silently mis-mixing."""
+
+    def __init__(self, lm: Any, is_seq2seq: bool) -> None:
+        cfg = lm.config
+        self.lm_head = lm.get_output_embeddings()
+        self.pre_scale = 1.0
+        if is_seq2seq and getattr(cfg, "scale_decoder_outputs", getattr(cfg, "tie_word_embeddings", False)):
+            self.pre_scale = float(getattr(cfg, "d_model", cfg.hidden_size)) ** -0.5
+        self.post_scale = float(getattr(cfg, "logit_scale", None) or 1.0)
+        if getattr(cfg, "logits_scaling", None):
+            self.post_scale /= float(cfg.logits_scaling)
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.lm_head.weight
+        h = h.to(w.dtype)
+        if self.pre_scale != 1.0:
+            h = h * self.pre_scale
+        z = self.lm_head(h).float()
+        if self.post_scale != 1.0:
+            z = z * self.post_scale
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
+
+
+class Stream:
+    """Prefill and one-token steps of a causal or seq2seq backbone with a KV cache; hidden states out."""
+
+    def __init__(self, lm: Any, is_seq2seq: bool, decoder_start: int | None) -> None:
+        self.lm = lm
+        self.is_seq2seq = is_seq2seq
+        self.decoder = lm.get_decoder()
+        self.encoder = lm.get_encoder() if is_seq2seq else None
+        self.kw = _cache_kwarg(self.decoder)
+        self.decoder_start = decoder_start
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        if self.is_seq2seq:
+            from transformers import DynamicCache, EncoderDecoderCache
+
+            enc = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            st: dict[str, Any] = {"enc": enc, "mask": mask, "cache": cache}
+            start = torch.full((ids.shape[0],), self.decoder_start, dtype=torch.long, device=ids.device)
+            return self.step(start, st), st
+        pos = mask.long().cumsum(-1) - 1
+        pos.masked_fill_(mask == 0, 1)
+        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        st = {"cache": _out_cache(out), "mask": mask, "pos": pos[:, -1] + 1}
+        return out.last_hidden_state[:, -1], st
+
+    def step(self, tokens: torch.Tensor, st: dict[str, Any]) -> torch.Tensor:
+        if self.is_seq2seq:
+            out = self.decoder(input_ids=tokens[:, None], encoder_hidden_states=st["enc"],
+                               encoder_attention_mask=st["mask"], use_cache=True, **{self.kw: st["cache"]})
+            st["cache"] = _out_cache(out)
+            return out.last_hidden_state[:, -1]
+        st["mask"] = torch.cat([st["mask"], st["mask"].new_ones(st["mask"].shape[0], 1)], dim=1)
+        out = self.decoder(input_ids=tokens[:, None], attention_mask=st["mask"], position_ids=st["pos"][:, None],
+                           use_cache=True, **{self.kw: st["cache"]})
+        st["cache"] = _out_cache(out)
+        st["pos"] = st["pos"] + 1
+        return out.last_hidden_state[:, -1]
+
+    @staticmethod
+    def select(st: dict[str, Any], idx: torch.Tensor) -> dict[str, Any]:
+        """A new state with rows ``idx`` (the old state stays valid: used to fork one prefill many times)."""
+        out = {k: (v.index_select(0, idx) if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+        out["cache"] = fork_cache(st["cache"], idx)
+        return out
+
+
+def cache_bytes_per_row_token(cache: Any, rows: int) -> float:
+    """Measured KV-cache bytes per row and cached position (any architecture), for the memory budget."""
+    from transformers import EncoderDecoderCache
+
+    caches = [cache.self_attention_cache, cache.cross_attention_cache] if isinstance(cache, EncoderDecoderCache) \
+        else [cache]
+    total, length = 0, 1
+    for c in caches:
+        for layer in c.layers:
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor) and t.ndim >= 3:
+                    total += t.numel() * t.element_size()
+                    length = max(length, t.shape[-2])
+    return total / max(1, rows) / length
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+
+@dataclass
+class DecodeSpec:
+    """Everything a chunk decode needs besides the model state."""
+
+    mode: str
+    max_new_tokens: int
+    min_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    eos: list[int]
+    pad: int
+    stop_criteria: Any = None  # transformers StopStringCriteria or None
+    output_scores: bool = False
+
+    def processors(self, device: torch.device) -> Any:
+        """transformers' logits processors/warpers for this spec (the ones ``generate`` would build)."""
+        from transformers import (
+            LogitsProcessorList,
+            MinNewTokensLengthLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        procs = LogitsProcessorList()
+        if self.min_new_tokens > 0 and self.eos:
+            procs.append(MinNewTokensLengthLogitsProcessor(0, self.min_new_tokens, self.eos, device=str(device)))
+        if self.do_sample:
+            if self.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k > 0:
+                procs.append(TopKLogitsWarper(self.top_k))
+            if self.top_p < 1.0:
+                procs.append(TopPLogitsWarper(self.top_p))
+        return procs
+
+
+def mix_scores(mode: str, h: torch.Tensor, w_rows: torch.Tensor, head: Head) -> torch.Tensor:
+    """Next-token scores (a, V) for ``a`` pairs from adapter-major hidden states h (K*a, H) and weights (a, K)."""
+    if mode == "params":
+        return head(h)
+    k = w_rows.shape[1]
+    wt = w_rows.t().to(torch.float32)  # (K, a)
+    if mode == "hidden":
+        hk = h.view(k, -1, h.shape[-1]).to(torch.float32)
+        return head((hk * wt[:, :, None]).sum(0))
+    ls = torch.log_softmax(head(h), dim=-1).view(k, -1, head.lm_head.weight.shape[0])
+    if mode == "logits":
+        return (ls * wt[:, :, None]).sum(0)
+    return torch.logsumexp(ls + torch.log(wt)[:, :, None], dim=0)  # probs: log sum_k w_k p_k
+
+
+def _choose(scores: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+    """Greedy argmax, or inverse-CDF sampling of the warped distribution with the given uniforms."""
+    if u is None:
+        return scores.argmax(-1)
+    probs = torch.softmax(scores, dim=-1)
+    cdf = probs.cumsum(-1)
+    tok = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)[:, 0]
+    return tok.clamp_(max=scores.shape[-1] - 1)
+
+
+def decode_chunk(stream: Stream, head: Head, bank: Any, spec: DecodeSpec, h0: torch.Tensor, state: dict[str, Any],
+                 w_pairs: torch.Tensor, k: int, u: torch.Tensor | None, progress: Any = None,
+                 stats: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Decode n pairs from an already forked state (rows adapter-major: K*n, or n for ``params``).
+
+    ``w_pairs`` (n, K): each pair's weights; ``u`` (n, T) uniforms for sampling or None for greedy.
+    Returns token ids (n, T) padded, lengths (n,), and the per-step scores (n, T, V) if requested."""
+    n, t_max = w_pairs.shape[0], spec.max_new_tokens
+    dev = h0.device
+    kk = 1 if spec.mode == "params" else k
+    out = torch.full((n, t_max), spec.pad, dtype=torch.long, device=dev)
+    lengths = torch.full((n,), t_max, dtype=torch.long, device=dev)
+    scores_out = None
+    procs = spec.processors(dev)
+    eos = torch.tensor(spec.eos, dtype=torch.long, device=dev)
+    cur = torch.arange(n, device=dev)  # pairs in the batch, in row order
+    done = torch.zeros(n, dtype=torch.bool, device=dev)  # per batch row
+    h = h0
+    for t in range(t_max):
+        sc = mix_scores(spec.mode, h, w_pairs[cur], head)
+        if spec.output_scores:
+            if scores_out is None:
+                scores_out = torch.zeros(n, t_max, sc.shape[-1], dtype=torch.float32, device=dev)
+            scores_out[cur, t] = sc
+        sc = procs(out[cur, :t], sc)
+        nxt = _choose(sc, None if u is None else u[cur, t])
+        nxt = torch.where(done, spec.pad, nxt)
+        out[cur, t] = nxt
+        ended = ~done & torch.isin(nxt, eos)
+        if spec.stop_criteria is not None:
+            ended |= ~done & spec.stop_criteria(out[cur, : t + 1], None).to(dev)
+        lengths[cur[ended]] = t + 1
+        done |= ended
+        if progress is not None:
+            progress.update(1)
+        if t == t_max - 1 or bool(done.all()):
+            if progress is not None:
+                progress.update(t_max - 1 - t)
+            break
+        n_done = int(done.sum())
+        if n_done and n_done * 4 >= done.numel():  # drop finished rows (and their cache rows) from the batch
+            keep = (~done).nonzero()[:, 0]
+            if stats is not None:
+                stats["pairs_dropped_early"] = stats.get("pairs_dropped_early", 0) + n_done
+            rows = (keep[None, :] + done.numel() * torch.arange(kk, device=dev)[:, None]).reshape(-1)
+            state = stream.select(state, rows)
+            cur, nxt, done = cur[keep], nxt[keep], done[keep]
+            if spec.mode == "params":
+                bank.set_weights(w_pairs[cur])
+        h = stream.step(nxt.repeat(kk), state)
+    return out, lengths, scores_out
+
+
+def derive_chunking(budget_bytes: float, per_row_token: float, length: int, vocab: int, k: int, mode: str,
+                    max_rows: int | None) -> int:
+    """How many backbone rows fit the memory budget: KV cache (+ its per-step copy) and the step's logits."""
+    per_row = 2.5 * per_row_token * length + 4.0 * vocab * (3 if mode in ("logits", "probs") else 1.0 / k)
+    rows = max(1, int(budget_bytes // max(per_row, 1.0)))
+    if max_rows is not None:
+        rows = min(rows, max_rows)
+    return rows
+
+
+def default_budget(device: torch.device) -> float:
+    """Memory for one decoding chunk: half the free GPU memory, or 4 GiB on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.5 * free
+    return 4.0 * 2**30
+
+
+def ceil_div(a: int, b: int) -> int:
+    return int(math.ceil(a / b))
