@@ -1,0 +1,167 @@
+"""``emorl generate``: decode prompts with the K adapters mixed by weights (one or several weight points).
+
+    emorl generate --run runs/default --weights 0.8,0.5,0.1 --prompt "I lost my job today."
+    emorl generate --adapters A/ B/ C/ --weights 1,0,0 --weights 0.5,0.5,0.5 --input prompts.jsonl \\
+        --mode logits --temperature 0.7 --top-p 0.9 --seed 0 --score --output replies.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from emorl.utils import EmorlError, atomic_write_text
+
+log = logging.getLogger("emorl.generate")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="decode prompts with adapters mixed by weights (EMORL ensemble)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run folder: RUN/config.yaml gives the base model, RUN/adapters/* the adapters")
+    src.add_argument("--adapters", nargs="+", metavar="DIR", help="adapter folders (peft format + emorl.json)")
+    p.add_argument("--names", help="--run: comma-separated objectives to mix, in weight order (default: all trained)")
+    p.add_argument("--model", help="--adapters: base model (default: the one named in the adapters' emorl.json)")
+    p.add_argument("--weights", action="append", required=True, metavar="W1,W2,...",
+                   help="one weight per adapter, in order; repeat for several weight points (decoded in one batch)")
+    p.add_argument("--normalize", action="store_true", help="rescale each weight point to sum 1")
+    p.add_argument("--mode", choices=["hidden", "logits", "probs", "params"], default="hidden",
+                   help="hidden = EMORL hidden-state mixing (default); logits = sum w log p (MOD); probs = log sum "
+                        "w p; params = merged weights W0 + sum w dW (model soups)")
+    inp = p.add_mutually_exclusive_group(required=True)
+    inp.add_argument("--prompt", action="append", metavar="TEXT", help="a client statement (repeatable)")
+    inp.add_argument("--input", metavar="FILE.jsonl", help="JSONL file, one object per line with a prompt field")
+    p.add_argument("--prompt-field", default="prompt", help="--input: the field holding the statement")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (the default unless a sampling option "
+                                                         "is given)")
+    p.add_argument("--temperature", type=float, help="sample with this temperature")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample from the nucleus of probability p")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--score", action="store_true", help="add every objective's reward for each reply")
+    p.add_argument("--output", metavar="FILE.jsonl", help="write JSONL here (default: print JSONL to stdout)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the config's)")
+    p.add_argument("--allow-plain-adapters", action="store_true",
+                   help="accept adapters without emorl.json (no base-model check)")
+    p.set_defaults(func=run)
+
+
+def parse_weights(items: list[str]) -> list[list[float]]:
+    out = []
+    for i, s in enumerate(items):
+        try:
+            out.append([float(x) for x in s.split(",") if x.strip()])
+        except ValueError as e:
+            raise EmorlError(f"--weights #{i + 1} {s!r}: expected comma-separated numbers, e.g. 0.8,0.5,0.1") from e
+    return out
+
+
+def read_prompts(path: str, field: str) -> list[str]:
+    """Prompts from a JSONL file; a bad line is an error naming file:line."""
+    p = Path(path)
+    if not p.exists():
+        raise EmorlError(f"--input {p}: no such file")
+    prompts = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EmorlError(f"{p}:{i}: not valid JSON ({e})") from e
+        value = obj.get(field) if isinstance(obj, dict) else None
+        if not isinstance(value, str) or not value.strip():
+            raise EmorlError(f"{p}:{i}: needs a non-empty string field {field!r} (set --prompt-field)")
+        prompts.append(value)
+    if not prompts:
+        raise EmorlError(f"--input {p}: no prompts in the file")
+    return prompts
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """The EnsembleModel and the reward specs of its objectives."""
+    from emorl.config import ModelConfig, load_config
+    from emorl.ensemble import EnsembleModel
+    from emorl.models import load_base, read_adapter_info
+
+    strict = not args.allow_plain_adapters
+    if args.run:
+        cfg_path = Path(args.run) / "config.yaml"
+        if not cfg_path.exists():
+            raise EmorlError(f"--run {args.run}: no config.yaml there (is it a run folder made by `emorl train`?)")
+        cfg = load_config(cfg_path)
+        if args.device:
+            cfg.model.device = args.device
+        names = [n.strip() for n in args.names.split(",")] if args.names else None
+        ens = EnsembleModel.from_run(args.run, names=names, base=load_base(cfg.model), require_metadata=strict)
+        return ens, {n: cfg.objectives[n] for n in ens.names if n in cfg.objectives}
+    infos = {Path(d): read_adapter_info(d) for d in args.adapters}
+    model_names = {i.base.get("name") for i in infos.values() if i.base.get("name")}
+    if args.model:
+        model = args.model
+    elif len(model_names) == 1:
+        model = model_names.pop()
+    else:
+        raise EmorlError(f"--adapters: cannot tell the base model ({sorted(model_names) or 'not recorded'}); "
+                         f"pass --model NAME_OR_PATH")
+    mcfg = ModelConfig(name=model, **({"device": args.device} if args.device else {}))
+    adapters: dict[str, Path] = {}
+    for d, info in infos.items():
+        name = info.objective or d.name
+        if name in adapters:
+            name = d.name
+        adapters[name] = d
+    ens = EnsembleModel(load_base(mcfg), adapters, require_metadata=strict)
+    specs: dict[str, dict[str, Any]] = {}
+    for info in infos.values():
+        specs.update(info.rewards or {})
+    return ens, specs
+
+
+def run(args: argparse.Namespace) -> int:
+    sampling = [v is not None for v in (args.temperature, args.top_k, args.top_p)]
+    if args.greedy and any(sampling):
+        raise EmorlError("--greedy cannot be combined with --temperature/--top-k/--top-p")
+    weights = parse_weights(args.weights)
+    prompts = args.prompt if args.prompt else read_prompts(args.input, args.prompt_field)
+    ens, specs = _load(args)
+    from emorl.ensemble import check_weights
+
+    check_weights(weights, ens.k, names=ens.names)  # clear error before loading rewards or decoding
+    rewards = None
+    if args.score:
+        if not specs:
+            raise EmorlError("--score: no reward specs found (the run config or the adapters' emorl.json should "
+                             "list the objectives)")
+        from emorl.rewards import build_rewards
+
+        rewards = build_rewards(specs, ens.base)
+    res = ens.generate(prompts, weights, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                       min_new_tokens=args.min_new_tokens, do_sample=any(sampling),
+                       temperature=args.temperature if args.temperature is not None else 1.0,
+                       top_k=args.top_k or 0, top_p=args.top_p if args.top_p is not None else 1.0, seed=args.seed,
+                       stop=args.stop, normalize=args.normalize, progress=sys.stderr.isatty())
+    records = res.records()
+    if rewards:
+        from emorl.rewards import score
+
+        for name, rw in rewards.items():
+            values = score(rw, [r["prompt"] for r in records], [r["response"] for r in records])
+            for r, v in zip(records, values, strict=True):
+                r.setdefault("scores", {})[name] = round(float(v), 6)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if args.output:
+        atomic_write_text(args.output, text)
+        log.info("%d replies (%d weight points x %d prompts, mode=%s) -> %s in %.1f s", len(records),
+                 len(weights), len(prompts), args.mode, args.output, res.stats.get("seconds", 0.0))
+    else:
+        sys.stdout.write(text)
+    return 0
