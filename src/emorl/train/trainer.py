@@ -111,6 +111,7 @@ class Trainer:
         self.tag = tag
         self.ckpt_dir = self.run_dir / "checkpoints" / tag
         self.policies: list[Policy] = []
+        self.step_times: list[dict[str, float]] = []  # per step: rollout / update / total seconds (benchmarks)
 
     # ------------------------------------------------------------------------------------------ set-up
     def _output_dir(self, name: str) -> Path:
@@ -342,8 +343,11 @@ class Trainer:
                     prompts = [(p.name, self._next_prompts(p, t.batch_size)) for p in active]
                     ros = sample_rollouts(self.base.model, self.base, prompts, t.k, t.generation,
                                           cfg.model.max_prompt_tokens)
+                    t_gen = time.time()
                     for p, ro in zip(active, ros, strict=True):
                         self._update(p, ro, metrics)
+                    self.step_times.append({"policies": len(active), "rollout_s": t_gen - t_step,
+                                            "update_s": time.time() - t_gen, "step_s": time.time() - t_step})
                     self._validate([p for p in active if p.step % t.val_every == 0], metrics)
                     dt = time.time() - t_step
                     for p in active:
