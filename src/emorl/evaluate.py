@@ -1,0 +1,471 @@
+"""Evaluation: the metrics of the paper's comparison, and decoding every method on the test split.
+
+Metrics (pure functions, pinned by hand-computed tests):
+
+* :func:`distinct_n` — Diversity-n as defined by Li et al. (2016): distinct word n-grams ÷ all word n-grams,
+  counted over every reply of a method together (corpus level).
+* :func:`diversity_reference` — the EMORL reference code's variant: per reply, distinct word bigrams ÷ the
+  number of *words* (not bigrams; at most (n−1)/n), averaged over replies, 0 for an empty reply. Kept so
+  numbers can be compared with the paper's code; the two differ by construction.
+* :func:`mean_std` — mean and sample standard deviation (ddof = 1; 0 for a single value) over seeds.
+
+Methods (:data:`METHODS`): ``base`` (the untuned model, adapters disabled), ``emorl`` (hidden-state mixing
+with the weights searched in ``RUN/search/hidden``), ``soups`` (parameter mixing, ``search/params``),
+``logits`` (logit mixing, ``search/logits``), and the one-policy baselines ``uniform`` and ``dynaopt``
+(``RUN/baselines/<name>``). Every method is decoded with the same :class:`~emorl.config.GenerationConfig`
+and the same seeds on the same prompts: the reference code evaluated EMORL greedily but the baselines by
+sampling, which confounds the comparison (spec §8.1). :func:`evaluate_run` writes ``RUN/eval/results.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emorl.config import GenerationConfig, RunConfig
+from emorl.utils import EmorlError, atomic_write_json
+
+log = logging.getLogger("emorl.evaluate")
+
+# method name -> (kind, search mode). kind: base | adapter (one-policy baseline) | ensemble (searched mix)
+METHODS: dict[str, tuple[str, str | None]] = {
+    "base": ("base", None),
+    "uniform": ("adapter", None),
+    "dynaopt": ("adapter", None),
+    "fixed": ("adapter", None),
+    "soups": ("ensemble", "params"),
+    "logits": ("ensemble", "logits"),
+    "probs": ("ensemble", "probs"),
+    "emorl": ("ensemble", "hidden"),
+}
+LABELS = {"base": "Base model", "uniform": "Uniform Weighted", "dynaopt": "DynaOpt", "fixed": "Fixed weights",
+          "soups": "Model Soups", "logits": "Logit mixing", "probs": "Probability mixing", "emorl": "EMORL"}
+MODE_METHOD = {mode: name for name, (kind, mode) in METHODS.items() if mode}
+RESULTS_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+def words(text: str) -> list[str]:
+    """Whitespace tokens, as the reference's diversity scorer splits (no lower-casing, punctuation kept)."""
+    return text.split()
+
+
+def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(texts: Iterable[str], n: int = 2) -> float:
+    """Distinct word n-grams ÷ all word n-grams over all ``texts`` together (0 when there are none).
+
+    Corpus level, as in Li et al. (2016) "A Diversity-Promoting Objective": a method that gives every
+    prompt the same reply scores low even if each reply is internally varied."""
+    counts: Counter[tuple[str, ...]] = Counter()
+    for t in texts:
+        counts.update(ngrams(words(t), n))
+    total = sum(counts.values())
+    return len(counts) / total if total else 0.0
+
+
+def diversity_reference(texts: Iterable[str], n: int = 2) -> float:
+    """The reference code's Diversity-2: mean over replies of |distinct word n-grams| ÷ |words| (0 for an
+    empty reply). It divides by words, not n-grams, so a reply of m distinct words scores (m − 1)/m."""
+    vals = []
+    for t in texts:
+        w = words(t)
+        vals.append(len(set(ngrams(w, n))) / len(w) if w else 0.0)
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1) of per-seed values; std is 0 for one value.
+
+    ddof = 1 because the seeds are a sample of the decoding noise, and the paper's "mean ± std over seeds"
+    is an error bar on that noise."""
+    v = np.asarray(list(values), dtype=float)
+    if v.size == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def reply_metrics(prompts: Sequence[str], replies: Sequence[str], scores: dict[str, np.ndarray],
+                  token_lengths: Sequence[int]) -> dict[str, float]:
+    """Metrics of one decode (one method, one seed): each objective's mean, their mean (the paper's "mean
+    reward"), Diversity-2 (both variants), mean reply length in tokens and in words."""
+    if len(prompts) != len(replies) or len(token_lengths) != len(replies):
+        raise ValueError(f"{len(prompts)} prompts, {len(replies)} replies, {len(token_lengths)} lengths")
+    out = {f"score/{o}": float(np.mean(s)) for o, s in scores.items()}
+    out["mean_reward"] = float(np.mean([out[f"score/{o}"] for o in scores])) if scores else math.nan
+    out["diversity2"] = distinct_n(replies, 2)
+    out["diversity2_ref"] = diversity_reference(replies, 2)
+    out["length_tokens"] = float(np.mean(token_lengths)) if len(token_lengths) else 0.0
+    out["length_words"] = float(np.mean([len(words(r)) for r in replies])) if replies else 0.0
+    return out
+
+
+def summarise(per_seed: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """{metric: {"mean": m, "std": s, "n": n}} over the per-seed metric dicts."""
+    keys = list(dict.fromkeys(k for d in per_seed for k in d))
+    out = {}
+    for k in keys:
+        m, s = mean_std([d[k] for d in per_seed if k in d])
+        out[k] = {"mean": m, "std": s, "n": sum(k in d for d in per_seed)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------- methods
+
+@dataclass
+class MethodSpec:
+    """What decoding one method needs: its adapters (name -> folder), and for a mix, the mode and weights."""
+
+    name: str
+    kind: str  # base | adapter | ensemble
+    mode: str | None = None
+    adapters: dict[str, Path] = field(default_factory=dict)
+    weights: list[float] | None = None
+    search: dict[str, Any] | None = None  # the mode's best.json (ensemble methods)
+
+    @property
+    def label(self) -> str:
+        return LABELS.get(self.name, self.name)
+
+
+def ensemble_objectives(cfg: RunConfig) -> list[str]:
+    """The K objectives whose adapters EMORL mixes: every objective of the config, in config order.
+
+    ``train.objectives`` is a per-call selection of ``emorl train`` (e.g. ``--objectives newobj`` to add one
+    adapter); the ensemble always uses all of them, which is how a new objective joins an existing run."""
+    return list(cfg.objectives)
+
+
+def resolve_methods(run_dir: str | Path, cfg: RunConfig, methods: Sequence[str] | None = None) -> list[MethodSpec]:
+    """Check that every method's inputs exist on disk (adapters, baselines, search results) before any model
+    is loaded; the error names the missing file and the command that makes it."""
+    from emorl.search.store import adapter_identity
+
+    run = Path(run_dir)
+    methods = list(methods or cfg.eval.methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise EmorlError(f"eval.methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise EmorlError(f"eval.methods: {methods} lists a method twice")
+    objectives = ensemble_objectives(cfg)
+    specs = []
+    for m in methods:
+        kind, mode = METHODS[m]
+        if kind == "base":
+            specs.append(MethodSpec(m, kind))
+        elif kind == "adapter":
+            folder = run / "baselines" / m
+            if not (folder / "adapter_model.safetensors").exists():
+                raise EmorlError(f"method {m!r}: no trained baseline in {folder}. Train it with `emorl train --run "
+                                 f"{run} --strategy {m}` (or `emorl run`), or drop it from --methods")
+            specs.append(MethodSpec(m, kind, adapters={m: folder}, weights=[1.0]))
+        else:
+            folders = {o: run / "adapters" / o for o in objectives}
+            missing = [o for o, f in folders.items() if not (f / "adapter_model.safetensors").exists()]
+            if missing:
+                raise EmorlError(f"method {m!r}: no adapter for objective(s) {', '.join(missing)} in "
+                                 f"{run / 'adapters'}. Train them with `emorl train --run {run} --objectives "
+                                 f"{','.join(missing)}`")
+            best_path = run / "search" / str(mode) / "best.json"
+            if not best_path.exists():
+                raise EmorlError(f"method {m!r}: {best_path} is missing. Search its weights first: `emorl search "
+                                 f"--run {run} --mode {mode}`")
+            best = json.loads(best_path.read_text())
+            if list(best.get("names", [])) != objectives:
+                raise EmorlError(f"method {m!r}: {best_path} holds weights for {best.get('names')}, but the run's "
+                                 f"objectives are {objectives}. Search again: `emorl search --run {run} --mode {mode} "
+                                 f"--fresh`")
+            known = best.get("adapters", {})
+            stale = [o for o, f in folders.items() if known.get(o) not in (None, adapter_identity(f))]
+            if stale:
+                raise EmorlError(f"method {m!r}: the adapters {stale} changed after {best_path} was written. Search "
+                                 f"again: `emorl search --run {run} --mode {mode} --fresh`")
+            weights = [float(x) for x in best["weight_vector"]]
+            if not any(weights):
+                weights = best_decodable(best_path.parent, m)
+            specs.append(MethodSpec(m, kind, mode, folders, weights, best))
+    return specs
+
+
+def best_decodable(folder: Path, method: str) -> list[float]:
+    """The best logged point other than the all-zero one. A search whose points all score the same (e.g. a
+    random tiny model whose replies all score 0) may report w = 0, which cannot be decoded."""
+    from emorl.utils import read_jsonl
+
+    rows = [r for r in read_jsonl(folder / "points.jsonl")[1:] if any(r["weights"]) and r.get("aggregate") is not None]
+    if not rows:
+        raise EmorlError(f"method {method!r}: {folder} holds no decodable weight point (all zero); search again")
+    best = max(rows, key=lambda r: r["aggregate"])  # first maximum in log order
+    log.warning("%s: the best point of %s is all zero (every point scored the same?); using %s instead", method,
+                folder, best["weights"])
+    return [float(x) for x in best["weights"]]
+
+
+def training_sessions(run_dir: Path) -> dict[str, tuple[str, float]]:
+    """policy -> (training session, that session's wall time), from ``RUN/curves/<session>.json``.
+
+    Policies trained together in one process (EMORL's K adapters, batched) share every step, so each one's own
+    wall time is the session's time, not a K-th of it: the cost of the session is the longest policy's time."""
+    out: dict[str, tuple[str, float]] = {}
+    for f in sorted((run_dir / "curves").glob("*.json")):
+        try:
+            data = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            continue
+        longest = max((float(v.get("wall_time_s", 0.0)) for v in data.values()), default=0.0)
+        for name in data:
+            out[name] = (f.stem, longest)
+    return out
+
+
+def training_cost(spec: MethodSpec) -> dict[str, Any]:
+    """Prompts consumed and wall time of the training behind a method: mixes count their K adapters (prompts:
+    the sum; time: the sum over training sessions, K adapters trained together counting once), with per-adapter
+    figures; the base model cost nothing."""
+    from emorl.models import read_adapter_info
+
+    per: dict[str, dict[str, Any]] = {}
+    sessions: dict[str, float] = {}
+    for name, folder in spec.adapters.items():
+        info = read_adapter_info(folder)
+        found = training_sessions(Path(folder).parent.parent).get(name)
+        session, seconds = found if found else (f"own:{name}", info.wall_time_s)
+        sessions[session] = max(sessions.get(session, 0.0), seconds)
+        per[name] = {"prompts": info.prompts_consumed, "wall_time_s": info.wall_time_s, "steps": info.steps,
+                     "converged": info.converged, "stop_reason": info.extra.get("stop_reason", ""),
+                     "session": session}
+    return {"prompts": sum(p["prompts"] for p in per.values()), "wall_time_s": round(sum(sessions.values()), 2),
+            "sessions": len(sessions), "per_adapter": per}
+
+
+def search_cost(spec: MethodSpec) -> dict[str, Any] | None:
+    if not spec.search:
+        return None
+    b = spec.search
+    return {"mode": spec.mode, "wall_time_s": b.get("wall_time_s"), "points": b.get("points"),
+            "decoded": b.get("decoded"), "aggregate": b.get("aggregate"), "scores": b.get("scores")}
+
+
+def method_signature(spec: MethodSpec, cfg: RunConfig, prompts: Sequence[str], seeds: Sequence[int]) -> str:
+    """A hash of everything a method's results depend on; results with the same signature are reused."""
+    from emorl.search.store import adapter_identity
+
+    payload = {"method": spec.name, "mode": spec.mode, "weights": spec.weights,
+               "adapters": {n: adapter_identity(f) for n, f in spec.adapters.items()},
+               "generation": asdict(cfg.eval.generation), "seeds": list(seeds), "prompts": list(prompts),
+               "objectives": cfg.objectives, "model": [cfg.model.name, cfg.model.max_prompt_tokens,
+                                                       cfg.model.system_prompt]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------- decoding
+
+def decode_plain(base: Any, prompts: Sequence[str], gen: GenerationConfig, seed: int) -> tuple[list[str], list[int]]:
+    """The untuned base with transformers' ``generate`` (used only when no adapter is loaded at all)."""
+    import torch
+
+    from emorl.data import encode_prompts, format_prompts
+    from emorl.train.kscst import completion_mask
+    from emorl.train.rollout import eos_ids
+
+    tok = base.tokenizer
+    enc = encode_prompts(tok, format_prompts(tok, list(prompts), base.is_seq2seq, base.config.system_prompt),
+                         base.config.max_prompt_tokens, base.is_seq2seq, base.device)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = base.model.generate(**enc, do_sample=gen.do_sample, max_new_tokens=gen.max_new_tokens,
+                                  min_new_tokens=gen.min_new_tokens or None,
+                                  temperature=gen.temperature if gen.do_sample else None,
+                                  top_k=gen.top_k if gen.do_sample else None,
+                                  top_p=gen.top_p if gen.do_sample else None,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=eos_ids(base))
+    comp = out[:, 1:] if base.is_seq2seq else out[:, enc["input_ids"].shape[1]:]
+    mask = completion_mask(comp, eos_ids(base))
+    texts = tok.batch_decode(torch.where(mask.bool(), comp, tok.pad_token_id), skip_special_tokens=True)
+    return [t.strip() for t in texts], [int(n) for n in mask.sum(1).tolist()]
+
+
+class Decoder:
+    """Decodes every method with one engine (:class:`~emorl.ensemble.EnsembleModel`) and one set of settings.
+
+    One-policy baselines are a one-adapter ensemble with weight 1 (exactly that adapter's model); the base is
+    the same decode with the adapters disabled. So greedy and sampled decoding, the samplers and the seeds are
+    identical across methods; only the model differs."""
+
+    def __init__(self, base: Any, gen: GenerationConfig) -> None:
+        self.base = base
+        self.gen = gen
+        self._ens: dict[tuple[str, ...], Any] = {}
+
+    def _ensemble(self, adapters: dict[str, Path]) -> Any:
+        from emorl.ensemble.model import EnsembleModel
+
+        key = tuple(adapters)
+        if key not in self._ens:
+            self._ens[key] = EnsembleModel(self.base, dict(adapters))
+        return self._ens[key]
+
+    def _has_adapters(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.base.model, PeftModel) and bool(self.base.model.peft_config)
+
+    def decode(self, spec: MethodSpec, prompts: Sequence[str], seed: int) -> tuple[list[str], list[int]]:
+        from emorl.ensemble.model import generation_kwargs
+        from emorl.models import adapters_disabled
+
+        kw = generation_kwargs(self.gen) | {"seed": seed}
+        if spec.kind == "base":
+            if not self._has_adapters():
+                return decode_plain(self.base, prompts, self.gen, seed)
+            from emorl.ensemble.model import EnsembleModel
+
+            if ("__base__",) not in self._ens:  # any loaded adapter, switched off: the base through the same engine
+                self._ens[("__base__",)] = EnsembleModel(self.base, None)
+            ens = self._ens[("__base__",)]
+            one_hot = [1.0] + [0.0] * (ens.k - 1)
+            with adapters_disabled(self.base.model):
+                res = ens.generate(list(prompts), one_hot, mode="hidden", **kw)
+        else:
+            ens = self._ensemble(spec.adapters)
+            res = ens.generate(list(prompts), spec.weights, mode=spec.mode or "hidden", **kw)
+        return list(res.texts), [int(x) for x in res.lengths.tolist()]
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+def eval_prompts(cfg: RunConfig, split: str | None = None) -> list[str]:
+    from emorl.data import load_splits
+
+    split = split or cfg.eval.split
+    records = load_splits(cfg.data)[split]
+    prompts = [r.prompt for r in records[: cfg.eval.prompts] if r.prompt.strip()]
+    if not prompts:
+        raise EmorlError(f"the {split!r} split of the {cfg.data.source!r} data is empty; raise data.max_prompts or "
+                         f"that split's fraction in data.split, or evaluate another split (--split)")
+    return prompts
+
+
+def decode_seeds(cfg: RunConfig) -> list[int]:
+    """Greedy decoding ignores the seed, so it runs once; sampling runs once per ``eval.seeds`` entry."""
+    seeds = list(dict.fromkeys(cfg.eval.seeds))
+    if not seeds:
+        raise EmorlError("eval.seeds: give at least one seed, e.g. eval.seeds=[0,1,2]")
+    return seeds if cfg.eval.generation.do_sample else seeds[:1]
+
+
+def results_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "eval" / "results.json"
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any] | None:
+    p = results_path(run_dir)
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise EmorlError(f"{p}: corrupt JSON ({e}); delete it and run `emorl evaluate` again") from e
+
+
+def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Sequence[str] | None = None, *,
+                 split: str | None = None, base: Any = None, rewards: dict[str, Any] | None = None,
+                 progress: bool = True, force: bool = False, n_samples: int = 3) -> dict[str, Any]:
+    """Decode and score every method on the same prompts with the same settings; write ``RUN/eval/results.json``
+    (and every reply to ``RUN/eval/replies/<method>.jsonl``). A method whose inputs and settings are unchanged
+    since the last evaluation is reused, not decoded again (``force`` re-decodes it)."""
+    from emorl.search.runner import load_run_config
+    from emorl.utils import append_jsonl
+
+    run = Path(run_dir)
+    cfg = cfg or load_run_config(run)
+    split = split or cfg.eval.split
+    specs = resolve_methods(run, cfg, methods)  # every input checked before a model loads
+    prompts = eval_prompts(cfg, split)
+    seeds = decode_seeds(cfg)
+    objectives = list(cfg.objectives)
+    old = load_results(run) or {}
+    old_methods = old.get("methods", {}) if old.get("split") == split else {}
+    sigs = {s.name: method_signature(s, cfg, prompts, seeds) for s in specs}
+    todo = [s for s in specs if force or old_methods.get(s.name, {}).get("signature") != sigs[s.name]]
+    results: dict[str, Any] = {
+        "version": RESULTS_VERSION, "split": split, "prompts": len(prompts),
+        "prompts_sha256": hashlib.sha256("\x1f".join(prompts).encode()).hexdigest()[:16], "seeds": seeds,
+        "seeds_requested": list(cfg.eval.seeds), "generation": asdict(cfg.eval.generation), "objectives": objectives,
+        "model": cfg.model.name, "methods": {}}
+    for s in specs:
+        if s not in todo:
+            log.info("%s: unchanged since the last evaluation, reusing it", s.name)
+            results["methods"][s.name] = old_methods[s.name]
+    if todo:
+        if base is None:
+            from emorl.models import load_base
+
+            base = load_base(cfg.model)
+        if rewards is None:
+            from emorl.rewards import build_rewards
+
+            rewards = build_rewards(cfg.objectives, base)
+        decoder = Decoder(base, cfg.eval.generation)
+        from emorl.train.monitor import Progress
+
+        with Progress(progress).run() as bars:
+            bars.add("evaluate", len(todo) * len(seeds))
+            done = 0
+            for s in todo:
+                reply_file = run / "eval" / "replies" / f"{s.name}.jsonl"
+                reply_file.unlink(missing_ok=True)
+                per_seed, samples = [], []
+                for seed in seeds:
+                    bars.update("evaluate", done, f"{s.name} seed {seed}")
+                    t0 = time.perf_counter()
+                    texts, lengths = decoder.decode(s, prompts, seed)
+                    seconds = time.perf_counter() - t0
+                    scores = {o: _score(rewards[o], prompts, texts) for o in objectives}
+                    m = reply_metrics(prompts, texts, scores, lengths)
+                    m["decode_s"] = seconds
+                    m["tokens_per_s"] = sum(lengths) / seconds if seconds > 0 else math.nan
+                    per_seed.append({"seed": seed, **m})
+                    for i, (p, t) in enumerate(zip(prompts, texts, strict=True)):
+                        append_jsonl(reply_file, {"seed": seed, "prompt": p, "reply": t, "tokens": lengths[i],
+                                                  "scores": {o: float(scores[o][i]) for o in objectives}})
+                    if not samples:
+                        samples = [{"prompt": p, "reply": t} for p, t in zip(prompts[:n_samples], texts, strict=False)]
+                    done += 1
+                results["methods"][s.name] = {
+                    "label": s.label, "kind": s.kind, "mode": s.mode, "signature": sigs[s.name],
+                    "adapters": list(s.adapters), "weights": dict(zip(s.adapters, s.weights, strict=True))
+                    if s.kind == "ensemble" and s.weights else None,
+                    "per_seed": per_seed, "summary": summarise([{k: v for k, v in d.items() if k != "seed"}
+                                                                for d in per_seed]),
+                    "training": training_cost(s), "search": search_cost(s), "samples": samples}
+                _write(run, results, specs)  # a finished method survives an interrupted evaluation
+            bars.update("evaluate", done, "done")
+    _write(run, results, specs)
+    return results
+
+
+def _score(reward: Any, prompts: list[str], texts: list[str]) -> np.ndarray:
+    from emorl.rewards import score
+
+    return score(reward, prompts, texts)
+
+
+def _write(run: Path, results: dict[str, Any], specs: Sequence[MethodSpec]) -> None:
+    order = [s.name for s in specs]
+    results["methods"] = {m: results["methods"][m] for m in order if m in results["methods"]}
+    atomic_write_json(results_path(run), results)

@@ -1,0 +1,69 @@
+"""``emorl evaluate --run RUN``: decode every method on the test split with the same settings and score it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from emorl.evaluate import METHODS
+
+    p = sub.add_parser("evaluate", help="evaluate the base, EMORL and the baselines on the test split",
+                       description="Decode every method on the same prompts with the same decoding settings and "
+                                   "seeds (eval.generation, eval.seeds), score each reply with every objective, and "
+                                   "write RUN/eval/results.json and RUN/eval/replies/. Methods whose inputs did not "
+                                   "change since the last evaluation are reused.")
+    p.add_argument("--run", required=True, help="run folder (config.yaml, adapters/, baselines/, search/)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
+                   help=f"methods to evaluate (default: eval.methods); any of {', '.join(METHODS)}")
+    p.add_argument("--split", choices=["train", "validation", "test"], help="default: eval.split (test)")
+    p.add_argument("--seeds", type=int, help="decode with seeds 0..N-1 (sampling only; default: eval.seeds)")
+    p.add_argument("--prompts", type=int, help="evaluate on at most this many prompts (default: eval.prompts)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy (eval.generation.do_sample=true)")
+    p.add_argument("--force", action="store_true", help="re-decode methods even if their results are current")
+    p.add_argument("--no-report", action="store_true", help="don't re-render RUN/report.md afterwards")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides on top of RUN/config.yaml, e.g. eval.generation.max_new_tokens=48")
+    p.set_defaults(func=run)
+
+
+def eval_overrides(args: argparse.Namespace) -> list[str]:
+    """--seeds/--prompts/--sample as config overrides (shared with `emorl run`)."""
+    out = []
+    if getattr(args, "seeds", None) is not None:
+        if args.seeds < 1:
+            from emorl.utils import EmorlError
+
+            raise EmorlError(f"--seeds must be >= 1, got {args.seeds}")
+        out.append(f"eval.seeds=[{', '.join(map(str, range(args.seeds)))}]")
+    if getattr(args, "prompts", None) is not None:
+        out.append(f"eval.prompts={args.prompts}")
+    if getattr(args, "sample", False):
+        out.append("eval.generation.do_sample=true")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from emorl.evaluate import evaluate_run
+    from emorl.search.runner import load_run_config
+    from emorl.utils import console
+
+    run_dir = Path(args.run)
+    cfg = load_run_config(run_dir, [*args.overrides, *eval_overrides(args)])
+    results = evaluate_run(run_dir, cfg, args.methods, split=args.split, progress=not args.no_progress,
+                           force=args.force)
+    objs = results["objectives"]
+    con = console()
+    con.print(f"[bold]{results['split']}[/] split, {results['prompts']} prompts, seeds {results['seeds']}")
+    for m in results["methods"].values():
+        s = m["summary"]
+        per = "  ".join(f"{o} {s[f'score/{o}']['mean']:.3f}" for o in objs)
+        con.print(f"  {m['label']:<20} mean {s['mean_reward']['mean']:.3f} ± {s['mean_reward']['std']:.3f}  {per}  "
+                  f"div-2 {s['diversity2']['mean']:.3f}")
+    if not args.no_report:
+        from emorl.report import write_report
+
+        con.print(f"report: {write_report(run_dir)}")
+    return 0

@@ -1,0 +1,102 @@
+"""Markdown tables of a run's report, built from plain dicts (``RUN/eval/results.json`` and the adapters'
+``emorl.json``), so the same strings go into ``report.md`` and ``results.json``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def fmt_pm(stat: dict[str, Any] | None, digits: int = 3) -> str:
+    """``{"mean": m, "std": s}`` -> ``"m ± s"`` (``"m"`` alone when there was one seed)."""
+    if not stat:
+        return "–"
+    if stat.get("n", 1) <= 1:
+        return fmt(stat["mean"], digits)
+    return f"{fmt(stat['mean'], digits)} ± {fmt(stat['std'], digits)}"
+
+
+def fmt_int(x: Any) -> str:
+    return "–" if x is None else f"{int(round(x)):,}"
+
+
+def fmt_seconds(x: Any) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.0f} s" if x >= 10 else f"{x:.1f} s"
+
+
+def markdown(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def cell(s: str) -> str:
+        return str(s).replace("|", "\\|").replace("\n", " ")
+
+    head = "| " + " | ".join(map(cell, columns)) + " |"
+    sep = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"
+    return "\n".join([head, sep, *("| " + " | ".join(map(cell, r)) + " |" for r in rows)])
+
+
+def comparison_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The paper-shaped table: one row per method; per-objective scores, their mean, Diversity-2 (both
+    variants), reply length, training cost, search cost, decoding throughput."""
+    objs = list(results["objectives"])
+    columns = ["Method", *objs, "Mean reward", "Diversity-2", "Diversity-2 (ref.)", "Length (tokens)",
+               "Prompts consumed", "Training time", "Search time / points", "Tokens/s"]
+    rows = []
+    for m in results["methods"].values():
+        s = m["summary"]
+        tr, se = m.get("training") or {}, m.get("search")
+        search = f"{fmt_seconds(se.get('wall_time_s'))} / {se.get('points', '–')}" if se else "–"
+        rows.append([m["label"], *(fmt_pm(s.get(f"score/{o}")) for o in objs), fmt_pm(s.get("mean_reward")),
+                     fmt_pm(s.get("diversity2")), fmt_pm(s.get("diversity2_ref")), fmt_pm(s.get("length_tokens"), 1),
+                     fmt_int(tr.get("prompts", 0)), fmt_seconds(tr.get("wall_time_s", 0.0)), search,
+                     fmt_pm(s.get("tokens_per_s"), 0)])
+    return columns, rows
+
+
+def training_table(policies: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """One row per trained policy (EMORL's K adapters, then the baselines): cost, why it stopped, and its
+    validation reward at the start and at the end (the evidence that each objective improved)."""
+    columns = ["Policy", "Trained on", "Steps", "Prompts", "Wall time", "Stopped because", "Validation start",
+               "Validation end", "Change"]
+    rows = []
+    for name, p in policies.items():
+        first, last = p.get("first_value"), p.get("last_value")
+        change = fmt(last - first, 3) if first is not None and last is not None else "–"
+        if change not in ("–",) and not change.startswith("-"):
+            change = "+" + change
+        rows.append([name, ", ".join(p.get("objectives", [])), fmt_int(p.get("steps")), fmt_int(p.get("prompts")),
+                     fmt_seconds(p.get("wall_time_s")), p.get("stop_reason") or "–", fmt(first), fmt(last), change])
+    return columns, rows
+
+
+def weights_table(search: dict[str, dict[str, Any]], used: dict[str, dict[str, float]] | None = None
+                  ) -> tuple[list[str], list[list[str]]]:
+    """One row per searched mode: the weights found (or, where evaluation had to use another point, those, marked
+    with *), the validation score there, and the search's cost."""
+    names: list[str] = []
+    for b in search.values():
+        names.extend(n for n in b.get("names", []) if n not in names)
+    columns = ["Mode", *(f"w({n})" for n in names), "Validation aggregate", "Points (decoded)", "Search time"]
+    rows = []
+    for mode, b in search.items():
+        w = b.get("weights", {})
+        u = (used or {}).get(mode)
+        star = ""
+        if u and any(abs(u.get(n, 0.0) - w.get(n, 0.0)) > 1e-12 for n in names):
+            w, star = u, "*"
+        rows.append([mode + star, *(fmt(w.get(n)) if n in w else "–" for n in names), fmt(b.get("aggregate"), 4),
+                     f"{b.get('points', '–')} ({b.get('decoded', '–')})", fmt_seconds(b.get("wall_time_s"))])
+    return columns, rows
+
+
+def stages_table(stages: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    columns = ["Stage", "Status", "Wall time"]
+    rows = [[name, st.get("status", "–"), fmt_seconds(st.get("wall_time_s"))] for name, st in stages.items()]
+    return columns, rows

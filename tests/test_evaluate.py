@@ -1,0 +1,211 @@
+"""Metrics pinned on hand-computed examples; every method decoded by one engine (checked against plain
+transformers generation); method resolution errors; evaluation reuse."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from emorl.config import GenerationConfig, LoraConfig, ModelConfig, load_config
+from emorl.evaluate import (
+    Decoder,
+    MethodSpec,
+    decode_plain,
+    distinct_n,
+    diversity_reference,
+    evaluate_run,
+    mean_std,
+    reply_metrics,
+    resolve_methods,
+    summarise,
+    training_cost,
+)
+from emorl.models import AdapterInfo, add_adapters, load_base, save_adapter
+from emorl.utils import EmorlError, atomic_write_json
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def test_distinct2_counts_bigrams_over_all_replies():
+    # bigrams: "a b a b" -> (a,b) (b,a) (a,b); "a b c" -> (a,b) (b,c); "x" -> none. 3 distinct of 5.
+    assert distinct_n(["a b a b", "a b c", "x"], 2) == pytest.approx(3 / 5)
+    # the same reply twice halves it: corpus level, not per reply
+    assert distinct_n(["I hear you", "I hear you"], 2) == pytest.approx(2 / 4)
+    assert distinct_n(["one two three"], 1) == 1.0
+    assert distinct_n([], 2) == 0.0
+    assert distinct_n(["", "single"], 2) == 0.0
+
+
+def test_diversity_reference_divides_by_words():
+    # "a b a b": 2 distinct bigrams / 4 words; "a b c": 2 / 3; "": 0 -> mean of the three
+    assert diversity_reference(["a b a b", "a b c", ""]) == pytest.approx((0.5 + 2 / 3 + 0) / 3)
+    # n distinct words: (n - 1) / n, never 1
+    assert diversity_reference(["I am so sorry"]) == pytest.approx(3 / 4)
+    assert diversity_reference(["hello"]) == 0.0
+    assert diversity_reference([]) == 0.0
+    # case and punctuation are kept, as the reference's whitespace split does
+    assert diversity_reference(["Yes yes yes."]) == pytest.approx(2 / 3)
+
+
+def test_mean_std_is_sample_std():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_std([0.5, 0.7]) == pytest.approx((0.6, math.sqrt(0.02)))
+    assert mean_std([0.42]) == (0.42, 0.0)
+    m, s = mean_std([])
+    assert math.isnan(m) and math.isnan(s)
+
+
+def test_reply_metrics_and_summary():
+    scores = {"a": np.array([0.2, 0.4]), "b": np.array([1.0, 0.0])}
+    m = reply_metrics(["p", "q"], ["x y z", "x y"], scores, [4, 3])
+    assert m["score/a"] == pytest.approx(0.3) and m["score/b"] == pytest.approx(0.5)
+    assert m["mean_reward"] == pytest.approx(0.4)
+    assert m["diversity2"] == pytest.approx(2 / 3)  # (x,y) (y,z) (x,y)
+    assert m["diversity2_ref"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert m["length_tokens"] == 3.5 and m["length_words"] == 2.5
+    s = summarise([{"mean_reward": 0.4}, {"mean_reward": 0.6}])
+    assert s["mean_reward"]["mean"] == pytest.approx(0.5)
+    assert s["mean_reward"]["std"] == pytest.approx(math.sqrt(0.02)) and s["mean_reward"]["n"] == 2
+    with pytest.raises(ValueError):
+        reply_metrics(["p"], ["x", "y"], {}, [1, 2])
+
+
+# ------------------------------------------------------------------------------------------- decoding
+
+PROMPTS = ["I lost my job today.", "My dog died and I can't stop crying.", "I feel alone."]
+
+
+@pytest.fixture
+def lively_base():
+    """A tiny base with larger random weights, so greedy replies are real tokens rather than one special token."""
+    base = load_base(ModelConfig(name="tiny-llama", system_prompt=None, seed=3))
+    g = torch.Generator().manual_seed(0)
+    for p in base.model.parameters():
+        p.data.normal_(0, 0.4, generator=g)
+    return base
+
+
+def test_base_and_one_adapter_through_the_ensemble_match_plain_generate(lively_base):
+    gen = GenerationConfig(do_sample=False, max_new_tokens=6)
+    plain_base = decode_plain(lively_base, PROMPTS, gen, 0)
+    assert any(t for t in plain_base[0])  # non-trivial replies
+    add_adapters(lively_base, ["pol_a", "pol_b"], LoraConfig(r=4, alpha=8, dropout=0.0))
+    for n, p in lively_base.model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    dec = Decoder(lively_base, gen)
+    assert dec.decode(MethodSpec("base", "base"), PROMPTS, 0) == plain_base  # adapters switched off
+    lively_base.model.set_adapter("pol_b")
+    plain_b = decode_plain(lively_base, PROMPTS, gen, 0)
+    assert plain_b != plain_base
+    from emorl.ensemble.model import EnsembleModel
+
+    got = EnsembleModel(lively_base, None).generate(PROMPTS, [0.0, 1.0], max_new_tokens=6)
+    assert list(got.texts) == plain_b[0] and got.lengths.tolist() == plain_b[1]
+
+
+# ------------------------------------------------------------------------------------------- a small run
+
+LENGTH_OBJECTIVES = "objectives={short: {type: length, target: 3}, long: {type: length, target: 12}}"
+
+
+def make_run(tmp_path, base, *, baselines=("uniform",), search_modes=()):
+    """A run folder with tiny adapters saved to disk (random LoRA), cheap length rewards, and optional
+    best.json files, without training."""
+    cfg = load_config("tiny", [LENGTH_OBJECTIVES, "eval.prompts=4", "model.seed=3"])
+    run = tmp_path / "run"
+    cfg.output = str(run)
+    cfg.save(run / "config.yaml")
+    names = ["short", "long", *baselines]
+    add_adapters(base, names, cfg.lora)
+    for n, p in base.model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    for n in names:
+        folder = run / ("adapters" if n in ("short", "long") else "baselines") / n
+        objs = [n] if n in ("short", "long") else ["short", "long"]
+        save_adapter(base.model, n, folder, AdapterInfo(objective=n, objectives=objs, base=base.identity, steps=4,
+                                                        prompts_consumed=8, wall_time_s=2.0,
+                                                        extra={"finished": True}))
+    for mode in search_modes:
+        atomic_write_json(run / "search" / mode / "best.json",
+                          {"names": ["short", "long"], "weight_vector": [0.75, 0.25], "aggregate": 0.5,
+                           "scores": {}, "points": 9, "decoded": 9, "wall_time_s": 1.0})
+    return cfg, run
+
+
+def test_resolve_methods_names_what_is_missing(tmp_path, tiny_base):
+    cfg, run = make_run(tmp_path, tiny_base, baselines=())
+    with pytest.raises(EmorlError, match="strategy uniform"):
+        resolve_methods(run, cfg, ["base", "uniform"])
+    with pytest.raises(EmorlError, match=r"emorl search --run .* --mode hidden"):
+        resolve_methods(run, cfg, ["emorl"])
+    with pytest.raises(EmorlError, match="unknown method"):
+        resolve_methods(run, cfg, ["emorl2"])
+    atomic_write_json(run / "search" / "hidden" / "best.json", {"names": ["long", "short"], "weight_vector": [1, 1]})
+    with pytest.raises(EmorlError, match="--fresh"):
+        resolve_methods(run, cfg, ["emorl"])
+
+
+def test_all_zero_best_point_falls_back_to_best_logged_point(tmp_path, tiny_base):
+    cfg, run = make_run(tmp_path, tiny_base, baselines=())
+    d = run / "search" / "hidden"
+    atomic_write_json(d / "best.json", {"names": ["short", "long"], "weight_vector": [0.0, 0.0], "aggregate": 0.0})
+    rows = [{"kind": "header"}, {"weights": [0, 0], "aggregate": 0.0}, {"weights": [0.5, 0], "aggregate": 0.0},
+            {"weights": [0, 1], "aggregate": 0.0}]
+    (d / "points.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (spec,) = resolve_methods(run, cfg, ["emorl"])
+    assert spec.weights == [0.5, 0.0]
+
+
+def test_evaluate_run_writes_results_and_reuses_unchanged_methods(tmp_path, tiny_base, monkeypatch):
+    cfg, run = make_run(tmp_path, tiny_base, search_modes=("hidden",))
+    res = evaluate_run(run, cfg, ["base", "uniform", "emorl"], base=tiny_base, progress=False)
+    assert list(res["methods"]) == ["base", "uniform", "emorl"]
+    saved = json.loads((run / "eval" / "results.json").read_text())
+    assert saved["methods"].keys() == res["methods"].keys() and saved["prompts"] == 4
+    emorl = saved["methods"]["emorl"]
+    assert emorl["weights"] == {"short": 0.75, "long": 0.25}
+    assert emorl["training"]["prompts"] == 16 and set(emorl["training"]["per_adapter"]) == {"short", "long"}
+    assert emorl["search"]["points"] == 9
+    assert saved["methods"]["base"]["training"]["prompts"] == 0
+    for m in saved["methods"].values():
+        assert 0 <= m["summary"]["mean_reward"]["mean"] <= 1 and m["summary"]["mean_reward"]["n"] == 1
+    lines = (run / "eval" / "replies" / "uniform.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and set(json.loads(lines[0])["scores"]) == {"short", "long"}
+    # nothing changed: nothing is decoded again; a changed setting re-decodes every method
+    calls = []
+    monkeypatch.setattr(Decoder, "decode", lambda self, s, p, seed: calls.append(s.name) or (["x"] * len(p),
+                                                                                              [1] * len(p)))
+    evaluate_run(run, cfg, ["base", "uniform", "emorl"], base=tiny_base, progress=False)
+    assert calls == []
+    cfg.eval.generation.max_new_tokens = 5
+    evaluate_run(run, cfg, ["base", "uniform"], base=tiny_base, progress=False)
+    assert calls == ["base", "uniform"]
+
+
+def test_sampled_seeds_give_a_spread_and_greedy_decodes_once(tmp_path, tiny_base):
+    cfg, run = make_run(tmp_path, tiny_base)
+    cfg.eval.seeds = [0, 1, 2]
+    res = evaluate_run(run, cfg, ["uniform"], base=tiny_base, progress=False)
+    assert res["seeds"] == [0] and len(res["methods"]["uniform"]["per_seed"]) == 1  # greedy: one decode
+    cfg.eval.generation.do_sample = True
+    res = evaluate_run(run, cfg, ["uniform"], base=tiny_base, progress=False)
+    per_seed = res["methods"]["uniform"]["per_seed"]
+    assert [r["seed"] for r in per_seed] == [0, 1, 2]
+    m, s = mean_std([r["length_tokens"] for r in per_seed])
+    assert res["methods"]["uniform"]["summary"]["length_tokens"] == {"mean": m, "std": s, "n": 3}
+
+
+def test_training_cost_counts_a_shared_session_once(tmp_path, tiny_base):
+    _, run = make_run(tmp_path, tiny_base, baselines=())
+    spec = MethodSpec("emorl", "ensemble", "hidden", {o: run / "adapters" / o for o in ("short", "long")})
+    assert training_cost(spec)["wall_time_s"] == 4.0  # no session log: each adapter's own time, summed
+    atomic_write_json(run / "curves" / "single-short+long.json",
+                      {"short": {"wall_time_s": 2.0}, "long": {"wall_time_s": 2.0}})
+    cost = training_cost(spec)
+    assert cost["wall_time_s"] == 2.0 and cost["sessions"] == 1 and cost["prompts"] == 16
