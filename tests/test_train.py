@@ -219,3 +219,47 @@ def test_seq2seq_trains(tmp_path):
     cfg = _cfg("model.name=tiny-t5", "train.objectives=[short]", "train.max_steps=2")
     info = _trainer(tmp_path, cfg).train()["short"]
     assert info.steps == 2 and len(info.curve) == 2
+
+
+def test_cli_train_tiny_preset_end_to_end(tmp_path):
+    """`emorl train` on the tiny preset with the real built-in rewards and data: adapters, config, logs."""
+    from emorl.cli import main
+
+    run = tmp_path / "run"
+    rc = main(["train", "--preset", "tiny", "--output", str(run), "--no-progress", "train.max_steps=2",
+               "train.val_every=1", "--objectives", "empathy,fluency"])
+    assert rc == 0
+    assert (run / "config.yaml").exists() and (run / "logs" / "train.log").exists()
+    for name in ("empathy", "fluency"):
+        meta = json.loads((run / "adapters" / name / "emorl.json").read_text())
+        assert meta["steps"] == 2 and len(meta["curve"]) == 3
+        assert 0.0 <= meta["curve"][-1]["value"] <= 1.0
+    assert not (run / "adapters" / "reflection").exists()
+    # bad override: a clear error, exit code 2, before any model is loaded
+    assert main(["train", "--preset", "tiny", "--output", str(run), "train.bogus=1"]) == 2
+    assert main(["train", "--run", str(tmp_path / "nope")]) == 2
+
+
+def test_full_finetune_baseline_keeps_the_base_frozen(tmp_path, tiny_base):
+    fp = tiny_base.fingerprint
+    cfg = _cfg("train.strategy=uniform", "lora.full_finetune=true", "train.max_steps=2", "train.kl_coef=0.1",
+               "train.lr=1e-2")
+    info = _trainer(tmp_path, cfg, base=tiny_base).train()["uniform"]
+    out = tmp_path / "baselines" / "uniform"
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists() and info.steps == 2
+    from emorl.models import fingerprint, is_full_model_dir
+
+    assert is_full_model_dir(out)
+    assert fingerprint(tiny_base.model) == fp  # the rewards' and the KL's reference did not move
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(str(out))
+    assert fingerprint(trained) != fp
+
+
+def test_kl_penalty_runs_and_is_logged(tmp_path):
+    cfg = _cfg("train.objectives=[short]", "train.max_steps=2", "train.kl_coef=0.05")
+    _trainer(tmp_path, cfg).train()
+    recs = [json.loads(x) for x in (tmp_path / "logs" / "single-short.jsonl").read_text().splitlines()]
+    kls = [r["kl"] for r in recs if "kl" in r]
+    assert len(kls) == 2 and kls[0] == pytest.approx(0.0, abs=1e-6) and kls[1] >= 0  # step 1: policy == base

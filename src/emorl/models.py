@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -17,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,9 +272,38 @@ def save_adapter(model: Any, name: str, folder: str | Path, info: AdapterInfo) -
     return folder
 
 
+def is_full_model_dir(folder: str | Path) -> bool:
+    """A fully fine-tuned policy (``lora.full_finetune``): a transformers checkpoint + emorl.json, no adapter."""
+    folder = Path(folder)
+    return (folder / "config.json").exists() and not (folder / "adapter_config.json").exists()
+
+
+def save_full_model(model: Any, tokenizer: Any, folder: str | Path, info: AdapterInfo) -> Path:
+    """Write a fully fine-tuned policy (safetensors) + tokenizer + ``emorl.json`` atomically."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        atomic_write_json(tmp / "emorl.json", info.__dict__)
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def read_adapter_info(folder: str | Path) -> AdapterInfo:
     folder = Path(folder)
-    for fname in ("adapter_config.json", "adapter_model.safetensors"):
+    needed = ("config.json",) if is_full_model_dir(folder) else ("adapter_config.json", "adapter_model.safetensors")
+    for fname in needed:
         if not (folder / fname).exists():
             raise EmorlError(f"{folder} is not a peft adapter folder: {fname} is missing")
     meta = folder / "emorl.json"
@@ -321,11 +352,16 @@ def load_adapters(base: Base, folders: dict[str, str | Path] | list[str | Path])
     return model, infos
 
 
+@contextlib.contextmanager
+def as_reference(model: Any) -> Iterator[Any]:
+    """Yield ``model`` with its adapters disabled: the frozen base as a KL reference, without a copy."""
+    with adapters_disabled(model):
+        yield model
+
+
 def adapters_disabled(model: Any) -> Any:
     """Context manager: run ``model`` as the frozen base (no adapter), without a second copy of the weights.
     Works on a PeftModel (its ``disable_adapter``) and is a no-op on a plain model."""
-    import contextlib
-
     from peft import PeftModel
 
     if isinstance(model, PeftModel):

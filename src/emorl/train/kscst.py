@@ -185,8 +185,8 @@ def policy_gradient_step(model: Any, batch: RolloutBatch, advantages: torch.Tens
                          reference: Any = None, share_prompt: bool = True) -> dict[str, float]:
     """Accumulate the gradient of the k-SCST loss over micro-batches (the caller clips and steps).
 
-    ``reference``: a context manager factory that turns ``model`` into the base (adapter disabled) — used for
-    the KL term only when ``kl_coef > 0``."""
+    ``reference``: a factory of a context manager that yields the frozen reference model (for a LoRA policy: the
+    same model with its adapter disabled) — used for the KL term only when ``kl_coef > 0``."""
     k = batch.k
     n_prompts = batch.prompt_ids.shape[0]
     n_total = n_prompts * k
@@ -197,8 +197,8 @@ def policy_gradient_step(model: Any, batch: RolloutBatch, advantages: torch.Tens
         adv = advantages[s * k:(s * k) + mb.completion_ids.shape[0]]
         ref = None
         if kl_coef > 0 and reference is not None:
-            with torch.no_grad(), reference():
-                ref = token_logprobs(model, mb, is_seq2seq, decoder_start_id, share_prompt)
+            with torch.no_grad(), reference() as ref_model:
+                ref = token_logprobs(ref_model, mb, is_seq2seq, decoder_start_id, share_prompt)
         logp = token_logprobs(model, mb, is_seq2seq, decoder_start_id, share_prompt)
         loss, stats = kscst_loss(logp, mb.completion_mask, adv, n_total, ref, kl_coef)
         loss.backward()

@@ -49,6 +49,11 @@ def route_rows(model: Any, adapters: list[str], rows_per_adapter: int) -> Iterat
 
     Uses emorl's LoRA bank when available (one base matmul, K low-rank deltas as batched matmuls); otherwise
     peft's ``adapter_names`` routing. A single adapter is simply made active."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):  # a fully fine-tuned policy: nothing to route
+        yield {}
+        return
     if len(adapters) == 1:
         prev = model.active_adapter
         model.set_adapter(adapters[0])

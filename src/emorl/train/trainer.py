@@ -11,6 +11,7 @@ Run folder: ``adapters/<objective>/`` (single) or ``baselines/<strategy>/`` (pef
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from emorl.config import RunConfig
-from emorl.models import AdapterInfo, Base, adapters_disabled, add_adapters, save_adapter
+from emorl.models import AdapterInfo, Base, add_adapters, as_reference, save_adapter, save_full_model
 from emorl.train.checkpoint import load_checkpoint, save_checkpoint
 from emorl.train.kscst import group_advantages, policy_gradient_step, transform_rewards
 from emorl.train.monitor import MetricsLogger, Progress
@@ -49,6 +50,7 @@ class Policy:
     params: dict[str, torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     output: Path
+    model: Any = None  # full fine-tuning: the policy's own copy of the base (None: a LoRA adapter on the base)
     step: int = 0
     prompts: int = 0
     epoch: int = 0
@@ -148,22 +150,33 @@ class Trainer:
         if not todo:
             return
         set_seed(t.seed)
-        model = self.base.model
-        from peft import PeftModel
+        full = self.cfg.lora.full_finetune and self.strategy != "single"
+        if self.cfg.lora.full_finetune and not full:
+            log.warning("lora.full_finetune applies to the baselines only; EMORL trains LoRA adapters")
+        if not full:
+            from peft import PeftModel
 
-        if isinstance(model, PeftModel):
-            for n, _ in todo:
-                if n in model.peft_config:
-                    model.delete_adapter(n)
-        model = add_adapters(self.base, [n for n, _ in todo], self.cfg.lora)
+            if isinstance(self.base.model, PeftModel):
+                for n, _ in todo:
+                    if n in self.base.model.peft_config:
+                        self.base.model.delete_adapter(n)
+            add_adapters(self.base, [n for n, _ in todo], self.cfg.lora)
         for i, (n, objs) in enumerate(todo):
-            params = {k: p for k, p in model.named_parameters() if "lora_" in k and k.endswith(f".{n}.weight")}
+            own = None
+            if full:  # a second copy of the base: the frozen one stays the rewards' and the KL's reference
+                from emorl.models import load_base
+
+                own = load_base(self.cfg.model).model
+                params = dict(own.named_parameters())
+            else:
+                params = {k: p for k, p in self.base.model.named_parameters()
+                          if "lora_" in k and k.endswith(f".{n}.weight")}
             for p in params.values():
                 p.requires_grad_(True)
             opt = torch.optim.AdamW(params.values(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
             w = make_weighting(self.strategy, objs, fixed_weights=t.fixed_weights, gamma=t.dynaopt_gamma,
                                history=t.dynaopt_history, seed=t.seed + i)
-            self.policies.append(Policy(n, i, objs, w, params, opt, self._output_dir(n)))
+            self.policies.append(Policy(n, i, objs, w, params, opt, self._output_dir(n), model=own))
 
     # ------------------------------------------------------------------------------------------ data
     def _next_prompts(self, p: Policy, n: int) -> list[str]:
@@ -193,7 +206,12 @@ class Trainer:
         lam = p.weighting.weights()
         rewards = transform_rewards(scores, lam, t.reward_transform, t.clip_min, t.clip_max)
         adv = group_advantages(torch.tensor(rewards, dtype=torch.float32, device=self.base.device), ro.batch.k)
-        model.set_adapter(p.name)
+        if p.model is not None:
+            model = p.model
+            reference = lambda: contextlib.nullcontext(self.base.model)  # noqa: E731 - the frozen base
+        else:
+            model.set_adapter(p.name)
+            reference = lambda: as_reference(model)  # noqa: E731 - the same weights, adapter disabled
         for q in p.params.values():
             q.requires_grad_(True)
         model.train()
@@ -201,7 +219,7 @@ class Trainer:
             stats = policy_gradient_step(
                 model, ro.batch, adv, is_seq2seq=self.base.is_seq2seq, micro_batch_rows=t.micro_batch_size,
                 decoder_start_id=getattr(self.base.model.config, "decoder_start_token_id", None), kl_coef=t.kl_coef,
-                reference=lambda: adapters_disabled(model))
+                reference=reference)
             grad_norm = torch.nn.utils.clip_grad_norm_(list(p.params.values()), t.max_grad_norm)
             p.optimizer.step()
         finally:
@@ -223,13 +241,26 @@ class Trainer:
             metrics.log(rec, p.step)
         self._last_reward[p.name] = float(scores.mean())
 
+    def _rollouts(self, groups: list[tuple[Policy, list[str]]], k: int) -> list[Rollout]:
+        """LoRA policies share one batched generation; a fully fine-tuned policy generates with its own model."""
+        t, out = self.cfg.train, {}
+        shared = [(p.name, s) for p, s in groups if p.model is None]
+        if shared:
+            for ro in sample_rollouts(self.base.model, self.base, shared, k, t.generation,
+                                      self.cfg.model.max_prompt_tokens):
+                out[ro.adapter] = ro
+        for p, s in groups:
+            if p.model is not None:
+                out[p.name] = sample_rollouts(p.model, self.base, [(p.name, s)], k, t.generation,
+                                              self.cfg.model.max_prompt_tokens)[0]
+        return [out[p.name] for p, _ in groups]
+
     def _validate(self, policies: list[Policy], metrics: MetricsLogger) -> None:
         """Sample replies to the fixed validation prompts for every policy at once; record per-objective means."""
         if not policies:
             return
         t = self.cfg.train
-        ros = sample_rollouts(self.base.model, self.base, [(p.name, self.val_statements) for p in policies],
-                              t.val_samples, t.generation, self.cfg.model.max_prompt_tokens)
+        ros = self._rollouts([(p, self.val_statements) for p in policies], t.val_samples)
         for p, ro in zip(policies, ros, strict=True):
             scores = self._score(self.objectives_all, ro.prompts_per_reply, ro.texts)
             means = {o: float(scores[:, j].mean()) for j, o in enumerate(self.objectives_all)}
@@ -294,7 +325,10 @@ class Trainer:
             converged=p.converged, curve=p.curve,
             extra={"finished": finished, "stop_reason": p.stop_reason, "lora": self.cfg.to_dict()["lora"],
                    "train": self.cfg.to_dict()["train"], "weights_log": getattr(p.weighting, "log", None)})
-        save_adapter(self.base.model, p.name, p.output, info)
+        if p.model is not None:
+            save_full_model(p.model, self.base.tokenizer, p.output, info)
+        else:
+            save_adapter(self.base.model, p.name, p.output, info)
 
     # ------------------------------------------------------------------------------------------ main loop
     def _install_sigint(self) -> Any:
@@ -340,9 +374,7 @@ class Trainer:
                     if not active or self._stop.is_set():
                         break
                     t_step = time.time()
-                    prompts = [(p.name, self._next_prompts(p, t.batch_size)) for p in active]
-                    ros = sample_rollouts(self.base.model, self.base, prompts, t.k, t.generation,
-                                          cfg.model.max_prompt_tokens)
+                    ros = self._rollouts([(p, self._next_prompts(p, t.batch_size)) for p in active], t.k)
                     t_gen = time.time()
                     for p, ro in zip(active, ros, strict=True):
                         self._update(p, ro, metrics)
