@@ -87,7 +87,8 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, base: Base | None = None,
                  rewards: dict[str, Callable] | None = None, splits: Any = None, progress: bool = True,
-                 force: bool = False, callbacks: list[Callable[[Trainer], None]] | None = None):
+                 force: bool = False, callbacks: list[Callable[[Trainer], None]] | None = None,
+                 val_objectives: list[str] | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.strategy = cfg.train.strategy
@@ -95,6 +96,10 @@ class Trainer:
         self.progress = progress
         self.force = force
         self.callbacks = callbacks or []
+        self.objectives_all = list(val_objectives or self.objectives)  # scored at validation
+        for o in self.objectives_all:
+            if o not in cfg.objectives:
+                raise EmorlError(f"validation objective {o!r} is not in objectives ({', '.join(cfg.objectives)})")
         self._stop = threading.Event()
         # cheap checks and data first: bad input fails before any model is loaded
         if splits is None:
@@ -136,8 +141,8 @@ class Trainer:
         if self.rewards is None:
             from emorl.rewards import build_rewards
 
-            self.rewards = build_rewards({o: self.cfg.objectives[o] for o in self.objectives}, self.base)
-        missing = [o for o in self.objectives if o not in self.rewards]
+            self.rewards = build_rewards({o: self.cfg.objectives[o] for o in self.objectives_all}, self.base)
+        missing = [o for o in self.objectives_all if o not in self.rewards]
         if missing:
             raise EmorlError(f"no reward for objectives {missing}")
         t = self.cfg.train
@@ -352,7 +357,6 @@ class Trainer:
         if not self.policies:
             return {}
         cfg, t = self.cfg, self.cfg.train
-        self.objectives_all = list(self.objectives)
         self._t0 = time.time()
         self._last_reward: dict[str, float] = {}
         if resume:
