@@ -84,8 +84,8 @@ def causal_nll(model: Any, contexts: list[list[int]], targets: list[list[int]], 
     plen = _common_prefix([rows[i] for i in todo]) if share_prefix else 0
     prefix_cache = None
     if plen >= min_prefix:
-        prefix_cache = model(input_ids=torch.tensor([rows[todo[0]][0][:plen]], device=device),
-                             use_cache=True).past_key_values
+        pout = model(input_ids=torch.tensor([rows[todo[0]][0][:plen]], device=device), use_cache=True)
+        prefix_cache = getattr(pout, "cache", None) or getattr(pout, "past_key_values", None)
     if prefix_cache is None or not hasattr(prefix_cache, "batch_repeat_interleave"):  # short prefix, legacy cache
         prefix_cache, plen = None, 0
     for s in range(0, len(todo), micro_batch):
@@ -103,7 +103,7 @@ def causal_nll(model: Any, contexts: list[list[int]], targets: list[list[int]], 
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(len(idx))
-            kw["past_key_values"] = cache
+            kw["cache" if _accepts(model, "cache") else "past_key_values"] = cache  # renamed during transformers 5.x
             kw["attention_mask"] = torch.cat([torch.ones((len(idx), plen), dtype=torch.long), mask], -1).to(device)
             kw["use_cache"] = True
         else:
