@@ -62,7 +62,13 @@ def run(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     _attach_log_file(run_dir / "logs" / "train.log")
     cfg.output = str(run_dir)
-    cfg.save(run_dir / "config.yaml")
+    if args.run:  # --objectives/--strategy pick what this call trains; the run keeps all its objectives
+        import dataclasses
+
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, objectives=None, strategy="single")).save(
+            run_dir / "config.yaml")
+    else:
+        cfg.save(run_dir / "config.yaml")
     t = cfg.train
     console().print(f"[bold]emorl train[/] strategy={t.strategy} objectives={cfg.trained_objectives()} "
                     f"model={cfg.model.name} -> {run_dir}\n  {t.batch_size} prompts x k={t.k} replies per step, "
