@@ -263,3 +263,35 @@ def test_kl_penalty_runs_and_is_logged(tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "logs" / "single-short.jsonl").read_text().splitlines()]
     kls = [r["kl"] for r in recs if "kl" in r]
     assert len(kls) == 2 and kls[0] == pytest.approx(0.0, abs=1e-6) and kls[1] >= 0  # step 1: policy == base
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_completes(tmp_path):
+    """A real SIGINT to `emorl train`: the step finishes, a checkpoint is written, exit code 130; --resume ends it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "emorl.cli", "train", "--preset", "tiny", "--output", str(run), "--no-progress",
+            "--objectives", "empathy", "train.checkpoint_every=1000", "train.val_every=1000"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([*args, "train.max_steps=1000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = run / "logs" / "single-empathy.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and any('"loss"' in line for line in log.read_text().splitlines()):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=240)[0].decode()
+    assert proc.returncode == 130, out[-2000:]
+    state = json.loads((run / "checkpoints" / "single-empathy" / "state.json").read_text())
+    steps = state["trainer"]["policies"]["empathy"]["step"]
+    assert steps >= 1
+    done = subprocess.run([*args, f"train.max_steps={steps + 1}", "--resume"], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert json.loads((run / "adapters" / "empathy" / "emorl.json").read_text())["steps"] == steps + 1
