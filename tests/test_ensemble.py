@@ -59,9 +59,14 @@ def eos_override(llama: EnsembleModel) -> Iterator[EnsembleModel]:
 
 # ------------------------------------------------------------------------------------------ naive reference
 
+_MERGED: dict[int, list[torch.nn.Module]] = {}
+
+
 def merged_copies(base: Base) -> list[torch.nn.Module]:
     """K separate plain models, adapter k merged into a deep copy of the base (the reference's K copies)."""
-    out = []
+    if id(base) in _MERGED:
+        return _MERGED[id(base)]
+    out = _MERGED.setdefault(id(base), [])
     for n in NAMES:
         c = copy.deepcopy(base.model)
         c.set_adapter(n)
