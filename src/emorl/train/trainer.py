@@ -12,6 +12,7 @@ Run folder: ``adapters/<objective>/`` (single) or ``baselines/<strategy>/`` (pef
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import threading
@@ -246,17 +247,17 @@ class Trainer:
             metrics.log(rec, p.step)
         self._last_reward[p.name] = float(scores.mean())
 
-    def _rollouts(self, groups: list[tuple[Policy, list[str]]], k: int) -> list[Rollout]:
+    def _rollouts(self, groups: list[tuple[Policy, list[str]]], k: int, gen: Any = None) -> list[Rollout]:
         """LoRA policies share one batched generation; a fully fine-tuned policy generates with its own model."""
         t, out = self.cfg.train, {}
+        gen = gen or t.generation
         shared = [(p.name, s) for p, s in groups if p.model is None]
         if shared:
-            for ro in sample_rollouts(self.base.model, self.base, shared, k, t.generation,
-                                      self.cfg.model.max_prompt_tokens):
+            for ro in sample_rollouts(self.base.model, self.base, shared, k, gen, self.cfg.model.max_prompt_tokens):
                 out[ro.adapter] = ro
         for p, s in groups:
             if p.model is not None:
-                out[p.name] = sample_rollouts(p.model, self.base, [(p.name, s)], k, t.generation,
+                out[p.name] = sample_rollouts(p.model, self.base, [(p.name, s)], k, gen,
                                               self.cfg.model.max_prompt_tokens)[0]
         return [out[p.name] for p, _ in groups]
 
@@ -265,7 +266,11 @@ class Trainer:
         if not policies:
             return
         t = self.cfg.train
-        ros = self._rollouts([(p, self.val_statements) for p in policies], t.val_samples)
+        if t.val_greedy:  # deterministic: the curve moves only when the policy does
+            ros = self._rollouts([(p, self.val_statements) for p in policies], 1,
+                                 dataclasses.replace(t.generation, do_sample=False))
+        else:
+            ros = self._rollouts([(p, self.val_statements) for p in policies], t.val_samples)
         for p, ro in zip(policies, ros, strict=True):
             scores = self._score(self.objectives_all, ro.prompts_per_reply, ro.texts)
             means = {o: float(scores[:, j].mean()) for j, o in enumerate(self.objectives_all)}
