@@ -291,3 +291,13 @@ def test_result_shapes_and_records(llama: EnsembleModel) -> None:
     assert len(many.texts) == 3 and len(many.texts[0]) == 2 and many.token_ids.shape == (3, 2, 3)
     recs = many.records()
     assert len(recs) == 6 and recs[0]["weights"] == dict(zip(NAMES, POINTS[0], strict=True))
+
+
+def test_preallocated_cache_equals_growing_cache(ens: EnsembleModel) -> None:
+    fast = ens.generate(PROMPTS, POINTS, mode="hidden", max_new_tokens=T, max_rows=6)
+    ens.preallocate = False
+    try:
+        plain = ens.generate(PROMPTS, POINTS, mode="hidden", max_new_tokens=T, max_rows=6)
+    finally:
+        ens.preallocate = True
+    assert torch.equal(fast.token_ids, plain.token_ids)

@@ -126,14 +126,84 @@ def _out_cache(out: Any) -> Any:
     return c if c is not None else out.past_key_values
 
 
-def fork_cache(cache: Any, idx: torch.Tensor) -> Any:
-    """A new cache holding rows ``idx`` of ``cache`` (which is left untouched)."""
+def _buffered_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferedLayer(DynamicLayer):
+        """A DynamicLayer over a buffer preallocated to the final length: each step writes its key/value in place
+        and attention reads a view, instead of ``torch.cat`` copying the whole cache every step."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+            super().__init__()
+            self._k = self._alloc(keys, capacity)
+            self._v = self._alloc(values, capacity)
+            self._n = keys.shape[-2]
+            self.device = keys.device
+            self.is_initialized = True
+            self._views()
+
+        @staticmethod
+        def _alloc(t: torch.Tensor, capacity: int) -> torch.Tensor:
+            buf = t.new_empty(*t.shape[:-2], max(capacity, t.shape[-2]), t.shape[-1])
+            buf[..., : t.shape[-2], :] = t
+            return buf
+
+        def _views(self) -> None:
+            self.keys = self._k[..., : self._n, :]
+            self.values = self._v[..., : self._n, :]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            m = key_states.shape[-2]
+            if self._n + m > self._k.shape[-2]:  # out of room: grow (not expected within max_new_tokens)
+                self._k = self._alloc(self.keys, 2 * (self._n + m))
+                self._v = self._alloc(self.values, 2 * (self._n + m))
+            self._k[..., self._n:self._n + m, :] = key_states
+            self._v[..., self._n:self._n + m, :] = value_states
+            self._n += m
+            self._views()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._views()
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            self.batch_select_indices(beam_idx)
+
+        def crop(self, tokens_to_remove: int) -> None:
+            self._n -= abs(tokens_to_remove)
+            self._views()
+
+    return BufferedLayer
+
+
+_BUFFERED: type | None = None
+
+
+def fork_cache(cache: Any, idx: torch.Tensor, capacity: int | None = None) -> Any:
+    """A new cache holding rows ``idx`` of ``cache`` (which is left untouched). With ``capacity``, plain
+    ``DynamicLayer`` layers become preallocated buffers of that many positions (no per-step copy)."""
+    global _BUFFERED
     from transformers import EncoderDecoderCache
+    from transformers.cache_utils import DynamicLayer
 
     if isinstance(cache, EncoderDecoderCache):
-        return EncoderDecoderCache(fork_cache(cache.self_attention_cache, idx),
+        return EncoderDecoderCache(fork_cache(cache.self_attention_cache, idx, capacity),
                                    fork_cache(cache.cross_attention_cache, idx))
     new = copy.copy(cache)
+    if capacity is not None:
+        _BUFFERED = _BUFFERED or _buffered_layer_class()
+        layers = []
+        for layer in cache.layers:
+            if type(layer) in (DynamicLayer, _BUFFERED) and layer.is_initialized and layer.keys.numel():
+                layers.append(_BUFFERED(layer.keys[idx], layer.values[idx], capacity))
+            else:
+                layer = copy.copy(layer)
+                layer.batch_select_indices(idx)
+                layers.append(layer)
+        new.layers = layers
+        return new
     new.layers = [copy.copy(layer) for layer in cache.layers]
     new.batch_select_indices(idx)
     return new
@@ -208,10 +278,11 @@ class Stream:
         return out.last_hidden_state[:, -1]
 
     @staticmethod
-    def select(st: dict[str, Any], idx: torch.Tensor) -> dict[str, Any]:
-        """A new state with rows ``idx`` (the old state stays valid: used to fork one prefill many times)."""
+    def select(st: dict[str, Any], idx: torch.Tensor, capacity: int | None = None) -> dict[str, Any]:
+        """A new state with rows ``idx`` (the old state stays valid: used to fork one prefill many times);
+        ``capacity``: preallocate the self-attention cache to that many positions."""
         out = {k: (v.index_select(0, idx) if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
-        out["cache"] = fork_cache(st["cache"], idx)
+        out["cache"] = fork_cache(st["cache"], idx, capacity)
         return out
 
 

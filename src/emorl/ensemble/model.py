@@ -104,6 +104,7 @@ class EnsembleModel:
         self.eos: list[int] = eos
         self.pad: int = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos[0]
         self._verified = False
+        self.preallocate = True  # KV caches as preallocated buffers (no per-step torch.cat of the whole cache)
         self._kv_per_token = 0.0  # KV-cache bytes per row and position, measured by verify_head
 
     @classmethod
@@ -232,6 +233,7 @@ class EnsembleModel:
         rows = derive_chunking(budget, self._kv_per_token, ids.shape[1] + max_new_tokens,
                                self.head.lm_head.weight.shape[0], k, mode, max_rows)
         plan = self._plan(n_prompts, n_points, k, rows, mode)
+        capacity = (1 if self.base.is_seq2seq else ids.shape[1]) + max_new_tokens  # self-attention cache length
         pbar = None
         if progress:
             from tqdm.auto import tqdm
@@ -246,6 +248,8 @@ class EnsembleModel:
                     bank.set_weights(w_pairs)
                     h0, state = self.stream.prefill(ids[b_idx], mask[b_idx])
                     n_rows = len(b_idx)
+                    if self.preallocate:
+                        state = Stream.select(state, torch.arange(n_rows, device=self.device), capacity)
                 else:  # prefill K adapters x this prompt block once; fork its cache for every chunk of points
                     block = torch.unique(b_idx)
                     if prefill is None or not torch.equal(prefill[0], block):
@@ -255,7 +259,7 @@ class EnsembleModel:
                     _, h_blk, st_blk = prefill
                     local = torch.searchsorted(block, b_idx)
                     sel = (local[None, :] + len(block) * torch.arange(k, device=self.device)[:, None]).reshape(-1)
-                    h0, state = h_blk[sel], Stream.select(st_blk, sel)
+                    h0, state = h_blk[sel], Stream.select(st_blk, sel, capacity if self.preallocate else None)
                     n_rows = len(sel)
                 stats["rows_per_chunk"] = max(stats["rows_per_chunk"], n_rows)
                 u = None if u_all is None else u_all[g_idx, b_idx]
