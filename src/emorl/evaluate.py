@@ -51,6 +51,7 @@ METHODS: dict[str, tuple[str, str | None]] = {
 LABELS = {"base": "Base model", "uniform": "Uniform Weighted", "dynaopt": "DynaOpt", "fixed": "Fixed weights",
           "soups": "Model Soups", "logits": "Logit mixing", "probs": "Probability mixing", "emorl": "EMORL"}
 MODE_METHOD = {mode: name for name, (kind, mode) in METHODS.items() if mode}
+SINGLE = "single:"  # "single:<objective>": that objective's EMORL adapter alone; "singles" = one per objective
 RESULTS_VERSION = 1
 
 
@@ -138,7 +139,32 @@ class MethodSpec:
 
     @property
     def label(self) -> str:
-        return LABELS.get(self.name, self.name)
+        return method_label(self.name)
+
+
+def method_label(name: str) -> str:
+    return f"{name.removeprefix(SINGLE)} adapter alone" if name.startswith(SINGLE) else LABELS.get(name, name)
+
+
+def expand_methods(methods: Sequence[str], objectives: Sequence[str]) -> list[str]:
+    """Check method names and expand ``singles`` to ``single:<objective>`` for every objective."""
+    out: list[str] = []
+    for m in methods:
+        names = [f"{SINGLE}{o}" for o in objectives] if m == "singles" else [m]
+        for n in names:
+            if n not in METHODS and not (n.startswith(SINGLE) and n.removeprefix(SINGLE) in objectives):
+                raise EmorlError(f"eval.methods: unknown method {n!r}; choose from {', '.join(METHODS)}, 'singles' "
+                                 f"(each objective's adapter alone) or 'single:<objective>' with one of "
+                                 f"{', '.join(objectives)}")
+            if n in out:
+                raise EmorlError(f"eval.methods: {list(methods)} lists {n!r} twice")
+            out.append(n)
+    return out
+
+
+def method_kind(name: str) -> tuple[str, str | None]:
+    """(kind, search mode) of a method name."""
+    return ("adapter", None) if name.startswith(SINGLE) else METHODS[name]
 
 
 def ensemble_objectives(cfg: RunConfig) -> list[str]:
@@ -155,18 +181,20 @@ def resolve_methods(run_dir: str | Path, cfg: RunConfig, methods: Sequence[str] 
     from emorl.search.store import adapter_identity
 
     run = Path(run_dir)
-    methods = list(methods or cfg.eval.methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise EmorlError(f"eval.methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if len(set(methods)) != len(methods):
-        raise EmorlError(f"eval.methods: {methods} lists a method twice")
     objectives = ensemble_objectives(cfg)
+    methods = expand_methods(methods or cfg.eval.methods, objectives)
     specs = []
     for m in methods:
-        kind, mode = METHODS[m]
+        kind, mode = method_kind(m)
         if kind == "base":
             specs.append(MethodSpec(m, kind))
+        elif m.startswith(SINGLE):
+            o = m.removeprefix(SINGLE)
+            folder = run / "adapters" / o
+            if not (folder / "adapter_model.safetensors").exists():
+                raise EmorlError(f"method {m!r}: no adapter in {folder}. Train it with `emorl train --run {run} "
+                                 f"--objectives {o}`")
+            specs.append(MethodSpec(m, kind, adapters={o: folder}, weights=[1.0]))
         elif kind == "adapter":
             folder = run / "baselines" / m
             if not (folder / "adapter_model.safetensors").exists():

@@ -15,8 +15,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "write RUN/eval/results.json and RUN/eval/replies/. Methods whose inputs did not "
                                    "change since the last evaluation are reused.")
     p.add_argument("--run", required=True, help="run folder (config.yaml, adapters/, baselines/, search/)")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
-                   help=f"methods to evaluate (default: eval.methods); any of {', '.join(METHODS)}")
+    p.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help=f"methods to evaluate (default: eval.methods); any of {', '.join(METHODS)}, 'singles' (each "
+                        f"objective's adapter alone) or 'single:<objective>'")
     p.add_argument("--split", choices=["train", "validation", "test"], help="default: eval.split (test)")
     p.add_argument("--seeds", type=int, help="decode with seeds 0..N-1 (sampling only; default: eval.seeds)")
     p.add_argument("--prompts", type=int, help="evaluate on at most this many prompts (default: eval.prompts)")

@@ -233,8 +233,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its checkpoint or log")
     p.add_argument("--force", action="store_true", help="redo every stage, even those that are up to date")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, then stop")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is faster for tiny "
-                                               "models or on a busy machine)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, or 1 when the machine "
+                                               "is already busy: competing threads spin-wait and slow every step)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=main)
 
@@ -255,12 +255,29 @@ def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     return cfg, Path(args.output or cfg.output or f"runs/{Path(str(src)).stem}")
 
 
+def set_threads(threads: int | None) -> None:
+    """``threads`` torch threads; by default 1 when the load average already exceeds half the cores.
+
+    On a busy CPU, OpenMP threads spin-wait for each other: SmolLM2 decoding was measured 20-60x slower with 2
+    threads than with 1 on a 2-core machine at load 7 (see docs/run.md)."""
+    import os
+
+    import torch
+
+    if threads is None:
+        cores = os.cpu_count() or 1
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        if cores > 1 and load > cores / 2:
+            log.warning("the machine is busy (load %.1f on %d cores): using 1 torch thread (--threads N to override)",
+                        load, cores)
+            threads = 1
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def main(args: argparse.Namespace) -> int:
     cfg, run = resolve(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     run_pipeline(cfg, run, resume=args.resume, force=args.force, progress=not args.no_progress,
                  dry_run=args.dry_run)
     return 0

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from emorl.evaluate import METHODS
+from emorl.evaluate import method_kind
 from emorl.pipeline.plan import Plan
 
 
@@ -71,7 +71,8 @@ def estimate(plan: Plan, speed: Speed) -> None:
         seeds = len(decode_seeds(cfg))
         g = cfg.eval.generation
         n = cfg.eval.prompts or 64
-        widths = [k_obj if METHODS[m][0] == "ensemble" and METHODS[m][1] != "params" else 1 for m in plan.methods]
+        widths = [k_obj if method_kind(m)[0] == "ensemble" and method_kind(m)[1] != "params" else 1
+                  for m in plan.methods]
         s.estimate_s = seeds * sum(speed.gen(n * w, g.max_new_tokens) for w in widths)
     for s in plan.todo("report"):
         s.estimate_s = 5.0

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from emorl.config import RunConfig
-from emorl.evaluate import METHODS, ensemble_objectives
+from emorl.evaluate import ensemble_objectives, expand_methods, method_kind
 from emorl.utils import EmorlError, atomic_write_json
 
 log = logging.getLogger("emorl.run")
@@ -160,18 +160,15 @@ def adapter_id(folder: Path) -> str | None:
 
 def make_plan(cfg: RunConfig, run: Path, *, resume: bool = False, force: bool = False) -> Plan:
     """Decide, without loading a model, which units of every stage must run and why."""
-    methods = list(cfg.eval.methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise EmorlError(f"eval.methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     objectives = ensemble_objectives(cfg)
+    methods = expand_methods(cfg.eval.methods, objectives)
     clash = [o for o in objectives if o in BASELINES]
     if clash:
         raise EmorlError(f"objectives: {clash} is also the name of a baseline; rename the objective")
     baselines = [m for m in methods if m in BASELINES]
     if "fixed" in baselines and (not cfg.train.fixed_weights or len(cfg.train.fixed_weights) != len(objectives)):
         raise EmorlError(f"eval.methods has 'fixed': set train.fixed_weights to {len(objectives)} weights")
-    modes = list(dict.fromkeys([*cfg.search.modes, *(METHODS[m][1] for m in methods if METHODS[m][0] == "ensemble")]))
+    modes = list(dict.fromkeys([*cfg.search.modes, *(mode for m in methods if (mode := method_kind(m)[1]))]))
     plan = Plan(cfg, run, objectives, baselines, modes, methods)
     stages = Stages(run)
     ids: dict[str, str | None] = {}

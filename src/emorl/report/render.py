@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from emorl.report import figures as F
-from emorl.report.tables import comparison_table, markdown, stages_table, training_table, weights_table
+from emorl.report.tables import (
+    comparison_table,
+    improvement_table,
+    markdown,
+    stages_table,
+    training_table,
+    weights_table,
+)
 from emorl.utils import EmorlError, atomic_write_json, atomic_write_text, read_jsonl
 
 log = logging.getLogger("emorl.report")
@@ -189,6 +196,9 @@ def write_report(run_dir: str | Path) -> Path:
     figs = make_figures(run, results, policies, search)
     tables = {"comparison": comparison_table(results), "training": training_table(policies),
               "weights": weights_table(search, _used_weights(results)), "stages": stages_table(stages)}
+    improved = improvement_table(results)
+    if improved:
+        tables["improvement"] = improved
     samples = _samples(results)
     summary = {
         "version": 1, "run": str(run), "rendered": time.strftime("%Y-%m-%d %H:%M:%S"), "model": results.get("model"),
@@ -231,6 +241,9 @@ def render_markdown(run: Path, s: dict[str, Any], tables: dict[str, tuple[list[s
               "validation (an EMORL adapter: its own objective's score; a baseline: the mean of all objectives).", ""]
     if "figures/training_curves.png" in figs:
         lines += ["![validation reward against prompts consumed](figures/training_curves.png)", ""]
+    if "improvement" in tables:
+        lines += ["Did training improve each objective? Each objective's test score under the base model and under its "
+                  "own adapter alone (same prompts, same decoding):", "", markdown(*tables["improvement"]), ""]
     if s["search"]:
         lines += ["## Weights found", "", markdown(*tables["weights"]), "",
                   "Weights are in [0, 1] per adapter and not normalised; under greedy decoding hidden and logit mixing "

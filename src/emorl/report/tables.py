@@ -60,6 +60,24 @@ def comparison_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]
     return columns, rows
 
 
+def improvement_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Per objective: the base model's test score and the score of that objective's adapter alone (method
+    ``single:<objective>``), decoded identically: the evidence that RL training improved each objective."""
+    methods = results["methods"]
+    base = methods.get("base")
+    rows = []
+    for o in results["objectives"]:
+        single = methods.get(f"single:{o}")
+        if not base or not single:
+            continue
+        b, a = base["summary"][f"score/{o}"], single["summary"][f"score/{o}"]
+        rows.append([o, fmt_pm(b), fmt_pm(a), f"{a['mean'] - b['mean']:+.3f}",
+                     fmt_pm(single["summary"].get("mean_reward"))])
+    if not rows:
+        return None
+    return ["Objective", "Base model", "Its adapter alone", "Change", "Adapter's mean reward (all objectives)"], rows
+
+
 def training_table(policies: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """One row per trained policy (EMORL's K adapters, then the baselines): cost, why it stopped, and its
     validation reward at the start and at the end (the evidence that each objective improved)."""

@@ -1,0 +1,137 @@
+"""The report from a hand-made run folder (no model): tables agree with results.json, figures are drawn,
+search views are re-plotted from the points log, missing inputs are named."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from emorl.models import AdapterInfo
+from emorl.report import comparison_table, markdown, search_result, write_report
+from emorl.report.tables import fmt_pm, improvement_table, weights_table
+from emorl.search import PointStore, hierarchical_search
+from emorl.utils import EmorlError, atomic_write_json
+
+OBJS = ["reflection", "empathy"]
+
+
+def stat(m, s=0.0, n=1):
+    return {"mean": m, "std": s, "n": n}
+
+
+def method(label, kind, scores, prompts, n=1, weights=None, search=None):
+    summary = {f"score/{o}": stat(v, 0.01 * n, n) for o, v in zip(OBJS, scores, strict=True)}
+    summary |= {"mean_reward": stat(float(np.mean(scores)), 0.02 * (n > 1), n), "diversity2": stat(0.61, 0, n),
+                "diversity2_ref": stat(0.55, 0, n), "length_tokens": stat(21.5, 0, n), "tokens_per_s": stat(80, 0, n)}
+    return {"label": label, "kind": kind, "summary": summary, "weights": weights, "search": search,
+            "training": {"prompts": prompts, "wall_time_s": prompts / 10, "per_adapter": {}},
+            "samples": [{"prompt": "I feel lost.", "reply": f"{label} | says hi"}]}
+
+
+def results(n=1):
+    return {"version": 1, "split": "test", "prompts": 8, "seeds": list(range(n)), "objectives": OBJS,
+            "model": "tiny-llama", "generation": {"do_sample": n > 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                                                  "max_new_tokens": 16},
+            "methods": {
+                "base": method("Base model", "base", [0.2, 0.3], 0, n),
+                "single:reflection": method("reflection adapter alone", "adapter", [0.5, 0.25], 40, n),
+                "uniform": method("Uniform Weighted", "adapter", [0.45, 0.5], 80, n),
+                "emorl": method("EMORL", "ensemble", [0.5, 0.55], 80, n, {"reflection": 0.75, "empathy": 0.25},
+                                {"wall_time_s": 12.0, "points": 13, "decoded": 9})}}
+
+
+def fake_run(tmp_path, n=1):
+    run = tmp_path / "run"
+    atomic_write_json(run / "eval" / "results.json", results(n))
+    curve = [{"step": s, "prompts": 4 * s, "value": 0.2 + 0.05 * s, "scores": {}} for s in range(0, 9, 4)]
+    for sub, name, objs in [("adapters", "reflection", ["reflection"]), ("adapters", "empathy", ["empathy"]),
+                            ("baselines", "uniform", OBJS)]:
+        folder = run / sub / name
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+        (folder / "adapter_model.safetensors").write_bytes(b"x")
+        info = AdapterInfo(objective=name, objectives=objs, steps=8, prompts_consumed=32, wall_time_s=5.0,
+                           converged=name == "empathy", curve=curve, extra={"stop_reason": "step budget (8)"})
+        atomic_write_json(folder / "emorl.json", info.__dict__)
+    # a real (analytic) hierarchical search log: hidden mode, no figures on disk yet
+    store = PointStore(run / "search" / "hidden", {"names": OBJS, "mode": "hidden"})
+    res = hierarchical_search(lambda w: [{"aggregate": float(-((p - [0.7, 0.3]) ** 2).sum()),
+                                          "scores": {"reflection": float(p[0]), "empathy": float(1 - p[0])}}
+                                         for p in w], 2, 3, store=store, progress=False)
+    atomic_write_json(run / "search" / "hidden" / "best.json", res.to_json(OBJS) | {"wall_time_s": 1.5})
+    return run, res
+
+
+def test_fmt_pm_and_markdown():
+    assert fmt_pm(stat(0.5, 0.0123, 3)) == "0.500 ± 0.012"
+    assert fmt_pm(stat(0.5, 0.0, 1)) == "0.500"  # one seed: no spread to show
+    assert fmt_pm(None) == "–"
+    assert markdown(["a", "b"], [["x|y", "1"]]) == "| a | b |\n|---|---:|\n| x\\|y | 1 |"
+
+
+def test_comparison_table_rows_follow_results():
+    cols, rows = comparison_table(results(3))
+    assert cols[:4] == ["Method", "reflection", "empathy", "Mean reward"]
+    assert [r[0] for r in rows] == ["Base model", "reflection adapter alone", "Uniform Weighted", "EMORL"]
+    emorl = rows[-1]
+    assert emorl[1] == "0.500 ± 0.030" and emorl[3] == "0.525 ± 0.020"
+    assert emorl[cols.index("Prompts consumed")] == "80" and emorl[cols.index("Search time / points")] == "12 s / 13"
+    assert rows[0][cols.index("Search time / points")] == "–"
+
+
+def test_improvement_table_pairs_base_and_single_adapters():
+    cols, rows = improvement_table(results())
+    assert rows == [["reflection", "0.200", "0.500", "+0.300", "0.375"]]  # no single:empathy method -> no row
+    r = results()
+    del r["methods"]["base"]
+    assert improvement_table(r) is None
+
+
+def test_weights_table_marks_a_replaced_point():
+    search = {"hidden": {"names": OBJS, "weights": {"reflection": 0.0, "empathy": 0.0}, "aggregate": 0.0,
+                         "points": 9, "decoded": 5, "wall_time_s": 2.0}}
+    _, rows = weights_table(search, {"hidden": {"reflection": 0.5, "empathy": 0.0}})
+    assert rows[0][:3] == ["hidden*", "0.500", "0.000"]
+    _, rows = weights_table(search)
+    assert rows[0][:3] == ["hidden", "0.000", "0.000"]
+
+
+def test_search_result_rebuilt_from_the_log(tmp_path):
+    run, res = fake_run(tmp_path)
+    back = search_result(run / "search" / "hidden")
+    assert back.weights == res.weights and back.aggregate == res.aggregate
+    assert {p.weights for p in back.points} == {p.weights for p in res.points}
+    assert [(r.lo, r.side, r.kept_offset) for r in back.rounds] == [(r.lo, r.side, r.kept_offset) for r in res.rounds]
+
+
+def test_write_report_from_a_run_folder(tmp_path):
+    run, _ = fake_run(tmp_path, n=3)
+    path = write_report(run)
+    text = path.read_text()
+    summary = json.loads((run / "results.json").read_text())
+    table = summary["tables"]["comparison"]
+    assert markdown(table["columns"], table["rows"]) in text
+    assert "0.525 ± 0.020" in text and "3 seeds (0, 1, 2)" in text
+    assert "| reflection | 0.200 ± 0.030 | 0.500 ± 0.030 | +0.300 |" in text  # the improvement table
+    assert summary["policies"]["EMORL: reflection"]["last_value"] == pytest.approx(0.6)
+    assert list(summary["policies"]) == ["EMORL: reflection", "EMORL: empathy", "Uniform Weighted"]
+    rounds = json.loads((run / "search" / "hidden" / "best.json").read_text())["rounds"]
+    assert summary["search"]["hidden"]["history"] == [r["best_aggregate"] for r in rounds]
+    for f in ["training_curves", "results_scatter", "tradeoffs", "search_modes", "search_hidden_history",
+              "search_hidden_landscape", "search_hidden_weights"]:
+        data = (run / "figures" / f"{f}.png").read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000, f
+        assert f"figures/{f}.png" in summary["figures"]
+    assert (run / "search" / "hidden" / "history.png").exists()  # re-plotted from the log
+    assert "**Prompt 1.** I feel lost." in text and "*EMORL*: EMORL | says hi" in text
+
+
+def test_report_needs_evaluation_results(tmp_path):
+    with pytest.raises(EmorlError, match="emorl evaluate --run"):
+        write_report(tmp_path)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text("{oops")
+    with pytest.raises(EmorlError, match="corrupt JSON"):
+        write_report(tmp_path)
