@@ -187,9 +187,13 @@ def main() -> int:
     ens.generate(prompts, WEIGHTS, max_new_tokens=4, min_new_tokens=4)
     single_adapter(base, names[0], enc, 4)
     peft_batched(base, names, enc, WEIGHTS, 4, eos)
-    tb, tok_b = timed(ours, args.repeats)
-    tc, _ = timed(lambda: single_adapter(base, names[0], enc, steps), args.repeats)
-    tp, tok_p = timed(lambda: peft_batched(base, names, enc, WEIGHTS, steps, eos), args.repeats)
+    tb, tc, tp = [], [], []
+    for _ in range(args.repeats):  # interleaved, so drifting load on a shared machine hits all three alike
+        t, tok_b = timed(ours, 1)
+        tb += t
+        tc += timed(lambda: single_adapter(base, names[0], enc, steps), 1)[0]
+        t, tok_p = timed(lambda: peft_batched(base, names, enc, WEIGHTS, steps, eos), 1)
+        tp += t
     res.update(b=tb, c=tc, p=tp)
     med = {k: statistics.median(v) for k, v in (("b", tb), ("c", tc), ("p", tp))}
     print(f"(b) ours       median {med['b']:.2f} s  {[round(x, 2) for x in tb]}")

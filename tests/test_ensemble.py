@@ -301,3 +301,44 @@ def test_preallocated_cache_equals_growing_cache(ens: EnsembleModel) -> None:
     finally:
         ens.preallocate = True
     assert torch.equal(fast.token_ids, plain.token_ids)
+
+
+def _other_arch(kind: str) -> EnsembleModel:
+    """GPT-2 (absolute positions, Conv1D) and Qwen2 (q/k/v biases) built from configs with the SmolLM2 tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    from emorl.models import fingerprint
+
+    ref = load_base(ModelConfig(name="tiny-llama", system_prompt=None))
+    torch.manual_seed(0)
+    v = len(ref.tokenizer)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=v, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                           bos_token_id=1, eos_token_id=2, pad_token_id=2))
+        targets = ["c_attn", "c_proj", "c_fc"]
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                             bos_token_id=1, eos_token_id=2, pad_token_id=2))
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model.eval()
+    base = Base(model=model, tokenizer=ref.tokenizer, name=f"tiny-{kind}", is_seq2seq=False,
+                device=torch.device("cpu"), fingerprint=fingerprint(model), config=ref.config)
+    add_adapters(base, NAMES, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=targets))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in base.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.3, generator=g)
+    return EnsembleModel(base)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2"])
+def test_other_causal_architectures(kind: str) -> None:
+    ens = _other_arch(kind)
+    toks, _ = peft_generate(ens, NAMES[1])
+    assert torch.equal(ens.generate(PROMPTS, [0, 1, 0], max_new_tokens=T).token_ids[:, : toks.shape[1]], toks)
+    models = merged_copies(ens.base)
+    res = ens.generate(PROMPTS, POINTS[:2], mode="hidden", max_new_tokens=T)
+    for g, w in enumerate(POINTS[:2]):
+        assert torch.equal(res.token_ids[g], naive_decode(ens, models, w, "hidden"))
