@@ -295,3 +295,18 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_completes(tmp_path):
                           timeout=240)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert json.loads((run / "adapters" / "empathy" / "emorl.json").read_text())["steps"] == steps + 1
+
+
+def test_sampled_validation_uses_common_random_numbers(tmp_path):
+    """lr=0: the policy never changes, so a sampled validation with the same random numbers gives a flat curve,
+    and validating does not disturb the training RNG stream."""
+    cfg = _cfg("train.objectives=[capitals]", "train.lr=0.0", "train.val_every=1", "train.val_samples=2",
+               "train.max_steps=3")
+    info = _trainer(tmp_path / "a", cfg).train()["capitals"]
+    values = [c["value"] for c in info.curve]
+    assert len(values) == 4 and len(set(values)) == 1, values
+    rare = _cfg("train.objectives=[capitals]", "train.lr=0.0", "train.val_every=100", "train.max_steps=3")
+    _trainer(tmp_path / "b", rare).train()
+    logs = [[json.loads(x)["reward/mean"] for x in (tmp_path / d / "logs" / "single-capitals.jsonl").read_text()
+             .splitlines() if "reward/mean" in x] for d in ("a", "b")]
+    assert logs[0] == logs[1]  # same rollouts whether or not validations ran in between

@@ -117,10 +117,11 @@ class TrainConfig:
     max_prompts: int | None = _f(None, "Budget in prompts consumed per adapter (null = no limit).")
     val_every: int = _f(8, "Validate every this many steps (and at step 0).")
     val_prompts: int = _f(32, "Size of the fixed validation subset.")
-    val_samples: int = _f(1, "Replies sampled per validation prompt (with val_greedy=false).")
-    val_greedy: bool = _f(True, "Validate with greedy decoding: a deterministic curve, so changes are the policy's, "
-                          "not sampling noise (the paper samples 3 replies per prompt: val_greedy=false, "
-                          "val_samples=3).")
+    val_samples: int = _f(1, "Replies sampled per validation prompt (the paper: 3).")
+    val_greedy: bool = _f(False, "Validate with greedy decoding instead of sampling. Sampled validation (the paper's) "
+                          "uses the same seed at every validation (common random numbers), so the curve moves with "
+                          "the policy rather than with sampling noise; greedy hides gains that only sharpen the "
+                          "sampling distribution.")
     convergence_window: int = _f(20, "Convergence: window of validation means.")
     convergence_threshold: float = _f(0.015, "Convergence: stop when std/mean of the window is below this (0 = off).")
     checkpoint_every: int = _f(8, "Write a checkpoint every this many steps.")

@@ -266,11 +266,14 @@ class Trainer:
         if not policies:
             return
         t = self.cfg.train
-        if t.val_greedy:  # deterministic: the curve moves only when the policy does
+        if t.val_greedy:
             ros = self._rollouts([(p, self.val_statements) for p in policies], 1,
                                  dataclasses.replace(t.generation, do_sample=False))
-        else:
-            ros = self._rollouts([(p, self.val_statements) for p in policies], t.val_samples)
+        else:  # the same random numbers at every validation, without touching the training RNG stream
+            devices = [self.base.device] if self.base.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(t.seed + 7919)
+                ros = self._rollouts([(p, self.val_statements) for p in policies], t.val_samples)
         for p, ro in zip(policies, ros, strict=True):
             scores = self._score(self.objectives_all, ro.prompts_per_reply, ro.texts)
             means = {o: float(scores[:, j].mean()) for j, o in enumerate(self.objectives_all)}
