@@ -174,3 +174,39 @@ def test_dynaopt_updates_weight_bandit_once_per_round_and_roundtrips():
     e.load_state_dict(d.state_dict())
     np.testing.assert_allclose(e.weights(), d.weights())
     assert e.arm == d.arm and e.rng.random() == d.rng.random()
+
+
+def test_joint_update_gives_each_adapter_its_own_gradient(tiny_base):
+    """One forward/backward over two adapters' rows (LoRA bank) == two separate policy-gradient steps."""
+    from emorl.train.kscst import joint_policy_gradient_step
+
+    m = add_adapters(tiny_base, ["xa", "xb"], LoraConfig(r=4, alpha=8, dropout=0.0))
+    g = torch.Generator().manual_seed(0)
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=g) * 0.2
+    m.set_adapter("xa")
+    ba = _rollout(tiny_base, m, ["I feel sad.", "Work is hard."], k=2)
+    m.set_adapter("xb")
+    bb = _rollout(tiny_base, m, ["My mom is ill and I am scared of losing her.", "No."], k=2)
+    aa = group_advantages(torch.tensor([0.1, 0.5, 0.3, 0.2]), 2)
+    ab = group_advantages(torch.tensor([0.9, 0.5, 0.1, 0.2]), 2)
+
+    def lora_grads():
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    m.zero_grad()
+    for name, batch, adv in (("xa", ba, aa), ("xb", bb, ab)):
+        m.set_adapter(name)
+        for n, p in m.named_parameters():
+            p.requires_grad_("lora_" in n)
+        policy_gradient_step(m, batch, adv, is_seq2seq=False, micro_batch_rows=4)
+    separate = lora_grads()
+    m.zero_grad()
+    for n, p in m.named_parameters():
+        p.requires_grad_("lora_" in n)
+    joint_policy_gradient_step(m, [ba, bb], [aa, ab], ["xa", "xb"], micro_batch_rows=4)
+    joint = lora_grads()
+    assert separate.keys() == joint.keys() and any(".xb." in k for k in joint)
+    for k in separate:
+        torch.testing.assert_close(joint[k], separate[k], atol=1e-6, rtol=1e-5)

@@ -310,3 +310,14 @@ def test_sampled_validation_uses_common_random_numbers(tmp_path):
     logs = [[json.loads(x)["reward/mean"] for x in (tmp_path / d / "logs" / "single-capitals.jsonl").read_text()
              .splitlines() if "reward/mean" in x] for d in ("a", "b")]
     assert logs[0] == logs[1]  # same rollouts whether or not validations ran in between
+
+
+def test_joint_update_trains_the_same_adapters(tmp_path):
+    common = ["lora.dropout=0.0", "train.max_steps=2", "train.lr=1e-2"]
+    a = _trainer(tmp_path / "a", _cfg(*common)).train()
+    b = _trainer(tmp_path / "b", _cfg(*common, "train.joint_update=true")).train()
+    assert set(a) == set(b) == {"capitals", "short"}
+    for name in a:
+        wa, wb = _weights(tmp_path / "a" / "adapters" / name), _weights(tmp_path / "b" / "adapters" / name)
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)

@@ -206,3 +206,52 @@ def policy_gradient_step(model: Any, batch: RolloutBatch, advantages: torch.Tens
         for key, v in stats.items():
             totals[key] = totals.get(key, 0.0) + v
     return totals
+
+
+def joint_policy_gradient_step(model: Any, batches: list[RolloutBatch], advantages: list[torch.Tensor],
+                               names: list[str], *, micro_batch_rows: int,
+                               share_prompt: bool = True) -> list[dict[str, float]]:
+    """:func:`policy_gradient_step` for K LoRA adapters at once: one forward/backward over the K adapters' rows
+    (adapter-major, routed by the LoRA bank) instead of K. The adapters' parameters are disjoint, so the summed
+    loss gives each adapter exactly its own gradient (tested against K separate steps). Causal models, no KL."""
+    from emorl.ensemble.lora_bank import lora_bank
+
+    n_prompts = batches[0].prompt_ids.shape[0]
+    k = batches[0].k
+    if any(b.prompt_ids.shape[0] != n_prompts or b.k != k for b in batches):
+        raise ValueError("joint update: every adapter needs the same number of prompts and k")
+    per_mb = max(1, micro_batch_rows // (k * len(batches)))
+    totals = [{"loss": 0.0, "pg_loss": 0.0} for _ in batches]
+    for s in range(0, n_prompts, per_mb):
+        e = min(n_prompts, s + per_mb)
+        parts = [b.slice_prompts(s, e) for b in batches]
+        width = max(p.completion_ids.shape[1] for p in parts)
+        pw = max(p.prompt_ids.shape[1] for p in parts)  # prompts are left-padded: pad on the left
+        joint = RolloutBatch(torch.cat([_pad_left(p.prompt_ids, pw, int(p.prompt_ids[0, 0])) for p in parts]),
+                             torch.cat([_pad_left(p.prompt_mask, pw, 0) for p in parts]),
+                             torch.cat([_pad_right(p.completion_ids, width, 0) for p in parts]),
+                             torch.cat([_pad_right(p.completion_mask, width, 0) for p in parts]), k)
+        with lora_bank(model, names):  # entered per micro-batch: the stacked A/B are rebuilt with autograd
+            logp = causal_token_logprobs(model, joint, share_prompt=share_prompt)
+        rows = (e - s) * k
+        loss = logp.new_zeros(())
+        for i, adv in enumerate(advantages):
+            li, st = kscst_loss(logp[i * rows:(i + 1) * rows], joint.completion_mask[i * rows:(i + 1) * rows],
+                                adv[s * k:e * k], n_prompts * k)
+            loss = loss + li
+            totals[i]["loss"] += float(li.detach())
+            totals[i]["pg_loss"] += st["pg_loss"]
+        loss.backward()
+    return totals
+
+
+def _pad_right(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    if t.shape[1] == width:
+        return t
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+
+def _pad_left(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    if t.shape[1] == width:
+        return t
+    return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)

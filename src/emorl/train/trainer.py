@@ -28,7 +28,7 @@ import torch
 from emorl.config import RunConfig
 from emorl.models import AdapterInfo, Base, add_adapters, as_reference, save_adapter, save_full_model
 from emorl.train.checkpoint import load_checkpoint, save_checkpoint
-from emorl.train.kscst import group_advantages, policy_gradient_step, transform_rewards
+from emorl.train.kscst import group_advantages, joint_policy_gradient_step, policy_gradient_step, transform_rewards
 from emorl.train.monitor import MetricsLogger, Progress
 from emorl.train.rollout import Rollout, sample_rollouts
 from emorl.train.strategies import Weighting, make_weighting
@@ -205,13 +205,20 @@ class Trainer:
         return np.stack([score(self.rewards[o], prompts, replies) for o in objectives], axis=1)
 
     # ------------------------------------------------------------------------------------------ steps
-    def _update(self, p: Policy, ro: Rollout, metrics: MetricsLogger) -> None:
+    def _advantages(self, p: Policy, ro: Rollout) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
+        """Score one policy's replies -> (scores (n, J), λ, rewards (n,), k-SCST advantages)."""
         t = self.cfg.train
-        model = self.base.model
         scores = self._score(p.objectives, ro.prompts_per_reply, ro.texts)
         lam = p.weighting.weights()
         rewards = transform_rewards(scores, lam, t.reward_transform, t.clip_min, t.clip_max)
         adv = group_advantages(torch.tensor(rewards, dtype=torch.float32, device=self.base.device), ro.batch.k)
+        return scores, lam, rewards, adv
+
+    def _update(self, p: Policy, ro: Rollout, metrics: MetricsLogger) -> None:
+        """Score, then one optimizer step of one policy (its own forward/backward)."""
+        t = self.cfg.train
+        model = self.base.model
+        scores, lam, rewards, adv = self._advantages(p, ro)
         if p.model is not None:
             model = p.model
             reference = lambda: contextlib.nullcontext(self.base.model)  # noqa: E731 - the frozen base
@@ -226,11 +233,41 @@ class Trainer:
                 model, ro.batch, adv, is_seq2seq=self.base.is_seq2seq, micro_batch_rows=t.micro_batch_size,
                 decoder_start_id=getattr(self.base.model.config, "decoder_start_token_id", None), kl_coef=t.kl_coef,
                 reference=reference)
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(p.params.values()), t.max_grad_norm)
-            p.optimizer.step()
+            self._optimizer_step(p, stats, scores, lam, rewards, ro, metrics)
         finally:
             p.optimizer.zero_grad(set_to_none=True)
             model.eval()
+
+    def _joint_ok(self, active: list[Policy]) -> bool:
+        """The K adapters' updates can share one forward/backward (LoRA bank) — see train.joint_update."""
+        t = self.cfg.train
+        return (t.joint_update and len(active) > 1 and not self.base.is_seq2seq and t.kl_coef == 0
+                and all(p.model is None for p in active))
+
+    def _joint_update(self, active: list[Policy], ros: list[Rollout], metrics: MetricsLogger) -> None:
+        """Score every policy, then one forward/backward over all their rows, then each optimizer steps."""
+        t = self.cfg.train
+        model = self.base.model
+        parts = [self._advantages(p, ro) for p, ro in zip(active, ros, strict=True)]
+        for p in active:
+            for q in p.params.values():
+                q.requires_grad_(True)
+        model.train()
+        try:
+            stats = joint_policy_gradient_step(model, [ro.batch for ro in ros], [a[3] for a in parts],
+                                               [p.name for p in active], micro_batch_rows=t.micro_batch_size)
+            for p, ro, st, (scores, lam, rewards, _) in zip(active, ros, stats, parts, strict=True):
+                self._optimizer_step(p, st, scores, lam, rewards, ro, metrics)
+        finally:
+            for p in active:
+                p.optimizer.zero_grad(set_to_none=True)
+            model.eval()
+
+    def _optimizer_step(self, p: Policy, stats: dict[str, float], scores: np.ndarray, lam: np.ndarray,
+                        rewards: np.ndarray, ro: Rollout, metrics: MetricsLogger) -> None:
+        t = self.cfg.train
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(p.params.values()), t.max_grad_norm)
+        p.optimizer.step()
         p.step += 1
         p.prompts += ro.batch.prompt_ids.shape[0]
         if p.step % t.log_every == 0:
@@ -388,8 +425,11 @@ class Trainer:
                     t_step = time.time()
                     ros = self._rollouts([(p, self._next_prompts(p, t.batch_size)) for p in active], t.k)
                     t_gen = time.time()
-                    for p, ro in zip(active, ros, strict=True):
-                        self._update(p, ro, metrics)
+                    if self._joint_ok(active):
+                        self._joint_update(active, ros, metrics)
+                    else:
+                        for p, ro in zip(active, ros, strict=True):
+                            self._update(p, ro, metrics)
                     self.step_times.append({"policies": len(active), "rollout_s": t_gen - t_step,
                                             "update_s": time.time() - t_gen, "step_s": time.time() - t_step})
                     self._validate([p for p in active if p.step % t.val_every == 0], metrics)
