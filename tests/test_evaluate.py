@@ -149,6 +149,14 @@ def test_resolve_methods_names_what_is_missing(tmp_path, tiny_base):
     atomic_write_json(run / "search" / "hidden" / "best.json", {"names": ["long", "short"], "weight_vector": [1, 1]})
     with pytest.raises(EmorlError, match="--fresh"):
         resolve_methods(run, cfg, ["emorl"])
+    with pytest.raises(EmorlError, match="'single:<objective>' with one of short, long"):
+        resolve_methods(run, cfg, ["single:nope"])
+    with pytest.raises(EmorlError, match="twice"):
+        resolve_methods(run, cfg, ["singles", "single:long"])
+    singles = resolve_methods(run, cfg, ["base", "singles"])[1:]
+    assert [(s.name, s.label, list(s.adapters), s.weights) for s in singles] == [
+        ("single:short", "short adapter alone", ["short"], [1.0]),
+        ("single:long", "long adapter alone", ["long"], [1.0])]
 
 
 def test_all_zero_best_point_falls_back_to_best_logged_point(tmp_path, tiny_base):

@@ -24,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample", action="store_true", help="sample instead of greedy (eval.generation.do_sample=true)")
     p.add_argument("--force", action="store_true", help="re-decode methods even if their results are current")
     p.add_argument("--no-report", action="store_true", help="don't re-render RUN/report.md afterwards")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, or 1 on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides on top of RUN/config.yaml, e.g. eval.generation.max_new_tokens=48")
@@ -48,9 +49,11 @@ def eval_overrides(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from emorl.evaluate import evaluate_run
+    from emorl.pipeline import set_threads
     from emorl.search.runner import load_run_config
     from emorl.utils import console
 
+    set_threads(args.threads)
     run_dir = Path(args.run)
     cfg = load_run_config(run_dir, [*args.overrides, *eval_overrides(args)])
     results = evaluate_run(run_dir, cfg, args.methods, split=args.split, progress=not args.no_progress,

@@ -22,25 +22,36 @@ class Speed:
         return tokens * (self.a + self.b * rows)
 
 
-def probe_speed(base: Any, tokens: int = 6) -> Speed:
-    """Time two short forced-length generations (2 and 16 rows) with the loaded base (about a second)."""
+def probe_speed(base: Any, tokens: int = 4) -> Speed:
+    """Time two short forced-length generations (2 and 48 rows) with the loaded base (one to three seconds).
+
+    The per-row cost is taken at a batch of 48 rows: on a CPU it falls with the batch size, and the pipeline's
+    big decodes (search rounds, rollouts) are batched; the smaller ones are slightly underestimated."""
     import torch
 
-    ids = torch.arange(100, 124, device=base.device).repeat(16, 1)
+    ids = torch.arange(100, 124, device=base.device).repeat(48, 1)
     times = {}
     with torch.inference_mode():
-        for rows in (2, 16):
+        for rows in (2, 48):
             t0 = time.perf_counter()
             base.model.generate(input_ids=ids[:rows], attention_mask=torch.ones_like(ids[:rows]), do_sample=False,
                                 max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=base.tokenizer.pad_token_id)
             times[rows] = (time.perf_counter() - t0) / tokens
-    b = max(0.0, (times[16] - times[2]) / 14)
+    b = max(0.0, (times[48] - times[2]) / 46)
     return Speed(a=max(1e-4, times[2] - 2 * b), b=b)
 
 
+# cost of one k-SCST update per (row, token) of prompt + reply, forward and backward, in units of the probed
+# per-row decoding cost; and of scoring one reply with the rewards, in seconds. Calibrated on the default preset
+# (SmolLM2-135M, 2-core CPU): an update costs about a third of decoding the same tokens one by one.
+LOSS_FACTOR = 0.3
+REWARD_S = 0.02
+PLOT_S = 3.0
+
+
 def estimate(plan: Plan, speed: Speed) -> None:
-    """Fill ``estimate_s`` of every unit that must run: decoding at the probed speed (budgets as upper bounds:
-    replies at full length, training to max_steps); the loss step as 3 forward passes over prompt + reply."""
+    """Fill ``estimate_s`` of every unit that must run, at the probed decoding speed, with budgets as upper bounds
+    (replies at full length, training to max_steps, every search point decoded)."""
     from emorl.search.hierarchical import expected_evaluations
 
     cfg, t = plan.cfg, plan.cfg.train
@@ -50,8 +61,9 @@ def estimate(plan: Plan, speed: Speed) -> None:
     def training(policies: int) -> float:
         rows = policies * t.batch_size * t.k
         tok = t.generation.max_new_tokens
-        step = speed.gen(rows, tok) + 3 * speed.b * rows * (prompt_len + tok) + 0.05 * rows
-        val = speed.gen(policies * t.val_prompts * t.val_samples, tok)
+        step = speed.gen(rows, tok) + LOSS_FACTOR * speed.b * rows * (prompt_len + tok) + REWARD_S * rows * k_obj
+        val_rows = policies * t.val_prompts * t.val_samples
+        val = speed.gen(val_rows, tok) + REWARD_S * val_rows * k_obj
         return t.max_steps * step + (t.max_steps / t.val_every + 1) * val
 
     train_todo = plan.todo("train")
@@ -64,7 +76,8 @@ def estimate(plan: Plan, speed: Speed) -> None:
         width = 1 if s.name == "params" else k_obj
         n = expected_evaluations(k_obj, sc.iterations)
         calls = -(-n // sc.batch_points)
-        s.estimate_s = calls * speed.gen(sc.batch_points * sc.prompts * width, sc.generation.max_new_tokens)
+        s.estimate_s = calls * speed.gen(sc.batch_points * sc.prompts * width, sc.generation.max_new_tokens) \
+            + n * sc.prompts * REWARD_S * k_obj + PLOT_S
     for s in plan.todo("evaluate"):
         from emorl.evaluate import decode_seeds
 
@@ -73,9 +86,9 @@ def estimate(plan: Plan, speed: Speed) -> None:
         n = cfg.eval.prompts or 64
         widths = [k_obj if method_kind(m)[0] == "ensemble" and method_kind(m)[1] != "params" else 1
                   for m in plan.methods]
-        s.estimate_s = seeds * sum(speed.gen(n * w, g.max_new_tokens) for w in widths)
+        s.estimate_s = seeds * sum(speed.gen(n * w, g.max_new_tokens) + n * REWARD_S * k_obj for w in widths)
     for s in plan.todo("report"):
-        s.estimate_s = 5.0
+        s.estimate_s = 5.0 + PLOT_S * len(plan.modes)
 
 
 def describe_plan(plan: Plan, est: bool = True) -> str:
