@@ -321,3 +321,25 @@ def test_joint_update_trains_the_same_adapters(tmp_path):
         wa, wb = _weights(tmp_path / "a" / "adapters" / name), _weights(tmp_path / "b" / "adapters" / name)
         for k in wa:
             torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_joint_update_applies_lora_dropout(tmp_path):
+    """With dropout on, the bank drops LoRA inputs in training mode: two updates of the same batch differ."""
+    from emorl.ensemble.lora_bank import lora_bank
+    from emorl.models import add_adapters
+
+    base = load_base(ModelConfig(name="tiny-llama"))
+    from emorl.config import LoraConfig
+
+    m = add_adapters(base, ["xa", "xb"], LoraConfig(r=4, alpha=8, dropout=0.5))
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.2)
+    x = torch.randint(0, 1000, (4, 6))
+    outs = []
+    for train in (True, True, False, False):
+        m.train(train)
+        with torch.no_grad(), lora_bank(m, ["xa", "xb"]):
+            outs.append(m(input_ids=x).logits)
+    assert not torch.allclose(outs[0], outs[1])  # dropout masks differ
+    torch.testing.assert_close(outs[2], outs[3])  # eval: deterministic

@@ -101,8 +101,8 @@ class TrainConfig:
     k: int = _f(3, "Replies sampled per prompt; the baseline of each reply is the mean reward of the k.")
     micro_batch_size: int = _f(8, "Rows (prompt+reply) per forward/backward chunk; bounds peak memory.")
     joint_update: bool = _f(False, "strategy=single, causal models, kl_coef=0: the K adapters' updates share one "
-                            "forward/backward (LoRA bank; same gradients as K separate ones). The bank applies no "
-                            "LoRA dropout, so use it with lora.dropout=0 for an exact match.")
+                            "forward/backward (LoRA bank, each adapter with its own LoRA dropout; the same "
+                            "gradients as K separate updates, exactly so with lora.dropout=0).")
     lr: float = _f(1e-4, "AdamW learning rate.")
     betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
     weight_decay: float = _f(0.01, "AdamW weight decay.")

@@ -22,8 +22,9 @@ API::
 
 Rules: the batch size of every forward inside the context must be a multiple of the number of groups (K for
 routed, G for weighted), or a ValueError names both. Only LoRA on ``Linear``/``Conv1D`` layers is supported
-(DoRA, LoRA on embeddings, ``lora_bias`` and merged adapters are refused). LoRA dropout is not applied (it is
-meant for inference and rollouts in eval mode). Inside ``model.disable_adapter()`` the bank gives the base.
+(DoRA, LoRA on embeddings, ``lora_bias`` and merged adapters are refused). LoRA dropout is applied only to
+routed rows of a model in training mode (the trainer's joint update), each group with its adapter's own rate.
+Inside ``model.disable_adapter()`` the bank gives the base.
 Works under ``torch.no_grad``/``inference_mode`` (in-place adds) and with autograd (out-of-place adds).
 The stacked A/B copies are taken when the context is entered, so enter it again after an optimiser step.
 """
@@ -144,6 +145,10 @@ class LoraBank:
                              f"in equal consecutive groups")
         xg = x.reshape(groups, -1, x.shape[-1]).to(a.dtype)
         inplace = not torch.is_grad_enabled()
+        if self.weights is None and mod.training:  # training (joint updates): each adapter's own LoRA dropout
+            drops = [mod.lora_dropout.get(n) for n in self.names]
+            if any(isinstance(d, torch.nn.Dropout) and d.p > 0 for d in drops):
+                xg = torch.stack([d(xg[i]) if d is not None else xg[i] for i, d in enumerate(drops)])
         if self.weights is None:  # routed: group k -> adapter k
             xa = torch.bmm(xg, a)
             rg = result.view(groups, -1, result.shape[-1])
