@@ -146,7 +146,7 @@ class LoraBank:
         xg = x.reshape(groups, -1, x.shape[-1]).to(a.dtype)
         inplace = not torch.is_grad_enabled()
         if self.weights is None and mod.training:  # training (joint updates): each adapter's own LoRA dropout
-            drops = [mod.lora_dropout.get(n) for n in self.names]
+            drops = [mod.lora_dropout[n] if n in mod.lora_dropout else None for n in self.names]  # noqa: SIM401
             if any(isinstance(d, torch.nn.Dropout) and d.p > 0 for d in drops):
                 xg = torch.stack([d(xg[i]) if d is not None else xg[i] for i, d in enumerate(drops)])
         if self.weights is None:  # routed: group k -> adapter k
