@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import colormaps
+from matplotlib import colormaps, colors
 from matplotlib.figure import Figure
 
 from emorl.utils import atomic_write_bytes
@@ -31,8 +31,19 @@ STYLE = {"base": ("#7f7f7f", "X"), "uniform": ("#1f77b4", "s"), "dynaopt": ("#2c
          "probs": ("#e377c2", "<"), "emorl": ("#d62728", "*")}
 
 
-def _style(method: str) -> tuple[str, str]:
+SINGLE_MARKERS = "ohpd8"
+
+
+def _style(method: str, index: int = 0, count: int = 1) -> tuple[str, str]:
+    """(colour, marker) of a method; ``single:<objective>`` rows get shades of EMORL's red, one per adapter."""
+    if method.startswith("single:"):
+        return colors.to_hex(colormaps["Reds"](0.45 + 0.5 * index / max(1, count - 1))), SINGLE_MARKERS[index % 5]
     return STYLE.get(method, ("#bcbd22", "o"))
+
+
+def _styles(methods: Sequence[str]) -> dict[str, tuple[str, str]]:
+    singles = [m for m in methods if m.startswith("single:")]
+    return {m: _style(m, singles.index(m) if m in singles else 0, len(singles)) for m in methods}
 
 
 def save(fig: Figure, path: str | Path) -> Path:
@@ -75,11 +86,16 @@ def plot_results_scatter(rows: Sequence[dict[str, Any]], path: str | Path) -> Pa
     """``rows``: {"method", "label", "prompts", "mean", "std"}: one point per method with its error bar."""
     fig = Figure(figsize=(7.5, 5.2), layout="constrained")
     ax = fig.subplots()
+    styles = _styles([r["method"] for r in rows])
+    seen: dict[tuple[float, float], int] = {}
     for r in rows:
-        color, marker = _style(r["method"])
+        color, marker = styles[r["method"]]
         ax.errorbar([r["prompts"]], [r["mean"]], yerr=[r["std"]], fmt=marker, color=color, ms=11 if marker == "*"
                     else 8, capsize=4, label=r["label"], mec="black", mew=0.6)
-        ax.annotate(r["label"], (r["prompts"], r["mean"]), xytext=(6, 6), textcoords="offset points", fontsize=8)
+        key = (round(r["prompts"], -1), round(r["mean"], 2))  # labels of points that nearly coincide: stack them
+        n = seen[key] = seen.get(key, -1) + 1
+        ax.annotate(r["label"], (r["prompts"], r["mean"]), xytext=(7, 5 - 11 * n), textcoords="offset points",
+                    fontsize=8)
     ax.set_xlabel("training prompts consumed (EMORL, soups, logits: the K adapters together)")
     ax.set_ylabel("test mean reward (mean of the objectives)")
     n = max((r.get("n", 1) for r in rows), default=1)
@@ -93,7 +109,8 @@ def plot_results_scatter(rows: Sequence[dict[str, Any]], path: str | Path) -> Pa
 def plot_tradeoffs(objectives: Sequence[str], methods: Sequence[dict[str, Any]], path: str | Path,
                    search_points: np.ndarray | None = None) -> Path | None:
     """``methods``: {"method", "label", "mean": {obj: m}, "std": {obj: s}}. ``search_points``: (n, d) per-
-    objective validation scores of the hidden-mixing search, drawn grey behind, with their Pareto front."""
+    objective validation scores of the hidden-mixing search, drawn grey behind with their Pareto front (pass them
+    only when the evaluation decoded like the search, or the two sets of scores are not comparable)."""
     from emorl.search.plots import pareto_mask
 
     objs = list(objectives)
@@ -112,8 +129,9 @@ def plot_tradeoffs(objectives: Sequence[str], methods: Sequence[dict[str, Any]],
             o = np.argsort(sp[front, i])
             ax.step(sp[front, i][o], sp[front, j][o], where="post", color="0.5", lw=1,
                     label="their Pareto front")
+        styles = _styles([m["method"] for m in methods])
         for m in methods:
-            color, marker = _style(m["method"])
+            color, marker = styles[m["method"]]
             ax.errorbar([m["mean"][objs[i]]], [m["mean"][objs[j]]], xerr=[m["std"][objs[i]]],
                         yerr=[m["std"][objs[j]]], fmt=marker, color=color, ms=11 if marker == "*" else 8, capsize=3,
                         mec="black", mew=0.6, label=m["label"])

@@ -79,6 +79,8 @@ def collect_search(run: Path) -> dict[str, dict[str, Any]]:
             raise EmorlError(f"{best_path}: corrupt JSON ({e}); re-run `emorl search --mode "
                              f"{best_path.parent.name} --fresh`") from e
         b["history"] = [r["best_aggregate"] for r in b.get("rounds", [])]
+        head = read_jsonl(best_path.parent / "points.jsonl")[:1]
+        b["generation"] = head[0].get("generation") if head and head[0].get("kind") == "header" else None
         out[best_path.parent.name] = b
     return out
 
@@ -122,6 +124,16 @@ def _hidden_points(run: Path, objectives: list[str]) -> np.ndarray | None:
     return np.array(pts, dtype=float) if pts else None
 
 
+def _decoded_alike(results: dict[str, Any], search: dict[str, dict[str, Any]]) -> bool:
+    """Whether the evaluation decoded like the hidden search (both greedy, same length), so that the search's
+    validation scores and the methods' test scores can share a plot."""
+    g = results.get("generation", {})
+    sg = search.get("hidden", {}).get("generation")
+    if sg is None:
+        return not g.get("do_sample", False)
+    return not g.get("do_sample") and not sg.get("do_sample") and g.get("max_new_tokens") == sg.get("max_new_tokens")
+
+
 def make_figures(run: Path, results: dict[str, Any], policies: dict[str, dict[str, Any]],
                  search: dict[str, dict[str, Any]]) -> list[Path]:
     fig_dir = run / "figures"
@@ -142,7 +154,7 @@ def make_figures(run: Path, results: dict[str, Any], policies: dict[str, dict[st
     out = [F.plot_training_curves(curves, fig_dir / "training_curves.png"),
            F.plot_results_scatter(scatter, fig_dir / "results_scatter.png"),
            F.plot_tradeoffs(objectives, trade, fig_dir / "tradeoffs.png", _hidden_points(run, objectives)
-                            if K >= 2 else None),
+                            if K >= 2 and _decoded_alike(results, search) else None),
            F.plot_search_modes({m: b["history"] for m, b in search.items()},
                                {m: b.get("points", 0) for m, b in search.items()}, fig_dir / "search_modes.png")]
     return [p for p in out if p is not None] + _search_views(run, search, fig_dir)
@@ -208,7 +220,7 @@ def write_report(run_dir: str | Path) -> Path:
         "search": {m: {k: b.get(k) for k in ("names", "weights", "weight_vector", "aggregate", "scores", "points",
                                              "decoded", "wall_time_s", "history", "scale_invariant")}
                    for m, b in search.items()},
-        "stages": stages, "samples": samples,
+        "stages": stages, "samples": samples, "tradeoff_background": _decoded_alike(results, search),
         "tables": {k: {"columns": c, "rows": r} for k, (c, r) in tables.items()},
         "figures": [str(p.relative_to(run)) for p in figs]}
     atomic_write_json(run / "results.json", summary)
@@ -260,8 +272,11 @@ def render_markdown(run: Path, s: dict[str, Any], tables: dict[str, tuple[list[s
                       ""]
     if "figures/tradeoffs.png" in figs:
         lines += ["## Trade-offs", "", "![per-objective trade-offs](figures/tradeoffs.png)", "",
-                  "Each panel is a pair of objectives: the methods' test scores, over the grey points the EMORL "
-                  "(hidden-mixing) search scored on validation prompts and their Pareto front.", ""]
+                  "Each panel is a pair of objectives, with each method's test scores (error bars: std over seeds). "
+                  + ("The grey points are the weight points the EMORL (hidden-mixing) search scored on validation "
+                     "prompts, with their Pareto front." if s.get("tradeoff_background") else
+                     "The search's own trade-off view (`search_hidden_tradeoff.png`) is not overlaid: it decoded "
+                     "differently (greedy) from this evaluation, so its scores are on another scale."), ""]
     if s["samples"]:
         lines += ["## Sample replies", ""]
         for i, smp in enumerate(s["samples"], 1):
