@@ -217,3 +217,23 @@ def test_training_cost_counts_a_shared_session_once(tmp_path, tiny_base):
                       {"short": {"wall_time_s": 2.0}, "long": {"wall_time_s": 2.0}})
     cost = training_cost(spec)
     assert cost["wall_time_s"] == 2.0 and cost["sessions"] == 1 and cost["prompts"] == 16
+
+
+def test_sampled_mixing_ignores_the_scale_of_the_searched_direction(lively_base):
+    """The greedy search cannot tell w from c·w, but under sampling c would act as an inverse temperature: the
+    evaluation decodes the direction with weights summing to 1."""
+    add_adapters(lively_base, ["pa", "pb"], LoraConfig(r=4, alpha=8, dropout=0.0))
+    for n, p in lively_base.model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    from emorl.ensemble.model import EnsembleModel
+
+    dec = Decoder(lively_base, GenerationConfig(do_sample=True, max_new_tokens=6, top_k=0))
+    folders = {"pa": None, "pb": None}
+    dec._ens[tuple(folders)] = EnsembleModel(lively_base, None)  # the adapters in memory (no folders)
+    small = dec.decode(MethodSpec("emorl", "ensemble", "hidden", folders, [0.5, 0.25]), PROMPTS, 7)
+    large = dec.decode(MethodSpec("emorl", "ensemble", "hidden", folders, [1.0, 0.5]), PROMPTS, 7)
+    assert small == large
+    soup_a = dec.decode(MethodSpec("soups", "ensemble", "params", folders, [0.5, 0.25]), PROMPTS, 7)
+    soup_b = dec.decode(MethodSpec("soups", "ensemble", "params", folders, [1.0, 0.5]), PROMPTS, 7)
+    assert soup_a != soup_b  # parameter mixing: the scale is part of the model

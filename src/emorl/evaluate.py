@@ -51,6 +51,10 @@ METHODS: dict[str, tuple[str, str | None]] = {
 LABELS = {"base": "Base model", "uniform": "Uniform Weighted", "dynaopt": "DynaOpt", "fixed": "Fixed weights",
           "soups": "Model Soups", "logits": "Logit mixing", "probs": "Probability mixing", "emorl": "EMORL"}
 MODE_METHOD = {mode: name for name, (kind, mode) in METHODS.items() if mode}
+# Hidden and logit mixing multiply the next-token logits by the weights' sum, which acts as an inverse sampling
+# temperature. The greedy search cannot see that scale (its points are directions), so the evaluation decodes the
+# direction it found with weights summing to 1: the same temperature as every other method.
+NORMALIZED_MODES = ("hidden", "logits")
 SINGLE = "single:"  # "single:<objective>": that objective's EMORL adapter alone; "singles" = one per objective
 RESULTS_VERSION = 1
 
@@ -293,6 +297,7 @@ def method_signature(spec: MethodSpec, cfg: RunConfig, prompts: Sequence[str], s
     from emorl.search.store import adapter_identity
 
     payload = {"method": spec.name, "mode": spec.mode, "weights": spec.weights,
+               "normalized": spec.mode in NORMALIZED_MODES,
                "adapters": {n: adapter_identity(f) for n, f in spec.adapters.items()},
                "generation": asdict(cfg.eval.generation), "seeds": list(seeds), "prompts": list(prompts),
                "objectives": cfg.objectives, "model": [cfg.model.name, cfg.model.max_prompt_tokens,
@@ -370,7 +375,8 @@ class Decoder:
                 res = ens.generate(list(prompts), one_hot, mode="hidden", **kw)
         else:
             ens = self._ensemble(spec.adapters)
-            res = ens.generate(list(prompts), spec.weights, mode=spec.mode or "hidden", **kw)
+            mode = spec.mode or "hidden"
+            res = ens.generate(list(prompts), spec.weights, mode=mode, normalize=mode in NORMALIZED_MODES, **kw)
         return list(res.texts), [int(x) for x in res.lengths.tolist()]
 
 
@@ -477,7 +483,7 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
                 results["methods"][s.name] = {
                     "label": s.label, "kind": s.kind, "mode": s.mode, "signature": sigs[s.name],
                     "adapters": list(s.adapters), "weights": dict(zip(s.adapters, s.weights, strict=True))
-                    if s.kind == "ensemble" and s.weights else None,
+                    if s.kind == "ensemble" and s.weights else None, "normalized": s.mode in NORMALIZED_MODES,
                     "per_seed": per_seed, "summary": summarise([{k: v for k, v in d.items() if k != "seed"}
                                                                 for d in per_seed]),
                     "training": training_cost(s), "search": search_cost(s), "samples": samples}
