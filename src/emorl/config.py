@@ -99,7 +99,8 @@ class TrainConfig:
     objectives: list[str] | None = _f(None, "Objectives to train (default: all in `objectives`).")
     batch_size: int = _f(16, "Prompts per optimiser step.")
     k: int = _f(3, "Replies sampled per prompt; the baseline of each reply is the mean reward of the k.")
-    micro_batch_size: int = _f(8, "Rows (prompt+reply) per forward/backward chunk; bounds peak memory.")
+    micro_batch_size: int = _f(6, "Rows (prompt+reply) per forward/backward chunk; bounds peak memory (6 measured "
+                               "both faster and ~40% lower peak than 12 on SmolLM2; bench/RESULTS.md).")
     joint_update: bool = _f(False, "strategy=single, causal models, kl_coef=0: the K adapters' updates share one "
                             "forward/backward (LoRA bank, each adapter with its own LoRA dropout; the same "
                             "gradients as K separate updates, exactly so with lora.dropout=0).")
