@@ -89,7 +89,7 @@ def lively_base():
     return base
 
 
-def test_base_and_one_adapter_through_the_ensemble_match_plain_generate(lively_base):
+def test_base_and_one_adapter_through_the_ensemble_match_plain_generate(lively_base, tmp_path):
     gen = GenerationConfig(do_sample=False, max_new_tokens=6)
     plain_base = decode_plain(lively_base, PROMPTS, gen, 0)
     assert any(t for t in plain_base[0])  # non-trivial replies
@@ -97,8 +97,10 @@ def test_base_and_one_adapter_through_the_ensemble_match_plain_generate(lively_b
     for n, p in lively_base.model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.3)
-    dec = Decoder(lively_base, gen)
-    assert dec.decode(MethodSpec("base", "base"), PROMPTS, 0) == plain_base  # adapters switched off
+    folder = save_adapter(lively_base.model, "pol_b", tmp_path / "pol_b",
+                          AdapterInfo(objective="pol_b", base=lively_base.identity))
+    dec = Decoder(lively_base, gen, {"pol_b": folder})
+    assert dec.decode(MethodSpec("base", "base"), PROMPTS, 0) == plain_base  # adapter switched off
     lively_base.model.set_adapter("pol_b")
     plain_b = decode_plain(lively_base, PROMPTS, gen, 0)
     assert plain_b != plain_base
@@ -191,9 +193,11 @@ def test_evaluate_run_writes_results_and_reuses_unchanged_methods(tmp_path, tiny
                                                                                               [1] * len(p)))
     evaluate_run(run, cfg, ["base", "uniform", "emorl"], base=tiny_base, progress=False)
     assert calls == []
+    evaluate_run(run, cfg, ["uniform"], base=tiny_base, progress=False, keep_others=True)
+    assert list(json.loads((run / "eval" / "results.json").read_text())["methods"]) == ["uniform", "base", "emorl"]
     cfg.eval.generation.max_new_tokens = 5
-    evaluate_run(run, cfg, ["base", "uniform"], base=tiny_base, progress=False)
-    assert calls == ["base", "uniform"]
+    res = evaluate_run(run, cfg, ["base", "uniform"], base=tiny_base, progress=False)
+    assert calls == ["base", "uniform"] and list(res["methods"]) == ["base", "uniform"]
 
 
 def test_sampled_seeds_give_a_spread_and_greedy_decodes_once(tmp_path, tiny_base):

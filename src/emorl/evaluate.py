@@ -336,12 +336,14 @@ class Decoder:
     """Decodes every method with one engine (:class:`~emorl.ensemble.EnsembleModel`) and one set of settings.
 
     One-policy baselines are a one-adapter ensemble with weight 1 (exactly that adapter's model); the base is
-    the same decode with the adapters disabled. So greedy and sampled decoding, the samplers and the seeds are
-    identical across methods; only the model differs."""
+    the same one-adapter decode with the adapter switched off (``base_adapter``: any adapter folder of the run).
+    So greedy and sampled decoding, the samplers and the seeds are identical across methods, and single-stream
+    methods even share their random numbers; only the model differs."""
 
-    def __init__(self, base: Any, gen: GenerationConfig) -> None:
+    def __init__(self, base: Any, gen: GenerationConfig, base_adapter: dict[str, Path] | None = None) -> None:
         self.base = base
         self.gen = gen
+        self.base_adapter = base_adapter
         self._ens: dict[tuple[str, ...], Any] = {}
 
     def _ensemble(self, adapters: dict[str, Path]) -> Any:
@@ -352,32 +354,33 @@ class Decoder:
             self._ens[key] = EnsembleModel(self.base, dict(adapters))
         return self._ens[key]
 
-    def _has_adapters(self) -> bool:
-        from peft import PeftModel
-
-        return isinstance(self.base.model, PeftModel) and bool(self.base.model.peft_config)
-
     def decode(self, spec: MethodSpec, prompts: Sequence[str], seed: int) -> tuple[list[str], list[int]]:
         from emorl.ensemble.model import generation_kwargs
         from emorl.models import adapters_disabled
 
         kw = generation_kwargs(self.gen) | {"seed": seed}
         if spec.kind == "base":
-            if not self._has_adapters():
+            if self.base_adapter is None:  # a run with no adapter at all: transformers' own generate
                 return decode_plain(self.base, prompts, self.gen, seed)
-            from emorl.ensemble.model import EnsembleModel
-
-            if ("__base__",) not in self._ens:  # any loaded adapter, switched off: the base through the same engine
-                self._ens[("__base__",)] = EnsembleModel(self.base, None)
-            ens = self._ens[("__base__",)]
-            one_hot = [1.0] + [0.0] * (ens.k - 1)
+            ens = self._ensemble(self.base_adapter)
             with adapters_disabled(self.base.model):
-                res = ens.generate(list(prompts), one_hot, mode="hidden", **kw)
+                res = ens.generate(list(prompts), [1.0], mode="hidden", **kw)
         else:
             ens = self._ensemble(spec.adapters)
             mode = spec.mode or "hidden"
             res = ens.generate(list(prompts), spec.weights, mode=mode, normalize=mode in NORMALIZED_MODES, **kw)
         return list(res.texts), [int(x) for x in res.lengths.tolist()]
+
+
+def any_adapter(run: Path, specs: Sequence[MethodSpec]) -> dict[str, Path] | None:
+    """One adapter of the run (a method's, else any on disk), for decoding the base through the same engine."""
+    for s in specs:
+        for name, folder in s.adapters.items():
+            return {name: folder}
+    for sub in ("adapters", "baselines"):
+        for folder in sorted((run / sub).glob("*/adapter_model.safetensors")):
+            return {folder.parent.name: folder.parent}
+    return None
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -418,10 +421,12 @@ def load_results(run_dir: str | Path) -> dict[str, Any] | None:
 
 def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Sequence[str] | None = None, *,
                  split: str | None = None, base: Any = None, rewards: dict[str, Any] | None = None,
-                 progress: bool = True, force: bool = False, n_samples: int = 3) -> dict[str, Any]:
+                 progress: bool = True, force: bool = False, n_samples: int = 3, keep_others: bool = False
+                 ) -> dict[str, Any]:
     """Decode and score every method on the same prompts with the same settings; write ``RUN/eval/results.json``
     (and every reply to ``RUN/eval/replies/<method>.jsonl``). A method whose inputs and settings are unchanged
-    since the last evaluation is reused, not decoded again (``force`` re-decodes it)."""
+    since the last evaluation is reused, not decoded again (``force`` re-decodes it). ``keep_others`` keeps the
+    results of methods not asked for now (made on the same prompts and seeds) in the file."""
     from emorl.search.runner import load_run_config
     from emorl.utils import append_jsonl
 
@@ -445,6 +450,10 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
         if s not in todo:
             log.info("%s: unchanged since the last evaluation, reusing it", s.name)
             results["methods"][s.name] = old_methods[s.name]
+    order = [s.name for s in specs]
+    if keep_others and old.get("prompts_sha256") == results["prompts_sha256"] and old.get("seeds") == seeds:
+        order += [m for m in old_methods if m not in order]
+        results["methods"].update({m: old_methods[m] for m in order if m not in results["methods"]})
     if todo:
         if base is None:
             from emorl.models import load_base
@@ -454,7 +463,7 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
             from emorl.rewards import build_rewards
 
             rewards = build_rewards(cfg.objectives, base)
-        decoder = Decoder(base, cfg.eval.generation)
+        decoder = Decoder(base, cfg.eval.generation, any_adapter(run, specs))
         from emorl.train.monitor import Progress
 
         with Progress(progress).run() as bars:
@@ -487,9 +496,9 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
                     "per_seed": per_seed, "summary": summarise([{k: v for k, v in d.items() if k != "seed"}
                                                                 for d in per_seed]),
                     "training": training_cost(s), "search": search_cost(s), "samples": samples}
-                _write(run, results, specs)  # a finished method survives an interrupted evaluation
+                _write(run, results, order)  # a finished method survives an interrupted evaluation
             bars.update("evaluate", done, "done")
-    _write(run, results, specs)
+    _write(run, results, order)
     return results
 
 
@@ -499,7 +508,6 @@ def _score(reward: Any, prompts: list[str], texts: list[str]) -> np.ndarray:
     return score(reward, prompts, texts)
 
 
-def _write(run: Path, results: dict[str, Any], specs: Sequence[MethodSpec]) -> None:
-    order = [s.name for s in specs]
+def _write(run: Path, results: dict[str, Any], order: Sequence[str]) -> None:
     results["methods"] = {m: results["methods"][m] for m in order if m in results["methods"]}
     atomic_write_json(results_path(run), results)

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     cfg = load_run_config(run_dir, [*args.overrides, *eval_overrides(args)])
     results = evaluate_run(run_dir, cfg, args.methods, split=args.split, progress=not args.no_progress,
-                           force=args.force)
+                           force=args.force, keep_others=bool(args.methods))
     objs = results["objectives"]
     con = console()
     con.print(f"[bold]{results['split']}[/] split, {results['prompts']} prompts, seeds {results['seeds']}")
