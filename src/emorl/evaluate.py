@@ -57,6 +57,7 @@ MODE_METHOD = {mode: name for name, (kind, mode) in METHODS.items() if mode}
 NORMALIZED_MODES = ("hidden", "logits")
 SINGLE = "single:"  # "single:<objective>": that objective's EMORL adapter alone; "singles" = one per objective
 RESULTS_VERSION = 1
+DECODER_VERSION = 2  # bump when the way methods are decoded changes: results made before are not reused
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -296,7 +297,7 @@ def method_signature(spec: MethodSpec, cfg: RunConfig, prompts: Sequence[str], s
     """A hash of everything a method's results depend on; results with the same signature are reused."""
     from emorl.search.store import adapter_identity
 
-    payload = {"method": spec.name, "mode": spec.mode, "weights": spec.weights,
+    payload = {"decoder": DECODER_VERSION, "method": spec.name, "mode": spec.mode, "weights": spec.weights,
                "normalized": spec.mode in NORMALIZED_MODES,
                "adapters": {n: adapter_identity(f) for n, f in spec.adapters.items()},
                "generation": asdict(cfg.eval.generation), "seeds": list(seeds), "prompts": list(prompts),
