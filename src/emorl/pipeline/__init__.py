@@ -225,7 +225,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from emorl.cli import add_config_args
 
     p = sub.add_parser("run", help="the whole study: train, baselines, search, evaluate, report",
-                       description=__doc__.split("\n\n")[0] if __doc__ else None)
+                       description="The whole study in one command: train the K objective adapters (EMORL) and the "
+                                   "baselines, search the mixing weights, evaluate every method the same way, and "
+                                   "write RUN/report.md. Each stage is skipped when its output is up to date; see "
+                                   "docs/run.md.")
     add_config_args(p)
     p.add_argument("--output", help="run folder (default: runs/<preset>; with no --config/--preset, a folder that "
                                     "holds a config.yaml is continued with that config)")
