@@ -108,6 +108,8 @@ class TrainConfig:
     betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
     weight_decay: float = _f(0.01, "AdamW weight decay.")
     max_grad_norm: float = _f(2.0, "Gradient clipping (L2 norm).")
+    autocast: bool = _f(True, "On CUDA, run the update's forward/backward under bfloat16 autocast (fp32 weights and "
+                        "optimizer). Ignored on CPU.")
     reward_transform: Literal["log", "identity"] = _f(
         "log", "log: R = ln(clip(score, clip_min, clip_max)) as in the paper; identity: R = score.")
     clip_min: float = _f(1e-4, "Lower clip of a score before the log.")

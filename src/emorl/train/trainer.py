@@ -229,14 +229,20 @@ class Trainer:
             q.requires_grad_(True)
         model.train()
         try:
-            stats = policy_gradient_step(
-                model, ro.batch, adv, is_seq2seq=self.base.is_seq2seq, micro_batch_rows=t.micro_batch_size,
-                decoder_start_id=getattr(self.base.model.config, "decoder_start_token_id", None), kl_coef=t.kl_coef,
-                reference=reference)
+            with self._autocast():
+                stats = policy_gradient_step(
+                    model, ro.batch, adv, is_seq2seq=self.base.is_seq2seq, micro_batch_rows=t.micro_batch_size,
+                    decoder_start_id=getattr(self.base.model.config, "decoder_start_token_id", None),
+                    kl_coef=t.kl_coef, reference=reference)
             self._optimizer_step(p, stats, scores, lam, rewards, ro, metrics)
         finally:
             p.optimizer.zero_grad(set_to_none=True)
             model.eval()
+
+    def _autocast(self) -> Any:
+        """bf16 autocast for the update on CUDA (train.autocast); a no-op on CPU."""
+        on = self.cfg.train.autocast and self.base.device.type == "cuda"
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
     def _joint_ok(self, active: list[Policy]) -> bool:
         """The K adapters' updates can share one forward/backward (LoRA bank) — see train.joint_update."""
@@ -254,8 +260,9 @@ class Trainer:
                 q.requires_grad_(True)
         model.train()
         try:
-            stats = joint_policy_gradient_step(model, [ro.batch for ro in ros], [a[3] for a in parts],
-                                               [p.name for p in active], micro_batch_rows=t.micro_batch_size)
+            with self._autocast():
+                stats = joint_policy_gradient_step(model, [ro.batch for ro in ros], [a[3] for a in parts],
+                                                   [p.name for p in active], micro_batch_rows=t.micro_batch_size)
             for p, ro, st, (scores, lam, rewards, _) in zip(active, ros, stats, parts, strict=True):
                 self._optimizer_step(p, st, scores, lam, rewards, ro, metrics)
         finally:
