@@ -43,10 +43,14 @@ def probe_speed(base: Any, tokens: int = 4) -> Speed:
     return Speed(a=max(1e-4, times[2] - 2 * b), b=b)
 
 
-# cost of one k-SCST update per (row, token) of prompt + reply, forward and backward, in units of the probed
-# per-row decoding cost; and of scoring one reply with the rewards, in seconds. Calibrated on the default preset
-# (SmolLM2-135M, 2-core CPU): an update costs about a third of decoding the same tokens one by one.
-LOSS_FACTOR = 0.3
+# Calibrated on the default preset (SmolLM2-135M, 2-core CPU, bench/RESULTS.md): a k-SCST update (forward and
+# backward over prompt + reply) costs 0.7x the probed per-row cost of decoding as many tokens one by one; the
+# search's decoding is cheaper than the probe says (hidden/logits share one prefill per adapter across all points
+# and decode ~150-row batches: 0.3x; params re-runs the prefill for every point: 0.9x); scoring one reply with one
+# reward costs ~0.02 s; a search's figures ~3 s.
+LOSS_FACTOR = 0.7
+SEARCH_FACTOR = {"params": 0.9}
+SEARCH_SHARED_PREFILL = 0.3
 REWARD_S = 0.02
 PLOT_S = 3.0
 
@@ -78,8 +82,9 @@ def estimate(plan: Plan, speed: Speed) -> None:
         width = 1 if s.name == "params" else k_obj
         n = expected_evaluations(k_obj, sc.iterations)
         calls = -(-n // sc.batch_points)
-        s.estimate_s = calls * speed.gen(sc.batch_points * sc.prompts * width, sc.generation.max_new_tokens) \
-            + n * sc.prompts * REWARD_S * k_obj + PLOT_S
+        factor = SEARCH_FACTOR.get(s.name, SEARCH_SHARED_PREFILL)
+        decode = calls * speed.gen(sc.batch_points * sc.prompts * width, sc.generation.max_new_tokens)
+        s.estimate_s = factor * decode + n * sc.prompts * REWARD_S * k_obj + PLOT_S
     for s in plan.todo("evaluate"):
         from emorl.evaluate import decode_seeds
 
