@@ -281,7 +281,8 @@ def render_markdown(run: Path, s: dict[str, Any], tables: dict[str, tuple[list[s
         lines += ["## Sample replies", ""]
         for i, smp in enumerate(s["samples"], 1):
             lines += [f"**Prompt {i}.** {smp['prompt']}", ""]
-            lines += [f"- *{label}*: {reply or '(empty reply)'}" for label, reply in smp["replies"].items()]
+            lines += [f"- *{label}*: {' '.join(reply.split()) or '(empty reply)'}"  # one line per reply
+                      for label, reply in smp["replies"].items()]
             lines.append("")
     if s["stages"]:
         lines += ["## Stages", "", markdown(*tables["stages"]), ""]
