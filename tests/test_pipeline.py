@@ -172,3 +172,14 @@ def test_cli_continues_a_run_folder_with_its_own_config(tmp_path):
     cfg, where = resolve(ns)
     assert where == Path("runs/tiny") and cfg.eval.seeds == [0, 1, 2]
     assert re.fullmatch(r"runs/tiny", str(where))
+
+
+def test_settings_diff_names_keys_and_ignores_options_added_since():
+    from emorl.pipeline import changed
+
+    old = {"train": {"lr": 0.001, "k": 2}, "rewards": {"a": {"type": "length"}}}
+    assert changed(old, {"train": {"lr": 0.001, "k": 2, "autocast": True}, "rewards": {"a": {"type": "length"}}}) \
+        is None  # a config option added later (its default keeps the old behaviour)
+    assert changed(old, {"train": {"lr": 0.01, "k": 2}, "rewards": {}}) == \
+        "settings changed: rewards.a.type, train.lr"
+    assert changed(None, old).startswith("made by an earlier version")

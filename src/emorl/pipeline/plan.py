@@ -39,11 +39,14 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def changed(old: dict[str, Any] | None, new: dict[str, Any]) -> str | None:
-    """None if the settings are equal, else "settings changed: a.b, c" (the first few differing keys)."""
+    """None if the settings are equal, else "settings changed: a.b, c" (the first few differing keys).
+
+    A key the old record lacks is a config option added since: its default keeps the old behaviour, so it does
+    not count (otherwise every new option would retrain every run)."""
     if old is None:
         return "made by an earlier version (no settings recorded)"
     a, b = _flat(json.loads(json.dumps(old, default=str))), _flat(json.loads(json.dumps(new, default=str)))
-    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    keys = sorted(k for k in a if a[k] != b.get(k))
     if not keys:
         return None
     return "settings changed: " + ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
@@ -78,7 +81,7 @@ def adapter_matches(cfg: RunConfig, folder: Path, objectives: list[str]) -> str 
     diffs = [f"lora.{k}" for k in d["lora"] if info.extra.get("lora", {}).get(k) != d["lora"][k]]
     old_train = _train_settings(info.extra.get("train", {}))
     new_train = _train_settings(d["train"])
-    diffs += [f"train.{k}" for k in sorted(set(old_train) | set(new_train)) if old_train.get(k) != new_train.get(k)]
+    diffs += [f"train.{k}" for k in sorted(old_train) if old_train[k] != new_train.get(k)]  # new options: see changed
     diffs += [f"objectives.{o}" for o in objectives if info.rewards.get(o) != cfg.objectives[o]]
     return f"settings changed: {', '.join(diffs)}" if diffs else None
 
