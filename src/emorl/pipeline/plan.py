@@ -49,7 +49,8 @@ def changed(old: dict[str, Any] | None, new: dict[str, Any]) -> str | None:
     keys = sorted(k for k in a if a[k] != b.get(k))
     if not keys:
         return None
-    return "settings changed: " + ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+    shown = [f"{k} {a[k]} -> {b.get(k)}" if isinstance(a[k], list) else k for k in keys[:4]]
+    return "settings changed: " + ", ".join(shown) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
 
 
 def _train_settings(train: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +62,7 @@ def train_settings(cfg: RunConfig, name: str, objectives: list[str]) -> dict[str
     d = cfg.to_dict()
     return {"model": {k: v for k, v in d["model"].items() if k not in MODEL_IGNORED}, "lora": d["lora"],
             "data": d["data"], "train": _train_settings(d["train"]),
-            "strategy": "single" if name in cfg.objectives else name,
+            "strategy": "single" if name in cfg.objectives else name, "objectives": list(objectives),
             "rewards": {o: cfg.objectives[o] for o in objectives}}
 
 
@@ -88,7 +89,9 @@ def adapter_matches(cfg: RunConfig, folder: Path, objectives: list[str]) -> str 
 
 def search_settings(cfg: RunConfig, mode: str, adapters: dict[str, str | None]) -> dict[str, Any]:
     d = cfg.to_dict()
-    return {"mode": mode, "adapters": adapters, "search": d["search"], "objectives": cfg.objectives,
+    # the name lists are single values: a new objective is a change, not an option added since (see `changed`)
+    return {"mode": mode, "names": list(adapters), "adapters": adapters, "search": d["search"],
+            "objective_names": list(cfg.objectives), "objectives": cfg.objectives,
             "data": d["data"], "model": [cfg.model.name, cfg.model.max_prompt_tokens, cfg.model.system_prompt]}
 
 
