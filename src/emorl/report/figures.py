@@ -87,15 +87,11 @@ def plot_results_scatter(rows: Sequence[dict[str, Any]], path: str | Path) -> Pa
     fig = Figure(figsize=(7.5, 5.2), layout="constrained")
     ax = fig.subplots()
     styles = _styles([r["method"] for r in rows])
-    seen: dict[tuple[float, float], int] = {}
     for r in rows:
         color, marker = styles[r["method"]]
         ax.errorbar([r["prompts"]], [r["mean"]], yerr=[r["std"]], fmt=marker, color=color, ms=11 if marker == "*"
                     else 8, capsize=4, label=r["label"], mec="black", mew=0.6)
-        key = (round(r["prompts"], -1), round(r["mean"], 2))  # labels of points that nearly coincide: stack them
-        n = seen[key] = seen.get(key, -1) + 1
-        ax.annotate(r["label"], (r["prompts"], r["mean"]), xytext=(7, 5 - 11 * n), textcoords="offset points",
-                    fontsize=8)
+    _label_columns(ax, [(r["prompts"], r["mean"], r["label"]) for r in rows])
     ax.set_xlabel("training prompts consumed (EMORL, soups, logits: the K adapters together)")
     ax.set_ylabel("test mean reward (mean of the objectives)")
     n = max((r.get("n", 1) for r in rows), default=1)
@@ -104,6 +100,31 @@ def plot_results_scatter(rows: Sequence[dict[str, Any]], path: str | Path) -> Pa
     ax.margins(x=0.12, y=0.15)
     ax.legend(fontsize=8, loc="best")
     return save(fig, path)
+
+
+def _label_columns(ax: Any, points: Sequence[tuple[float, float, str]]) -> None:
+    """Label points to their right; points that share an x get their labels stacked top-down so none overlap
+    (a thin line joins a label pushed away from its point)."""
+    xs = [p[0] for p in points]
+    ys = [p[1] for p in points]
+    xr = (max(xs) - min(xs)) or 1.0
+    yr = (max(ys) - min(ys)) or 1.0
+    gap = 0.05 * yr
+    groups: list[list[tuple[float, float, str]]] = []
+    for p in sorted(points, key=lambda p: p[0]):
+        if groups and abs(p[0] - groups[-1][0][0]) <= 0.03 * xr:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    for g in groups:
+        last = None
+        for x, y, label in sorted(g, key=lambda p: -p[1]):
+            ty = y if last is None else min(y, last - gap)
+            last = ty
+            ax.annotate(label, (x, y), xytext=(x + 0.04 * xr, ty), fontsize=8, va="center",
+                        arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6} if abs(ty - y) > 1e-12 else None)
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(min(lo, min(ys) - gap * max(len(g) for g in groups)), max(hi, max(ys) + gap))
 
 
 def plot_tradeoffs(objectives: Sequence[str], methods: Sequence[dict[str, Any]], path: str | Path,
