@@ -343,19 +343,19 @@ class DecodeSpec:
         return procs
 
 
-def mix_scores(mode: str, h: torch.Tensor, w_rows: torch.Tensor, head: Head) -> torch.Tensor:
-    """Next-token scores (a, V) for ``a`` pairs from adapter-major hidden states h (K*a, H) and weights (a, K)."""
+def mix_scores(mode: str, h: torch.Tensor, k: int, rows: torch.Tensor, w: torch.Tensor, head: Head) -> torch.Tensor:
+    """Next-token scores (a, V) of ``a`` pairs. ``h`` (k*m, H): hidden states of m row groups, adapter-major;
+    ``rows`` (a,): each pair's group; ``w`` (a, K): each pair's weights (unused for ``params``, where k = 1)."""
+    hk = h.view(k, -1, h.shape[-1])
     if mode == "params":
-        return head(h)
-    k = w_rows.shape[1]
-    wt = w_rows.t().to(torch.float32)  # (K, a)
+        return head(hk[0, rows])
+    wt = w.t().to(torch.float32)[:, :, None]  # (K, a, 1)
     if mode == "hidden":
-        hk = h.view(k, -1, h.shape[-1]).to(torch.float32)
-        return head((hk * wt[:, :, None]).sum(0))
-    ls = torch.log_softmax(head(h), dim=-1).view(k, -1, head.lm_head.weight.shape[0])
+        return head((hk[:, rows].to(torch.float32) * wt).sum(0))
+    ls = torch.log_softmax(head(h), dim=-1).view(k, hk.shape[1], -1)[:, rows]  # head once per group, then gather
     if mode == "logits":
-        return (ls * wt[:, :, None]).sum(0)
-    return torch.logsumexp(ls + torch.log(wt)[:, :, None], dim=0)  # probs: log sum_k w_k p_k
+        return (ls * wt).sum(0)
+    return torch.logsumexp(ls + torch.log(wt), dim=0)  # probs: log sum_k w_k p_k
 
 
 def _choose(scores: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
@@ -369,55 +369,82 @@ def _choose(scores: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
 
 
 def decode_chunk(stream: Stream, head: Head, bank: Any, spec: DecodeSpec, h0: torch.Tensor, state: dict[str, Any],
-                 w_pairs: torch.Tensor, k: int, u: torch.Tensor | None, progress: Any = None,
+                 group0: torch.Tensor, w_pairs: torch.Tensor, k: int, u: torch.Tensor | None, progress: Any = None,
                  stats: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Decode n pairs from an already forked state (rows adapter-major: K*n, or n for ``params``).
+    """Decode n (point, prompt) pairs from a state of m row groups (k*m rows, adapter-major; k = 1 for params).
 
-    ``w_pairs`` (n, K): each pair's weights; ``u`` (n, T) uniforms for sampling or None for greedy.
-    Returns token ids (n, T) padded, lengths (n,), and the per-step scores (n, T, V) if requested."""
+    Pairs whose prompt and generated prefix are identical share one group — one set of K backbone rows — since
+    their hidden states are identical whatever their weights; a group splits when its pairs choose different
+    tokens. So weight points that agree on a prefix pay for it once (exact: the same computation, done once).
+    ``group0`` (n,): each pair's initial group (its prompt's row of the prefill); ``w_pairs`` (n, K);
+    ``u`` (n, T) uniforms for sampling or None for greedy. Returns token ids (n, T) padded, lengths (n,), and
+    the per-step mixed scores (n, T, V) if ``spec.output_scores``."""
     n, t_max = w_pairs.shape[0], spec.max_new_tokens
     dev = h0.device
-    kk = 1 if spec.mode == "params" else k
+    params = spec.mode == "params"
+    kk = 1 if params else k
     out = torch.full((n, t_max), spec.pad, dtype=torch.long, device=dev)
     lengths = torch.full((n,), t_max, dtype=torch.long, device=dev)
     scores_out = None
     procs = spec.processors(dev)
     eos = torch.tensor(spec.eos, dtype=torch.long, device=dev)
-    cur = torch.arange(n, device=dev)  # pairs in the batch, in row order
-    done = torch.zeros(n, dtype=torch.bool, device=dev)  # per batch row
+    grp = group0.clone()
+    alive = torch.ones(n, dtype=torch.bool, device=dev)
+    m = h0.shape[0] // kk
+    w_rows = w_pairs[grp] if params else None  # params: the bank's weights, one row per group (= pair)
     h = h0
+    rows_done = 0
     for t in range(t_max):
-        sc = mix_scores(spec.mode, h, w_pairs[cur], head)
+        act = alive.nonzero()[:, 0]
+        g_act = grp[act]
+        sc = mix_scores(spec.mode, h, kk, g_act, w_pairs[act], head)
         if spec.output_scores:
             if scores_out is None:
                 scores_out = torch.zeros(n, t_max, sc.shape[-1], dtype=torch.float32, device=dev)
-            scores_out[cur, t] = sc
-        sc = procs(out[cur, :t], sc)
-        nxt = _choose(sc, None if u is None else u[cur, t])
-        nxt = torch.where(done, spec.pad, nxt)
-        out[cur, t] = nxt
-        ended = ~done & torch.isin(nxt, eos)
+            scores_out[act, t] = sc
+        sc = procs(out[act, :t], sc)
+        nxt = _choose(sc, None if u is None else u[act, t])
+        out[act, t] = nxt
+        ended = torch.isin(nxt, eos)
         if spec.stop_criteria is not None:
-            ended |= ~done & spec.stop_criteria(out[cur, : t + 1], None).to(dev)
-        lengths[cur[ended]] = t + 1
-        done |= ended
+            ended |= spec.stop_criteria(out[act, : t + 1], None).to(dev)
+        lengths[act[ended]] = t + 1
+        alive[act[ended]] = False
+        rows_done += kk * m
         if progress is not None:
             progress.update(1)
-        if t == t_max - 1 or bool(done.all()):
+        if t == t_max - 1 or not bool(alive.any()):
             if progress is not None:
                 progress.update(t_max - 1 - t)
             break
-        n_done = int(done.sum())
-        if n_done and n_done * 4 >= done.numel():  # drop finished rows (and their cache rows) from the batch
-            keep = (~done).nonzero()[:, 0]
+        cont = ~ended
+        act, g_act, nxt = act[cont], g_act[cont], nxt[cont]
+        # regroup: pairs of one group that chose the same token stay together (params: one group per pair)
+        if params:
+            parent, tok, inv = g_act, nxt, torch.arange(len(act), device=dev)
+        else:
+            key = g_act * sc.shape[-1] + nxt
+            uniq, inv = torch.unique(key, return_inverse=True)
+            parent, tok = uniq // sc.shape[-1], uniq % sc.shape[-1]
+        split = len(parent) > int(torch.unique(parent).numel())
+        if not split and (m - len(parent)) * 4 < m:  # only a few groups died: keep the layout, feed them pads
+            feed = torch.full((m,), spec.pad, dtype=torch.long, device=dev)
+            feed[parent] = tok
+            grp[act] = g_act
+        else:  # new layout: gather the surviving / splitting groups' cache rows
+            sel = (parent[None, :] + m * torch.arange(kk, device=dev)[:, None]).reshape(-1)
+            state = stream.select(state, sel)
             if stats is not None:
-                stats["pairs_dropped_early"] = stats.get("pairs_dropped_early", 0) + n_done
-            rows = (keep[None, :] + done.numel() * torch.arange(kk, device=dev)[:, None]).reshape(-1)
-            state = stream.select(state, rows)
-            cur, nxt, done = cur[keep], nxt[keep], done[keep]
-            if spec.mode == "params":
-                bank.set_weights(w_pairs[cur])
-        h = stream.step(nxt.repeat(kk), state)
+                stats["regroups"] = stats.get("regroups", 0) + 1
+            grp[act] = inv
+            m, feed = len(parent), tok
+            if params:
+                w_rows = w_rows[parent]
+                bank.set_weights(w_rows)
+        h = stream.step(feed.repeat(kk), state)
+    if stats is not None:
+        stats["row_steps"] = stats.get("row_steps", 0) + rows_done
+        stats["row_steps_unshared"] = stats.get("row_steps_unshared", 0) + int(kk * lengths.sum())
     return out, lengths, scores_out
 
 

@@ -182,24 +182,8 @@ class EnsembleModel:
         from emorl.data import encode_prompts, format_prompts
 
         t0 = time.perf_counter()
-        if mode not in MODES:
-            raise EmorlError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
         w_np, single = check_weights(weights, self.k, normalize, self.names)
-        if isinstance(prompts, str) or not prompts:
-            raise EmorlError("prompts: give a non-empty list of strings")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p.strip():
-                raise EmorlError(f"prompts[{i}] is empty or not a string: {p!r}")
-        if max_new_tokens < 1:
-            raise EmorlError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if do_sample:
-            if not temperature > 0:
-                raise EmorlError(f"temperature must be > 0, got {temperature} (use greedy decoding instead of 0)")
-            if top_k < 0 or not 0 < top_p <= 1:
-                raise EmorlError(f"top_k must be >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not s for s in stops):
-            raise EmorlError("stop: stop strings must be non-empty")
+        stops = _check_args(prompts, mode, max_new_tokens, do_sample, temperature, top_k, top_p, stop)
         self.verify_head()
 
         texts = list(prompts) if formatted else format_prompts(self.tokenizer, list(prompts), self.base.is_seq2seq,
@@ -244,27 +228,26 @@ class EnsembleModel:
             prefill: tuple[torch.Tensor, Any, Any] | None = None
             for g_idx, b_idx in plan:
                 w_pairs = w_used[g_idx]
+                cap = capacity if self.preallocate else None
                 if mode == "params":  # weights differ per row: no prefill is shared across points
                     bank.set_weights(w_pairs)
                     h0, state = self.stream.prefill(ids[b_idx], mask[b_idx])
-                    n_rows = len(b_idx)
-                    if self.preallocate:
-                        state = Stream.select(state, torch.arange(n_rows, device=self.device), capacity)
-                else:  # prefill K adapters x this prompt block once; fork its cache for every chunk of points
+                    group0 = torch.arange(len(b_idx), device=self.device)
+                    if cap is not None:
+                        state = Stream.select(state, group0, cap)
+                else:  # prefill K adapters x this prompt block once; every chunk of points starts from a copy
                     block = torch.unique(b_idx)
                     if prefill is None or not torch.equal(prefill[0], block):
                         prefill = None  # free the previous block's cache first
                         h_blk, st_blk = self.stream.prefill(ids[block].repeat(k, 1), mask[block].repeat(k, 1))
                         prefill = (block, h_blk, st_blk)
-                    _, h_blk, st_blk = prefill
-                    local = torch.searchsorted(block, b_idx)
-                    sel = (local[None, :] + len(block) * torch.arange(k, device=self.device)[:, None]).reshape(-1)
-                    h0, state = h_blk[sel], Stream.select(st_blk, sel, capacity if self.preallocate else None)
-                    n_rows = len(sel)
-                stats["rows_per_chunk"] = max(stats["rows_per_chunk"], n_rows)
+                    _, h0, st_blk = prefill
+                    state = Stream.select(st_blk, torch.arange(h0.shape[0], device=self.device), cap)
+                    group0 = torch.searchsorted(block, b_idx)  # pairs of one prompt share rows until they diverge
+                stats["rows_per_chunk"] = max(stats["rows_per_chunk"], len(g_idx) * (1 if mode == "params" else k))
                 u = None if u_all is None else u_all[g_idx, b_idx]
-                toks, lens, scs = decode_chunk(self.stream, self.head, bank, spec, h0, state, w_pairs, k, u, pbar,
-                                               stats)
+                toks, lens, scs = decode_chunk(self.stream, self.head, bank, spec, h0, state, group0, w_pairs, k, u,
+                                               pbar, stats)
                 del state, h0
                 tok_out[g_idx, b_idx] = toks
                 len_out[g_idx, b_idx] = lens
@@ -306,3 +289,26 @@ class EnsembleModel:
             if i >= 0:
                 text = text[:i]
         return text.strip()
+
+
+def _check_args(prompts: Any, mode: str, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
+                top_p: float, stop: str | list[str] | None) -> list[str]:
+    """Refuse bad generate() arguments before any work; returns the stop strings as a list."""
+    if mode not in MODES:
+        raise EmorlError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
+    if isinstance(prompts, str) or not prompts:
+        raise EmorlError("prompts: give a non-empty list of strings")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise EmorlError(f"prompts[{i}] is empty or not a string: {p!r}")
+    if max_new_tokens < 1:
+        raise EmorlError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if do_sample:
+        if not temperature > 0:
+            raise EmorlError(f"temperature must be > 0, got {temperature} (use greedy decoding instead of 0)")
+        if top_k < 0 or not 0 < top_p <= 1:
+            raise EmorlError(f"top_k must be >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not s for s in stops):
+        raise EmorlError("stop: stop strings must be non-empty")
+    return stops
