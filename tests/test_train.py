@@ -320,7 +320,9 @@ def test_joint_update_trains_the_same_adapters(tmp_path):
     for name in a:
         wa, wb = _weights(tmp_path / "a" / "adapters" / name), _weights(tmp_path / "b" / "adapters" / name)
         for k in wa:
-            torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+            # the same rollouts and ~1e-7-close gradients; Adam's g/sqrt(v) turns the rounding of a near-zero gradient
+            # (|g| ~ eps) into up to a few 1e-5 of a step (lr 1e-2) on rare elements
+            torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
 
 
 def test_joint_update_applies_lora_dropout(tmp_path):
@@ -343,3 +345,86 @@ def test_joint_update_applies_lora_dropout(tmp_path):
             outs.append(m(input_ids=x).logits)
     assert not torch.allclose(outs[0], outs[1])  # dropout masks differ
     torch.testing.assert_close(outs[2], outs[3])  # eval: deterministic
+
+
+def _curve(folder):
+    return [{k: v for k, v in c.items() if k != "time"} for c in read_adapter_info(folder).curve]
+
+
+def test_each_adapter_trains_the_same_alone_or_with_others(tmp_path):
+    """Training [reflection, empathy, fluency] together gives each adapter bit-identical weights and the same curve
+    as training it alone (fresh process state each time; LoRA dropout on, so the update's RNG is covered too)."""
+    objs = ["reflection", "empathy", "fluency"]
+    common = ["train.max_steps=3", "train.val_every=2", "train.checkpoint_every=100", "lora.dropout=0.1",
+              "train.val_samples=2"]
+    Trainer(load_config("tiny", common), tmp_path / "all", progress=False).train()
+    for o in objs:
+        Trainer(load_config("tiny", [*common, f"train.objectives=[{o}]"]), tmp_path / o, progress=False,
+                val_objectives=objs).train()
+        joint, alone = tmp_path / "all" / "adapters" / o, tmp_path / o / "adapters" / o
+        wj, wa = _weights(joint), _weights(alone)
+        assert wj.keys() == wa.keys()
+        assert all(torch.equal(wj[k], wa[k]) for k in wj), o
+        assert _curve(joint) == _curve(alone)
+        assert read_adapter_info(joint).prompts_consumed == read_adapter_info(alone).prompts_consumed
+
+
+def test_adapter_init_depends_only_on_seed_and_name():
+    from emorl.config import LoraConfig
+    from emorl.models import add_adapters
+
+    lc = LoraConfig(r=4, alpha=8, dropout=0.0)
+    a = add_adapters(load_base(ModelConfig(name="tiny-llama")), ["x", "y"], lc, seed=3)
+    b = add_adapters(load_base(ModelConfig(name="tiny-llama")), ["z", "y"], lc, seed=3)
+    c = add_adapters(load_base(ModelConfig(name="tiny-llama")), ["y"], lc, seed=4)
+    pa, pb, pc = ({n: t for n, t in m.named_parameters() if ".y." in n and "lora_A" in n} for m in (a, b, c))
+    assert pa and all(torch.equal(pa[n], pb[n]) for n in pa)
+    assert not any(torch.equal(pa[n], pc[n]) for n in pa)
+
+
+def test_uniform_sampler_is_per_row_and_reproducible():
+    from emorl.sampling import UniformSampler, stable_seed, uniforms
+
+    assert stable_seed(0, "empathy", 3, "train") == stable_seed(0, "empathy", 3, "train") != stable_seed(0, "a", 3)
+    u = uniforms(stable_seed(1, "x"), 6, 5)
+    assert torch.equal(u, uniforms(stable_seed(1, "x"), 6, 5)) and not torch.equal(u, uniforms(2, 6, 5))
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 50, generator=g) * 3
+    ids = torch.zeros(6, 4, dtype=torch.long)
+    out = UniformSampler(u, temperature=0.7, top_k=10, top_p=0.9)(ids, scores)
+    tok = out.argmax(-1)
+    assert ((out == 0).sum(-1) == 1).all() and torch.isinf(out).sum() == 6 * 49
+    assert all(t in scores[i].topk(10).indices for i, t in enumerate(tok.tolist()))
+    for i in range(6):  # a row's token depends on its own scores and uniforms only
+        alone = UniformSampler(u[i:i + 1], temperature=0.7, top_k=10, top_p=0.9)(ids[i:i + 1], scores[i:i + 1])
+        assert int(alone.argmax(-1)) == int(tok[i])
+    # the step index follows the generated length: the second call uses u[:, 1]
+    s = UniformSampler(u)
+    s(ids, scores)
+    second = s(torch.zeros(6, 5, dtype=torch.long), scores).argmax(-1)
+    assert torch.equal(second, UniformSampler(u[:, 1:])(ids, scores).argmax(-1))
+
+
+def test_rollouts_of_an_adapter_do_not_depend_on_the_others(tiny_base):
+    """The same adapter sampled in a batch with two others, or alone, gives identical rollout tensors and texts."""
+    from emorl.config import GenerationConfig, LoraConfig
+    from emorl.models import add_adapters
+    from emorl.train.rollout import prompt_width, sample_rollouts
+
+    m = add_adapters(tiny_base, ["xa", "xb", "xc"], LoraConfig(r=4, alpha=8, dropout=0.0), seed=0)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    gen = GenerationConfig(max_new_tokens=10, do_sample=True, top_k=20)
+    s = {n: [r.prompt for r in RECORDS[i * 2:(i + 1) * 2]] for i, n in enumerate(["xa", "xb", "xc"])}
+    s["xa"] = ["Hi.", "A much longer statement than the others, so that this group's prompts are the widest ones."]
+    w = prompt_width(tiny_base, [x for v in s.values() for x in v], 64)
+    names = ["xa", "xb", "xc"]
+    together = sample_rollouts(m, tiny_base, [(n, s[n]) for n in names], 3, gen, 64, [1, 2, 3], prompt_width=w)
+    alone = sample_rollouts(m, tiny_base, [("xb", s["xb"])], 3, gen, 64, [2], prompt_width=w)[0]
+    tb = together[1]
+    assert tb.texts == alone.texts
+    for f in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
+        assert torch.equal(getattr(tb.batch, f), getattr(alone.batch, f)), f
+    assert together[0].texts != tb.texts

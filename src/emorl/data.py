@@ -442,9 +442,10 @@ def format_prompts(
 
 
 def encode_prompts(tokenizer: Any, texts: list[str], max_tokens: int, is_seq2seq: bool,
-                   device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+                   device: torch.device | str = "cpu", pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """Tokenise formatted prompts: left-padded for causal models (so generation appends on the right),
-    truncated from the left to ``max_tokens`` (the end of a prompt — the generation cue — is what matters)."""
+    truncated from the left to ``max_tokens`` (the end of a prompt — the generation cue — is what matters).
+    ``pad_to``: pad to at least this width (a width that does not depend on the batch's other prompts)."""
     side = tokenizer.padding_side
     tside = tokenizer.truncation_side
     tokenizer.padding_side = "right" if is_seq2seq else "left"
@@ -454,4 +455,10 @@ def encode_prompts(tokenizer: Any, texts: list[str], max_tokens: int, is_seq2seq
                         add_special_tokens=is_seq2seq)
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = side, tside
-    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    out = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    extra = (pad_to or 0) - out["input_ids"].shape[1]
+    if extra > 0:
+        pad = (0, extra) if is_seq2seq else (extra, 0)
+        out["input_ids"] = torch.nn.functional.pad(out["input_ids"], pad, value=tokenizer.pad_token_id)
+        out["attention_mask"] = torch.nn.functional.pad(out["attention_mask"], pad, value=0)
+    return out

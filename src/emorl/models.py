@@ -212,18 +212,24 @@ def peft_lora_config(cfg: LoraConfig, is_seq2seq: bool) -> Any:
                           task_type=TaskType.SEQ_2_SEQ_LM if is_seq2seq else TaskType.CAUSAL_LM)
 
 
-def add_adapters(base: Base, names: list[str], cfg: LoraConfig) -> Any:
-    """Attach fresh LoRA adapters ``names`` to the base (one shared frozen model); returns the PeftModel."""
+def add_adapters(base: Base, names: list[str], cfg: LoraConfig, seed: int = 0) -> Any:
+    """Attach fresh LoRA adapters ``names`` to the base (one shared frozen model); returns the PeftModel.
+
+    Each adapter's initialisation is seeded by (``seed``, its name) alone, so it does not depend on which other
+    adapters exist or the order they are created in; the global RNG is left as it was."""
     from peft import PeftModel, get_peft_model
+
+    from emorl.sampling import seeded_rng, stable_seed
 
     pcfg = peft_lora_config(cfg, base.is_seq2seq)
     model = base.model
-    if not isinstance(model, PeftModel):
-        model = get_peft_model(model, pcfg, adapter_name=names[0])
-        names = names[1:]
-        base.model = model
     for n in names:
-        model.add_adapter(n, pcfg)
+        with seeded_rng(stable_seed(seed, n, "lora-init"), base.device):
+            if isinstance(model, PeftModel):
+                model.add_adapter(n, pcfg)
+            else:
+                model = get_peft_model(model, pcfg, adapter_name=n)
+                base.model = model
     model.eval()
     return model
 

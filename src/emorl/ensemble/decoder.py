@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from emorl.sampling import choose as _choose
 from emorl.utils import EmorlError
 
 MODES = ("hidden", "logits", "probs", "params")
@@ -356,16 +357,6 @@ def mix_scores(mode: str, h: torch.Tensor, k: int, rows: torch.Tensor, w: torch.
     if mode == "logits":
         return (ls * wt).sum(0)
     return torch.logsumexp(ls + torch.log(wt), dim=0)  # probs: log sum_k w_k p_k
-
-
-def _choose(scores: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
-    """Greedy argmax, or inverse-CDF sampling of the warped distribution with the given uniforms."""
-    if u is None:
-        return scores.argmax(-1)
-    probs = torch.softmax(scores, dim=-1)
-    cdf = probs.cumsum(-1)
-    tok = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)[:, 0]
-    return tok.clamp_(max=scores.shape[-1] - 1)
 
 
 def decode_chunk(stream: Stream, head: Head, bank: Any, spec: DecodeSpec, h0: torch.Tensor, state: dict[str, Any],

@@ -5,6 +5,10 @@ Every step, the rollouts of all policies still training are sampled in one batch
 policy scores its own replies, computes its advantages and takes its own optimizer step. Each policy stops on
 its own: convergence (coefficient of variation of its last N validation means below a threshold) or budget.
 
+Every random choice of a policy is seeded statelessly by (train.seed, policy name, step, purpose): LoRA init,
+data order, rollout and validation sampling, LoRA dropout. So a policy trains to the same weights whichever
+other policies share the process (exactly, with the separate update; see docs/method.md).
+
 Run folder: ``adapters/<objective>/`` (single) or ``baselines/<strategy>/`` (peft format + emorl.json),
 ``checkpoints/<run>/`` (resume), ``logs/<run>.jsonl`` (metrics), ``logs/train.log``, ``curves/<run>.json``.
 """
@@ -27,10 +31,11 @@ import torch
 
 from emorl.config import RunConfig
 from emorl.models import AdapterInfo, Base, add_adapters, as_reference, save_adapter, save_full_model
+from emorl.sampling import seeded_rng, stable_seed
 from emorl.train.checkpoint import load_checkpoint, save_checkpoint
 from emorl.train.kscst import group_advantages, joint_policy_gradient_step, policy_gradient_step, transform_rewards
 from emorl.train.monitor import MetricsLogger, Progress
-from emorl.train.rollout import Rollout, sample_rollouts
+from emorl.train.rollout import Rollout, prompt_width, sample_rollouts
 from emorl.train.strategies import Weighting, make_weighting
 from emorl.utils import EmorlError, atomic_write_json, set_seed
 
@@ -166,7 +171,7 @@ class Trainer:
                 for n, _ in todo:
                     if n in self.base.model.peft_config:
                         self.base.model.delete_adapter(n)
-            add_adapters(self.base, [n for n, _ in todo], self.cfg.lora)
+            add_adapters(self.base, [n for n, _ in todo], self.cfg.lora, seed=t.seed)
         for i, (n, objs) in enumerate(todo):
             own = None
             if full:  # a second copy of the base: the frozen one stays the rewards' and the KL's reference
@@ -181,16 +186,19 @@ class Trainer:
                 p.requires_grad_(True)
             opt = torch.optim.AdamW(params.values(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
             w = make_weighting(self.strategy, objs, fixed_weights=t.fixed_weights, gamma=t.dynaopt_gamma,
-                               history=t.dynaopt_history, seed=t.seed + i)
+                               history=t.dynaopt_history, seed=t.seed)
             self.policies.append(Policy(n, i, objs, w, params, opt, self._output_dir(n), model=own))
+        mx = self.cfg.model.max_prompt_tokens  # rollouts pad prompts to their split's longest (batch-independent)
+        self._widths = {"train": prompt_width(self.base, [r.prompt for r in self.train_records], mx),
+                        "validate": prompt_width(self.base, self.val_statements, mx)}
 
     # ------------------------------------------------------------------------------------------ data
     def _next_prompts(self, p: Policy, n: int) -> list[str]:
-        """Deterministic epoch-wise shuffles, one stream per policy; (epoch, pos) is checkpointed."""
+        """Deterministic epoch-wise shuffles, one stream per policy name; (epoch, pos) is checkpointed."""
         out: list[str] = []
         total = len(self.train_records)
         while len(out) < n:
-            perm = np.random.default_rng([self.cfg.train.seed, p.index, p.epoch]).permutation(total)
+            perm = np.random.default_rng([self.cfg.train.seed, stable_seed(p.name, "data"), p.epoch]).permutation(total)
             take = min(n - len(out), total - p.pos)
             out.extend(self.train_records[i].prompt for i in perm[p.pos:p.pos + take])
             p.pos += take
@@ -229,7 +237,7 @@ class Trainer:
             q.requires_grad_(True)
         model.train()
         try:
-            with self._autocast():
+            with self._autocast(), seeded_rng(stable_seed(t.seed, p.name, p.step, "update"), self.base.device):
                 stats = policy_gradient_step(
                     model, ro.batch, adv, is_seq2seq=self.base.is_seq2seq, micro_batch_rows=t.micro_batch_size,
                     decoder_start_id=getattr(self.base.model.config, "decoder_start_token_id", None),
@@ -259,8 +267,9 @@ class Trainer:
             for q in p.params.values():
                 q.requires_grad_(True)
         model.train()
+        seed = stable_seed(t.seed, active[0].step, "joint-update", *[p.name for p in active])
         try:
-            with self._autocast():
+            with self._autocast(), seeded_rng(seed, self.base.device):
                 stats = joint_policy_gradient_step(model, [ro.batch for ro in ros], [a[3] for a in parts],
                                                    [p.name for p in active], micro_batch_rows=t.micro_batch_size)
             for p, ro, st, (scores, lam, rewards, _) in zip(active, ros, stats, parts, strict=True):
@@ -291,18 +300,25 @@ class Trainer:
             metrics.log(rec, p.step)
         self._last_reward[p.name] = float(scores.mean())
 
-    def _rollouts(self, groups: list[tuple[Policy, list[str]]], k: int, gen: Any = None) -> list[Rollout]:
-        """LoRA policies share one batched generation; a fully fine-tuned policy generates with its own model."""
+    def _rollouts(self, groups: list[tuple[Policy, list[str]]], k: int, purpose: str = "train",
+                  gen: Any = None) -> list[Rollout]:
+        """LoRA policies share one batched generation; a fully fine-tuned policy generates with its own model.
+        Each policy samples with uniforms seeded by (seed, name, step) — validation: (seed, name), the same
+        numbers at every validation (common random numbers)."""
         t, out = self.cfg.train, {}
         gen = gen or t.generation
+        seed = {p.name: stable_seed(t.seed, p.name, *([p.step] if purpose == "train" else []), purpose)
+                for p, _ in groups}
+        kw = {"prompt_width": self._widths[purpose]}
         shared = [(p.name, s) for p, s in groups if p.model is None]
         if shared:
-            for ro in sample_rollouts(self.base.model, self.base, shared, k, gen, self.cfg.model.max_prompt_tokens):
+            for ro in sample_rollouts(self.base.model, self.base, shared, k, gen, self.cfg.model.max_prompt_tokens,
+                                      [seed[n] for n, _ in shared], **kw):
                 out[ro.adapter] = ro
         for p, s in groups:
             if p.model is not None:
                 out[p.name] = sample_rollouts(p.model, self.base, [(p.name, s)], k, gen,
-                                              self.cfg.model.max_prompt_tokens)[0]
+                                              self.cfg.model.max_prompt_tokens, [seed[p.name]], **kw)[0]
         return [out[p.name] for p, _ in groups]
 
     def _validate(self, policies: list[Policy], metrics: MetricsLogger) -> None:
@@ -310,14 +326,11 @@ class Trainer:
         if not policies:
             return
         t = self.cfg.train
+        groups = [(p, self.val_statements) for p in policies]
         if t.val_greedy:
-            ros = self._rollouts([(p, self.val_statements) for p in policies], 1,
-                                 dataclasses.replace(t.generation, do_sample=False))
-        else:  # the same random numbers at every validation, without touching the training RNG stream
-            devices = [self.base.device] if self.base.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(t.seed + 7919)
-                ros = self._rollouts([(p, self.val_statements) for p in policies], t.val_samples)
+            ros = self._rollouts(groups, 1, "validate", dataclasses.replace(t.generation, do_sample=False))
+        else:
+            ros = self._rollouts(groups, t.val_samples, "validate")
         for p, ro in zip(policies, ros, strict=True):
             scores = self._score(self.objectives_all, ro.prompts_per_reply, ro.texts)
             means = {o: float(scores[:, j].mean()) for j, o in enumerate(self.objectives_all)}
