@@ -16,7 +16,7 @@ fi
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 spec="."
 case "$extras" in
-  dev) spec=".[dev,bench]" ;;
+  dev) spec=".[dev,bench,ray]" ;;
   ray) spec=".[ray]" ;;
   all) spec=".[dev,bench,ray]" ;;
   "") ;;

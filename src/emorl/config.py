@@ -170,6 +170,21 @@ class EvalConfig:
 
 
 @dataclass
+class ExecutorConfig:
+    """Where the pipeline's work runs. Never changes a result: the same seeds give the same adapters and scores."""
+
+    kind: Literal["local", "ray"] = _f("local", "local: in this process; ray: tasks/actors on a Ray cluster.")
+    address: str | None = _f(None, "Ray cluster address (auto, HOST:PORT, ray://...); null starts a local Ray "
+                                   "instance for the run and shuts it down after.")
+    num_cpus: float = _f(1.0, "CPUs requested by each Ray training task and search/evaluation worker.")
+    num_gpus: float = _f(0.0, "GPUs requested by each Ray task/worker; fractions share a GPU (0.33 = three per GPU).")
+    workers: int | None = _f(None, "Search/evaluation workers (actors), each loading the model once; null = as "
+                                   "many as the cluster's CPUs (or GPUs) allow, at most 8.")
+    max_retries: int = _f(3, "Times Ray reruns a training task whose worker died (it resumes from its last "
+                             "checkpoint).")
+
+
+@dataclass
 class RunConfig:
     """A whole study: model, adapters, data, objectives (rewards), training, search, evaluation."""
 
@@ -183,10 +198,19 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "RL training."})
     search: SearchConfig = field(default_factory=SearchConfig, metadata={"help": "Weight search."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig,
+                                     metadata={"help": "Where the work runs (local process or Ray)."})
     output: str | None = _f(None, "Run folder (default runs/<preset>).")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """The inverse of :meth:`to_dict` (checked like a YAML file): how a config travels to remote workers."""
+        cfg = _from_dict(cls, data)
+        validate(cfg)
+        return cfg
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -392,6 +416,9 @@ def validate(cfg: RunConfig) -> None:
     split = cfg.data.split
     if len(split) != 3 or any(s < 0 for s in split) or abs(sum(split) - 1) > 1e-6:
         raise EmorlError(f"data.split must be three non-negative fractions summing to 1, got {split}")
+    ex = cfg.executor
+    if ex.num_cpus < 0 or ex.num_gpus < 0 or ex.max_retries < 0 or (ex.workers is not None and ex.workers < 1):
+        raise EmorlError("executor: num_cpus, num_gpus and max_retries must be >= 0 and workers >= 1")
     if cfg.data.source != "default" and not cfg.data.path:
         raise EmorlError(f"data.path is required for data.source={cfg.data.source!r}")
 

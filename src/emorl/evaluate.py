@@ -24,8 +24,7 @@ import json
 import logging
 import math
 import time
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,15 @@ from typing import Any
 import numpy as np
 
 from emorl.config import GenerationConfig, RunConfig
+from emorl.metrics import (  # noqa: F401 - re-exported: the evaluation's metrics
+    distinct_n,
+    diversity_reference,
+    mean_std,
+    ngrams,
+    reply_metrics,
+    summarise,
+    words,
+)
 from emorl.utils import EmorlError, atomic_write_json
 
 log = logging.getLogger("emorl.evaluate")
@@ -59,77 +67,6 @@ SINGLE = "single:"  # "single:<objective>": that objective's EMORL adapter alone
 RESULTS_VERSION = 1
 DECODER_VERSION = 2  # bump when the way methods are decoded changes: results made before are not reused
 
-
-# ------------------------------------------------------------------------------------------- metrics
-
-def words(text: str) -> list[str]:
-    """Whitespace tokens, as the reference's diversity scorer splits (no lower-casing, punctuation kept)."""
-    return text.split()
-
-
-def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-
-
-def distinct_n(texts: Iterable[str], n: int = 2) -> float:
-    """Distinct word n-grams ÷ all word n-grams over all ``texts`` together (0 when there are none).
-
-    Corpus level, as in Li et al. (2016) "A Diversity-Promoting Objective": a method that gives every
-    prompt the same reply scores low even if each reply is internally varied."""
-    counts: Counter[tuple[str, ...]] = Counter()
-    for t in texts:
-        counts.update(ngrams(words(t), n))
-    total = sum(counts.values())
-    return len(counts) / total if total else 0.0
-
-
-def diversity_reference(texts: Iterable[str], n: int = 2) -> float:
-    """The reference code's Diversity-2: mean over replies of |distinct word n-grams| ÷ |words| (0 for an
-    empty reply). It divides by words, not n-grams, so a reply of m distinct words scores (m − 1)/m."""
-    vals = []
-    for t in texts:
-        w = words(t)
-        vals.append(len(set(ngrams(w, n))) / len(w) if w else 0.0)
-    return float(np.mean(vals)) if vals else 0.0
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof = 1) of per-seed values; std is 0 for one value.
-
-    ddof = 1 because the seeds are a sample of the decoding noise, and the paper's "mean ± std over seeds"
-    is an error bar on that noise."""
-    v = np.asarray(list(values), dtype=float)
-    if v.size == 0:
-        return math.nan, math.nan
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
-
-
-def reply_metrics(prompts: Sequence[str], replies: Sequence[str], scores: dict[str, np.ndarray],
-                  token_lengths: Sequence[int]) -> dict[str, float]:
-    """Metrics of one decode (one method, one seed): each objective's mean, their mean (the paper's "mean
-    reward"), Diversity-2 (both variants), mean reply length in tokens and in words."""
-    if len(prompts) != len(replies) or len(token_lengths) != len(replies):
-        raise ValueError(f"{len(prompts)} prompts, {len(replies)} replies, {len(token_lengths)} lengths")
-    out = {f"score/{o}": float(np.mean(s)) for o, s in scores.items()}
-    out["mean_reward"] = float(np.mean([out[f"score/{o}"] for o in scores])) if scores else math.nan
-    out["diversity2"] = distinct_n(replies, 2)
-    out["diversity2_ref"] = diversity_reference(replies, 2)
-    out["length_tokens"] = float(np.mean(token_lengths)) if len(token_lengths) else 0.0
-    out["length_words"] = float(np.mean([len(words(r)) for r in replies])) if replies else 0.0
-    return out
-
-
-def summarise(per_seed: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """{metric: {"mean": m, "std": s, "n": n}} over the per-seed metric dicts."""
-    keys = list(dict.fromkeys(k for d in per_seed for k in d))
-    out = {}
-    for k in keys:
-        m, s = mean_std([d[k] for d in per_seed if k in d])
-        out[k] = {"mean": m, "std": s, "n": sum(k in d for d in per_seed)}
-    return out
-
-
-# ------------------------------------------------------------------------------------------- methods
 
 @dataclass
 class MethodSpec:
@@ -422,12 +359,15 @@ def load_results(run_dir: str | Path) -> dict[str, Any] | None:
 
 def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Sequence[str] | None = None, *,
                  split: str | None = None, base: Any = None, rewards: dict[str, Any] | None = None,
-                 progress: bool = True, force: bool = False, n_samples: int = 3, keep_others: bool = False
-                 ) -> dict[str, Any]:
+                 progress: bool = True, force: bool = False, n_samples: int = 3, keep_others: bool = False,
+                 decode: Callable[[list[MethodSpec], list[str], list[int]], Iterator[tuple[MethodSpec, list[Any]]]]
+                 | None = None) -> dict[str, Any]:
     """Decode and score every method on the same prompts with the same settings; write ``RUN/eval/results.json``
     (and every reply to ``RUN/eval/replies/<method>.jsonl``). A method whose inputs and settings are unchanged
     since the last evaluation is reused, not decoded again (``force`` re-decodes it). ``keep_others`` keeps the
-    results of methods not asked for now (made on the same prompts and seeds) in the file."""
+    results of methods not asked for now (made on the same prompts and seeds) in the file. ``decode(specs, prompts,
+    seeds)`` yields ``(spec, [(seed, replies, lengths, seconds), ...])`` per method (an executor's
+    ``decode_methods``; default: decoded here, one method after another)."""
     from emorl.search.runner import load_run_config
     from emorl.utils import append_jsonl
 
@@ -464,21 +404,20 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
             from emorl.rewards import build_rewards
 
             rewards = build_rewards(cfg.objectives, base)
-        decoder = Decoder(base, cfg.eval.generation, any_adapter(run, specs))
+        if decode is None:
+            decoder = Decoder(base, cfg.eval.generation, any_adapter(run, specs))
+            decode = decode_with(decoder)
         from emorl.train.monitor import Progress
 
         with Progress(progress).run() as bars:
             bars.add("evaluate", len(todo) * len(seeds))
             done = 0
-            for s in todo:
+            for s, decoded in decode(todo, prompts, seeds):
+                bars.update("evaluate", done, s.name)
                 reply_file = run / "eval" / "replies" / f"{s.name}.jsonl"
                 reply_file.unlink(missing_ok=True)
                 per_seed, samples = [], []
-                for seed in seeds:
-                    bars.update("evaluate", done, f"{s.name} seed {seed}")
-                    t0 = time.perf_counter()
-                    texts, lengths = decoder.decode(s, prompts, seed)
-                    seconds = time.perf_counter() - t0
+                for seed, texts, lengths, seconds in decoded:
                     scores = {o: _score(rewards[o], prompts, texts) for o in objectives}
                     m = reply_metrics(prompts, texts, scores, lengths)
                     m["decode_s"] = seconds
@@ -501,6 +440,21 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
             bars.update("evaluate", done, "done")
     _write(run, results, order)
     return results
+
+
+def decode_with(decoder: Decoder) -> Callable[..., Iterator[tuple[MethodSpec, list[Any]]]]:
+    """Decode methods one after another in this process (the local executor's way)."""
+
+    def decode(specs: list[MethodSpec], prompts: list[str], seeds: list[int]) -> Iterator[tuple[MethodSpec, list]]:
+        for s in specs:
+            out = []
+            for seed in seeds:
+                t0 = time.perf_counter()
+                texts, lengths = decoder.decode(s, prompts, seed)
+                out.append((seed, texts, lengths, time.perf_counter() - t0))
+            yield s, out
+
+    return decode
 
 
 def _score(reward: Any, prompts: list[str], texts: list[str]) -> np.ndarray:

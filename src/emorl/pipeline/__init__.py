@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from emorl.config import RunConfig
+from emorl.executors import Executor, TrainJob, make_executor
+from emorl.executors.local import Resources
 from emorl.pipeline.estimate import describe_plan, duration, estimate, probe_speed
 from emorl.pipeline.plan import (
     BASELINES,
@@ -51,54 +53,10 @@ __all__ = ["BASELINES", "Plan", "Stages", "Step", "add_parser", "changed", "desc
 
 # ------------------------------------------------------------------------------------------- execution
 
-class Resources:
-    """The base model, rewards and data splits, loaded once and only when a stage needs them."""
-
-    def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
-        self._base: Any = None
-        self._rewards: dict[str, Any] | None = None
-        self._splits: Any = None
-
-    @property
-    def base(self) -> Any:
-        if self._base is None:
-            from emorl.models import load_base
-
-            self._base = load_base(self.cfg.model)
-        return self._base
-
-    @property
-    def rewards(self) -> dict[str, Any]:
-        if self._rewards is None:
-            from emorl.rewards import build_rewards
-
-            self._rewards = build_rewards(self.cfg.objectives, self.base)
-        return self._rewards
-
-    @property
-    def splits(self) -> Any:
-        if self._splits is None:
-            from emorl.data import load_splits
-
-            self._splits = load_splits(self.cfg.data)
-        return self._splits
-
-
 def normalised(cfg: RunConfig, run: Path) -> RunConfig:
     """The config as the run folder keeps it: every objective trained (no per-call selection), EMORL strategy."""
     return dataclasses.replace(cfg, output=str(run), train=dataclasses.replace(cfg.train, strategy="single",
                                                                                    objectives=None))
-
-
-def _train(cfg: RunConfig, run: Path, res: Resources, strategy: str, progress: bool, resume: bool) -> None:
-    from emorl.train.trainer import Trainer
-
-    tcfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, strategy=strategy, objectives=None))
-    trainer = Trainer(tcfg, run, base=res.base, rewards=res.rewards, splits=res.splits, progress=progress)
-    trainer.train(resume=resume)
-    if trainer._stop.is_set():
-        raise KeyboardInterrupt
 
 
 def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, force: bool = False,
@@ -115,6 +73,10 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, f
     plan = make_plan(cfg, run, resume=resume, force=force)  # every check that needs no model happens here
     con = console()
     res = Resources(cfg)
+    if cfg.executor.kind == "ray":
+        from emorl.executors.ray_backend import import_ray
+
+        import_ray()  # not installed: the install command now, not after the plan
     busy = [s for s in plan.steps if s.status != "done" and s.stage != "report"]
     if busy:
         estimate(plan, probe_speed(res.base))
@@ -132,6 +94,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, f
         cfg.save(run / "config.yaml")
         stages = Stages(run)
         t_all = time.perf_counter()
+        executor = None
         for stage in ("train", "baselines", "search", "evaluate", "report"):
             todo = plan.todo(stage)
             if not todo:
@@ -141,7 +104,12 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, f
                 continue
             con.rule(f"[bold]{stage}[/]: {', '.join(s.name for s in todo)}")
             t0 = time.perf_counter()
-            _run_stage(stage, todo, plan, cfg, run, res, stages, resume=resume, force=force, progress=progress)
+            if executor is None and stage != "report":
+                executor = make_executor(cfg, run, res)
+                if executor.name != "local":
+                    con.print(f"executor: {executor.name}")
+            _run_stage(stage, todo, plan, cfg, run, executor, stages, resume=resume, force=force,
+                       progress=progress)
             _record_units(stage, plan, cfg, run, stages)
             dt = time.perf_counter() - t0
             stages.stage_done(stage, "done", dt)
@@ -152,12 +120,14 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, f
         con.print(f"[bold]done[/] in {duration(time.perf_counter() - t_all)}: {run / 'report.md'}")
         _print_table(run)
     finally:
+        if executor is not None:
+            executor.close()
         lock.release()
     return plan
 
 
-def _run_stage(stage: str, todo: list[Step], plan: Plan, cfg: RunConfig, run: Path, res: Resources, stages: Stages,
-               *, resume: bool, force: bool, progress: bool) -> None:
+def _run_stage(stage: str, todo: list[Step], plan: Plan, cfg: RunConfig, run: Path, executor: Executor | None,
+               stages: Stages, *, resume: bool, force: bool, progress: bool) -> None:
     if stage in ("train", "baselines"):
         for s in todo:
             folder = run / ("adapters" if stage == "train" else "baselines") / s.name
@@ -165,29 +135,32 @@ def _run_stage(stage: str, todo: list[Step], plan: Plan, cfg: RunConfig, run: Pa
                 log.info("%s: %s; retraining it", folder, s.reason)
                 shutil.rmtree(folder)
         if stage == "train":
-            _train(cfg, run, res, "single", progress, resume)
+            jobs = [TrainJob("single", tuple(plan.objectives))]
         else:
-            for s in todo:
-                _train(cfg, run, res, s.name, progress, resume)
+            jobs = [TrainJob(s.name, tuple(plan.objectives)) for s in todo]
+        executor.train(jobs, resume=resume, progress=progress)
     elif stage == "search":
-        from emorl.ensemble.model import EnsembleModel
         from emorl.search.runner import search_run
 
-        ens = EnsembleModel(res.base, {o: run / "adapters" / o for o in plan.objectives})
+        def objective(mode: str, names: list[str], prompts: list[str]) -> Any:
+            return executor.search_objective(mode, names, prompts)
+
         for s in todo:
             try:
                 search_run(run, cfg, mode=s.name, resume=s.status == "resume", fresh=s.status != "resume",
-                           progress=progress, ensemble=ens)
+                           progress=progress, names=list(plan.objectives), objective=objective)
             except EmorlError as e:
                 if s.status != "resume":
                     raise
                 log.warning("cannot resume the %s search (%s); starting it over", s.name, e)
-                search_run(run, cfg, mode=s.name, fresh=True, progress=progress, ensemble=ens)
+                search_run(run, cfg, mode=s.name, fresh=True, progress=progress, names=list(plan.objectives),
+                           objective=objective)
             stages.record(f"search/{s.name}", settings=search_settings(cfg, s.name, _adapter_ids(plan, run)))
     elif stage == "evaluate":
         from emorl.evaluate import evaluate_run
 
-        evaluate_run(run, cfg, plan.methods, base=res.base, rewards=res.rewards, progress=progress, force=force)
+        evaluate_run(run, cfg, plan.methods, base=executor.res.base, rewards=executor.res.rewards, progress=progress,
+                     force=force, decode=executor.decode_methods)
     else:
         from emorl.report import write_report
 
@@ -238,6 +211,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, then stop")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, or 1 when the machine "
                                                "is already busy: competing threads spin-wait and slow every step)")
+    p.add_argument("--executor", choices=["local", "ray"],
+                   help="where the work runs: this process (default) or Ray tasks/actors (pip install 'emorl[ray]')")
+    p.add_argument("--ray-address", help="Ray cluster to join (auto, HOST:PORT); default: start a local Ray instance")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=main)
 
@@ -248,6 +224,10 @@ def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     from emorl.evaluate_cli import eval_overrides
 
     overrides = [*args.overrides, *eval_overrides(args)]
+    if getattr(args, "executor", None):
+        overrides.append(f"executor.kind={args.executor}")
+    if getattr(args, "ray_address", None):
+        overrides += [f"executor.address={args.ray_address}"] + ([] if args.executor else ["executor.kind=ray"])
     src = config_source(args)
     if src is None:
         run = Path(args.output or "runs/default")

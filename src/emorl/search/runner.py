@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -54,12 +55,13 @@ def search_folder(run_dir: str | Path, mode: str, method: str) -> Path:
 
 def search_run(run_dir: str | Path, cfg: RunConfig | None = None, *, mode: str = "hidden", method: str | None = None,
                resume: bool = False, fresh: bool = False, progress: bool = True, plots: bool = True,
-               names: list[str] | None = None, ensemble: Any = None, prompts: list[str] | None = None
-               ) -> tuple[SearchResult, Path]:
+               names: list[str] | None = None, ensemble: Any = None, prompts: list[str] | None = None,
+               objective: Callable[[str, list[str], list[str]], Any] | None = None) -> tuple[SearchResult, Path]:
     """Run one weight search for ``mode`` on the run folder; returns the result and its output folder.
 
     ``cfg`` defaults to ``RUN/config.yaml``; ``ensemble`` and ``prompts`` may be passed to reuse a loaded
-    decoder and a fixed prompt list (otherwise the first ``search.prompts`` validation prompts)."""
+    decoder and a fixed prompt list (otherwise the first ``search.prompts`` validation prompts). ``objective(mode,
+    names, prompts)`` builds the search objective elsewhere (an executor's, e.g. one spread over Ray workers)."""
     run_dir = Path(run_dir)
     cfg = cfg or load_run_config(run_dir)
     sc = cfg.search
@@ -73,7 +75,7 @@ def search_run(run_dir: str | Path, cfg: RunConfig | None = None, *, mode: str =
     folders = adapter_folders(run_dir, cfg, names or (list(ensemble.names) if ensemble is not None else None))
     names = list(folders)
     check_search_args(len(names), sc.iterations)
-    aggregate_weights(list(cfg.objectives), sc.objective_weights)  # fails now, not after loading models
+    agg_weights = aggregate_weights(list(cfg.objectives), sc.objective_weights)  # fails now, before any model
     if prompts is None:
         from emorl.data import load_splits
 
@@ -97,29 +99,32 @@ def search_run(run_dir: str | Path, cfg: RunConfig | None = None, *, mode: str =
     }
     out = search_folder(run_dir, mode, method)
     store = PointStore(out, header, resume=resume, overwrite=fresh)  # refuses a foreign log before loading
-    if ensemble is None:
-        from emorl.ensemble import EnsembleModel
+    if objective is not None:
+        obj = objective(mode, names, prompts)
+    else:
+        if ensemble is None:
+            from emorl.ensemble import EnsembleModel
 
-        ensemble = EnsembleModel.from_run(run_dir, names=names)
-    if list(ensemble.names) != names:
-        raise EmorlError(f"the ensemble's adapters {list(ensemble.names)} differ from the run's {names}")
-    from emorl.rewards import build_rewards
+            ensemble = EnsembleModel.from_run(run_dir, names=names)
+        if list(ensemble.names) != names:
+            raise EmorlError(f"the ensemble's adapters {list(ensemble.names)} differ from the run's {names}")
+        from emorl.rewards import build_rewards
 
-    rewards = build_rewards(cfg.objectives, getattr(ensemble, "base", None))
-    objective = EnsembleObjective(ensemble, prompts, rewards, mode=mode, generation=sc.generation, seed=sc.seed,
-                                  objective_weights=sc.objective_weights)
+        rewards = build_rewards(cfg.objectives, getattr(ensemble, "base", None))
+        obj = EnsembleObjective(ensemble, prompts, rewards, mode=mode, generation=sc.generation, seed=sc.seed,
+                                objective_weights=sc.objective_weights)
     inv = is_scale_invariant(mode, sc.generation)
     t0 = time.perf_counter()
     common = {"scale_invariant": inv, "store": store, "progress": progress, "batch_points": sc.batch_points}
     if method == "hierarchical":
-        result = hierarchical_search(objective, len(names), sc.iterations, desc=f"search {mode}", **common)
+        result = hierarchical_search(obj, len(names), sc.iterations, desc=f"search {mode}", **common)
     elif method == "grid":
-        result = grid_search(objective, len(names), sc.grid_points, **common)
+        result = grid_search(obj, len(names), sc.grid_points, **common)
     else:
-        result = random_search(objective, len(names), sc.random_points, seed=sc.seed, **common)
+        result = random_search(obj, len(names), sc.random_points, seed=sc.seed, **common)
     payload = result.to_json(names)
     payload.update({"mode": mode, "scale_invariant": inv, "prompts": len(prompts), "iterations": sc.iterations,
-                    "wall_time_s": round(time.perf_counter() - t0, 3), "objective_weights": list(objective.weights),
+                    "wall_time_s": round(time.perf_counter() - t0, 3), "objective_weights": list(agg_weights),
                     "adapters": header["adapters"]})
     store.write_best(payload)
     if plots:
