@@ -77,9 +77,9 @@ def main() -> int:
                 a, b = med["local"][m], med["ray"][m]
                 print(f"| {m[:-2]} | {a:.1f} | {b:.1f} | {b / a:.2f} |" if a > 0.05 else f"| {m[:-2]} | {a:.1f} | "
                       f"{b:.1f} | – |")
-            same = med["local"]["best"] == med["ray"]["best"]
-            print(f"best aggregate: local {med['local']['best']:.4f}, ray {med['ray']['best']:.4f} "
-                  f"({'identical' if same else 'DIFFERENT'})\n", flush=True)
+            diff = abs(med["local"]["best"] - med["ray"]["best"])
+            print(f"best aggregate: local {med['local']['best']:.6f}, ray {med['ray']['best']:.6f} (difference "
+                  f"{diff:.1e}: reward models batch other rows beside each reply)\n", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     out["load_end"] = os.getloadavg()
