@@ -100,9 +100,11 @@ class CheckpointStore:
         return dict(self.pids)
 
 
-def train_task(cfg_dict: dict[str, Any], strategy: str, objective: str | None, key: str, store: Any) -> Files:
+def train_task(cfg_dict: dict[str, Any], strategy: str, objective: str | None, key: str, store: Any,
+               splits: Any) -> Files:
     """One training job on a worker: resume from the store's checkpoint if there is one, push every new
-    checkpoint to the store, return the finished adapter, curves and metrics log as packed files."""
+    checkpoint to the store, return the finished adapter, curves and metrics log as packed files. The data splits
+    come from the driver (a worker on another node may not have the data files)."""
     import ray
 
     from emorl.train.trainer import Trainer
@@ -115,7 +117,7 @@ def train_task(cfg_dict: dict[str, Any], strategy: str, objective: str | None, k
     tcfg = job_config(cfg, job)
     with tempfile.TemporaryDirectory(prefix="emorl-task-") as tmp:
         run = Path(tmp)
-        trainer = Trainer(tcfg, run, progress=False, callbacks=[])
+        trainer = Trainer(tcfg, run, splits=splits, progress=False, callbacks=[])
         tag_files = [f"checkpoints/{trainer.tag}", f"logs/{trainer.tag}.jsonl"]
         start = ray.get(store.get.remote(key))
         if start:
@@ -134,6 +136,8 @@ def train_task(cfg_dict: dict[str, Any], strategy: str, objective: str | None, k
         trainer.callbacks.append(push)
         trainer.train(resume=bool(start))
         out = f"adapters/{objective}" if strategy == "single" else f"baselines/{strategy}"
+        if trainer._stop.is_set() or not _finished(run / out):  # never hand back an unfinished adapter
+            raise RuntimeError(f"training job {key} stopped before it finished")
         return pack(run, [out, f"curves/{trainer.tag}.json", f"logs/{trainer.tag}.jsonl"])
 
 
@@ -147,9 +151,13 @@ class Worker:
         self.cfg = RunConfig.from_dict(cfg_dict)
         _threads(self.cfg.executor.num_cpus)
         self.dir = Path(tempfile.mkdtemp(prefix="emorl-worker-"))
-        unpack(files, self.dir)
-        self.base = load_base(self.cfg.model)
-        self.rewards = build_rewards(self.cfg.objectives, self.base)
+        try:
+            unpack(files, self.dir)
+            self.base = load_base(self.cfg.model)
+            self.rewards = build_rewards(self.cfg.objectives, self.base)
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         self._ensembles: dict[tuple[str, ...], Any] = {}
 
     def pid(self) -> int:
@@ -212,6 +220,11 @@ class RayObjective:
     def dim(self) -> int:
         return len(self.names)
 
+    @property
+    def parallelism(self) -> int:
+        """Workers scoring at once: the search hands this objective that many batches of points per call."""
+        return len(self.workers)
+
     def __call__(self, points: np.ndarray) -> list[Any]:
         import ray
 
@@ -253,7 +266,7 @@ class RayExecutor:
             if self.ex.address:
                 ray.init(address=self.ex.address, **kw)
             else:
-                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **kw)
+                ray.init(address="local", include_dashboard=False, **kw)  # never a cluster found in the env
                 self._owns = True
         self._workers: list[Any] = []
         self._shipped: dict[str, tuple[int, int]] | None = None
@@ -275,7 +288,10 @@ class RayExecutor:
                     tasks.append((f"single-{o}" if o else j.strategy, j.strategy, o, out))
         if not tasks:
             return
-        store = ray.remote(num_cpus=0)(CheckpointStore).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        store = ray.remote(num_cpus=0)(CheckpointStore).options(scheduling_strategy=here).remote()  # dies with us
         for key, *_ in tasks:
             ck = self.run / "checkpoints" / key
             if resume and (ck / "state.json").exists():
@@ -284,8 +300,8 @@ class RayExecutor:
                 log.info("%s: resuming from %s (step %d)", key, ck, _step_of(files))
         remote = ray.remote(train_task).options(max_retries=self.ex.max_retries, retry_exceptions=False,
                                                 **self._opts())
-        cfg_ref = ray.put(self.cfg.to_dict())
-        pending = {remote.remote(cfg_ref, s, o, key, store): (key, out) for key, s, o, out in tasks}
+        cfg_ref, splits_ref = ray.put(self.cfg.to_dict()), ray.put(self.res.splits)
+        pending = {remote.remote(cfg_ref, s, o, key, store, splits_ref): (key, out) for key, s, o, out in tasks}
         version, t = 0, self.cfg.train
         try:
             with Progress(progress).run() as bars:
@@ -325,10 +341,11 @@ class RayExecutor:
             atomic_write_bytes(self.run / log_rel, files[log_rel])
 
     def _write_result(self, key: str, out: str, files: Files) -> None:
-        replace_folder(files, self.run, out)
+        """Curves and metrics first, the adapter (what marks the job finished) last, then its checkpoint goes."""
         for rel, data in files.items():
             if not rel.startswith(out + "/"):
                 atomic_write_bytes(self.run / rel, data)
+        replace_folder(files, self.run, out)
         shutil.rmtree(self.run / "checkpoints" / key, ignore_errors=True)
 
     # -------------------------------------------------------------------------------- search and evaluation
@@ -343,11 +360,16 @@ class RayExecutor:
         self._close_workers()
         files = pack(self.run, [f.relative_to(self.run) for f in folders])
         n = self.ex.workers or self._default_workers()
-        actor = ray.remote(Worker).options(**self._opts())
+        actor = ray.remote(Worker).options(max_restarts=2, max_task_retries=2, **self._opts())  # calls are pure
         ref = ray.put(files)
         cfg = self.cfg.to_dict()
         self._workers = [actor.remote(cfg, ref) for _ in range(n)]
-        ray.get([w.pid.remote() for w in self._workers])  # loaded (or failed) before any work is sent
+        try:  # loaded (or failed) before any work is sent
+            ray.get([w.pid.remote() for w in self._workers], timeout=1800)
+        except ray.exceptions.GetTimeoutError:
+            raise EmorlError(f"{n} Ray workers could not start within 30 min (each needs num_cpus="
+                             f"{self.ex.num_cpus}, num_gpus={self.ex.num_gpus}; cluster: "
+                             f"{ray.cluster_resources()}): lower executor.workers") from None
         self._shipped = stamp
         return self._workers
 
@@ -378,9 +400,10 @@ class RayExecutor:
 
     # -------------------------------------------------------------------------------- shutdown
     def _close_workers(self) -> None:
+        closing = [w.close.remote() for w in self._workers]
+        with contextlib.suppress(Exception):  # a dead worker has nothing left to clean
+            self.ray.wait(closing, num_returns=len(closing), timeout=30)
         for w in self._workers:
-            with contextlib.suppress(Exception):  # a dead worker has nothing left to clean
-                self.ray.get(w.close.remote(), timeout=30)
             self.ray.kill(w)
         self._workers, self._shipped = [], None
 

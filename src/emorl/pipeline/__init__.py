@@ -120,9 +120,11 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, f
         con.print(f"[bold]done[/] in {duration(time.perf_counter() - t_all)}: {run / 'report.md'}")
         _print_table(run)
     finally:
-        if executor is not None:
-            executor.close()
-        lock.release()
+        try:
+            if executor is not None:
+                executor.close()
+        finally:
+            lock.release()
     return plan
 
 

@@ -182,9 +182,11 @@ def make_plan(cfg: RunConfig, run: Path, *, resume: bool = False, force: bool = 
     def train_step(stage: str, name: str, folder: Path, objs: list[str]) -> None:
         ids[name] = adapter_id(folder)
         settings = train_settings(cfg, name, objs)
-        ckpt = run / "checkpoints" / ("single-" + "+".join(objectives) if stage == "train" else name)
+        # the local executor checkpoints the K adapters together, the Ray executor each one alone
+        ckpts = [run / "checkpoints" / n for n in (["single-" + "+".join(objectives), f"single-{name}"]
+                                                    if stage == "train" else [name])]
         if ids[name] is None:
-            partial = resume and (ckpt / "state.json").exists()
+            partial = resume and any((c / "state.json").exists() for c in ckpts)
             plan.steps.append(Step(stage, name, "resume" if partial else "run", "from its checkpoint" if partial
                                    else "not trained yet"))
             return

@@ -115,7 +115,9 @@ def search_run(run_dir: str | Path, cfg: RunConfig | None = None, *, mode: str =
                                 objective_weights=sc.objective_weights)
     inv = is_scale_invariant(mode, sc.generation)
     t0 = time.perf_counter()
-    common = {"scale_invariant": inv, "store": store, "progress": progress, "batch_points": sc.batch_points}
+    # an objective spread over W workers (the Ray executor's) gets W batches at once: a full batch per worker
+    batch = sc.batch_points * max(1, int(getattr(obj, "parallelism", 1)))
+    common = {"scale_invariant": inv, "store": store, "progress": progress, "batch_points": batch}
     if method == "hierarchical":
         result = hierarchical_search(obj, len(names), sc.iterations, desc=f"search {mode}", **common)
     elif method == "grid":
