@@ -202,6 +202,7 @@ def test_evaluate_run_writes_results_and_reuses_unchanged_methods(tmp_path, tiny
 
 def test_sampled_seeds_give_a_spread_and_greedy_decodes_once(tmp_path, tiny_base):
     cfg, run = make_run(tmp_path, tiny_base)
+    cfg.eval.generation.do_sample = False
     cfg.eval.seeds = [0, 1, 2]
     res = evaluate_run(run, cfg, ["uniform"], base=tiny_base, progress=False)
     assert res["seeds"] == [0] and len(res["methods"]["uniform"]["per_seed"]) == 1  # greedy: one decode

@@ -23,7 +23,7 @@ def run_dir(tmp_path_factory):
 
     run = tmp_path_factory.mktemp("run")
     cfg = load_config("tiny", ["search.iterations=2", "search.prompts=3", "search.generation.max_new_tokens=6",
-                               "search.batch_points=16"])
+                               "search.batch_points=16", "search.generation.do_sample=false"])  # greedy: dedup
     cfg.save(run / "config.yaml")
     base = load_base(cfg.model)
     names = cfg.trained_objectives()
