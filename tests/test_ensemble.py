@@ -222,6 +222,16 @@ def test_sampling_is_seeded_and_uses_the_warpers(llama: EnsembleModel) -> None:
     assert torch.equal(k1.token_ids, llama.generate(PROMPTS, POINTS, max_new_tokens=T).token_ids)
 
 
+def test_sampled_points_share_random_numbers(llama: EnsembleModel) -> None:
+    """Common random numbers: a normalised hidden mix samples the same tokens for w and c*w, and a one-hot point
+    samples exactly what its adapter alone samples with the same seed, whatever else shares the call."""
+    kw = {"max_new_tokens": T, "do_sample": True, "seed": 3}
+    res = llama.generate(PROMPTS, [[0.2, 0.5, 0.3], [0.4, 1.0, 0.6], [1.0, 0.0, 0.0]], normalize=True, **kw)
+    assert torch.equal(res.token_ids[0], res.token_ids[1])
+    alone = llama.generate(PROMPTS, [1.0, 0.0, 0.0], **kw)
+    assert torch.equal(res.token_ids[2], alone.token_ids)
+
+
 def test_rows_that_end_early_stay_ended(eos_override: EnsembleModel) -> None:
     ens = eos_override
     t_max = 8

@@ -153,3 +153,18 @@ def test_bad_inputs_fail_before_loading(run_dir, tmp_path):
     (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
     with pytest.raises(EmorlError, match="no trained adapter"):
         search_run(tmp_path, mode="hidden")
+
+
+def test_sampled_search_decodes_directions(run_dir, ensemble):
+    """Under sampling the objective decodes w / sum(w) with the same random numbers for every point, so w and c*w
+    score the same (what lets the search deduplicate directions when it samples)."""
+    from emorl.config import GenerationConfig
+    from emorl.rewards import build_rewards
+
+    rewards = build_rewards(load_config(str(run_dir / "config.yaml")).objectives, ensemble.base)
+    obj = EnsembleObjective(ensemble, ["I lost my job.", "My cat is sick."], rewards, mode="hidden",
+                            generation=GenerationConfig(do_sample=True, max_new_tokens=6), seed=1)
+    a, b, c = obj(np.array([[0.2, 0.5, 0.3], [0.4, 1.0, 0.6], [0.9, 0.05, 0.05]]))
+    assert obj.scale_invariant
+    assert (a.aggregate, a.scores) == (b.aggregate, b.scores)
+    assert (a.aggregate, a.scores) != (c.aggregate, c.scores)

@@ -65,7 +65,7 @@ MODE_METHOD = {mode: name for name, (kind, mode) in METHODS.items() if mode}
 NORMALIZED_MODES = ("hidden", "logits")
 SINGLE = "single:"  # "single:<objective>": that objective's EMORL adapter alone; "singles" = one per objective
 RESULTS_VERSION = 1
-DECODER_VERSION = 2  # bump when the way methods are decoded changes: results made before are not reused
+DECODER_VERSION = 3  # bump when the way methods are decoded changes: results made before are not reused
 
 
 @dataclass

@@ -20,7 +20,6 @@ point's samples do not depend on which other points or how many rows share its b
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -67,12 +66,6 @@ def check_weights(weights: Any, k: int, normalize: bool = False, names: list[str
     if normalize:
         w = w / w.sum(axis=1, keepdims=True)
     return w, single
-
-
-def point_seed(seed: int, weights: np.ndarray) -> int:
-    """A sampling seed for one weight point that depends only on (seed, the point's weights)."""
-    h = hashlib.sha256(np.asarray(weights, dtype=np.float64).round(12).tobytes() + str(int(seed)).encode())
-    return int.from_bytes(h.digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 # ------------------------------------------------------------------------------------------------ result

@@ -29,7 +29,6 @@ from emorl.ensemble.decoder import (
     decode_chunk,
     default_budget,
     derive_chunking,
-    point_seed,
 )
 from emorl.ensemble.lora_bank import lora_bank
 from emorl.utils import EmorlError
@@ -205,10 +204,9 @@ class EnsembleModel:
         w_used = torch.tensor(w_np[:, used], dtype=torch.float32, device=self.device)
         k = len(names)
         u_all = None
-        if do_sample:
-            base_seed = 0 if seed is None else int(seed)
-            u_all = torch.stack([torch.rand(n_prompts, max_new_tokens, generator=torch.Generator().manual_seed(
-                point_seed(base_seed, w_np[g]))) for g in range(n_points)]).to(self.device)
+        if do_sample:  # common random numbers: every point draws the same uniforms (paired comparisons)
+            g = torch.Generator().manual_seed(0 if seed is None else int(seed))
+            u_all = torch.rand(n_prompts, max_new_tokens, generator=g).to(self.device).expand(n_points, -1, -1)
 
         tok_out = torch.full((n_points, n_prompts, max_new_tokens), self.pad, dtype=torch.long, device=self.device)
         len_out = torch.zeros((n_points, n_prompts), dtype=torch.long, device=self.device)

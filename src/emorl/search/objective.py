@@ -17,14 +17,15 @@ from emorl.search.evaluator import Score
 from emorl.utils import EmorlError
 
 MODES = ("hidden", "logits", "probs", "params")
-# Modes whose greedy decode depends only on the direction of w: hidden and logits mixing are linear in w
-# before an argmax, so w and c·w (c > 0) pick the same tokens. Never params (w scales the task vectors) and
-# never under sampling (the sampling distribution changes with c).
+# Modes whose decode depends only on the direction of w. Greedy: hidden and logits mixing are linear in w before
+# an argmax, so w and c·w (c > 0) pick the same tokens. Sampled: c would act as an inverse temperature, so the
+# objective decodes w / sum(w) (as the evaluation does), and every point draws the same random numbers: again only
+# the direction counts. Never params (w scales the task vectors).
 SCALE_INVARIANT_MODES = ("hidden", "logits")
 
 
 def is_scale_invariant(mode: str, generation: GenerationConfig) -> bool:
-    return mode in SCALE_INVARIANT_MODES and not generation.do_sample
+    return mode in SCALE_INVARIANT_MODES
 
 
 def aggregate_weights(objectives: Sequence[str], objective_weights: Sequence[float] | None) -> np.ndarray:
@@ -83,8 +84,9 @@ class EnsembleObjective:
         texts: list[list[str]] = [[] for _ in range(len(points))]
         live = np.flatnonzero(~zero)
         if len(live):
+            normalize = self.generation.do_sample and self.mode in SCALE_INVARIANT_MODES  # as the evaluation
             out = self.ensemble.generate(self.prompts, weights=points[live], mode=self.mode, seed=self.seed,
-                                         **_generation_kwargs(self.generation))
+                                         normalize=normalize, **_generation_kwargs(self.generation))
             groups = out.all_texts if hasattr(out, "all_texts") else out
             if len(groups) != len(live) or any(len(t) != len(self.prompts) for t in groups):
                 raise EmorlError(f"the ensemble returned {len(groups)} groups of replies for {len(live)} weight "
