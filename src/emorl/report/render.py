@@ -258,9 +258,9 @@ def render_markdown(run: Path, s: dict[str, Any], tables: dict[str, tuple[list[s
                   "own adapter alone (same prompts, same decoding):", "", markdown(*tables["improvement"]), ""]
     if s["search"]:
         lines += ["## Weights found", "", markdown(*tables["weights"]), "",
-                  "Weights are in [0, 1] per adapter and not normalised; under greedy decoding hidden and logit mixing "
-                  "depend only on their ratios. The aggregate is the mean objective score on the validation prompts "
-                  "the search decoded."
+                  "Weights are in [0, 1] per adapter, as the search found them. Hidden and logit mixes depend only on "
+                  "their ratios (sampled decodes rescale them to sum 1); parameter mixes use them as given. The "
+                  "aggregate is the mean objective score on the validation prompts the search decoded."
                   + (" *: the search's best point was all zero (every point scored the same), which cannot be "
                      "decoded; evaluation used the best other point, shown." if any(r[0].endswith("*") for r in
                                                                                  tables["weights"][1]) else ""), ""]
