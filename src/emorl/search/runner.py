@@ -97,6 +97,8 @@ def search_run(run_dir: str | Path, cfg: RunConfig | None = None, *, mode: str =
         "max_prompt_tokens": cfg.model.max_prompt_tokens,
         "system_prompt": cfg.model.system_prompt,
     }
+    if sc.generation.do_sample:  # logs of sampled searches made before common random numbers are not resumed
+        header["random_numbers"] = "common to all points"
     out = search_folder(run_dir, mode, method)
     store = PointStore(out, header, resume=resume, overwrite=fresh)  # refuses a foreign log before loading
     if objective is not None:
