@@ -14,9 +14,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +24,7 @@ import torch
 from filelock import FileLock
 
 from emorl.config import LoraConfig, ModelConfig
-from emorl.utils import EmorlError, atomic_write_json, cache_dir, resolve_device
+from emorl.utils import EmorlError, atomic_folder, atomic_write_json, cache_dir, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +71,9 @@ def _atomic_dir(target: Path, build: Any) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / ".complete").exists():
             return target
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        try:
+        with atomic_folder(target) as tmp:
             build(tmp)
             (tmp / ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -257,24 +247,12 @@ def save_adapter(model: Any, name: str, folder: str | Path, info: AdapterInfo) -
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic_folder(folder) as tmp:
         sd = get_peft_model_state_dict(model, adapter_name=name)
         save_file({k: v.detach().to("cpu").contiguous() for k, v in sd.items()}, str(tmp / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
         model.peft_config[name].save_pretrained(str(tmp))
         atomic_write_json(tmp / "emorl.json", info.__dict__)
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -287,22 +265,10 @@ def is_full_model_dir(folder: str | Path) -> bool:
 def save_full_model(model: Any, tokenizer: Any, folder: str | Path, info: AdapterInfo) -> Path:
     """Write a fully fine-tuned policy (safetensors) + tokenizer + ``emorl.json`` atomically."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic_folder(folder) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         atomic_write_json(tmp / "emorl.json", info.__dict__)
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

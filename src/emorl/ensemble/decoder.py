@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from emorl.sampling import choose as _choose
+from emorl.sampling import warpers
 from emorl.utils import EmorlError
 
 MODES = ("hidden", "logits", "probs", "params")
@@ -316,24 +317,13 @@ class DecodeSpec:
 
     def processors(self, device: torch.device) -> Any:
         """transformers' logits processors/warpers for this spec (the ones ``generate`` would build)."""
-        from transformers import (
-            LogitsProcessorList,
-            MinNewTokensLengthLogitsProcessor,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
+        from transformers import LogitsProcessorList, MinNewTokensLengthLogitsProcessor
 
         procs = LogitsProcessorList()
         if self.min_new_tokens > 0 and self.eos:
             procs.append(MinNewTokensLengthLogitsProcessor(0, self.min_new_tokens, self.eos, device=str(device)))
         if self.do_sample:
-            if self.temperature != 1.0:
-                procs.append(TemperatureLogitsWarper(self.temperature))
-            if self.top_k > 0:
-                procs.append(TopKLogitsWarper(self.top_k))
-            if self.top_p < 1.0:
-                procs.append(TopPLogitsWarper(self.top_p))
+            procs.extend(warpers(self.temperature, self.top_k, self.top_p))
         return procs
 
 

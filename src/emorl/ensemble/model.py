@@ -31,6 +31,7 @@ from emorl.ensemble.decoder import (
     derive_chunking,
 )
 from emorl.ensemble.lora_bank import lora_bank
+from emorl.sampling import uniforms
 from emorl.utils import EmorlError
 
 log = logging.getLogger(__name__)
@@ -205,8 +206,8 @@ class EnsembleModel:
         k = len(names)
         u_all = None
         if do_sample:  # common random numbers: every point draws the same uniforms (paired comparisons)
-            g = torch.Generator().manual_seed(0 if seed is None else int(seed))
-            u_all = torch.rand(n_prompts, max_new_tokens, generator=g).to(self.device).expand(n_points, -1, -1)
+            u_all = uniforms(0 if seed is None else int(seed), n_prompts, max_new_tokens, self.device).expand(
+                n_points, -1, -1)
 
         tok_out = torch.full((n_points, n_prompts, max_new_tokens), self.pad, dtype=torch.long, device=self.device)
         len_out = torch.zeros((n_points, n_prompts), dtype=torch.long, device=self.device)

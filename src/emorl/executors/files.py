@@ -6,11 +6,10 @@ them. So a cluster needs no shared filesystem, and a worker killed mid-write can
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+from emorl.utils import atomic_folder
 
 Files = dict[str, bytes]
 
@@ -48,21 +47,6 @@ def unpack(files: Files, root: Path) -> None:
 def replace_folder(files: Files, root: Path, folder: str) -> None:
     """Make ``root/folder`` hold exactly the packed files under ``folder``: written to a temp sibling, then renamed
     into place, so a reader (or a killed driver) sees the old folder or the new one, never a mix."""
-    root = Path(root)
-    dest = _safe(root, folder)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
-        prefix = folder.rstrip("/") + "/"
+    prefix = folder.rstrip("/") + "/"
+    with atomic_folder(_safe(Path(root), folder)) as tmp:
         unpack({rel[len(prefix):]: data for rel, data in files.items() if rel.startswith(prefix)}, tmp)
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import numpy as np
 from emorl.config import RunConfig
 from emorl.executors import Decoded, TrainJob
 from emorl.executors.files import Files, pack, replace_folder, unpack
-from emorl.executors.local import Resources
+from emorl.executors.local import Resources, job_config
 from emorl.utils import EmorlError, atomic_write_bytes
 
 log = logging.getLogger("emorl.ray")
@@ -77,7 +76,6 @@ class CheckpointStore:
     def __init__(self) -> None:
         self.latest: dict[str, tuple[int, int, Files]] = {}  # job -> (version, step, files)
         self.pids: dict[str, int] = {}
-        self.attempts: dict[str, int] = {}
         self.version = 0
 
     def put(self, key: str, step: int, files: Files) -> int:
@@ -91,10 +89,8 @@ class CheckpointStore:
     def since(self, version: int) -> dict[str, tuple[int, int, Files]]:
         return {k: v for k, v in self.latest.items() if v[0] > version}
 
-    def started(self, key: str, pid: int) -> int:
+    def started(self, key: str, pid: int) -> None:
         self.pids[key] = pid
-        self.attempts[key] = self.attempts.get(key, 0) + 1
-        return self.attempts[key]
 
     def workers(self) -> dict[str, int]:
         return dict(self.pids)
@@ -111,10 +107,7 @@ def train_task(cfg_dict: dict[str, Any], strategy: str, objective: str | None, k
 
     cfg = RunConfig.from_dict(cfg_dict)
     _threads(cfg.executor.num_cpus)
-    job = TrainJob(strategy, (objective,) if objective else tuple(cfg.objectives))
-    from emorl.executors.local import job_config
-
-    tcfg = job_config(cfg, job)
+    tcfg = job_config(cfg, TrainJob(strategy, (objective,) if objective else tuple(cfg.objectives)))
     with tempfile.TemporaryDirectory(prefix="emorl-task-") as tmp:
         run = Path(tmp)
         trainer = Trainer(tcfg, run, splits=splits, progress=False, callbacks=[])
@@ -187,7 +180,7 @@ class Worker:
         """One method's replies for every seed; the spec's adapter folders are mapped into this worker's copy."""
         import dataclasses
 
-        from emorl.evaluate import Decoder
+        from emorl.evaluate import Decoder, decode_with
 
         def here(p: Any) -> Path:
             return self.dir / Path(p).relative_to(run)
@@ -196,11 +189,7 @@ class Worker:
         decoder = Decoder(self.base, self.cfg.eval.generation,
                           {n: here(f) for n, f in any_adapter.items()} if any_adapter else None)
         decoder._ens = self._ensembles  # reuse loaded ensembles across methods
-        out = []
-        for seed in seeds:
-            t0 = time.perf_counter()
-            texts, lengths = decoder.decode(local, prompts, seed)
-            out.append((seed, texts, lengths, time.perf_counter() - t0))
+        (_, out), = decode_with(decoder)([local], prompts, seeds)
         return spec, out
 
     def close(self) -> None:
@@ -210,11 +199,8 @@ class Worker:
 class RayObjective:
     """The search objective on the driver: a batch of points is split across the workers, scored there."""
 
-    def __init__(self, workers: list[Any], mode: str, names: list[str], prompts: list[str], scale_invariant: bool
-                 ) -> None:
+    def __init__(self, workers: list[Any], mode: str, names: list[str], prompts: list[str]) -> None:
         self.workers, self.mode, self.names, self.prompts = workers, mode, list(names), list(prompts)
-        self.scale_invariant = scale_invariant
-        self.points_decoded = 0
 
     @property
     def dim(self) -> int:
@@ -234,9 +220,7 @@ class RayObjective:
         chunks = [c for c in np.array_split(np.arange(len(points)), min(len(self.workers), len(points))) if len(c)]
         refs = [w.score.remote(self.mode, self.names, self.prompts, points[c])
                 for w, c in zip(self.workers, chunks, strict=False)]
-        out = [Score(a, s) for part in ray.get(refs) for a, s in part]
-        self.points_decoded += int((points > 0).any(axis=1).sum())
-        return out
+        return [Score(a, s) for part in ray.get(refs) for a, s in part]
 
     def degenerate(self) -> Any:
         import ray
@@ -310,7 +294,7 @@ class RayExecutor:
                 while pending:
                     ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
                     new = ray.get(store.since.remote(version))
-                    pids = ray.get(store.workers.remote()) if new else {}
+                    pids = ray.get(store.workers.remote()) if new and self.on_checkpoint else {}
                     for key, (v, step, files) in new.items():
                         version = max(version, v)
                         self._mirror(key, files)
@@ -380,9 +364,7 @@ class RayExecutor:
         return max(1, min(8, by_cpu, by_gpu))
 
     def search_objective(self, mode: str, names: list[str], prompts: list[str]) -> Any:
-        from emorl.search.objective import is_scale_invariant
-
-        return RayObjective(self._pool(), mode, names, prompts, is_scale_invariant(mode, self.cfg.search.generation))
+        return RayObjective(self._pool(), mode, names, prompts)
 
     def decode_methods(self, specs: list[Any], prompts: list[str], seeds: list[int]
                        ) -> Iterator[tuple[Any, list[Decoded]]]:

@@ -8,9 +8,6 @@ its previous checkpoint intact. It holds every policy's trainable weights and op
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from emorl.utils import EmorlError, atomic_write_json
+from emorl.utils import EmorlError, atomic_folder, atomic_write_json
 
 
 def _opt_to_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -58,9 +55,7 @@ def save_checkpoint(folder: Path, *, params: dict[str, dict[str, torch.Tensor]],
     import random
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic_folder(folder) as tmp:
         weights = {f"{p}/{n}": t.detach().to("cpu").contiguous() for p, d in params.items() for n, t in d.items()}
         save_file(weights, str(tmp / "weights.safetensors"))
         opt_tensors: dict[str, torch.Tensor] = {}
@@ -78,16 +73,6 @@ def save_checkpoint(folder: Path, *, params: dict[str, dict[str, torch.Tensor]],
                     "numpy": _numpy_state_to_json(np.random.get_state())},
         }
         atomic_write_json(tmp / "state.json", full_state)
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_checkpoint(folder: Path, *, params: dict[str, dict[str, torch.Tensor]],
