@@ -49,6 +49,24 @@ class Base:
     def identity(self) -> dict[str, str]:
         return {"name": self.name, "fingerprint": self.fingerprint}
 
+    @property
+    def prompt_format(self) -> dict[str, Any]:
+        """How client statements become model input (recorded in each adapter's emorl.json: decoding an adapter
+        with another format is decoding another policy)."""
+        form = "seq2seq" if self.is_seq2seq or not getattr(self.tokenizer, "chat_template", None) else "chat-template"
+        return {"form": form, "system_prompt": self.config.system_prompt,
+                "max_prompt_tokens": self.config.max_prompt_tokens}
+
+
+def eos_ids(base: Base) -> list[int]:
+    """The ids that end a reply: the model's generation config's EOS id(s) and the tokenizer's EOS."""
+    lm = base.model.get_base_model() if hasattr(base.model, "get_base_model") else base.model
+    ids = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    ids = list(ids) if isinstance(ids, list | tuple) else [ids] if ids is not None else []
+    if base.tokenizer.eos_token_id is not None and base.tokenizer.eos_token_id not in ids:
+        ids.append(base.tokenizer.eos_token_id)
+    return [int(i) for i in ids]
+
 
 # ---------------------------------------------------------------------------------------- loading
 
@@ -239,6 +257,7 @@ class AdapterInfo:
     converged: bool = False
     curve: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    prompt: dict[str, Any] = field(default_factory=dict)  # Base.prompt_format it was trained with ({} if older)
 
 
 def save_adapter(model: Any, name: str, folder: str | Path, info: AdapterInfo) -> Path:

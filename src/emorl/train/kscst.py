@@ -214,7 +214,7 @@ def joint_policy_gradient_step(model: Any, batches: list[RolloutBatch], advantag
     """:func:`policy_gradient_step` for K LoRA adapters at once: one forward/backward over the K adapters' rows
     (adapter-major, routed by the LoRA bank) instead of K. The adapters' parameters are disjoint, so the summed
     loss gives each adapter exactly its own gradient (tested against K separate steps). Causal models, no KL."""
-    from emorl.ensemble.lora_bank import lora_bank
+    from emorl.lora_bank import lora_bank
 
     n_prompts = batches[0].prompt_ids.shape[0]
     k = batches[0].k
