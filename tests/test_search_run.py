@@ -84,6 +84,17 @@ def test_end_to_end_writes_log_best_and_plots(run_dir, ensemble):
     res3, out3 = search_run(run_dir, mode="hidden", progress=False, ensemble=anchored, plots=False)
     assert out3 == run_dir / "search" / "hidden" and len(anchored.points) == res3.n_unique == res3.n_decoded
     assert (0.0, 0.0, 0.0) in anchored.points
+    # re-scoring a logged point on the search's prompts and seed reproduces its logged aggregate
+    from emorl.data import load_splits
+    from emorl.rewards import build_rewards
+    from emorl.search.objective import build_objective
+
+    cfg = load_config(str(run_dir / "config.yaml"))
+    prompts = [r.prompt for r in load_splits(cfg.data).validation[: cfg.search.prompts]]
+    obj = build_objective(ensemble, prompts, build_rewards(cfg.objectives, ensemble.base), "hidden", cfg.search)
+    logged = [json.loads(x) for x in (out3 / "points.jsonl").read_text().splitlines()[1:]][:5]
+    again_scores = obj(np.array([r["weights"] for r in logged]))
+    assert [s.aggregate for s in again_scores] == pytest.approx([r["aggregate"] for r in logged], abs=1e-6)  # reward batch float noise
 
 
 def test_batched_objective_equals_point_by_point(run_dir, ensemble):

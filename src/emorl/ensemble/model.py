@@ -219,7 +219,7 @@ class EnsembleModel:
         scores_out: torch.Tensor | None = None
         budget = memory_budget_gb * 2**30 if memory_budget_gb else default_budget(self.device)
         rows = derive_chunking(budget, self._kv_per_token, ids.shape[1] + max_new_tokens,
-                               self.head.lm_head.weight.shape[0], k, mode, max_rows)
+                               self.head.lm_head.weight.shape[0], max(k, 1), mode, max_rows)
         plan = self._plan(n_prompts, n_points, k, rows, mode)
         capacity = (1 if self.base.is_seq2seq else ids.shape[1]) + max_new_tokens  # self-attention cache length
         pbar = None
