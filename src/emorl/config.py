@@ -143,7 +143,7 @@ class SearchConfig:
     """Weight search over the K adapters' mixing weights."""
 
     method: Literal["hierarchical", "grid", "random"] = _f("hierarchical", "Search algorithm.")
-    modes: list[str] = _f(["hidden", "params", "logits"], "Mixes searched by `emorl run`: a mode (hidden, logits, "
+    modes: list[str] = _f(["hidden", "hidden-convex", "params", "params-convex"], "Mixes searched by `emorl run`: a mode (hidden, logits, "
                           "probs, params; weight rule `search.anchor`), or MODE-convex for the convex form (each point "
                           "rescaled to sum 1: the paper's hidden mix, the parameter average for params).")
     anchor: Literal["base", "none"] = _f("base", "Weight rule of the modes named without a suffix. base: each "
@@ -169,7 +169,9 @@ class EvalConfig:
     split: Literal["train", "validation", "test"] = _f("test", "Which split to evaluate on.")
     prompts: int | None = _f(64, "Evaluate on at most this many prompts (null = all).")
     seeds: list[int] = _f([0], "Decoding seeds; results are mean ± std over seeds.")
-    methods: list[str] = _f(["base", "emorl", "uniform", "dynaopt", "soups", "logits"], "Methods compared.")
+    methods: list[str] = _f(["base", "emorl", "emorl-convex", "uniform", "dynaopt", "soups", "soups-avg"],
+                            "Methods compared. Logit mixing ('logits') equals hidden mixing under a linear LM head "
+                            "(SmolLM2, T5), so it is not in the default list.")
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(do_sample=False),
         metadata={"help": "Decoding settings, identical for every method."})
