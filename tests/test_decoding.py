@@ -15,7 +15,7 @@ from emorl.config import GenerationConfig, LoraConfig, ModelConfig, load_config
 from emorl.data import encode_prompts, format_prompts
 from emorl.decoding import parse_mix, plain_generation_config
 from emorl.ensemble import EnsembleModel
-from emorl.models import AdapterInfo, add_adapters, adapters_disabled, load_base, save_adapter
+from emorl.models import AdapterInfo, adapters_disabled, add_adapters, load_base, save_adapter
 from emorl.utils import EmorlError
 
 NAMES = ["ref", "emp", "flu"]

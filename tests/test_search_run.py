@@ -94,7 +94,7 @@ def test_end_to_end_writes_log_best_and_plots(run_dir, ensemble):
     obj = build_objective(ensemble, prompts, build_rewards(cfg.objectives, ensemble.base), "hidden", cfg.search)
     logged = [json.loads(x) for x in (out3 / "points.jsonl").read_text().splitlines()[1:]][:5]
     again_scores = obj(np.array([r["weights"] for r in logged]))
-    assert [s.aggregate for s in again_scores] == pytest.approx([r["aggregate"] for r in logged], abs=1e-6)  # reward batch float noise
+    assert [s.aggregate for s in again_scores] == pytest.approx([r["aggregate"] for r in logged], abs=1e-6)
 
 
 def test_batched_objective_equals_point_by_point(run_dir, ensemble):
