@@ -145,7 +145,8 @@ class SearchConfig:
     method: Literal["hierarchical", "grid", "random"] = _f("hierarchical", "Search algorithm.")
     modes: list[str] = _f(["hidden", "hidden-convex", "params", "params-convex"],
                           "Mixes searched by `emorl run`: a mode (hidden, logits, probs, params; weight rule "
-                          "`search.anchor`), or MODE-convex for the convex form (each point rescaled to sum 1: the paper's hidden mix, the parameter average for params).")
+                          "`search.anchor`), or MODE-convex for the convex form (each point "
+                          "rescaled to sum 1: the paper's hidden mix, the parameter average for params).")
     anchor: Literal["base", "none"] = _f("base", "Weight rule of the modes named without a suffix. base: each "
                                          "adapter's shift of the base model at strength w_k (h0 + sum w_k (h_k - "
                                          "h0); W0 + sum w_k dW_k for params); none: convex (sum w = 1).")
