@@ -293,3 +293,20 @@ def test_generate_method_reproduces_the_evaluated_replies(tmp_path, tiny_base, c
         assert got == [r["reply"] for r in stored if r["seed"] == 5], method
     assert len({tuple(json.loads(x)["reply"] for x in (run / "eval" / "replies" / f"{m}.jsonl").read_text()
                       .splitlines()) for m in ("base", "emorl", "uniform")}) == 3  # the methods do differ
+
+
+def test_logit_mixing_under_a_linear_head_is_reported_once(tmp_path, tiny_base):
+    """With a linear LM head, logit mixing equals hidden mixing token for token (checked here), so the evaluation
+    decodes it once and reports the row with the reason."""
+    cfg, run = make_run(tmp_path, tiny_base, search_modes=("hidden", "logits"))
+    from emorl.ensemble.model import EnsembleModel
+
+    ens = EnsembleModel(tiny_base, {n: run / "adapters" / n for n in ("short", "long")})
+    kw = {"max_new_tokens": 8, "do_sample": True, "seed": 3, "top_k": 0}
+    assert torch.equal(ens.generate(PROMPTS, [0.75, 0.25], mode="hidden", **kw).token_ids,
+                       ens.generate(PROMPTS, [0.75, 0.25], mode="logits", **kw).token_ids)
+    res = evaluate_run(run, cfg, ["emorl", "logits"], base=tiny_base, progress=False)
+    logits, emorl = res["methods"]["logits"], res["methods"]["emorl"]
+    assert logits["same_as"] == "emorl" and "linear LM head" in logits["note"]
+    assert logits["per_seed"] == emorl["per_seed"] and logits["label"] == "Logit mixing"
+    assert not (run / "eval" / "replies" / "logits.jsonl").exists()

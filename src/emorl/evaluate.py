@@ -355,6 +355,8 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
             decode = decode_with(Decoder(base, cfg.eval.generation, any_adapter(run, specs)))
         from emorl.train.monitor import Progress
 
+        same = same_as_hidden(todo, base)  # logits mixing that would repeat EMORL's decode token for token
+        todo = [s for s in todo if s.name not in same]
         with Progress(progress).run() as bars:
             bars.add("evaluate", len(todo) * len(seeds))
             done = 0
@@ -385,8 +387,29 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
                     "training": training_cost(s), "search": search_cost(s), "samples": samples}
                 _write(run, results, order)  # a finished method survives an interrupted evaluation
             bars.update("evaluate", done, "done")
+        for name, twin in same.items():
+            spec = next(x for x in specs if x.name == name)
+            results["methods"][name] = {**results["methods"][twin], "label": spec.label, "mode": spec.mode,
+                                        "signature": sigs[name], "search": search_cost(spec), "same_as": twin,
+                                        "note": f"identical to {method_label(twin)}: with a linear LM head, "
+                                                f"sum_k w_k log p_k and head(sum_k w_k h_k) give the same "
+                                                f"distribution, so it was decoded once"}
     _write(run, results, order)
     return results
+
+
+def same_as_hidden(specs: Sequence[MethodSpec], base: Any) -> dict[str, str]:
+    """Logit-mixing methods with the weights and anchor of a hidden-mixing method in ``specs`` -> that method, when
+    the LM head is linear (no soft-capping): log-softmax differs from the logits by a per-row constant, so
+    ``sum w_k log p_k`` and ``head(sum w_k h_k)`` (anchored alike) sample the same tokens."""
+    from emorl.ensemble.decoder import Head
+
+    lm = base.model.get_base_model() if hasattr(base.model, "get_base_model") else base.model
+    if Head(lm, base.is_seq2seq).softcap:
+        return {}
+    hidden = {(tuple(s.weights or []), s.anchor, tuple(s.adapters)): s.name for s in specs if s.mode == "hidden"}
+    return {s.name: hidden[key] for s in specs if s.mode == "logits"
+            and (key := (tuple(s.weights or []), s.anchor, tuple(s.adapters))) in hidden}
 
 
 def _score(reward: Any, prompts: list[str], texts: list[str]) -> np.ndarray:

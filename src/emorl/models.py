@@ -58,6 +58,24 @@ class Base:
                 "max_prompt_tokens": self.config.max_prompt_tokens}
 
 
+def cache_kwarg(module: Any) -> str:
+    """The KV-cache argument of ``module.forward``: transformers renamed ``past_key_values`` to ``cache`` in 5.x."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache of a model output, under either name."""
+    c = getattr(out, "cache", None)
+    return c if c is not None else getattr(out, "past_key_values", None)
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: 0 at each row's first real token (pads get 0; they are masked anyway)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def eos_ids(base: Base) -> list[int]:
     """The ids that end a reply: the model's generation config's EOS id(s) and the tokenizer's EOS."""
     lm = base.model.get_base_model() if hasattr(base.model, "get_base_model") else base.model

@@ -28,7 +28,6 @@ point's samples do not depend on which other points or how many rows share its b
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from emorl.models import cache_kwarg, output_cache, position_ids
 from emorl.sampling import choose as _choose
 from emorl.sampling import warpers
 from emorl.utils import EmorlError
@@ -137,16 +137,6 @@ class GenerationResult:
 
 
 # ------------------------------------------------------------------------------------------------ model parts
-
-def _cache_kwarg(module: Any) -> str:
-    params = inspect.signature(module.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _out_cache(out: Any) -> Any:
-    c = getattr(out, "cache", None)
-    return c if c is not None else out.past_key_values
-
 
 def _buffered_layer_class() -> type:
     from transformers.cache_utils import DynamicLayer
@@ -268,7 +258,7 @@ class Stream:
         self.is_seq2seq = is_seq2seq
         self.decoder = lm.get_decoder()
         self.encoder = lm.get_encoder() if is_seq2seq else None
-        self.kw = _cache_kwarg(self.decoder)
+        self.kw = cache_kwarg(self.decoder)
         self.decoder_start = decoder_start
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -280,22 +270,21 @@ class Stream:
             st: dict[str, Any] = {"enc": enc, "mask": mask, "cache": cache}
             start = torch.full((ids.shape[0],), self.decoder_start, dtype=torch.long, device=ids.device)
             return self.step(start, st), st
-        pos = mask.long().cumsum(-1) - 1
-        pos.masked_fill_(mask == 0, 1)
+        pos = position_ids(mask)
         out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        st = {"cache": _out_cache(out), "mask": mask, "pos": pos[:, -1] + 1}
+        st = {"cache": output_cache(out), "mask": mask, "pos": pos[:, -1] + 1}
         return out.last_hidden_state[:, -1], st
 
     def step(self, tokens: torch.Tensor, st: dict[str, Any]) -> torch.Tensor:
         if self.is_seq2seq:
             out = self.decoder(input_ids=tokens[:, None], encoder_hidden_states=st["enc"],
                                encoder_attention_mask=st["mask"], use_cache=True, **{self.kw: st["cache"]})
-            st["cache"] = _out_cache(out)
+            st["cache"] = output_cache(out)
             return out.last_hidden_state[:, -1]
         st["mask"] = torch.cat([st["mask"], st["mask"].new_ones(st["mask"].shape[0], 1)], dim=1)
         out = self.decoder(input_ids=tokens[:, None], attention_mask=st["mask"], position_ids=st["pos"][:, None],
                            use_cache=True, **{self.kw: st["cache"]})
-        st["cache"] = _out_cache(out)
+        st["cache"] = output_cache(out)
         st["pos"] = st["pos"] + 1
         return out.last_hidden_state[:, -1]
 
