@@ -147,13 +147,25 @@ class SearchConfig:
     iterations: int = _f(5, "Hierarchical rounds (final resolution 2^-iterations per axis).")
     grid_points: int = _f(9, "method=grid: points per axis.")
     random_points: int = _f(64, "method=random: number of points.")
-    prompts: int = _f(16, "Validation prompts decoded per weight point (the same for every point).")
+    prompts: int | None = _f(None, "Validation prompts decoded per weight point (the same for every point); null = "
+                             "the whole validation split.")
+    seeds: list[int] = _f([0], "Decoding seeds per point under sampling (a prompt's score is its mean over them, the "
+                          "same seeds for every point); greedy decoding uses the first only.")
+    reeval_top: int = _f(3, "Re-score the search's top-n points (distinct directions) on reeval_prompts x "
+                         "reeval_seeds and choose the best by that (0 = off): a fresh draw of the decoding noise "
+                         "removes the winner's curse of picking the luckiest point.")
+    reeval_prompts: int | None = _f(None, "Validation prompts of the re-evaluation (null = the whole split).")
+    reeval_seeds: list[int] = _f([1000, 1001, 1002], "Decoding seeds of the re-evaluation under sampling (fresh seeds, "
+                                 "not the search's, so the re-score is independent of the noise that chose the "
+                                 "points); greedy decoding uses the first only.")
     objective_weights: list[float] | None = _f(None, "Aggregate = weighted mean of objective scores (default: mean).")
     batch_points: int = _f(8, "Weight points decoded together in one batch.")
-    seed: int = _f(0, "Seed of decoding (sampling modes) and random search.")
+    seed: int = _f(0, "Seed of the random search (decoding seeds: search.seeds).")
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(do_sample=False),
-        metadata={"help": "Decoding settings of the search (greedy by default, as the paper)."})
+        metadata={"help": "Decoding settings of the search (greedy by default, as the paper). Keep them equal to "
+                          "eval.generation: a search that decodes otherwise than the evaluation scores other replies "
+                          "(a mismatch is warned about)."})
 
 
 @dataclass
@@ -166,7 +178,9 @@ class EvalConfig:
     methods: list[str] = _f(["base", "emorl", "uniform", "dynaopt", "soups", "logits"], "Methods compared.")
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(do_sample=False),
-        metadata={"help": "Decoding settings, identical for every method."})
+        metadata={"help": "Decoding settings, identical for every method. Greedy evaluation (the paper's way for "
+                          "EMORL) is the one switch eval.generation.do_sample=false, applied to every method alike "
+                          "(base, baselines, mixes, adapters alone); it decodes once, whatever eval.seeds says."})
 
 
 @dataclass
@@ -401,6 +415,10 @@ def validate(cfg: RunConfig) -> None:
                         ("train.val_every", t.val_every, 1), ("train.checkpoint_every", t.checkpoint_every, 1),
                         ("train.micro_batch_size", t.micro_batch_size, 1), ("train.val_prompts", t.val_prompts, 1),
                         ("lora.r", cfg.lora.r, 1), ("search.iterations", cfg.search.iterations, 1),
+                        ("search.prompts", 1 if cfg.search.prompts is None else cfg.search.prompts, 1),
+                        ("search.reeval_top", cfg.search.reeval_top, 0),
+                        ("search.reeval_prompts", 1 if cfg.search.reeval_prompts is None else cfg.search.reeval_prompts,
+                         1),
                         ("train.generation.max_new_tokens", t.generation.max_new_tokens, 1)]:
         if v < lo:
             raise EmorlError(f"{name} must be >= {lo}, got {v}")

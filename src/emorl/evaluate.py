@@ -438,6 +438,9 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
                     "training": training_cost(s), "search": search_cost(s), "samples": samples}
                 _write(run, results, order)  # a finished method survives an interrupted evaluation
             bars.update("evaluate", done, "done")
+    from emorl.evaluate_stats import add_confidence
+
+    add_confidence(run, results)  # paired-bootstrap CIs and differences, from the stored replies
     _write(run, results, order)
     return results
 

@@ -71,7 +71,8 @@ class LocalExecutor:
             if trainer._stop.is_set():
                 raise KeyboardInterrupt
 
-    def search_objective(self, mode: str, names: list[str], prompts: list[str]) -> Any:
+    def search_objective(self, mode: str, names: list[str], prompts: list[str], seeds: list[int] | None = None
+                         ) -> Any:
         from emorl.ensemble.model import EnsembleModel
         from emorl.search.objective import EnsembleObjective
 
@@ -79,7 +80,8 @@ class LocalExecutor:
             self._ensemble = EnsembleModel(self.res.base, {o: self.run / "adapters" / o for o in names})
         sc = self.cfg.search
         return EnsembleObjective(self._ensemble, prompts, self.res.rewards, mode=mode, generation=sc.generation,
-                                 seed=sc.seed, objective_weights=sc.objective_weights)
+                                 seed=sc.seed, objective_weights=sc.objective_weights,
+                                 seeds=sc.seeds if seeds is None else seeds)
 
     def decode_methods(self, specs: list[Any], prompts: list[str], seeds: list[int]
                        ) -> Iterator[tuple[Any, list[Decoded]]]:

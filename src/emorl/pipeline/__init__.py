@@ -144,8 +144,8 @@ def _run_stage(stage: str, todo: list[Step], plan: Plan, cfg: RunConfig, run: Pa
     elif stage == "search":
         from emorl.search.runner import search_run
 
-        def objective(mode: str, names: list[str], prompts: list[str]) -> Any:
-            return executor.search_objective(mode, names, prompts)
+        def objective(mode: str, names: list[str], prompts: list[str], seeds: list[int] | None = None) -> Any:
+            return executor.search_objective(mode, names, prompts, seeds)
 
         for s in todo:
             try:

@@ -16,9 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from emorl.evaluate_stats import difference_sentences
 from emorl.report import figures as F
 from emorl.report.tables import (
     comparison_table,
+    differences_table,
     improvement_table,
     markdown,
     stages_table,
@@ -211,6 +213,9 @@ def write_report(run_dir: str | Path) -> Path:
     improved = improvement_table(results)
     if improved:
         tables["improvement"] = improved
+    diffs = differences_table(results)
+    if diffs:
+        tables["differences"] = diffs
     samples = _samples(results)
     summary = {
         "version": 1, "run": str(run), "rendered": time.strftime("%Y-%m-%d %H:%M:%S"), "model": results.get("model"),
@@ -220,7 +225,8 @@ def write_report(run_dir: str | Path) -> Path:
         "search": {m: {k: b.get(k) for k in ("names", "weights", "weight_vector", "aggregate", "scores", "points",
                                              "decoded", "wall_time_s", "history", "scale_invariant")}
                    for m, b in search.items()},
-        "stages": stages, "samples": samples, "tradeoff_background": _decoded_alike(results, search),
+        "stages": stages, "samples": samples, "bootstrap": results.get("bootstrap"),
+        "differences_text": difference_sentences(results), "tradeoff_background": _decoded_alike(results, search),
         "tables": {k: {"columns": c, "rows": r} for k, (c, r) in tables.items()},
         "figures": [str(p.relative_to(run)) for p in figs]}
     atomic_write_json(run / "results.json", summary)
@@ -243,7 +249,15 @@ def render_markdown(run: Path, s: dict[str, Any], tables: dict[str, tuple[list[s
              "cost until each policy converged or spent its budget: EMORL, Model Soups and logit mixing all reuse the "
              "same K single-objective adapters, so they share that cost (sum over the adapters; per-adapter figures "
              "below) and add their own weight search. *Tokens/s* is decoding throughput on this machine; the mixing "
-             "methods run all K adapters at every step.", ""]
+             "methods run all K adapters at every step."
+             + (" Brackets are 95% confidence intervals from a paired bootstrap over (prompt, seed) units "
+                f"({s['bootstrap']['n_units']} units, {s['bootstrap']['resamples']} resamples): every method saw the "
+                "same prompts and random numbers." if s.get("bootstrap") else ""), ""]
+    if "differences" in tables:
+        lines += ["### Paired differences", "", markdown(*tables["differences"]), "",
+                  "Each cell is the method's score minus the reference's on the same units, with its 95% CI; "
+                  "*(n.s.)*: the CI holds 0, so the difference is not resolved by this evaluation.", "",
+                  *[t + "\n" for t in s.get("differences_text", [])], ""]
     if "figures/results_scatter.png" in figs:
         lines += ["![prompts consumed vs mean reward](figures/results_scatter.png)", "",
                   "Each method's training data (x) against its test mean reward (y); up and to the left is better.",
