@@ -95,9 +95,10 @@ class GenerationConfig:
 class TrainConfig:
     """RL fine-tuning (k-SCST) of one adapter per objective, or of one baseline policy."""
 
-    strategy: Literal["single", "uniform", "fixed", "dynaopt"] = _f(
+    strategy: Literal["single", "uniform", "fixed", "dynaopt", "gdpo"] = _f(
         "single", "single = EMORL (one adapter per objective); uniform = one policy on the mean of the log "
-                  "rewards; fixed = one policy on user weights (fixed_weights); dynaopt = Exp3 bandit weights.")
+                  "rewards; fixed = one policy on user weights (fixed_weights); dynaopt = Exp3 bandit weights; "
+                  "gdpo = one policy on the sum of per-reward group-normalised advantages (GDPO).")
     objectives: list[str] | None = _f(None, "Objectives to train (default: all in `objectives`).")
     batch_size: int = _f(16, "Prompts per optimiser step.")
     k: int = _f(3, "Replies sampled per prompt; the baseline of each reply is the mean reward of the k.")
@@ -424,7 +425,7 @@ def validate(cfg: RunConfig) -> None:
                         ("train.generation.max_new_tokens", t.generation.max_new_tokens, 1)]:
         if v < lo:
             raise EmorlError(f"{name} must be >= {lo}, got {v}")
-    if t.k < 2 and t.strategy in ("single", "uniform", "fixed", "dynaopt"):
+    if t.k < 2 and t.strategy in ("single", "uniform", "fixed", "dynaopt", "gdpo"):
         raise EmorlError("train.k must be >= 2: k-SCST's baseline is the mean of the k replies of a prompt")
     if not 0 < t.clip_min < t.clip_max <= 1:
         raise EmorlError("train.clip_min/clip_max must satisfy 0 < clip_min < clip_max <= 1")

@@ -11,7 +11,7 @@ Metrics (pure functions, pinned by hand-computed tests):
 
 Methods (:data:`METHODS`): ``base`` (the untuned model, adapters disabled), ``emorl`` (hidden-state mixing
 with the weights searched in ``RUN/search/hidden``), ``soups`` (parameter mixing, ``search/params``),
-``logits`` (logit mixing, ``search/logits``), and the one-policy baselines ``uniform`` and ``dynaopt``
+``logits`` (logit mixing, ``search/logits``), and the one-policy baselines ``uniform``, ``dynaopt`` and ``gdpo``
 (``RUN/baselines/<name>``). Every method is decoded with the same :class:`~emorl.config.GenerationConfig`
 and the same seeds on the same prompts: the reference code evaluated EMORL greedily but the baselines by
 sampling, which confounds the comparison (spec §8.1). :func:`evaluate_run` writes ``RUN/eval/results.json``.
@@ -50,13 +50,15 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "base": ("base", None),
     "uniform": ("adapter", None),
     "dynaopt": ("adapter", None),
+    "gdpo": ("adapter", None),
     "fixed": ("adapter", None),
     "soups": ("ensemble", "params"),
     "logits": ("ensemble", "logits"),
     "probs": ("ensemble", "probs"),
     "emorl": ("ensemble", "hidden"),
 }
-LABELS = {"base": "Base model", "uniform": "Uniform Weighted", "dynaopt": "DynaOpt", "fixed": "Fixed weights",
+LABELS = {"base": "Base model", "uniform": "Uniform Weighted", "dynaopt": "DynaOpt", "gdpo": "GDPO",
+          "fixed": "Fixed weights",
           "soups": "Model Soups", "logits": "Logit mixing", "probs": "Probability mixing", "emorl": "EMORL"}
 MODE_METHOD = {mode: name for name, (kind, mode) in METHODS.items() if mode}
 # Hidden and logit mixing multiply the next-token logits by the weights' sum, which acts as an inverse sampling

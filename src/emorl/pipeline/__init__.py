@@ -1,7 +1,8 @@
 """``emorl run``: the whole study in one command, stage by stage, each stage skipped when its output is current.
 
 1. **train**: one LoRA adapter per objective with k-SCST (EMORL, strategy ``single``) -> ``RUN/adapters/<obj>/``
-2. **baselines**: the one-policy baselines named in ``eval.methods`` (``uniform``, ``dynaopt``) -> ``RUN/baselines/``
+2. **baselines**: the one-policy baselines named in ``eval.methods`` (``uniform``, ``dynaopt``, ``gdpo``) ->
+   ``RUN/baselines/``
 3. **search**: the hierarchical weight search for every mode in ``search.modes`` (``hidden`` = EMORL, ``params`` =
    Model Soups, ``logits``) -> ``RUN/search/<mode>/``
 4. **evaluate**: every method on the test split, decoded with the same settings and seeds -> ``RUN/eval/``

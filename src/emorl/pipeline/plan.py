@@ -21,7 +21,7 @@ from emorl.utils import EmorlError, atomic_write_json
 
 log = logging.getLogger("emorl.run")
 
-BASELINES = ("uniform", "dynaopt", "fixed")
+BASELINES = ("uniform", "dynaopt", "fixed", "gdpo")
 # training settings that do not change what is learned (bookkeeping) or that name what a call trains
 TRAIN_IGNORED = {"objectives", "strategy", "checkpoint_every", "log_every", "report_to", "micro_batch_size"}
 MODEL_IGNORED = {"device", "cache_dir"}
