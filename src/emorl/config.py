@@ -187,6 +187,21 @@ class EvalConfig:
 
 
 @dataclass
+class FrontConfig:
+    """The steerability study: every mixing mode's empirical Pareto front on the evaluation's prompts."""
+
+    enabled: bool = _f(False, "Run the front stage in `emorl run` (after the evaluation; `emorl front --run RUN` "
+                       "runs it alone).")
+    modes: list[str] = _f(["hidden", "params", "logits"], "Mixing modes whose fronts are drawn; 'mode:anchor' (e.g. "
+                          "'hidden:base') passes anchor= to the decoder.")
+    step: float = _f(0.25, "Lattice step per weight axis: the points {0, step, ..., w_max}^K (minus 0), plus each "
+                     "mode's searched point.")
+    w_max: float = _f(1.0, "Upper end of every weight axis of the lattice.")
+    batch_points: int = _f(16, "Weight points decoded together in one batched call.")
+    resamples: int = _f(500, "Bootstrap resamples of each front's hypervolume CI.")
+
+
+@dataclass
 class ExecutorConfig:
     """Where the pipeline's work runs. Never changes a result: the same seeds give the same adapters and scores."""
 
@@ -215,6 +230,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "RL training."})
     search: SearchConfig = field(default_factory=SearchConfig, metadata={"help": "Weight search."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
+    front: FrontConfig = field(default_factory=FrontConfig, metadata={"help": "Pareto fronts of the mixing modes."})
     executor: ExecutorConfig = field(default_factory=ExecutorConfig,
                                      metadata={"help": "Where the work runs (local process or Ray)."})
     output: str | None = _f(None, "Run folder (default runs/<preset>).")
@@ -437,6 +453,11 @@ def validate(cfg: RunConfig) -> None:
     split = cfg.data.split
     if len(split) != 3 or any(s < 0 for s in split) or abs(sum(split) - 1) > 1e-6:
         raise EmorlError(f"data.split must be three non-negative fractions summing to 1, got {split}")
+    fr = cfg.front
+    if not 0 < fr.step <= fr.w_max or fr.w_max / fr.step > 20 or fr.batch_points < 1 or fr.resamples < 1:
+        raise EmorlError(f"front: need 0 < step <= w_max with at most 20 steps per axis, batch_points >= 1 and "
+                         f"resamples >= 1 (got step={fr.step}, w_max={fr.w_max}, batch_points={fr.batch_points}, "
+                         f"resamples={fr.resamples})")
     ex = cfg.executor
     if ex.num_cpus < 0 or ex.num_gpus < 0 or ex.max_retries < 0 or (ex.workers is not None and ex.workers < 1):
         raise EmorlError("executor: num_cpus, num_gpus and max_retries must be >= 0 and workers >= 1")

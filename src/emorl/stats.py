@@ -75,11 +75,13 @@ def dominates(p: Sequence[float], q: Sequence[float]) -> bool:
 def pareto_front(points: Sequence[Sequence[float]] | np.ndarray) -> list[int]:
     """Indices of the non-dominated points, in input order (of equal points, the first is kept)."""
     pts = np.asarray(points, dtype=float)
-    keep = []
+    if pts.size == 0:
+        return []
+    keep: list[int] = []
     for i, p in enumerate(pts):
-        if any(dominates(q, p) for q in pts):
+        if np.any(np.all(pts >= p, axis=1) & np.any(pts > p, axis=1)):
             continue
-        if any(np.array_equal(pts[j], p) for j in keep):
+        if keep and np.any(np.all(pts[keep] == p, axis=1)):
             continue
         keep.append(i)
     return keep
