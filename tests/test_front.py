@@ -103,3 +103,26 @@ def test_front_stage_writes_files_and_figure(tmp_path, tiny_base, monkeypatch):
     monkeypatch.setattr("emorl.front.run.score_lattice", lambda *a, **k: pytest.fail("decoded again"))
     again = front_run(run, cfg, base=tiny_base, progress=False, plot=False)
     assert again["modes"]["hidden"]["hypervolume"] == out["modes"]["hidden"]["hypervolume"]
+
+
+def test_front_is_a_stage_of_emorl_run(tmp_path):
+    from emorl.pipeline import make_plan, run_pipeline
+
+    cfg = load_config("tiny", ["front.enabled=true", "front.step=0.5", "front.modes=[hidden]", "search.modes=[hidden]",
+                               "eval.methods=[base, emorl, uniform]", "train.max_steps=1", "search.iterations=1",
+                               "search.prompts=2", "search.reeval_top=2", "search.reeval_prompts=3",
+                               "eval.prompts=3"])
+    run = tmp_path / "run"
+    seen = []
+    run_pipeline(cfg, run, progress=False, after_stage=seen.append)
+    assert seen == ["train", "baselines", "search", "evaluate", "front", "report"]
+    out = json.loads((run / "front" / "front.json").read_text())
+    assert (run / "front" / "front.png").exists() and set(out["modes"]) == {"hidden"}
+    pts = json.loads((run / "front" / "hidden.json").read_text())["points"]
+    assert len(pts) == 3 ** 3 - 1 and sum(p["searched"] for p in pts) == 1  # a 1-round search lands on the lattice
+    assert set(out["one_policy"]) == {"uniform"}
+    best = json.loads((run / "search" / "hidden" / "best.json").read_text())
+    assert len(best["reeval"]["points"]) == 2 and "reeval_aggregate" in best
+    assert {s.stage: s.status for s in make_plan(cfg, run).steps}["front"] == "done"
+    cfg.front.step = 1.0
+    assert {s.stage: s.status for s in make_plan(cfg, run).steps}["front"] == "run"

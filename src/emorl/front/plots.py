@@ -20,7 +20,7 @@ MODE_COLOURS = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#ff7f0e"
 def plot_fronts(analysis: dict[str, Any], modes: dict[str, dict[str, Any]], path: str | Path) -> Path:
     objectives = analysis["objectives"]
     pairs = list(itertools.combinations(range(len(objectives)), 2)) or [(0, 0)]
-    fig = Figure(figsize=(5.2 * len(pairs), 4.6))
+    fig = Figure(figsize=(max(9.0, 5.2 * len(pairs)), 5.4))
     axes = [fig.add_subplot(1, len(pairs), i + 1) for i in range(len(pairs))]
     styles = _styles(list(analysis["one_policy"]))
     ref = [analysis["reference"]["scores"][o] for o in objectives]
@@ -32,7 +32,7 @@ def plot_fronts(analysis: dict[str, Any], modes: dict[str, dict[str, Any]], path
             f = pts[pareto_front(pts)]
             f = f[np.argsort(f[:, 0])]
             hv = analysis["modes"][entry]["hypervolume"]
-            ax.step(f[:, 0], f[:, 1], where="post", color=colour, lw=1.6, marker="o", ms=3,
+            ax.step(f[:, 0], f[:, 1], where="pre", color=colour, lw=1.6, marker="o", ms=3,
                     label=f"{entry} front (HV {hv:.3g})")
             searched = [r for r in data["points"] if r.get("searched")]
             for r in searched:
@@ -48,6 +48,7 @@ def plot_fronts(analysis: dict[str, Any], modes: dict[str, dict[str, Any]], path
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
-    fig.suptitle("Pareto fronts of the mixing modes (test split; stars: searched points) and the one-policy methods")
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(labels) // 4), 1, 0.95))
+    fig.suptitle(f"Pareto fronts per mixing mode ({analysis.get('split', 'test')} split; stars: searched points; "
+                 "HV against the base model)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08 + 0.035 * (len(labels) // 4), 1, 0.95))
     return save(fig, path)

@@ -96,7 +96,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, f
         stages = Stages(run)
         t_all = time.perf_counter()
         executor = None
-        for stage in ("train", "baselines", "search", "evaluate", "report"):
+        for stage in ("train", "baselines", "search", "evaluate", "front", "report"):
             todo = plan.todo(stage)
             if not todo:
                 if plan.stage(stage) and stage not in stages.data["stages"]:
@@ -164,11 +164,18 @@ def _run_stage(stage: str, todo: list[Step], plan: Plan, cfg: RunConfig, run: Pa
 
         evaluate_run(run, cfg, plan.methods, base=executor.res.base, rewards=executor.res.rewards, progress=progress,
                      force=force, decode=executor.decode_methods)
+    elif stage == "front":
+        from emorl.front import front_run
+        from emorl.pipeline.plan import front_settings
+
+        front_run(run, cfg, base=executor.res.base, rewards=executor.res.rewards, progress=progress, force=force)
+        stages.record("front", settings=front_settings(cfg), results=file_hash(run / "eval" / "results.json"))
     else:
         from emorl.report import write_report
 
         write_report(run)
-        stages.record("report", results=file_hash(run / "eval" / "results.json"))
+        stages.record("report", results=file_hash(run / "eval" / "results.json"),
+                      front=file_hash(run / "front" / "front.json"))
 
 
 def _adapter_ids(plan: Plan, run: Path) -> dict[str, str | None]:

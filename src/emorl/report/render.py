@@ -21,6 +21,7 @@ from emorl.report import figures as F
 from emorl.report.tables import (
     comparison_table,
     differences_table,
+    front_table,
     improvement_table,
     markdown,
     stages_table,
@@ -216,6 +217,9 @@ def write_report(run_dir: str | Path) -> Path:
     diffs = differences_table(results)
     if diffs:
         tables["differences"] = diffs
+    front = json.loads((run / "front" / "front.json").read_text()) if (run / "front" / "front.json").exists() else None
+    if front and front.get("modes"):
+        tables["front"] = front_table(front)
     samples = _samples(results)
     summary = {
         "version": 1, "run": str(run), "rendered": time.strftime("%Y-%m-%d %H:%M:%S"), "model": results.get("model"),
@@ -226,7 +230,10 @@ def write_report(run_dir: str | Path) -> Path:
                                              "decoded", "wall_time_s", "history", "scale_invariant")}
                    for m, b in search.items()},
         "stages": stages, "samples": samples, "bootstrap": results.get("bootstrap"),
-        "differences_text": difference_sentences(results), "tradeoff_background": _decoded_alike(results, search),
+        "differences_text": difference_sentences(results),
+        "front": {k: front[k] for k in ("reference", "modes", "one_policy", "statements", "figure", "step", "w_max",
+                                        "units") if k in front} if front else None,
+        "tradeoff_background": _decoded_alike(results, search),
         "tables": {k: {"columns": c, "rows": r} for k, (c, r) in tables.items()},
         "figures": [str(p.relative_to(run)) for p in figs]}
     atomic_write_json(run / "results.json", summary)
@@ -291,6 +298,18 @@ def render_markdown(run: Path, s: dict[str, Any], tables: dict[str, tuple[list[s
                      "prompts, with their Pareto front." if s.get("tradeoff_background") else
                      "The search's own trade-off view (`search_hidden_tradeoff.png`) is not overlaid: it decoded "
                      "differently (greedy) from this evaluation, so its scores are on another scale."), ""]
+    if "front" in tables:
+        fr = s["front"]
+        ref = ", ".join(f"{o} {v:.3f}" for o, v in fr["reference"]["scores"].items())
+        lines += ["## Pareto fronts", "", markdown(*tables["front"]), "",
+                  f"Each mode decoded a lattice of weight points (step {fr.get('step')} over [0, {fr.get('w_max')}]^K, "
+                  f"plus its searched point) on the evaluation's {fr.get('units')} (prompt, seed) units. Hypervolume "
+                  f"is measured against the **base model's per-objective mean scores** ({ref}), with a bootstrap CI "
+                  "over units (the reference resampled with them). A front *dominates* a one-policy method when one of "
+                  "its points is at least as good in every objective and better in one.", "",
+                  *[t + "\n" for t in fr.get("statements", [])], ""]
+        if fr.get("figure"):
+            lines += [f"![Pareto fronts]({fr['figure']})", ""]
     if s["samples"]:
         lines += ["## Sample replies", ""]
         for i, smp in enumerate(s["samples"], 1):

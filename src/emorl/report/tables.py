@@ -124,6 +124,18 @@ def stages_table(stages: dict[str, dict[str, Any]]) -> tuple[list[str], list[lis
     return columns, rows
 
 
+def front_table(front: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Per mixing mode: lattice size, front size, hypervolume with its CI, and the one-policy methods its front
+    dominates (from ``RUN/front/front.json``)."""
+    rows = []
+    for entry, m in front["modes"].items():
+        lo, hi = m["hypervolume_ci95"]
+        dom = [p["label"] for p in front["one_policy"].values() if p["fronts"][entry]["verdict"] == "dominated"]
+        rows.append([entry, str(m["points"]), str(len(m["front"])), f"{m['hypervolume']:.4g} [{lo:.4g}, {hi:.4g}]",
+                     ", ".join(dom) or "none"])
+    return ["Mode", "Lattice points", "Front points", "Hypervolume [95% CI]", "Dominates"], rows
+
+
 def differences_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
     """Each method's paired difference in mean reward (and per objective) to EMORL and to Uniform Weighted, with
     its 95% CI; a difference whose CI holds 0 is marked unresolved."""
