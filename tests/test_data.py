@@ -276,7 +276,8 @@ def test_split_errors():
 
 def test_load_splits_of_presets():
     s = load_splits(load_config("tiny").data)  # max_prompts 60 of the built-in task
-    assert s.sizes() == {"train": 48, "validation": 6, "test": 6}
+    assert s.sizes() == {"train": 30, "validation": 12, "test": 18}  # the default split 50/20/30
     full = load_splits(load_config("default").data)
-    assert sum(full.sizes().values()) == len(data.default_records())
+    assert sum(full.sizes().values()) == len(data.default_records()) == 332
+    assert full.sizes() == {"train": 166, "validation": 66, "test": 100}  # test >= 100, validation >= 60
     assert load_splits(load_config("default").data) == full

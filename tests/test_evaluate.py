@@ -16,6 +16,7 @@ from emorl.evaluate import (
     MethodSpec,
     distinct_n,
     diversity_reference,
+    eval_prompts,
     evaluate_run,
     mean_std,
     reply_metrics,
@@ -208,6 +209,18 @@ def test_evaluate_run_writes_results_and_reuses_unchanged_methods(tmp_path, tiny
     assert saved["methods"]["base"]["training"]["prompts"] == 0
     for m in saved["methods"].values():
         assert 0 <= m["summary"]["mean_reward"]["mean"] <= 1 and m["summary"]["mean_reward"]["n"] == 1
+        lo, hi = m["summary"]["mean_reward"]["ci95"]
+        assert lo <= m["summary"]["mean_reward"]["mean"] <= hi
+    # paired differences to EMORL and Uniform, recomputed by hand from the stored replies
+    units = {}
+    for name in ("base", "uniform", "emorl"):
+        rows = [json.loads(x) for x in (run / "eval" / "replies" / f"{name}.jsonl").read_text().splitlines()]
+        units[name] = np.array([np.mean(list(r["scores"].values())) for r in rows])
+    d = saved["methods"]["base"]["differences"]
+    assert set(d) == {"emorl", "uniform"} and set(saved["methods"]["emorl"]["differences"]) == {"uniform"}
+    assert d["emorl"]["mean_reward"]["mean"] == pytest.approx(float((units["base"] - units["emorl"]).mean()))
+    lo, hi = d["uniform"]["mean_reward"]["ci95"]
+    assert d["uniform"]["mean_reward"]["resolved"] == (lo > 0 or hi < 0)
     lines = (run / "eval" / "replies" / "uniform.jsonl").read_text().splitlines()
     assert len(lines) == 4 and set(json.loads(lines[0])["scores"]) == {"short", "long"}
     # nothing changed: nothing is decoded again; a changed setting re-decodes every method
@@ -234,7 +247,9 @@ def test_sampled_seeds_give_a_spread_and_greedy_decodes_once(tmp_path, tiny_base
     per_seed = res["methods"]["uniform"]["per_seed"]
     assert [r["seed"] for r in per_seed] == [0, 1, 2]
     m, s = mean_std([r["length_tokens"] for r in per_seed])
-    assert res["methods"]["uniform"]["summary"]["length_tokens"] == {"mean": m, "std": s, "n": 3}
+    stat = res["methods"]["uniform"]["summary"]["length_tokens"]
+    assert {k: stat[k] for k in ("mean", "std", "n")} == {"mean": m, "std": s, "n": 3}
+    assert stat["ci95"][0] <= m <= stat["ci95"][1] and res["bootstrap"]["n_units"] == 3 * len(eval_prompts(cfg))
 
 
 def test_training_cost_counts_a_shared_session_once(tmp_path, tiny_base):
@@ -280,7 +295,7 @@ def test_generate_method_reproduces_the_evaluated_replies(tmp_path, tiny_base, c
 
     cfg, run = make_run(tmp_path, tiny_base, search_modes=("hidden", "params-convex"))
     cfg.eval.seeds = [0, 5]
-    cfg.model.seed, cfg.model.system_prompt = 0, None  # the base the adapters were made on (tiny_base)
+    cfg.model = tiny_base.config  # the base the adapters were made on, with its prompt format
     cfg.save(run / "config.yaml")
     evaluate_run(run, cfg, ["base", "emorl", "soups-avg", "uniform"], base=tiny_base, progress=False)
     prompts = eval_prompts(cfg)

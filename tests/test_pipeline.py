@@ -84,9 +84,12 @@ def test_report_table_matches_results_json(tiny_run):
     for row, m in zip(body, evald["methods"].values(), strict=True):
         s = m["summary"]
         assert row[0] == m["label"]
-        assert row[col["Mean reward"]] == f"{s['mean_reward']['mean']:.3f}"  # one greedy decode: no ± part
+        def ci(stat):  # the mean and its paired-bootstrap 95% CI over (prompt, seed)
+            return f"{stat['mean']:.3f} [{stat['ci95'][0]:.3f}, {stat['ci95'][1]:.3f}]"
+
+        assert row[col["Mean reward"]] == ci(s["mean_reward"])
         for o in evald["objectives"]:
-            assert row[col[o]] == f"{s[f'score/{o}']['mean']:.3f}"
+            assert row[col[o]] == ci(s[f"score/{o}"])
         assert row[col["Diversity-2"]] == f"{s['diversity2']['mean']:.3f}"
         assert row[col["Prompts consumed"]] == f"{m['training']['prompts']:,}"
     emorl = evald["methods"]["emorl"]["training"]

@@ -135,3 +135,26 @@ def test_report_needs_evaluation_results(tmp_path):
     (tmp_path / "eval" / "results.json").write_text("{oops")
     with pytest.raises(EmorlError, match="corrupt JSON"):
         write_report(tmp_path)
+
+
+def test_report_states_which_differences_are_resolved(tmp_path):
+    from emorl.report.tables import differences_table
+
+    res = results(1)
+    res["methods"]["uniform"]["summary"]["mean_reward"]["ci95"] = [0.45, 0.5]
+    res["methods"]["uniform"]["differences"] = {"emorl": {"mean_reward": {"mean": -0.05, "ci95": [-0.08, -0.02],
+                                                                          "resolved": True}}}
+    res["methods"]["base"]["differences"] = {"emorl": {"mean_reward": {"mean": -0.02, "ci95": [-0.06, 0.01],
+                                                                       "resolved": False}}}
+    res["bootstrap"] = {"n_units": 8, "resamples": 2000}
+    assert fmt_pm(res["methods"]["uniform"]["summary"]["mean_reward"]) == "0.475 [0.450, 0.500]"
+    cols, rows = differences_table(res)
+    assert cols == ["Method", "minus", "Mean reward", *OBJS]
+    assert rows[0][:3] == ["Base model", "EMORL", "-0.020 [-0.060, +0.010] (n.s.)"]
+    assert rows[1][:3] == ["Uniform Weighted", "EMORL", "-0.050 [-0.080, -0.020]"]
+    run, _ = fake_run(tmp_path)
+    atomic_write_json(run / "eval" / "results.json", res)
+    text = write_report(run).read_text()
+    assert "### Paired differences" in text and "8 units, 2000 resamples" in text
+    assert "Resolved differences to EMORL (95% CI excludes 0): Uniform Weighted -0.050 [-0.080, -0.020]." in text
+    assert "Not resolved against EMORL" in text and "Base model -0.020 [-0.060, +0.010]" in text

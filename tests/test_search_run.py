@@ -68,13 +68,25 @@ def test_end_to_end_writes_log_best_and_plots(run_dir, ensemble):
     assert len(points) == res.n_unique == expected_evaluations(3, 2)
     assert {"weights", "aggregate", "scores", "round", "time"} <= set(points[0])
     assert set(points[0]["scores"]) == {"reflection", "empathy", "fluency"}
-    # convex hidden mixing: one decode per direction, never the zero point
-    assert len(counting.points) == res.n_decoded < res.n_unique
+    # per-prompt scores in the header's prompt order (3 search prompts)
+    assert len(header["prompt_list"]) == 3 and header["seeds"] == [0]
+    assert all(len(p["per_prompt"][o]) == 3 for p in points if p["source"] == "decoded" for o in p["scores"])
+    one = next(p for p in points if p["source"] == "decoded")
+    assert np.mean(one["per_prompt"]["empathy"]) == pytest.approx(one["scores"]["empathy"], abs=1e-5)
+    # convex hidden mixing: one decode per direction, never the zero point; then the top 3 directions re-scored
+    # on the whole validation split (more prompts than the search's 3)
+    assert len(counting.points) == res.n_decoded + 3 and res.n_decoded < res.n_unique
     assert (0.0, 0.0, 0.0) not in counting.points
     best = json.loads((out / "best.json").read_text())
-    assert best["weight_vector"] == res.weights and best["aggregate"] == pytest.approx(res.aggregate)
+    assert best["search_aggregate"] == pytest.approx(res.aggregate)
     assert (best["mode"], best["anchor"], best["search_key"]) == ("hidden", "none", "hidden-convex")
     assert res.aggregate == max(p["aggregate"] for p in points if p["aggregate"] is not None)
+    re = best["reeval"]
+    assert len(re["points"]) == 3 and re["prompts"] > 3 and re["seeds"] == [1000]
+    chosen = re["points"][re["chosen"]]
+    assert chosen["aggregate"] == max(p["aggregate"] for p in re["points"])
+    assert best["weight_vector"] == list(chosen["weights"].values())
+    assert best["reeval_aggregate"] == chosen["aggregate"] and best["aggregate"] == chosen["search_aggregate"]
     # resuming a finished search decodes nothing and returns the same point
     again = Counting(ensemble)
     res2, _ = search_run(run_dir, mode="hidden-convex", progress=False, ensemble=again, resume=True, plots=False)
@@ -82,7 +94,8 @@ def test_end_to_end_writes_log_best_and_plots(run_dir, ensemble):
     # anchored (the default rule): the scale counts, so every point is decoded, w = 0 (the base) too
     anchored = Counting(ensemble)
     res3, out3 = search_run(run_dir, mode="hidden", progress=False, ensemble=anchored, plots=False)
-    assert out3 == run_dir / "search" / "hidden" and len(anchored.points) == res3.n_unique == res3.n_decoded
+    assert out3 == run_dir / "search" / "hidden" and res3.n_unique == res3.n_decoded
+    assert len(anchored.points) == res3.n_decoded + 3  # + the re-evaluation of the top 3
     assert (0.0, 0.0, 0.0) in anchored.points
     # re-scoring a logged point on the search's prompts and seed reproduces its logged aggregate
     from emorl.data import load_splits
@@ -127,7 +140,7 @@ def test_params_mode_decodes_base_at_zero_and_cli(run_dir, capsys):
     from emorl.rewards import build_rewards, score
 
     rc = main(["search", "--run", str(run_dir), "--mode", "params", "--iterations", "1", "--no-plots",
-               "--no-progress", "search.generation.do_sample=true", "search.seed=3"])
+               "--no-progress", "search.generation.do_sample=true", "search.seeds=[3]", "search.reeval_top=0"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "best weights" in out and "aggregate score" in out
@@ -140,7 +153,8 @@ def test_params_mode_decodes_base_at_zero_and_cli(run_dir, capsys):
     from emorl.models import load_base
 
     base = load_base(cfg.model)
-    prompts = [r.prompt for r in load_splits(cfg.data).validation[: cfg.search.prompts]]
+    prompts = json.loads(lines[0])["prompt_list"]
+    assert prompts == [r.prompt for r in load_splits(cfg.data).validation][: len(prompts)]
     dec = Decoder(base, cfg.search.generation, {"reflection": run_dir / "adapters" / "reflection"})
     replies, _ = dec.decode(MethodSpec("base", "base"), prompts, 3)
     rewards = build_rewards(cfg.objectives, base)
@@ -202,3 +216,49 @@ def test_sampled_search_decodes_directions(run_dir, ensemble):
     assert not anchored.scale_invariant
     assert a2.scores == a.scores  # sum(w) = 1: anchored equals convex
     assert b2.scores != b.scores
+
+
+def test_reevaluation_picks_the_rescored_winner(run_dir):
+    """An analytic objective whose search scores carry injected noise: a lucky bonus makes (1, 0, 0) the search's
+    winner; the re-evaluation (more prompts, no noise) must choose the best of the top points by the true score."""
+    from emorl.search.evaluator import Score
+
+    target = np.array([0.5, 0.5, 0.5])
+    calls = []
+
+    def true(w):
+        return -float(((w - target) ** 2).sum())
+
+    def factory(mode, names, prompts, seeds=None):
+        noisy = len(prompts) == 3  # the search decodes 3 prompts; the re-evaluation the whole validation split
+        calls.append((len(prompts), seeds))
+
+        def objective(points):
+            return [Score(true(p) + (1.0 if noisy and tuple(p) == (1.0, 0.0, 0.0) else 0.0)) for p in points]
+        return objective
+
+    res, out = search_run(run_dir, mode="params", progress=False, plots=False, fresh=True, objective=factory)
+    assert res.weights == [1.0, 0.0, 0.0] and res.aggregate == pytest.approx(0.25)  # the noise won the search
+    best = json.loads((out / "best.json").read_text())
+    re = best["reeval"]
+    cands = [np.array(list(p["weights"].values())) for p in re["points"]]
+    assert [p["search_aggregate"] for p in re["points"]] == sorted((p["search_aggregate"] for p in re["points"]),
+                                                                   reverse=True)
+    assert list(cands[0]) == [1.0, 0.0, 0.0] and re["points"][0]["aggregate"] == pytest.approx(-0.75)
+    want = max(range(len(cands)), key=lambda i: true(cands[i]))
+    assert re["chosen"] == want != 0
+    assert best["weight_vector"] == list(cands[want]) and best["reeval_aggregate"] == pytest.approx(true(cands[want]))
+    assert best["search_aggregate"] == pytest.approx(0.25)
+    assert calls[-1][0] > 3 and calls[-1][1] == [1000]  # greedy: the first re-evaluation seed
+
+
+def test_generation_mismatch_is_warned_naming_both(caplog):
+    from emorl.search.runner import warn_generation_mismatch
+
+    cfg = load_config("tiny")
+    assert not warn_generation_mismatch(cfg)  # the preset decodes search and evaluation alike
+    cfg.search.generation.do_sample = False
+    with caplog.at_level("WARNING", logger="emorl.search.runner"):
+        assert warn_generation_mismatch(cfg)
+    assert "search.generation" in caplog.text and "eval.generation" in caplog.text
+    assert "do_sample: search False vs eval True" in caplog.text

@@ -155,7 +155,7 @@ def test_resume_refuses_a_changed_config(tmp_path):
     assert _trainer(tmp_path, _cfg("train.checkpoint_every=1", "train.max_steps=3")).train(resume=True)
 
 
-@pytest.mark.parametrize("strategy", ["uniform", "dynaopt", "fixed"])
+@pytest.mark.parametrize("strategy", ["uniform", "dynaopt", "fixed", "gdpo"])
 def test_baselines_train_one_policy_on_all_objectives(tmp_path, strategy):
     extra = ["train.fixed_weights=[0.7, 0.3]"] if strategy == "fixed" else []
     cfg = _cfg(f"train.strategy={strategy}", "train.max_steps=2", *extra)
@@ -428,3 +428,44 @@ def test_rollouts_of_an_adapter_do_not_depend_on_the_others(tiny_base):
     for f in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
         assert torch.equal(getattr(tb.batch, f), getattr(alone.batch, f)), f
     assert together[0].texts != tb.texts
+
+
+def test_gdpo_advantages_on_a_hand_made_batch():
+    from emorl.train.kscst import gdpo_advantages
+
+    # two prompts, k = 3 replies, J = 2 rewards
+    r = torch.tensor([[0.0, 1.0], [0.0, 2.0], [3.0, 3.0],     # prompt 1
+                      [1.0, 5.0], [1.0, 5.0], [1.0, 5.0]])    # prompt 2: every reply equal
+    adv = gdpo_advantages(r, 3, eps=0.0 + 1e-12)
+    # prompt 1, reward 1: mean 1, unbiased std sqrt((1+1+4)/2) = sqrt(3) -> (-1, -1, 2)/sqrt(3)
+    #           reward 2: mean 2, std 1 -> (-1, 0, 1); summed:
+    s3 = 3 ** 0.5
+    assert adv[:3].tolist() == pytest.approx([-1 / s3 - 1, -1 / s3, 2 / s3 + 1], abs=1e-6)
+    assert adv[3:].tolist() == pytest.approx([0.0, 0.0, 0.0])  # no spread: no signal (eps keeps it finite)
+    # scale-free per reward: multiplying one reward by 100 changes nothing, unlike k-SCST on the sum
+    r2 = r.clone()
+    r2[:, 1] *= 100
+    assert gdpo_advantages(r2, 3).tolist() == pytest.approx(gdpo_advantages(r, 3).tolist(), abs=1e-3)
+    assert gdpo_advantages(torch.tensor([[1.0, 0.0], [3.0, 0.0]]), 2).tolist() == pytest.approx(
+        [-1 / (2 ** 0.5 + 1e-4), 1 / (2 ** 0.5 + 1e-4)])
+
+
+def test_gdpo_trainer_uses_per_reward_advantages(tmp_path):
+    from emorl.train.strategies import GDPOWeighting
+
+    t = _trainer(tmp_path, _cfg("train.strategy=gdpo", "train.max_steps=1"))
+    t.setup()
+    p = t.policies[0]
+    assert isinstance(p.weighting, GDPOWeighting) and p.weighting.weights().tolist() == [0.5, 0.5]
+    from types import SimpleNamespace
+
+    texts = ["P", "abc", "X", "bb and cc"]  # 2 prompts x k = 2; the first reply of each is better in both
+    ro = SimpleNamespace(texts=texts, prompts_per_reply=["p", "p", "q", "q"], batch=SimpleNamespace(k=2))
+    scores, lam, rewards, adv = t._advantages(p, ro)
+    logs = np.log(np.clip(scores, 1e-4, 0.9999))
+    want = []
+    for g in (logs[:2], logs[2:]):  # per prompt, per reward: (r - mean) / (unbiased std + 1e-4), summed
+        z = (g - g.mean(0)) / (g.std(0, ddof=1) + 1e-4)
+        want += z.sum(1).tolist()
+    assert adv.tolist() == pytest.approx(want, rel=1e-5, abs=1e-5)
+    assert adv.tolist() == pytest.approx([2 ** 0.5, -(2 ** 0.5)] * 2, rel=1e-3)  # k = 2: each reward +-1/sqrt(2)

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "evaluate": "emorl.evaluate_cli",
     "run": "emorl.pipeline",
     "report": "emorl.report.cli",
+    "front": "emorl.front.cli",
     "config": "emorl.cli_config",
 }
 

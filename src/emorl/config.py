@@ -71,7 +71,9 @@ class DataConfig:
     prompt_field: str = _f("prompt", "csv/jsonl/hf: the column holding the client statement.")
     reference_field: str | None = _f(None, "csv/jsonl/hf: optional column with a reference reply.")
     hf_split: str = _f("train", "hf: which split of the dataset to read.")
-    split: list[float] = _f([0.8, 0.1, 0.1], "Train / validation / test fractions.")
+    split: list[float] = _f([0.5, 0.2, 0.3], "Train / validation / test fractions. 50/20/30 gives the built-in "
+                            "data (332 prompts) 166 / 66 / 100: a test split large enough for paired CIs and a "
+                            "validation split the weight search cannot overfit as easily (the paper: 80/10/10).")
     shuffle: bool = _f(True, "Shuffle before splitting (the reference splits in file order; set false for that).")
     seed: int = _f(0, "Seed of the shuffle (and of PAIR's reference choice).")
     max_prompts: int | None = _f(None, "Use at most this many prompts in total (after shuffling).")
@@ -93,9 +95,10 @@ class GenerationConfig:
 class TrainConfig:
     """RL fine-tuning (k-SCST) of one adapter per objective, or of one baseline policy."""
 
-    strategy: Literal["single", "uniform", "fixed", "dynaopt"] = _f(
+    strategy: Literal["single", "uniform", "fixed", "dynaopt", "gdpo"] = _f(
         "single", "single = EMORL (one adapter per objective); uniform = one policy on the mean of the log "
-                  "rewards; fixed = one policy on user weights (fixed_weights); dynaopt = Exp3 bandit weights.")
+                  "rewards; fixed = one policy on user weights (fixed_weights); dynaopt = Exp3 bandit weights; "
+                  "gdpo = one policy on the sum of per-reward group-normalised advantages (GDPO).")
     objectives: list[str] | None = _f(None, "Objectives to train (default: all in `objectives`).")
     batch_size: int = _f(16, "Prompts per optimiser step.")
     k: int = _f(3, "Replies sampled per prompt; the baseline of each reply is the mean reward of the k.")
@@ -154,13 +157,25 @@ class SearchConfig:
     iterations: int = _f(5, "Hierarchical rounds (final resolution 2^-iterations per axis).")
     grid_points: int = _f(9, "method=grid: points per axis.")
     random_points: int = _f(64, "method=random: number of points.")
-    prompts: int = _f(16, "Validation prompts decoded per weight point (the same for every point).")
+    prompts: int | None = _f(None, "Validation prompts decoded per weight point (the same for every point); null = "
+                             "the whole validation split.")
+    seeds: list[int] = _f([0], "Decoding seeds per point under sampling (a prompt's score is its mean over them, the "
+                          "same seeds for every point); greedy decoding uses the first only.")
+    reeval_top: int = _f(3, "Re-score the search's top-n points (distinct directions) on reeval_prompts x "
+                         "reeval_seeds and choose the best by that (0 = off): a fresh draw of the decoding noise "
+                         "removes the winner's curse of picking the luckiest point.")
+    reeval_prompts: int | None = _f(None, "Validation prompts of the re-evaluation (null = the whole split).")
+    reeval_seeds: list[int] = _f([1000, 1001, 1002], "Decoding seeds of the re-evaluation under sampling (fresh seeds, "
+                                 "not the search's, so the re-score is independent of the noise that chose the "
+                                 "points); greedy decoding uses the first only.")
     objective_weights: list[float] | None = _f(None, "Aggregate = weighted mean of objective scores (default: mean).")
     batch_points: int = _f(8, "Weight points decoded together in one batch.")
-    seed: int = _f(0, "Seed of decoding (sampling modes) and random search.")
+    seed: int = _f(0, "Seed of the random search (decoding seeds: search.seeds).")
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(do_sample=False),
-        metadata={"help": "Decoding settings of the search (greedy by default, as the paper)."})
+        metadata={"help": "Decoding settings of the search (greedy by default, as the paper). Keep them equal to "
+                          "eval.generation: a search that decodes otherwise than the evaluation scores other replies "
+                          "(a mismatch is warned about)."})
 
 
 @dataclass
@@ -175,7 +190,24 @@ class EvalConfig:
                             "(SmolLM2, T5), so it is not in the default list.")
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(do_sample=False),
-        metadata={"help": "Decoding settings, identical for every method."})
+        metadata={"help": "Decoding settings, identical for every method. Greedy evaluation (the paper's way for "
+                          "EMORL) is the one switch eval.generation.do_sample=false, applied to every method alike "
+                          "(base, baselines, mixes, adapters alone); it decodes once, whatever eval.seeds says."})
+
+
+@dataclass
+class FrontConfig:
+    """The steerability study: every mixing mode's empirical Pareto front on the evaluation's prompts."""
+
+    enabled: bool = _f(False, "Run the front stage in `emorl run` (after the evaluation; `emorl front --run RUN` "
+                       "runs it alone).")
+    modes: list[str] = _f(["hidden", "params", "logits"], "Mixing modes whose fronts are drawn; 'mode:anchor' (e.g. "
+                          "'hidden:base') passes anchor= to the decoder.")
+    step: float = _f(0.25, "Lattice step per weight axis: the points {0, step, ..., w_max}^K (minus 0), plus each "
+                     "mode's searched point.")
+    w_max: float = _f(1.0, "Upper end of every weight axis of the lattice.")
+    batch_points: int = _f(16, "Weight points decoded together in one batched call.")
+    resamples: int = _f(500, "Bootstrap resamples of each front's hypervolume CI.")
 
 
 @dataclass
@@ -207,6 +239,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "RL training."})
     search: SearchConfig = field(default_factory=SearchConfig, metadata={"help": "Weight search."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
+    front: FrontConfig = field(default_factory=FrontConfig, metadata={"help": "Pareto fronts of the mixing modes."})
     executor: ExecutorConfig = field(default_factory=ExecutorConfig,
                                      metadata={"help": "Where the work runs (local process or Ray)."})
     output: str | None = _f(None, "Run folder (default runs/<preset>).")
@@ -410,10 +443,14 @@ def validate(cfg: RunConfig) -> None:
                         ("train.val_every", t.val_every, 1), ("train.checkpoint_every", t.checkpoint_every, 1),
                         ("train.micro_batch_size", t.micro_batch_size, 1), ("train.val_prompts", t.val_prompts, 1),
                         ("lora.r", cfg.lora.r, 1), ("search.iterations", cfg.search.iterations, 1),
+                        ("search.prompts", 1 if cfg.search.prompts is None else cfg.search.prompts, 1),
+                        ("search.reeval_top", cfg.search.reeval_top, 0),
+                        ("search.reeval_prompts", 1 if cfg.search.reeval_prompts is None else cfg.search.reeval_prompts,
+                         1),
                         ("train.generation.max_new_tokens", t.generation.max_new_tokens, 1)]:
         if v < lo:
             raise EmorlError(f"{name} must be >= {lo}, got {v}")
-    if t.k < 2 and t.strategy in ("single", "uniform", "fixed", "dynaopt"):
+    if t.k < 2 and t.strategy in ("single", "uniform", "fixed", "dynaopt", "gdpo"):
         raise EmorlError("train.k must be >= 2: k-SCST's baseline is the mean of the k replies of a prompt")
     if not 0 < t.clip_min < t.clip_max <= 1:
         raise EmorlError("train.clip_min/clip_max must satisfy 0 < clip_min < clip_max <= 1")
@@ -425,6 +462,11 @@ def validate(cfg: RunConfig) -> None:
     split = cfg.data.split
     if len(split) != 3 or any(s < 0 for s in split) or abs(sum(split) - 1) > 1e-6:
         raise EmorlError(f"data.split must be three non-negative fractions summing to 1, got {split}")
+    fr = cfg.front
+    if not 0 < fr.step <= fr.w_max or fr.w_max / fr.step > 20 or fr.batch_points < 1 or fr.resamples < 1:
+        raise EmorlError(f"front: need 0 < step <= w_max with at most 20 steps per axis, batch_points >= 1 and "
+                         f"resamples >= 1 (got step={fr.step}, w_max={fr.w_max}, batch_points={fr.batch_points}, "
+                         f"resamples={fr.resamples})")
     ex = cfg.executor
     if ex.num_cpus < 0 or ex.num_gpus < 0 or ex.max_retries < 0 or (ex.workers is not None and ex.workers < 1):
         raise EmorlError("executor: num_cpus, num_gpus and max_retries must be >= 0 and workers >= 1")

@@ -11,7 +11,7 @@ Metrics (pure functions, pinned by hand-computed tests):
 
 Methods (:data:`METHODS`): ``base`` (the untuned model, adapters disabled), ``emorl`` (hidden-state mixing
 with the weights searched in ``RUN/search/hidden``), ``soups`` (parameter mixing, ``search/params``),
-``logits`` (logit mixing, ``search/logits``), and the one-policy baselines ``uniform`` and ``dynaopt``
+``logits`` (logit mixing, ``search/logits``), and the one-policy baselines ``uniform``, ``dynaopt`` and ``gdpo``
 (``RUN/baselines/<name>``). Every method is decoded with the same :class:`~emorl.config.GenerationConfig`
 and the same seeds on the same prompts: the reference code evaluated EMORL greedily but the baselines by
 sampling, which confounds the comparison (spec §8.1). :func:`evaluate_run` writes ``RUN/eval/results.json``.
@@ -51,6 +51,7 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "base": ("base", None),
     "uniform": ("adapter", None),
     "dynaopt": ("adapter", None),
+    "gdpo": ("adapter", None),
     "fixed": ("adapter", None),
     "soups": ("ensemble", "params"),
     "soups-avg": ("ensemble", "params-convex"),
@@ -59,7 +60,8 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "emorl": ("ensemble", "hidden"),
     "emorl-convex": ("ensemble", "hidden-convex"),
 }
-LABELS = {"base": "Base model", "uniform": "Uniform Weighted", "dynaopt": "DynaOpt", "fixed": "Fixed weights",
+LABELS = {"base": "Base model", "uniform": "Uniform Weighted", "dynaopt": "DynaOpt", "gdpo": "GDPO",
+          "fixed": "Fixed weights",
           "soups": "Model Soups (task arithmetic)", "soups-avg": "Model Soups (parameter average)",
           "logits": "Logit mixing", "probs": "Probability mixing", "emorl": "EMORL",
           "emorl-convex": "EMORL (convex mix)"}
@@ -394,6 +396,9 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
                                         "note": f"identical to {method_label(twin)}: with a linear LM head, "
                                                 f"sum_k w_k log p_k and head(sum_k w_k h_k) give the same "
                                                 f"distribution, so it was decoded once"}
+    from emorl.evaluate_stats import add_confidence
+
+    add_confidence(run, results)  # paired-bootstrap CIs and differences, from the stored replies
     _write(run, results, order)
     return results
 

@@ -46,7 +46,8 @@ class Executor(Protocol):
     def train(self, jobs: list[TrainJob], *, resume: bool, progress: bool) -> None:
         """Train every job into the run folder; finished adapters are skipped, ``resume`` continues checkpoints."""
 
-    def search_objective(self, mode: str, names: list[str], prompts: list[str]) -> Any:
+    def search_objective(self, mode: str, names: list[str], prompts: list[str], seeds: list[int] | None = None
+                         ) -> Any:
         """A search objective (``objective(points) -> [Score]``, ``.degenerate()``) over the run's adapters."""
 
     def decode_methods(self, specs: list[MethodSpec], prompts: list[str], seeds: list[int]

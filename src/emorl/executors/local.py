@@ -71,14 +71,15 @@ class LocalExecutor:
             if trainer._stop.is_set():
                 raise KeyboardInterrupt
 
-    def search_objective(self, mode: str, names: list[str], prompts: list[str]) -> Any:
+    def search_objective(self, mode: str, names: list[str], prompts: list[str], seeds: list[int] | None = None
+                         ) -> Any:
         from emorl.ensemble.model import EnsembleModel
         from emorl.search.objective import build_objective
 
         if self._ensemble is None or list(self._ensemble.names) != list(names):
             self._ensemble = EnsembleModel(self.res.base, {o: self.run / "adapters" / o for o in names})
         sc = self.cfg.search
-        return build_objective(self._ensemble, prompts, self.res.rewards, mode, sc)
+        return build_objective(self._ensemble, prompts, self.res.rewards, mode, sc, seeds)
 
     def decode_methods(self, specs: list[Any], prompts: list[str], seeds: list[int]
                        ) -> Iterator[tuple[Any, list[Decoded]]]:

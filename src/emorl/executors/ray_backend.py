@@ -156,7 +156,7 @@ class Worker:
     def pid(self) -> int:
         return os.getpid()
 
-    def _objective(self, mode: str, names: list[str], prompts: list[str]) -> Any:
+    def _objective(self, mode: str, names: list[str], prompts: list[str], seeds: list[int] | None = None) -> Any:
         from emorl.ensemble.model import EnsembleModel
         from emorl.search.objective import build_objective
 
@@ -164,14 +164,15 @@ class Worker:
         if key not in self._ensembles:
             self._ensembles[key] = EnsembleModel(self.base, {o: self.dir / "adapters" / o for o in names})
         sc = self.cfg.search
-        return build_objective(self._ensembles[key], prompts, self.rewards, mode, sc)
+        return build_objective(self._ensembles[key], prompts, self.rewards, mode, sc, seeds)
 
-    def score(self, mode: str, names: list[str], prompts: list[str], points: np.ndarray
-              ) -> list[tuple[float, dict[str, float]]]:
-        return [(s.aggregate, s.scores) for s in self._objective(mode, names, prompts)(points)]
+    def score(self, mode: str, names: list[str], prompts: list[str], points: np.ndarray,
+              seeds: list[int] | None = None) -> list[tuple[float, dict[str, float], dict[str, list[float]]]]:
+        return [(s.aggregate, s.scores, s.per_prompt) for s in self._objective(mode, names, prompts, seeds)(points)]
 
-    def degenerate(self, mode: str, names: list[str], prompts: list[str]) -> tuple[float, dict[str, float]]:
-        s = self._objective(mode, names, prompts).degenerate()
+    def degenerate(self, mode: str, names: list[str], prompts: list[str], seeds: list[int] | None = None
+                   ) -> tuple[float, dict[str, float]]:
+        s = self._objective(mode, names, prompts, seeds).degenerate()
         return s.aggregate, s.scores
 
     def decode(self, spec: Any, prompts: list[str], seeds: list[int], run: str, any_adapter: dict[str, str] | None
@@ -198,8 +199,10 @@ class Worker:
 class RayObjective:
     """The search objective on the driver: a batch of points is split across the workers, scored there."""
 
-    def __init__(self, workers: list[Any], mode: str, names: list[str], prompts: list[str]) -> None:
+    def __init__(self, workers: list[Any], mode: str, names: list[str], prompts: list[str],
+                 seeds: list[int] | None = None) -> None:
         self.workers, self.mode, self.names, self.prompts = workers, mode, list(names), list(prompts)
+        self.seeds = seeds
 
     @property
     def dim(self) -> int:
@@ -217,16 +220,16 @@ class RayObjective:
 
         points = np.asarray(points, dtype=np.float64)
         chunks = [c for c in np.array_split(np.arange(len(points)), min(len(self.workers), len(points))) if len(c)]
-        refs = [w.score.remote(self.mode, self.names, self.prompts, points[c])
+        refs = [w.score.remote(self.mode, self.names, self.prompts, points[c], self.seeds)
                 for w, c in zip(self.workers, chunks, strict=False)]
-        return [Score(a, s) for part in ray.get(refs) for a, s in part]
+        return [Score(a, s, pp) for part in ray.get(refs) for a, s, pp in part]
 
     def degenerate(self) -> Any:
         import ray
 
         from emorl.search.evaluator import Score
 
-        a, s = ray.get(self.workers[0].degenerate.remote(self.mode, self.names, self.prompts))
+        a, s = ray.get(self.workers[0].degenerate.remote(self.mode, self.names, self.prompts, self.seeds))
         return Score(a, s)
 
 
@@ -362,8 +365,9 @@ class RayExecutor:
         by_gpu = int(avail.get("GPU", 0) // self.ex.num_gpus) if self.ex.num_gpus else 8
         return max(1, min(8, by_cpu, by_gpu))
 
-    def search_objective(self, mode: str, names: list[str], prompts: list[str]) -> Any:
-        return RayObjective(self._pool(), mode, names, prompts)
+    def search_objective(self, mode: str, names: list[str], prompts: list[str], seeds: list[int] | None = None
+                         ) -> Any:
+        return RayObjective(self._pool(), mode, names, prompts, seeds)
 
     def decode_methods(self, specs: list[Any], prompts: list[str], seeds: list[int]
                        ) -> Iterator[tuple[Any, list[Decoded]]]:

@@ -1,7 +1,8 @@
 """``emorl run``: the whole study in one command, stage by stage, each stage skipped when its output is current.
 
 1. **train**: one LoRA adapter per objective with k-SCST (EMORL, strategy ``single``) -> ``RUN/adapters/<obj>/``
-2. **baselines**: the one-policy baselines named in ``eval.methods`` (``uniform``, ``dynaopt``) -> ``RUN/baselines/``
+2. **baselines**: the one-policy baselines named in ``eval.methods`` (``uniform``, ``dynaopt``, ``gdpo``) ->
+   ``RUN/baselines/``
 3. **search**: the hierarchical weight search for every mode in ``search.modes`` (``hidden`` = EMORL, ``params`` =
    Model Soups, ``logits``) -> ``RUN/search/<mode>/``
 4. **evaluate**: every method on the test split, decoded with the same settings and seeds -> ``RUN/eval/``
@@ -95,7 +96,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, f
         stages = Stages(run)
         t_all = time.perf_counter()
         executor = None
-        for stage in ("train", "baselines", "search", "evaluate", "report"):
+        for stage in ("train", "baselines", "search", "evaluate", "front", "report"):
             todo = plan.todo(stage)
             if not todo:
                 if plan.stage(stage) and stage not in stages.data["stages"]:
@@ -144,8 +145,8 @@ def _run_stage(stage: str, todo: list[Step], plan: Plan, cfg: RunConfig, run: Pa
     elif stage == "search":
         from emorl.search.runner import search_run
 
-        def objective(mode: str, names: list[str], prompts: list[str]) -> Any:
-            return executor.search_objective(mode, names, prompts)
+        def objective(mode: str, names: list[str], prompts: list[str], seeds: list[int] | None = None) -> Any:
+            return executor.search_objective(mode, names, prompts, seeds)
 
         for s in todo:
             try:
@@ -163,11 +164,18 @@ def _run_stage(stage: str, todo: list[Step], plan: Plan, cfg: RunConfig, run: Pa
 
         evaluate_run(run, cfg, plan.methods, base=executor.res.base, rewards=executor.res.rewards, progress=progress,
                      force=force, decode=executor.decode_methods)
+    elif stage == "front":
+        from emorl.front import front_run
+        from emorl.pipeline.plan import front_settings
+
+        front_run(run, cfg, base=executor.res.base, rewards=executor.res.rewards, progress=progress, force=force)
+        stages.record("front", settings=front_settings(cfg), results=file_hash(run / "eval" / "results.json"))
     else:
         from emorl.report import write_report
 
         write_report(run)
-        stages.record("report", results=file_hash(run / "eval" / "results.json"))
+        stages.record("report", results=file_hash(run / "eval" / "results.json"),
+                      front=file_hash(run / "front" / "front.json"))
 
 
 def _adapter_ids(plan: Plan, run: Path) -> dict[str, str | None]:

@@ -78,13 +78,24 @@ def estimate(plan: Plan, speed: Speed) -> None:
     for s in plan.todo("baselines"):
         s.estimate_s = training(1)
     sc = cfg.search
-    for s in plan.todo("search"):
+    search_todo = plan.todo("search")
+    if search_todo:
+        from emorl.data import load_splits
+        from emorl.search.objective import search_seeds
+
+        n_val = len(load_splits(cfg.data).validation)
+        n_p = min(sc.prompts or n_val, n_val)  # search.prompts null: the whole validation split
+        n_seeds = len(search_seeds(sc.seeds, sc.generation))
+        n_re = min(sc.reeval_prompts or n_val, n_val) * len(search_seeds(sc.reeval_seeds, sc.generation))
+    for s in search_todo:
         width = 1 if s.name == "params" else k_obj
         n = expected_evaluations(k_obj, sc.iterations)
         calls = -(-n // sc.batch_points)
         factor = SEARCH_FACTOR.get(s.name, SEARCH_SHARED_PREFILL)
-        decode = calls * speed.gen(sc.batch_points * sc.prompts * width, sc.generation.max_new_tokens)
-        s.estimate_s = factor * decode + n * sc.prompts * REWARD_S * k_obj + PLOT_S
+        decode = n_seeds * calls * speed.gen(sc.batch_points * n_p * width, sc.generation.max_new_tokens)
+        reeval = speed.gen(sc.reeval_top * n_re * width, sc.generation.max_new_tokens) if sc.reeval_top else 0.0
+        s.estimate_s = (factor * (decode + reeval) + (n * n_p * n_seeds + sc.reeval_top * n_re) * REWARD_S * k_obj
+                        + PLOT_S)
     for s in plan.todo("evaluate"):
         from emorl.evaluate import decode_seeds
 
@@ -94,6 +105,18 @@ def estimate(plan: Plan, speed: Speed) -> None:
         widths = [k_obj if method_kind(m)[0] == "ensemble" and method_kind(m)[1] != "params" else 1
                   for m in plan.methods]
         s.estimate_s = seeds * sum(speed.gen(n * w, g.max_new_tokens) + n * REWARD_S * k_obj for w in widths)
+    for s in plan.todo("front"):
+        from emorl.evaluate import decode_seeds
+
+        fc, g = cfg.front, cfg.eval.generation
+        points = (int(round(fc.w_max / fc.step)) + 1) ** k_obj
+        n, seeds = cfg.eval.prompts or 64, len(decode_seeds(cfg))
+        total = 0.0
+        for m in fc.modes:
+            width = 1 if m.startswith("params") else k_obj
+            total += seeds * -(-points // fc.batch_points) * speed.gen(fc.batch_points * n * width, g.max_new_tokens)
+            total += points * n * seeds * REWARD_S * k_obj
+        s.estimate_s = total
     for s in plan.todo("report"):
         s.estimate_s = 5.0 + PLOT_S * len(plan.modes)
 
@@ -103,10 +126,12 @@ def describe_plan(plan: Plan, est: bool = True) -> str:
     lines = [f"[bold]emorl run[/] -> {plan.run}   model {cfg.model.name}, K={len(plan.objectives)} objectives "
              f"({', '.join(plan.objectives)})"]
     titles = {"train": "1. train EMORL adapters", "baselines": "2. train baselines", "search": "3. search weights",
-              "evaluate": "4. evaluate", "report": "5. report"}
+              "evaluate": "4. evaluate", "front": "5. Pareto fronts", "report": "6. report"}
     colors = {"done": "green", "run": "yellow", "redo": "magenta", "resume": "cyan"}
     for stage, title in titles.items():
         steps = plan.stage(stage)
+        if not steps and stage == "front":
+            continue  # front.enabled is false
         if not steps:
             lines.append(f"  {title:<26} (nothing: not in eval.methods)")
             continue

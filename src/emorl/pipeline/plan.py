@@ -21,7 +21,7 @@ from emorl.utils import EmorlError, atomic_write_json
 
 log = logging.getLogger("emorl.run")
 
-BASELINES = ("uniform", "dynaopt", "fixed")
+BASELINES = ("uniform", "dynaopt", "fixed", "gdpo")
 # training settings that do not change what is learned (bookkeeping) or that name what a call trains
 TRAIN_IGNORED = {"objectives", "strategy", "checkpoint_every", "log_every", "report_to", "micro_batch_size"}
 MODEL_IGNORED = {"device", "cache_dir"}
@@ -223,10 +223,25 @@ def make_plan(cfg: RunConfig, run: Path, *, resume: bool = False, force: bool = 
     eval_done = not upstream and not force and _eval_current(cfg, run, methods)
     plan.steps.append(Step("evaluate", ", ".join(methods), "done" if eval_done else "run",
                            "up to date" if eval_done else f"{cfg.eval.prompts or 'all'} {cfg.eval.split} prompts"))
+    if cfg.front.enabled:
+        rec = stages.unit("front")
+        front_done = (eval_done and not force and (run / "front" / "front.json").exists()
+                      and rec.get("results") == file_hash(run / "eval" / "results.json")
+                      and rec.get("settings") == front_settings(cfg))
+        plan.steps.append(Step("front", ", ".join(cfg.front.modes), "done" if front_done else "run",
+                               "up to date" if front_done else f"lattice step {cfg.front.step}"))
+        eval_done = eval_done and front_done
     report_done = eval_done and (run / "report.md").exists() and stages.unit("report").get("results") == \
-        file_hash(run / "eval" / "results.json")
+        file_hash(run / "eval" / "results.json") and stages.unit("report").get("front") == \
+        file_hash(run / "front" / "front.json")
     plan.steps.append(Step("report", "report.md, results.json, figures/", "done" if report_done else "run"))
     return plan
+
+
+def front_settings(cfg: RunConfig) -> dict[str, Any]:
+    """What the front stage's output depends on besides the evaluation (whose results file is hashed)."""
+    d = cfg.to_dict()
+    return {k: v for k, v in d["front"].items() if k != "enabled"}
 
 
 def file_hash(path: Path) -> str | None:

@@ -27,6 +27,7 @@ from emorl.utils import atomic_write_bytes
 
 # one colour and marker per method, stable across figures
 STYLE = {"base": ("#7f7f7f", "X"), "uniform": ("#1f77b4", "s"), "dynaopt": ("#2ca02c", "D"),
+         "gdpo": ("#bcbd22", "H"),
          "fixed": ("#17becf", "P"), "soups": ("#9467bd", "^"), "logits": ("#8c564b", "v"),
          "probs": ("#e377c2", "<"), "emorl": ("#d62728", "*")}
 

@@ -16,9 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from emorl.evaluate_stats import difference_sentences
 from emorl.report import figures as F
 from emorl.report.tables import (
     comparison_table,
+    differences_table,
+    front_table,
     improvement_table,
     markdown,
     stages_table,
@@ -211,6 +214,12 @@ def write_report(run_dir: str | Path) -> Path:
     improved = improvement_table(results)
     if improved:
         tables["improvement"] = improved
+    diffs = differences_table(results)
+    if diffs:
+        tables["differences"] = diffs
+    front = json.loads((run / "front" / "front.json").read_text()) if (run / "front" / "front.json").exists() else None
+    if front and front.get("modes"):
+        tables["front"] = front_table(front)
     samples = _samples(results)
     summary = {
         "version": 1, "run": str(run), "rendered": time.strftime("%Y-%m-%d %H:%M:%S"), "model": results.get("model"),
@@ -220,7 +229,11 @@ def write_report(run_dir: str | Path) -> Path:
         "search": {m: {k: b.get(k) for k in ("names", "weights", "weight_vector", "aggregate", "scores", "points",
                                              "decoded", "wall_time_s", "history", "scale_invariant")}
                    for m, b in search.items()},
-        "stages": stages, "samples": samples, "tradeoff_background": _decoded_alike(results, search),
+        "stages": stages, "samples": samples, "bootstrap": results.get("bootstrap"),
+        "differences_text": difference_sentences(results),
+        "front": {k: front[k] for k in ("reference", "modes", "one_policy", "statements", "figure", "step", "w_max",
+                                        "units") if k in front} if front else None,
+        "tradeoff_background": _decoded_alike(results, search),
         "tables": {k: {"columns": c, "rows": r} for k, (c, r) in tables.items()},
         "figures": [str(p.relative_to(run)) for p in figs]}
     atomic_write_json(run / "results.json", summary)
@@ -243,7 +256,15 @@ def render_markdown(run: Path, s: dict[str, Any], tables: dict[str, tuple[list[s
              "cost until each policy converged or spent its budget: EMORL, Model Soups and logit mixing all reuse the "
              "same K single-objective adapters, so they share that cost (sum over the adapters; per-adapter figures "
              "below) and add their own weight search. *Tokens/s* is decoding throughput on this machine; the mixing "
-             "methods run all K adapters at every step.", ""]
+             "methods run all K adapters at every step."
+             + (" Brackets are 95% confidence intervals from a paired bootstrap over (prompt, seed) units "
+                f"({s['bootstrap']['n_units']} units, {s['bootstrap']['resamples']} resamples): every method saw the "
+                "same prompts and random numbers." if s.get("bootstrap") else ""), ""]
+    if "differences" in tables:
+        lines += ["### Paired differences", "", markdown(*tables["differences"]), "",
+                  "Each cell is the method's score minus the reference's on the same units, with its 95% CI; "
+                  "*(n.s.)*: the CI holds 0, so the difference is not resolved by this evaluation.", "",
+                  *[t + "\n" for t in s.get("differences_text", [])], ""]
     if "figures/results_scatter.png" in figs:
         lines += ["![prompts consumed vs mean reward](figures/results_scatter.png)", "",
                   "Each method's training data (x) against its test mean reward (y); up and to the left is better.",
@@ -281,6 +302,18 @@ def render_markdown(run: Path, s: dict[str, Any], tables: dict[str, tuple[list[s
                      "prompts, with their Pareto front." if s.get("tradeoff_background") else
                      "The search's own trade-off view (`search_hidden_tradeoff.png`) is not overlaid: it decoded "
                      "differently (greedy) from this evaluation, so its scores are on another scale."), ""]
+    if "front" in tables:
+        fr = s["front"]
+        ref = ", ".join(f"{o} {v:.3f}" for o, v in fr["reference"]["scores"].items())
+        lines += ["## Pareto fronts", "", markdown(*tables["front"]), "",
+                  f"Each mode decoded a lattice of weight points (step {fr.get('step')} over [0, {fr.get('w_max')}]^K, "
+                  f"plus its searched point) on the evaluation's {fr.get('units')} (prompt, seed) units. Hypervolume "
+                  f"is measured against the **base model's per-objective mean scores** ({ref}), with a bootstrap CI "
+                  "over units (the reference resampled with them). A front *dominates* a one-policy method when one of "
+                  "its points is at least as good in every objective and better in one.", "",
+                  *[t + "\n" for t in fr.get("statements", [])], ""]
+        if fr.get("figure"):
+            lines += [f"![Pareto fronts]({fr['figure']})", ""]
     if s["samples"]:
         lines += ["## Sample replies", ""]
         for i, smp in enumerate(s["samples"], 1):

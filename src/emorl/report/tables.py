@@ -15,9 +15,13 @@ def fmt(x: Any, digits: int = 3) -> str:
 
 
 def fmt_pm(stat: dict[str, Any] | None, digits: int = 3) -> str:
-    """``{"mean": m, "std": s}`` -> ``"m ± s"`` (``"m"`` alone when there was one seed)."""
+    """``{"mean": m, "ci95": [lo, hi]}`` -> ``"m [lo, hi]"`` (the paired-bootstrap CI); without a CI,
+    ``{"mean": m, "std": s}`` -> ``"m ± s"`` (``"m"`` alone when there was one seed)."""
     if not stat:
         return "–"
+    if stat.get("ci95"):
+        lo, hi = stat["ci95"]
+        return f"{fmt(stat['mean'], digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]"
     if stat.get("n", 1) <= 1:
         return fmt(stat["mean"], digits)
     return f"{fmt(stat['mean'], digits)} ± {fmt(stat['std'], digits)}"
@@ -118,3 +122,36 @@ def stages_table(stages: dict[str, dict[str, Any]]) -> tuple[list[str], list[lis
     columns = ["Stage", "Status", "Wall time"]
     rows = [[name, st.get("status", "–"), fmt_seconds(st.get("wall_time_s"))] for name, st in stages.items()]
     return columns, rows
+
+
+def front_table(front: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Per mixing mode: lattice size, front size, hypervolume with its CI, and the one-policy methods its front
+    dominates (from ``RUN/front/front.json``)."""
+    rows = []
+    for entry, m in front["modes"].items():
+        lo, hi = m["hypervolume_ci95"]
+        dom = [p["label"] for p in front["one_policy"].values() if p["fronts"][entry]["verdict"] == "dominated"]
+        rows.append([entry, str(m["points"]), str(len(m["front"])), f"{m['hypervolume']:.4g} [{lo:.4g}, {hi:.4g}]",
+                     ", ".join(dom) or "none"])
+    return ["Mode", "Lattice points", "Front points", "Hypervolume [95% CI]", "Dominates"], rows
+
+
+def differences_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Each method's paired difference in mean reward (and per objective) to EMORL and to Uniform Weighted, with
+    its 95% CI; a difference whose CI holds 0 is marked unresolved."""
+    objs = list(results["objectives"])
+    rows = []
+    for m in results["methods"].values():
+        for ref, d in (m.get("differences") or {}).items():
+            ref_label = results["methods"].get(ref, {}).get("label", ref)
+
+            def cell(x: dict[str, Any] | None) -> str:
+                if not x:
+                    return "–"
+                lo, hi = x["ci95"]
+                return f"{x['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]{'' if x['resolved'] else ' (n.s.)'}"
+
+            rows.append([m["label"], ref_label, cell(d.get("mean_reward")), *(cell(d.get(f"score/{o}")) for o in objs)])
+    if not rows:
+        return None
+    return ["Method", "minus", "Mean reward", *objs], rows

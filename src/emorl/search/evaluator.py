@@ -34,6 +34,7 @@ class Score:
 
     aggregate: float
     scores: dict[str, float] = field(default_factory=dict)
+    per_prompt: dict[str, list[float]] = field(default_factory=dict)  # objective -> per-prompt mean over seeds
 
 
 @dataclass
@@ -47,11 +48,15 @@ class PointRecord:
     source: str  # "decoded" | "direction" (score reused from a point on the same ray) | "degenerate"
     time: float  # unix time at which it was scored
     seconds: float = 0.0  # this point's share of its batch's wall time
+    per_prompt: dict[str, list[float]] = field(default_factory=dict)  # objective -> scores in the header's prompt order
 
     def to_json(self) -> dict[str, Any]:
         agg = self.aggregate if math.isfinite(self.aggregate) else None
-        return {"weights": list(self.weights), "aggregate": agg, "scores": self.scores, "round": self.round,
-                "source": self.source, "time": round(self.time, 3), "seconds": round(self.seconds, 4)}
+        out = {"weights": list(self.weights), "aggregate": agg, "scores": self.scores, "round": self.round,
+               "source": self.source, "time": round(self.time, 3), "seconds": round(self.seconds, 4)}
+        if self.per_prompt:
+            out["per_prompt"] = {k: [round(float(x), 6) for x in v] for k, v in self.per_prompt.items()}
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PointRecord:
@@ -59,7 +64,8 @@ class PointRecord:
         return cls(weights=tuple(float(x) for x in d["weights"]), aggregate=-math.inf if agg is None else float(agg),
                    scores={k: float(v) for k, v in (d.get("scores") or {}).items()}, round=int(d.get("round", 0)),
                    source=str(d.get("source", "decoded")), time=float(d.get("time", 0.0)),
-                   seconds=float(d.get("seconds", 0.0)))
+                   seconds=float(d.get("seconds", 0.0)),
+                   per_prompt={k: [float(x) for x in v] for k, v in (d.get("per_prompt") or {}).items()})
 
 
 def direction(w: Key) -> tuple[Fraction, ...]:
@@ -75,7 +81,8 @@ def as_score(value: Any, where: str) -> Score:
     elif isinstance(value, dict):
         if "aggregate" not in value:
             raise EmorlError(f"objective returned {value!r} for {where}: a dict needs an 'aggregate' key")
-        s = Score(float(value["aggregate"]), {k: float(v) for k, v in (value.get("scores") or {}).items()})
+        s = Score(float(value["aggregate"]), {k: float(v) for k, v in (value.get("scores") or {}).items()},
+                  {k: [float(x) for x in v] for k, v in (value.get("per_prompt") or {}).items()})
     else:
         s = Score(float(value))
     if math.isnan(s.aggregate):
@@ -190,7 +197,8 @@ class Evaluator:
 
     def _reuse(self, k: Key, round: int) -> None:  # noqa: A002
         src = self.rays[direction(k)]
-        self._add(PointRecord(k, src.aggregate, dict(src.scores), round, "direction", time.time()))
+        self._add(PointRecord(k, src.aggregate, dict(src.scores), round, "direction", time.time(),
+                              per_prompt=src.per_prompt))
         self.n_reused += 1
 
     def _add(self, rec: PointRecord) -> None:
@@ -215,8 +223,9 @@ class Evaluator:
             raise EmorlError(f"objective returned {len(values)} scores for {len(keys)} weight points")
         dt = (time.perf_counter() - t0) / len(keys)
         now = time.time()
-        recs = [PointRecord(k, *_unpack(as_score(v, f"weights {list(k)}")), round=round, source="decoded",
-                            time=now, seconds=dt) for k, v in zip(keys, values, strict=True)]
+        scored = [as_score(v, f"weights {list(k)}") for k, v in zip(keys, values, strict=True)]
+        recs = [PointRecord(k, s.aggregate, s.scores, round=round, source="decoded", time=now, seconds=dt,
+                            per_prompt=s.per_prompt) for k, s in zip(keys, scored, strict=True)]
         self.n_decoded += len(keys)
         if self.store is not None:
             self.store.extend(recs)
@@ -229,7 +238,3 @@ class Evaluator:
             return
         self._bar.update(n)
         self._bar.set_postfix(best=f"{self._best_seen:.4f}", decoded=self.n_decoded, refresh=False)
-
-
-def _unpack(s: Score) -> tuple[float, dict[str, float]]:
-    return s.aggregate, s.scores

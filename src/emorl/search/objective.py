@@ -27,6 +27,15 @@ def is_scale_invariant(mode: str, anchor: str = "base") -> bool:
     return rule(mode, anchor)
 
 
+def search_seeds(seeds: Sequence[int], generation: GenerationConfig) -> list[int]:
+    """Decoding seeds of one point: every seed under sampling (their scores are averaged, per prompt), the first
+    alone under greedy decoding (which does not depend on the seed)."""
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    if not seeds:
+        raise EmorlError("search.seeds: give at least one seed, e.g. search.seeds=[0,1,2]")
+    return seeds if generation.do_sample else seeds[:1]
+
+
 def aggregate_weights(objectives: Sequence[str], objective_weights: Sequence[float] | None) -> np.ndarray:
     """Normalised weights of the objectives in the aggregate (default: the plain mean)."""
     if objective_weights is None:
@@ -45,12 +54,15 @@ class EnsembleObjective:
 
     ``ensemble`` needs ``.names`` (its K adapters, the axes of a weight point) and ``.generate(prompts,
     weights=(G, K), mode=..., ...)`` returning G lists of replies. ``rewards`` maps objective name to
-    reward (see :mod:`emorl.rewards`); the aggregate is their ``objective_weights``-weighted mean.
+    reward (see :mod:`emorl.rewards`); the aggregate is their ``objective_weights``-weighted mean. Under sampling
+    each point is decoded once per seed of ``seeds`` (default ``[seed]``) and a prompt's score is its mean over
+    them; every point draws the same random numbers (common random numbers), so points stay comparable.
     """
 
     def __init__(self, ensemble: Any, prompts: Sequence[str], rewards: dict[str, Any], *, mode: str = "hidden",
                  generation: GenerationConfig | None = None, seed: int = 0,
-                 objective_weights: Sequence[float] | None = None, anchor: str = "base") -> None:
+                 objective_weights: Sequence[float] | None = None, seeds: Sequence[int] | None = None,
+                 anchor: str = "base") -> None:
         if mode not in MODES:
             raise EmorlError(f"search mode {mode!r} is not one of {', '.join(MODES)}")
         if not prompts:
@@ -66,6 +78,7 @@ class EnsembleObjective:
         self.anchor = anchor
         self.generation = generation or GenerationConfig(do_sample=False)
         self.seed = seed
+        self.seeds = search_seeds(seeds if seeds is not None else [seed], self.generation)
         self.weights = aggregate_weights(list(self.rewards), objective_weights)
         self.points_decoded = 0
 
@@ -78,15 +91,19 @@ class EnsembleObjective:
         return is_scale_invariant(self.mode, self.anchor)
 
     def __call__(self, points: np.ndarray) -> list[Score]:
+        points = np.asarray(points, dtype=np.float64)
+        per_seed = [self._call_seed(points, seed) for seed in self.seeds]
+        return [self._average([p[i] for p in per_seed]) for i in range(len(points))]
+
+    def _call_seed(self, points: np.ndarray, seed: int) -> list[Score]:
         from emorl.decoding import generation_kwargs
 
-        points = np.asarray(points, dtype=np.float64)
         # w = 0 of a convex mix is degenerate (no direction); anchored, it is the base model and is decoded
         zero = ~(points > 0).any(axis=1) if self.scale_invariant else np.zeros(len(points), dtype=bool)
         texts: list[list[str]] = [[] for _ in range(len(points))]
         live = np.flatnonzero(~zero)
         if len(live):
-            out = self.ensemble.generate(self.prompts, weights=points[live], mode=self.mode, seed=self.seed,
+            out = self.ensemble.generate(self.prompts, weights=points[live], mode=self.mode, seed=seed,
                                          anchor=self.anchor, **generation_kwargs(self.generation))
             groups = out.all_texts if hasattr(out, "all_texts") else out
             if len(groups) != len(live) or any(len(t) != len(self.prompts) for t in groups):
@@ -96,10 +113,19 @@ class EnsembleObjective:
                 texts[i] = list(group)
             self.points_decoded += len(live)
         for i in np.flatnonzero(zero):
-            texts[i] = self.zero_replies()
+            texts[i] = self.zero_replies(seed)
         return self.score_replies(texts)
 
-    def zero_replies(self) -> list[str]:
+    def _average(self, scores: list[Score]) -> Score:
+        """One point's scores over seeds: per prompt, the mean over seeds; then the means as for one seed."""
+        if len(scores) == 1:
+            return scores[0]
+        per_prompt = {n: np.mean([s.per_prompt[n] for s in scores], axis=0) for n in self.rewards}
+        means = {n: float(v.mean()) for n, v in per_prompt.items()}
+        agg = float(np.array([means[n] for n in self.rewards]) @ self.weights)
+        return Score(agg, means, {n: v.tolist() for n, v in per_prompt.items()})
+
+    def zero_replies(self, seed: int | None = None) -> list[str]:
         """Replies at w = 0 of a convex mix: no adapter contributes, the mixed logits are zero (hidden) or constant
         (logits, probs), so the decode is degenerate and treated as empty replies."""
         return [""] * len(self.prompts)
@@ -111,10 +137,12 @@ class EnsembleObjective:
 
         n_pts, n_prompts = len(texts), len(self.prompts)
         flat = [r for group in texts for r in group]
-        means = {name: score(rw, self.prompts * n_pts, flat).reshape(n_pts, n_prompts).mean(1)
+        table = {name: score(rw, self.prompts * n_pts, flat).reshape(n_pts, n_prompts)
                  for name, rw in self.rewards.items()}
+        means = {n: t.mean(1) for n, t in table.items()}
         agg = np.stack([means[n] for n in self.rewards], axis=1) @ self.weights
-        return [Score(float(agg[i]), {n: float(means[n][i]) for n in self.rewards}) for i in range(n_pts)]
+        return [Score(float(agg[i]), {n: float(means[n][i]) for n in self.rewards},
+                      {n: [float(x) for x in table[n][i]] for n in self.rewards}) for i in range(n_pts)]
 
     def degenerate(self) -> Score:
         """The all-zero point of a scale-invariant decode (hidden/logits mixing, greedy): all-zero logits, no
@@ -122,11 +150,12 @@ class EnsembleObjective:
         return self.score_replies([[""] * len(self.prompts)])[0]
 
 
-def build_objective(ensemble: Any, prompts: Sequence[str], rewards: dict[str, Any], key: str, search: Any
-                    ) -> EnsembleObjective:
+def build_objective(ensemble: Any, prompts: Sequence[str], rewards: dict[str, Any], key: str, search: Any,
+                    seeds: Sequence[int] | None = None) -> EnsembleObjective:
     """The objective of search key ``key`` (e.g. ``hidden``, ``params-convex``) with a SearchConfig's settings."""
     from emorl.decoding import parse_mix
 
     mode, anchor = parse_mix(key, search.anchor)
     return EnsembleObjective(ensemble, prompts, rewards, mode=mode, anchor=anchor, generation=search.generation,
-                             seed=search.seed, objective_weights=search.objective_weights)
+                             seed=search.seed, objective_weights=search.objective_weights,
+                             seeds=search.seeds if seeds is None else seeds)

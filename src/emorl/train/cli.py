@@ -20,8 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", help="an existing run folder: reuse its config.yaml (e.g. to add an objective)")
     p.add_argument("--output", help="run folder to write (default: runs/<preset or config name>)")
     p.add_argument("--objectives", help="comma-separated objectives to train (default: all in the config)")
-    p.add_argument("--strategy", choices=["single", "uniform", "fixed", "dynaopt"],
-                   help="single = EMORL; uniform / fixed / dynaopt = one-policy baselines")
+    p.add_argument("--strategy", choices=["single", "uniform", "fixed", "dynaopt", "gdpo"],
+                   help="single = EMORL; uniform / fixed / dynaopt / gdpo = one-policy baselines")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run folder")
     p.add_argument("--force", action="store_true", help="retrain adapters that are already finished")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")

@@ -55,6 +55,19 @@ def group_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return (r - r.mean(dim=1, keepdim=True)).reshape(-1)
 
 
+def gdpo_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
+    """GDPO (Liu et al., 2026): per-reward group-normalised advantages, summed over the J rewards.
+
+    ``rewards`` is (n, J), rows grouped k by k per prompt. Per objective j: (r_j − mean of the prompt's k) /
+    (std of the k + eps), std unbiased as in TRL's GRPO; then the sum over j (TRL's
+    ``multi_objective_aggregation="normalize_then_sum"``). Normalising each reward before summing keeps every
+    objective's within-prompt ranking, where normalising the sum lets the reward with the widest spread decide."""
+    n, j = rewards.shape
+    r = rewards.reshape(-1, k, j)
+    std = r.std(dim=1, keepdim=True) if k > 1 else torch.zeros_like(r[:, :1])
+    return ((r - r.mean(dim=1, keepdim=True)) / (std + eps)).sum(dim=2).reshape(n)
+
+
 # ------------------------------------------------------------------------------------------ rollout tensors
 
 

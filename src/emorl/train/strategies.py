@@ -3,6 +3,8 @@
 * ``single`` — EMORL: one policy per objective, λ = [1].
 * ``uniform`` — Uniform Weighted baseline: one policy, λ_j = 1/J over the log rewards.
 * ``fixed`` — one policy, user-given λ.
+* ``gdpo`` — GDPO: one policy; each objective's reward is normalised within its prompt's k replies, and the
+  normalised rewards are summed (:func:`emorl.train.kscst.gdpo_advantages`); λ = 1/J is only reported.
 * ``dynaopt`` — DynaOpt (Min et al., 2024): two Exp3 bandits. An *arm* bandit with J+1 arms (one per objective
   plus "leave the weights alone") is drawn at the start and after every validation; drawing objective c
   up-weights c once in a *weight* bandit (J arms) whose normalised weights are λ. The arm bandit is rewarded with
@@ -46,6 +48,16 @@ class FixedWeighting(Weighting):
 
     def weights(self) -> np.ndarray:
         return self._w
+
+
+class GDPOWeighting(FixedWeighting):
+    """GDPO: the advantages are per-reward group-normalised and summed (``per_reward_advantages``), not the
+    k-SCST advantages of one weighted reward; λ = 1/J is the weighting it reports (and the equal sum it takes)."""
+
+    per_reward_advantages = True
+
+    def __init__(self, objectives: list[str]):
+        super().__init__(objectives)
 
 
 class Exp3:
@@ -128,6 +140,8 @@ def make_weighting(strategy: str, objectives: list[str], *, fixed_weights: list[
         return FixedWeighting(objectives)
     if strategy == "fixed":
         return FixedWeighting(objectives, fixed_weights)
+    if strategy == "gdpo":
+        return GDPOWeighting(objectives)
     if strategy == "dynaopt":
         return DynaOptWeighting(objectives, gamma=gamma, history=history, seed=seed)
     raise ValueError(f"unknown strategy {strategy!r}")

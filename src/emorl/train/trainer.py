@@ -33,7 +33,13 @@ from emorl.config import RunConfig
 from emorl.models import AdapterInfo, Base, add_adapters, as_reference, save_adapter, save_full_model
 from emorl.sampling import seeded_rng, stable_seed
 from emorl.train.checkpoint import load_checkpoint, save_checkpoint
-from emorl.train.kscst import group_advantages, joint_policy_gradient_step, policy_gradient_step, transform_rewards
+from emorl.train.kscst import (
+    gdpo_advantages,
+    group_advantages,
+    joint_policy_gradient_step,
+    policy_gradient_step,
+    transform_rewards,
+)
 from emorl.train.monitor import MetricsLogger, Progress
 from emorl.train.rollout import Rollout, prompt_width, sample_rollouts
 from emorl.train.strategies import Weighting, make_weighting
@@ -219,6 +225,11 @@ class Trainer:
         scores = self._score(p.objectives, ro.prompts_per_reply, ro.texts)
         lam = p.weighting.weights()
         rewards = transform_rewards(scores, lam, t.reward_transform, t.clip_min, t.clip_max)
+        if getattr(p.weighting, "per_reward_advantages", False):  # GDPO: normalise each reward, then sum
+            per = np.stack([transform_rewards(scores[:, j], np.ones(1), t.reward_transform, t.clip_min, t.clip_max)
+                            for j in range(scores.shape[1])], axis=1)
+            adv = gdpo_advantages(torch.tensor(per, dtype=torch.float32, device=self.base.device), ro.batch.k)
+            return scores, lam, rewards, adv
         adv = group_advantages(torch.tensor(rewards, dtype=torch.float32, device=self.base.device), ro.batch.k)
         return scores, lam, rewards, adv
 

@@ -1,0 +1,84 @@
+"""Decode a lattice of weight points for one mixing mode and score every reply per (prompt, seed) unit.
+
+The lattice is the protocol of PARM and Rewards-in-Context: an evenly spaced grid {0, step, ..., w_max}^K without
+the all-zero point, plus the mode's searched point. Points are decoded ``batch_points`` at a time in the batched
+multi-point path (``EnsembleModel.generate`` with a G×K weights matrix), on the evaluation's prompts, seeds and
+decoding settings, so each point's per-unit scores pair with every evaluated method's.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from emorl.config import GenerationConfig
+
+# convex hidden/logit mixes are decoded with weights summing to 1, as the evaluation decodes them (their scale is an
+# inverse temperature under sampling); an anchored mix uses w as given
+NORMALIZED_MODES = ("hidden", "logits")
+
+
+def parse_mode(entry: str) -> tuple[str, str | None]:
+    """``"hidden"`` -> ("hidden", None); ``"hidden:base"`` -> ("hidden", "base")."""
+    mode, _, anchor = entry.partition(":")
+    return mode, anchor or None
+
+
+def lattice(k: int, step: float, w_max: float) -> np.ndarray:
+    """Every point of {0, step, ..., w_max}^K except the origin, in lexicographic order."""
+    n = int(round(w_max / step))
+    axis = [round(i * step, 10) for i in range(n + 1)]
+    pts = [p for p in itertools.product(axis, repeat=k) if any(p)]
+    return np.array(pts, dtype=float).reshape(-1, k)
+
+
+def _ray(w: Sequence[float]) -> tuple[Fraction, ...]:
+    m = Fraction(max(w)).limit_denominator(10**6)
+    return tuple(Fraction(x).limit_denominator(10**6) / m for x in w)
+
+
+def decode_groups(points: np.ndarray, scale_invariant: bool) -> list[int]:
+    """For every point, the index of the point whose decode it shares: itself, or (scale-invariant mixes) the first
+    point on the same ray, whose replies are the same."""
+    first: dict[Any, int] = {}
+    out = []
+    for i, w in enumerate(points):
+        key = _ray(w) if scale_invariant else tuple(w)
+        out.append(first.setdefault(key, i))
+    return out
+
+
+def score_lattice(ensemble: Any, points: np.ndarray, prompts: Sequence[str], seeds: Sequence[int],
+                  rewards: dict[str, Any], gen: GenerationConfig, *, mode: str, anchor: str | None = None,
+                  batch_points: int = 16, progress: Any = None) -> np.ndarray:
+    """Per-unit scores (points, seeds × prompts, objectives) of every lattice point, units in (seed, prompt) order.
+
+    ``anchor`` is passed to ``generate`` only when not None (the base-anchored mixing forms)."""
+    from emorl.ensemble.model import generation_kwargs
+    from emorl.rewards import score
+
+    normalize = mode in NORMALIZED_MODES and anchor is None  # then only the direction of w matters
+    groups = decode_groups(points, normalize)
+    todo = sorted(set(groups))
+    objectives = list(rewards)
+    n_units = len(prompts) * len(seeds)
+    decoded = np.zeros((len(points), n_units, len(objectives)))
+    extra = {"anchor": anchor} if anchor is not None else {}
+    kw = generation_kwargs(gen)
+    for s_i, seed in enumerate(seeds):
+        for c in range(0, len(todo), batch_points):
+            idx = todo[c:c + batch_points]
+            res = ensemble.generate(list(prompts), weights=points[idx], mode=mode, seed=seed, normalize=normalize,
+                                    **kw, **extra)
+            texts = res.all_texts if hasattr(res, "all_texts") else res
+            flat = [t for group in texts for t in group]
+            for j, o in enumerate(objectives):
+                vals = score(rewards[o], list(prompts) * len(idx), flat).reshape(len(idx), len(prompts))
+                decoded[idx, s_i * len(prompts):(s_i + 1) * len(prompts), j] = vals
+            if progress is not None:
+                progress(len(idx))
+    return decoded[groups]

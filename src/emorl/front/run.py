@@ -1,0 +1,218 @@
+"""``emorl front``: each mixing mode's empirical Pareto front and hypervolume on the evaluation's prompts.
+
+One set of K adapters spans a whole front of trade-offs after training, where a one-policy baseline is one point.
+For every mode of ``front.modes`` a lattice of weight points is decoded and scored on the same (prompt, seed) units as
+the evaluation; the front is the non-dominated set of the points' mean scores. Its hypervolume is measured against
+the **base model's per-objective mean scores** (the reference point: what the untuned model already achieves), with a
+bootstrap CI over units in which the reference is resampled with the same units (paired). Every one-policy method of
+the evaluation (Uniform, DynaOpt, GDPO, each adapter alone) is placed against each front: dominated (the front holds
+a point at least as good in every objective and better in one), dominating some front point, or incomparable.
+
+Writes ``RUN/front/front.json`` (the analysis), ``RUN/front/<mode>.json`` (every point with its per-unit scores,
+reused while the inputs are unchanged) and ``RUN/front/front.png``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emorl.config import RunConfig
+from emorl.front.lattice import lattice, parse_mode, score_lattice
+from emorl.stats import dominance, hypervolume_ci, pareto_front
+from emorl.utils import EmorlError, atomic_write_json
+
+log = logging.getLogger("emorl.front")
+FRONT_VERSION = 1
+REFERENCE = "base"
+
+
+def front_dir(run: Path) -> Path:
+    return run / "front"
+
+
+def _file(run: Path, entry: str) -> Path:
+    return front_dir(run) / f"{entry.replace(':', '_')}.json"
+
+
+def searched_point(run: Path, mode: str, names: list[str]) -> list[float] | None:
+    """The mode's searched weights (``RUN/search/<mode>/best.json``), if that search ran on these adapters."""
+    p = run / "search" / mode / "best.json"
+    if not p.exists():
+        return None
+    best = json.loads(p.read_text())
+    if list(best.get("names", [])) != names or not any(best.get("weight_vector", [])):
+        return None
+    return [float(x) for x in best["weight_vector"]]
+
+
+def _inputs(run: Path, cfg: RunConfig) -> tuple[dict[str, Any], list[str], list[int], np.ndarray]:
+    """The evaluation the front pairs with: its results, prompts, seeds and the base model's per-unit scores."""
+    from emorl.evaluate import decode_seeds, eval_prompts, load_results
+    from emorl.evaluate_stats import unit_scores
+
+    results = load_results(run)
+    fix = f"`emorl evaluate --run {run}` (with `base` among the methods)"
+    if not results or REFERENCE not in results.get("methods", {}):
+        raise EmorlError(f"the front needs the evaluation of the base model (its scores are the hypervolume's "
+                         f"reference point): {run / 'eval' / 'results.json'} has none. Run {fix} first")
+    prompts, seeds = eval_prompts(cfg, results["split"]), decode_seeds(cfg)
+    sha = hashlib.sha256("\x1f".join(prompts).encode()).hexdigest()[:16]
+    if results.get("prompts_sha256") != sha or results.get("seeds") != seeds or \
+            results.get("generation") != asdict(cfg.eval.generation):
+        raise EmorlError(f"{run / 'eval' / 'results.json'} was made on other prompts, seeds or decoding settings "
+                         f"than the config's eval section; the front would not pair with it. Run {fix} again")
+    units = unit_scores(run / "eval" / "replies" / f"{REFERENCE}.jsonl", list(results["objectives"]))
+    if units is None:
+        raise EmorlError(f"{run / 'eval' / 'replies' / 'base.jsonl'} is missing or incomplete. Run {fix} again")
+    ref = np.stack([units[f"score/{o}"] for o in results["objectives"]], axis=1)
+    return results, prompts, seeds, ref
+
+
+def _signature(cfg: RunConfig, entry: str, adapters: dict[str, str], points: np.ndarray, prompts: list[str],
+               seeds: list[int]) -> str:
+    payload = {"version": FRONT_VERSION, "entry": entry, "adapters": adapters, "points": points.tolist(),
+               "prompts": prompts, "seeds": seeds, "generation": asdict(cfg.eval.generation),
+               "objectives": cfg.objectives, "model": [cfg.model.name, cfg.model.max_prompt_tokens,
+                                                       cfg.model.system_prompt]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def front_run(run_dir: str | Path, cfg: RunConfig | None = None, *, base: Any = None,
+              rewards: dict[str, Any] | None = None, progress: bool = True, force: bool = False,
+              plot: bool = True) -> dict[str, Any]:
+    """Decode (or reuse) every mode's lattice, analyse the fronts, write ``RUN/front/``; returns front.json."""
+    from emorl.evaluate import ensemble_objectives
+    from emorl.search.runner import adapter_folders, load_run_config
+    from emorl.search.store import adapter_identity
+
+    run = Path(run_dir)
+    cfg = cfg or load_run_config(run)
+    fc = cfg.front
+    names = ensemble_objectives(cfg)
+    folders = adapter_folders(run, cfg, names)
+    adapters = {n: adapter_identity(f) for n, f in folders.items()}
+    results, prompts, seeds, ref_units = _inputs(run, cfg)
+    objectives = list(results["objectives"])
+    entries = list(dict.fromkeys(fc.modes))
+    plans: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        mode, anchor = parse_mode(entry)
+        pts = lattice(len(names), fc.step, fc.w_max)
+        searched = searched_point(run, mode, names)
+        if searched is not None and not any(np.allclose(p, searched) for p in pts):
+            pts = np.vstack([pts, searched])
+        sig = _signature(cfg, entry, adapters, pts, prompts, seeds)
+        old = _read(_file(run, entry))
+        plans[entry] = {"mode": mode, "anchor": anchor, "points": pts, "searched": searched, "signature": sig,
+                        "cached": None if force or old.get("signature") != sig else old}
+    todo = [e for e, p in plans.items() if p["cached"] is None]
+    if todo:
+        if base is None:
+            from emorl.models import load_base
+
+            base = load_base(cfg.model)
+        if rewards is None:
+            from emorl.rewards import build_rewards
+
+            rewards = build_rewards(cfg.objectives, base)
+        from emorl.ensemble.model import EnsembleModel
+        from emorl.train.monitor import Progress
+
+        ens = EnsembleModel(base, dict(folders))
+        with Progress(progress).run() as bars:
+            for entry in todo:
+                p = plans[entry]
+                bars.add(f"front {entry}", len(p["points"]) * len(seeds))
+                done = [0]
+
+                def tick(n: int, entry: str = entry, done: list[int] = done) -> None:
+                    done[0] += n
+                    bars.update(f"front {entry}", done[0], entry)
+
+                u = score_lattice(ens, p["points"], prompts, seeds, {o: rewards[o] for o in objectives},
+                                  cfg.eval.generation, mode=p["mode"], anchor=p["anchor"],
+                                  batch_points=fc.batch_points, progress=tick)
+                p["cached"] = _write_points(run, entry, p, names, objectives, u)
+    analysis = analyse(results, {e: p["cached"] for e, p in plans.items()}, ref_units, names, objectives,
+                       resamples=fc.resamples)
+    analysis.update({"version": FRONT_VERSION, "split": results["split"], "prompts": len(prompts), "seeds": seeds,
+                     "step": fc.step, "w_max": fc.w_max, "generation": asdict(cfg.eval.generation)})
+    if plot:
+        from emorl.front.plots import plot_fronts
+
+        fig = plot_fronts(analysis, {e: p["cached"] for e, p in plans.items()}, front_dir(run) / "front.png")
+        analysis["figure"] = str(fig.relative_to(run))
+    atomic_write_json(front_dir(run) / "front.json", analysis)
+    return analysis
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_points(run: Path, entry: str, p: dict[str, Any], names: list[str], objectives: list[str],
+                  units: np.ndarray) -> dict[str, Any]:
+    rows = []
+    units = np.round(units, 6)  # what is stored is what every number is computed from
+    for i, w in enumerate(p["points"]):
+        rows.append({"weights": dict(zip(names, map(float, w), strict=True)),
+                     "searched": p["searched"] is not None and bool(np.allclose(w, p["searched"])),
+                     "scores": {o: float(units[i, :, j].mean()) for j, o in enumerate(objectives)},
+                     "units": {o: units[i, :, j].tolist() for j, o in enumerate(objectives)}})
+    data = {"version": FRONT_VERSION, "entry": entry, "mode": p["mode"], "anchor": p["anchor"],
+            "signature": p["signature"], "names": names, "objectives": objectives, "points": rows}
+    atomic_write_json(_file(run, entry), data)
+    return data
+
+
+def analyse(results: dict[str, Any], modes: dict[str, dict[str, Any]], ref_units: np.ndarray, names: list[str],
+            objectives: list[str], *, resamples: int = 500, seed: int = 0) -> dict[str, Any]:
+    """Fronts, hypervolumes (CI) and dominance statements from stored points and evaluation results."""
+    ref = ref_units.mean(axis=0)
+    out_modes: dict[str, Any] = {}
+    fronts: dict[str, np.ndarray] = {}
+    for entry, data in modes.items():
+        rows = data["points"]
+        means = np.array([[r["scores"][o] for o in objectives] for r in rows])
+        units = np.array([[r["units"][o] for o in objectives] for r in rows]).transpose(0, 2, 1)
+        idx = pareto_front(means)
+        fronts[entry] = means[idx]
+        hv = hypervolume_ci(units, ref_units, resamples=resamples, seed=seed)
+        out_modes[entry] = {"mode": data["mode"], "anchor": data["anchor"], "points": len(rows),
+                            "front": [{"weights": rows[i]["weights"], "scores": rows[i]["scores"],
+                                       "searched": rows[i]["searched"]} for i in idx],
+                            "hypervolume": hv["hypervolume"], "hypervolume_ci95": hv["ci95"]}
+    one_policy: dict[str, Any] = {}
+    statements: list[str] = []
+    for name, m in results["methods"].items():
+        if m.get("kind") != "adapter":
+            continue
+        point = [m["summary"][f"score/{o}"]["mean"] for o in objectives]
+        against = {e: dominance(f, point) for e, f in fronts.items()}
+        one_policy[name] = {"label": m["label"], "scores": dict(zip(objectives, point, strict=True)),
+                            "fronts": {e: {"verdict": d["verdict"], "dominated_by": len(d["dominated_by"]),
+                                           "dominates": len(d["dominates"])} for e, d in against.items()}}
+    for entry in fronts:
+        dom = [v["label"] for v in one_policy.values() if v["fronts"][entry]["verdict"] == "dominated"]
+        rest = [v["label"] for v in one_policy.values() if v["fronts"][entry]["verdict"] != "dominated"]
+        lo, hi = out_modes[entry]["hypervolume_ci95"]
+        statements.append(f"{entry}: hypervolume {out_modes[entry]['hypervolume']:.4f} [{lo:.4f}, {hi:.4f}] over "
+                          f"{out_modes[entry]['points']} points; its front dominates "
+                          f"{', '.join(dom) if dom else 'none of the one-policy points'}"
+                          + (f"; not dominated: {', '.join(rest)}" if rest else "") + ".")
+    return {"objectives": objectives, "names": names,
+            "reference": {"what": "the base model's per-objective mean scores on the same (prompt, seed) units "
+                                  "(resampled with them in the CI)", "scores": dict(zip(objectives, map(float, ref),
+                                                                                       strict=True))},
+            "units": int(ref_units.shape[0]), "resamples": resamples, "modes": out_modes, "one_policy": one_policy,
+            "statements": statements}

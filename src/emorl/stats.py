@@ -1,0 +1,145 @@
+"""Statistics of a comparison: paired bootstrap confidence intervals, Pareto fronts, hypervolume, dominance.
+
+Every method is decoded on the same prompts with the same seeds, so a per-reply score is indexed by a *unit*
+(prompt, seed) shared by all methods. The bootstrap resamples units with replacement, and a difference between
+two methods resamples the same units for both (paired), which removes the prompt-to-prompt variance that both
+share. All resampling is seeded (``numpy.random.default_rng(seed)``), so a CI is reproducible.
+
+Fronts are for maximisation: a point p dominates q when p ≥ q in every objective and p > q in one. The
+hypervolume of a point set against a reference point r is the volume of the union of the boxes [r, p] (points
+not above r in every objective add nothing); it is exact, computed by slicing along the last objective
+(O(n^d), fine for the lattices of a few hundred points used here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+LEVEL = 0.95
+RESAMPLES = 2000
+
+
+# ------------------------------------------------------------------------------------------- bootstrap
+
+def _indices(n: int, resamples: int, seed: int) -> np.ndarray:
+    """(resamples, n) unit indices drawn with replacement; the same seed gives the same draws for every method."""
+    if n < 1:
+        raise ValueError("the bootstrap needs at least one unit")
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def _interval(stats: np.ndarray, level: float) -> list[float]:
+    a = (1 - level) / 2
+    lo, hi = np.quantile(stats, [a, 1 - a])
+    return [float(lo), float(hi)]
+
+
+def bootstrap_ci(values: Sequence[float] | np.ndarray, *, resamples: int = RESAMPLES, seed: int = 0,
+                 level: float = LEVEL) -> list[float]:
+    """Percentile CI of the mean of per-unit ``values`` (one per (prompt, seed) unit)."""
+    v = np.asarray(values, dtype=float)
+    idx = _indices(v.size, resamples, seed)
+    return _interval(v[idx].mean(axis=1), level)
+
+
+def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *,
+                      resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict[str, Any]:
+    """mean(a) − mean(b) with its paired-bootstrap CI: ``a[i]`` and ``b[i]`` are the same unit, and each
+    resample draws the same units for both. ``resolved`` is true when the CI excludes 0."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape:
+        raise ValueError(f"paired values need the same units: {x.shape} vs {y.shape}")
+    d = x - y
+    lo, hi = _interval(d[_indices(d.size, resamples, seed)].mean(axis=1), level)
+    return {"mean": float(d.mean()), "ci95": [lo, hi], "resolved": bool(lo > 0 or hi < 0)}
+
+
+def bootstrap_statistic(units: int, statistic: Callable[[np.ndarray], float], *, resamples: int = RESAMPLES,
+                        seed: int = 0, level: float = LEVEL) -> list[float]:
+    """Percentile CI of any ``statistic(unit_indices)`` (e.g. a hypervolume recomputed on resampled prompts)."""
+    idx = _indices(units, resamples, seed)
+    return _interval(np.array([statistic(i) for i in idx]), level)
+
+
+# ------------------------------------------------------------------------------------------- fronts
+
+def dominates(p: Sequence[float], q: Sequence[float]) -> bool:
+    """p ≥ q everywhere and p > q somewhere (maximisation)."""
+    a, b = np.asarray(p, float), np.asarray(q, float)
+    return bool(np.all(a >= b) and np.any(a > b))
+
+
+def pareto_front(points: Sequence[Sequence[float]] | np.ndarray) -> list[int]:
+    """Indices of the non-dominated points, in input order (of equal points, the first is kept)."""
+    pts = np.asarray(points, dtype=float)
+    if pts.size == 0:
+        return []
+    keep: list[int] = []
+    for i, p in enumerate(pts):
+        if np.any(np.all(pts >= p, axis=1) & np.any(pts > p, axis=1)):
+            continue
+        if keep and np.any(np.all(pts[keep] == p, axis=1)):
+            continue
+        keep.append(i)
+    return keep
+
+
+def _hv(pts: np.ndarray, ref: np.ndarray) -> float:
+    d = pts.shape[1]
+    if pts.shape[0] == 0:
+        return 0.0
+    if d == 1:
+        return float(pts[:, 0].max() - ref[0])
+    order = np.argsort(-pts[:, -1], kind="stable")
+    pts = pts[order]
+    total = 0.0
+    for i in range(len(pts)):
+        low = pts[i + 1, -1] if i + 1 < len(pts) else ref[-1]
+        height = pts[i, -1] - low
+        if height > 0:
+            total += _hv(pts[: i + 1, :-1], ref[:-1]) * height
+    return total
+
+
+def hypervolume(points: Sequence[Sequence[float]] | np.ndarray, ref: Sequence[float]) -> float:
+    """Exact hypervolume (maximisation) of ``points`` against the reference point ``ref``."""
+    pts = np.asarray(points, dtype=float).reshape(-1, len(ref))
+    r = np.asarray(ref, dtype=float)
+    pts = pts[np.all(pts > r, axis=1)]
+    if pts.size == 0:
+        return 0.0
+    return _hv(pts[pareto_front(pts)], r)
+
+
+def dominance(front: Sequence[Sequence[float]] | np.ndarray, point: Sequence[float]) -> dict[str, Any]:
+    """How one point stands against a front: the front points that dominate it, those it dominates, and a verdict
+    (``dominated`` — the front holds a better trade-off in every objective; ``dominates`` — the point is better
+    than some front point and dominated by none; ``incomparable`` otherwise)."""
+    f = np.asarray(front, dtype=float)
+    by = [i for i, q in enumerate(f) if dominates(q, point)]
+    over = [i for i, q in enumerate(f) if dominates(point, q)]
+    verdict = "dominated" if by else "dominates" if over else "incomparable"
+    return {"verdict": verdict, "dominated_by": by, "dominates": over}
+
+
+def hypervolume_ci(unit_scores: np.ndarray, ref_units: np.ndarray | Sequence[float], *, resamples: int = 500,
+                   seed: int = 0, level: float = LEVEL) -> dict[str, Any]:
+    """Hypervolume of a set of points with a bootstrap CI over units.
+
+    ``unit_scores`` is (points, units, objectives): every point's per-unit scores on the same units. ``ref_units``
+    is either a fixed reference point (objectives,) or per-unit reference scores (units, objectives) — e.g. the
+    base model's — resampled with the same units (paired)."""
+    s = np.asarray(unit_scores, dtype=float)
+    r = np.asarray(ref_units, dtype=float)
+    per_unit_ref = r.ndim == 2
+
+    def hv(idx: np.ndarray) -> float:
+        ref = r[idx].mean(axis=0) if per_unit_ref else r
+        return hypervolume(s[:, idx].mean(axis=1), ref)
+
+    full = np.arange(s.shape[1])
+    return {"hypervolume": hv(full), "ci95": bootstrap_statistic(s.shape[1], hv, resamples=resamples, seed=seed,
+                                                                 level=level)}

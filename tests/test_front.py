@@ -1,0 +1,128 @@
+"""The front stage on a tiny run: lattice, files and figure written, hypervolume and dominance consistent with the
+stored points, reuse of unchanged lattices, and the anchor pass-through."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from emorl.config import load_config
+from emorl.evaluate import evaluate_run
+from emorl.front import front_run
+from emorl.front.lattice import lattice, parse_mode, score_lattice
+from emorl.models import AdapterInfo, add_adapters, save_adapter
+from emorl.stats import dominance, hypervolume, pareto_front
+from emorl.utils import EmorlError, atomic_write_json
+
+OBJECTIVES = "objectives={short: {type: length, target: 3}, long: {type: length, target: 12}}"
+
+
+def make_run(tmp_path, base):
+    cfg = load_config("tiny", [OBJECTIVES, "eval.prompts=4", "eval.seeds=[0, 1]", "front.step=0.5",
+                               "front.modes=[hidden, params]"])
+    run = tmp_path / "run"
+    cfg.save(run / "config.yaml")
+    names = ["short", "long", "uniform"]
+    add_adapters(base, names, cfg.lora)
+    for n, p in base.model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    for n in names:
+        folder = run / ("baselines" if n == "uniform" else "adapters") / n
+        save_adapter(base.model, n, folder, AdapterInfo(objective=n, base=base.identity, extra={"finished": True}))
+    atomic_write_json(run / "search" / "hidden" / "best.json", {"names": ["short", "long"],
+                                                                "weight_vector": [0.75, 0.25]})
+    return cfg, run
+
+
+def test_lattice_and_modes():
+    pts = lattice(2, 0.5, 1.0)
+    assert pts.tolist() == [[0, 0.5], [0, 1], [0.5, 0], [0.5, 0.5], [0.5, 1], [1, 0], [1, 0.5], [1, 1]]
+    assert len(lattice(3, 0.25, 1.0)) == 5 ** 3 - 1
+    assert parse_mode("hidden") == ("hidden", None) and parse_mode("hidden:base") == ("hidden", "base")
+
+
+def test_anchor_is_passed_only_when_given():
+    calls = []
+
+    class Fake:
+        def generate(self, prompts, weights, **kw):
+            calls.append(kw)
+            return [["ab"] * len(prompts) for _ in weights]
+
+    class Length:
+        def __call__(self, prompts, replies):
+            return np.array([len(r) / 10 for r in replies])
+
+    gen = load_config("tiny").eval.generation
+    pts = np.array([[1.0, 0.0], [2.0, 0.0], [0.5, 0.5]])
+    u = score_lattice(Fake(), pts, ["p", "q"], [0], {"len": Length()}, gen, mode="hidden")
+    assert "anchor" not in calls[0] and calls[0]["normalize"] is True
+    assert len(calls) == 1 and u.shape == (3, 2, 1) and np.allclose(u, 0.2)
+    score_lattice(Fake(), pts, ["p"], [0, 1], {"len": Length()}, gen, mode="hidden", anchor="base")
+    assert calls[-1]["anchor"] == "base" and calls[-1]["normalize"] is False and calls[-1]["seed"] == 1
+
+
+def test_front_stage_writes_files_and_figure(tmp_path, tiny_base, monkeypatch):
+    cfg, run = make_run(tmp_path, tiny_base)
+    with pytest.raises(EmorlError, match="base model"):
+        front_run(run, cfg, base=tiny_base, progress=False)
+    res = evaluate_run(run, cfg, ["base", "uniform", "singles"], base=tiny_base, progress=False)
+    out = front_run(run, cfg, base=tiny_base, progress=False)
+    folder = run / "front"
+    assert {"front.json", "hidden.json", "params.json", "front.png"} <= {p.name for p in folder.iterdir()}
+    png = (folder / "front.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    saved = json.loads((folder / "front.json").read_text())
+    assert saved["statements"] == out["statements"] and out["figure"] == "front/front.png"
+    # the reference point is the base model's evaluated mean scores
+    base = res["methods"]["base"]["summary"]
+    assert out["reference"]["scores"] == pytest.approx({o: base[f"score/{o}"]["mean"] for o in ("short", "long")})
+    hidden = json.loads((folder / "hidden.json").read_text())
+    assert len(hidden["points"]) == 8 + 1 and sum(p["searched"] for p in hidden["points"]) == 1  # lattice + search
+    assert len(json.loads((folder / "params.json").read_text())["points"]) == 8  # no params search: lattice only
+    assert all(len(p["units"]["short"]) == 4 * 2 for p in hidden["points"])  # 4 prompts x 2 seeds
+    ref = [out["reference"]["scores"][o] for o in ("short", "long")]
+    for entry in ("hidden", "params"):
+        pts = np.array([[p["scores"]["short"], p["scores"]["long"]]
+                        for p in json.loads((folder / f"{entry}.json").read_text())["points"]])
+        m = out["modes"][entry]
+        assert m["hypervolume"] == pytest.approx(hypervolume(pts, ref))
+        assert len(m["front"]) == len(pareto_front(pts))
+        lo, hi = m["hypervolume_ci95"]
+        assert lo <= hi
+        for name in ("uniform", "single:short", "single:long"):
+            point = [res["methods"][name]["summary"][f"score/{o}"]["mean"] for o in ("short", "long")]
+            assert out["one_policy"][name]["fronts"][entry]["verdict"] == dominance(pts[pareto_front(pts)],
+                                                                                    point)["verdict"]
+    assert any("hidden: hypervolume" in s for s in out["statements"])
+    # unchanged inputs: nothing is decoded again
+    monkeypatch.setattr("emorl.front.run.score_lattice", lambda *a, **k: pytest.fail("decoded again"))
+    again = front_run(run, cfg, base=tiny_base, progress=False, plot=False)
+    assert again["modes"]["hidden"]["hypervolume"] == out["modes"]["hidden"]["hypervolume"]
+
+
+def test_front_is_a_stage_of_emorl_run(tmp_path):
+    from emorl.pipeline import make_plan, run_pipeline
+
+    cfg = load_config("tiny", ["front.enabled=true", "front.step=0.5", "front.modes=[hidden]", "search.modes=[hidden]",
+                               "eval.methods=[base, emorl, uniform]", "train.max_steps=1", "search.iterations=1",
+                               "search.prompts=2", "search.reeval_top=2", "search.reeval_prompts=3",
+                               "eval.prompts=3"])
+    run = tmp_path / "run"
+    seen = []
+    run_pipeline(cfg, run, progress=False, after_stage=seen.append)
+    assert seen == ["train", "baselines", "search", "evaluate", "front", "report"]
+    out = json.loads((run / "front" / "front.json").read_text())
+    assert (run / "front" / "front.png").exists() and set(out["modes"]) == {"hidden"}
+    pts = json.loads((run / "front" / "hidden.json").read_text())["points"]
+    assert len(pts) == 3 ** 3 - 1 and sum(p["searched"] for p in pts) == 1  # a 1-round search lands on the lattice
+    assert set(out["one_policy"]) == {"uniform"}
+    best = json.loads((run / "search" / "hidden" / "best.json").read_text())
+    assert len(best["reeval"]["points"]) == 2 and "reeval_aggregate" in best
+    assert {s.stage: s.status for s in make_plan(cfg, run).steps}["front"] == "done"
+    cfg.front.step = 1.0
+    assert {s.stage: s.status for s in make_plan(cfg, run).steps}["front"] == "run"
