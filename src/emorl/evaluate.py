@@ -55,9 +55,11 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "logits": ("ensemble", "logits"),
     "probs": ("ensemble", "probs"),
     "emorl": ("ensemble", "hidden"),
+    "emorl-routed": ("routed", "hidden"),  # per-prompt weights from RUN/router/ (emorl.router)
 }
 LABELS = {"base": "Base model", "uniform": "Uniform Weighted", "dynaopt": "DynaOpt", "fixed": "Fixed weights",
-          "soups": "Model Soups", "logits": "Logit mixing", "probs": "Probability mixing", "emorl": "EMORL"}
+          "soups": "Model Soups", "logits": "Logit mixing", "probs": "Probability mixing", "emorl": "EMORL",
+          "emorl-routed": "EMORL, routed weights"}
 MODE_METHOD = {mode: name for name, (kind, mode) in METHODS.items() if mode}
 # Hidden and logit mixing multiply the next-token logits by the weights' sum, which acts as an inverse sampling
 # temperature. The greedy search cannot see that scale (its points are directions), so the evaluation decodes the
@@ -78,6 +80,7 @@ class MethodSpec:
     adapters: dict[str, Path] = field(default_factory=dict)
     weights: list[float] | None = None
     search: dict[str, Any] | None = None  # the mode's best.json (ensemble methods)
+    router: Path | None = None  # routed methods: the run folder whose RUN/router/ picks per-prompt weights
 
     @property
     def label(self) -> str:
@@ -137,6 +140,11 @@ def resolve_methods(run_dir: str | Path, cfg: RunConfig, methods: Sequence[str] 
                 raise EmorlError(f"method {m!r}: no adapter in {folder}. Train it with `emorl train --run {run} "
                                  f"--objectives {o}`")
             specs.append(MethodSpec(m, kind, adapters={o: folder}, weights=[1.0]))
+        elif kind == "routed":
+            from emorl.router.store import read_meta, router_dir
+
+            read_meta(router_dir(run))  # missing or unknown version: the error names `emorl route`
+            specs.append(MethodSpec(m, kind, mode, {o: run / "adapters" / o for o in objectives}, router=run))
         elif kind == "adapter":
             folder = run / "baselines" / m
             if not (folder / "adapter_model.safetensors").exists():
@@ -240,6 +248,10 @@ def method_signature(spec: MethodSpec, cfg: RunConfig, prompts: Sequence[str], s
                "generation": asdict(cfg.eval.generation), "seeds": list(seeds), "prompts": list(prompts),
                "objectives": cfg.objectives, "model": [cfg.model.name, cfg.model.max_prompt_tokens,
                                                        cfg.model.system_prompt]}
+    if spec.router is not None:
+        from emorl.search.store import file_sha256
+
+        payload["router"] = file_sha256(Path(spec.router) / "router" / "router.safetensors")
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -303,6 +315,12 @@ class Decoder:
             ens = self._ensemble(self.base_adapter)
             with adapters_disabled(self.base.model):
                 res = ens.generate(list(prompts), [1.0], mode="hidden", **kw)
+        elif spec.kind == "routed":
+            from emorl.router import decode_routed, route
+
+            ens = self._ensemble(spec.adapters)
+            weights, _, _ = route(spec.router, ens, list(prompts))
+            return decode_routed(ens, list(prompts), weights, mode=spec.mode or "hidden", **kw)
         else:
             ens = self._ensemble(spec.adapters)
             mode = spec.mode or "hidden"

@@ -28,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--names", help="--run: comma-separated objectives to mix, in weight order (default: all trained)")
     p.add_argument("--model", help="--adapters: base model (default: the one named in the adapters' emorl.json)")
     p.add_argument("--weights", action="append", required=True, metavar="W1,W2,...",
-                   help="one weight per adapter, in order; repeat for several weight points (decoded in one batch)")
+                   help="one weight per adapter, in order; repeat for several weight points (decoded in one batch); "
+                        "'auto' (with --run): per-prompt weights from the run's router (`emorl route`)")
     p.add_argument("--normalize", action="store_true", help="rescale each weight point to sum 1")
     p.add_argument("--mode", choices=["hidden", "logits", "probs", "params"], default="hidden",
                    help="hidden = EMORL hidden-state mixing (default); logits = sum w log p (MOD); probs = log sum "
@@ -130,12 +131,20 @@ def run(args: argparse.Namespace) -> int:
     sampling = [v is not None for v in (args.temperature, args.top_k, args.top_p)]
     if args.greedy and any(sampling):
         raise EmorlError("--greedy cannot be combined with --temperature/--top-k/--top-p")
-    weights = parse_weights(args.weights)
+    auto = args.weights == ["auto"]
+    if auto and (not args.run or args.mode != "hidden"):
+        raise EmorlError("--weights auto needs --run RUN (whose router `emorl route` fitted) and --mode hidden")
+    weights = [] if auto else parse_weights(args.weights)
     prompts = args.prompt if args.prompt else read_prompts(args.input, args.prompt_field)
     ens, specs = _load(args)
     from emorl.ensemble import check_weights
 
-    check_weights(weights, ens.k, names=ens.names)  # clear error before loading rewards or decoding
+    if auto:
+        from emorl.router import route
+
+        routed, fallback, _ = route(args.run, ens, prompts)  # refused before decoding if fitted on other adapters
+    else:
+        check_weights(weights, ens.k, names=ens.names)  # clear error before loading rewards or decoding
     rewards = None
     if args.score:
         if not specs:
@@ -144,12 +153,20 @@ def run(args: argparse.Namespace) -> int:
         from emorl.rewards import build_rewards
 
         rewards = build_rewards(specs, ens.base)
-    res = ens.generate(prompts, weights, mode=args.mode, max_new_tokens=args.max_new_tokens,
-                       min_new_tokens=args.min_new_tokens, do_sample=any(sampling),
-                       temperature=args.temperature if args.temperature is not None else 1.0,
-                       top_k=args.top_k or 0, top_p=args.top_p if args.top_p is not None else 1.0, seed=args.seed,
-                       stop=args.stop, normalize=args.normalize, progress=sys.stderr.isatty())
-    records = res.records()
+    gen = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.min_new_tokens, "do_sample": any(sampling),
+           "temperature": args.temperature if args.temperature is not None else 1.0, "top_k": args.top_k or 0,
+           "top_p": args.top_p if args.top_p is not None else 1.0, "seed": args.seed, "stop": args.stop}
+    if auto:
+        from emorl.router import decode_routed
+
+        texts, _ = decode_routed(ens, prompts, routed, mode="hidden", **gen)
+        records = [{"prompt": p, "weights": dict(zip(ens.names, map(float, w), strict=True)), "mode": "hidden",
+                    "router": "fallback" if f else "routed", "response": t}
+                   for p, w, f, t in zip(prompts, routed, fallback, texts, strict=True)]
+    else:
+        res = ens.generate(prompts, weights, mode=args.mode, normalize=args.normalize, progress=sys.stderr.isatty(),
+                           **gen)
+        records = res.records()
     if rewards:
         from emorl.rewards import score
 
@@ -160,8 +177,8 @@ def run(args: argparse.Namespace) -> int:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if args.output:
         atomic_write_text(args.output, text)
-        log.info("%d replies (%d weight points x %d prompts, mode=%s) -> %s in %.1f s", len(records),
-                 len(weights), len(prompts), args.mode, args.output, res.stats.get("seconds", 0.0))
+        log.info("%d replies (%s x %d prompts, mode=%s) -> %s", len(records),
+                 "routed weights" if auto else f"{len(weights)} weight points", len(prompts), args.mode, args.output)
     else:
         sys.stdout.write(text)
     return 0
