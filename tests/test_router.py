@@ -216,17 +216,25 @@ def test_tiny_end_to_end_route_generate_auto_and_evaluate(tiny_run: Path, tmp_pa
     assert all(r["router"] in ("routed", "fallback") and abs(sum(r["weights"].values()) - 1) < 1e-9 for r in recs)
 
     res = evaluate_run(tiny_run, cfg, ["emorl-routed"], progress=False)
-    assert res["methods"]["emorl-routed"]["per_seed"][0]["n"] == 4 if "n" in res["methods"]["emorl-routed"][
-        "per_seed"][0] else True
-    replies = (tiny_run / "eval" / "replies" / "emorl-routed.jsonl").read_text().splitlines()
+    assert res["methods"]["emorl-routed"]["kind"] == "routed"
+    replies = [json.loads(x) for x in (tiny_run / "eval" / "replies" / "emorl-routed.jsonl").read_text().splitlines()]
+    prompts = [r["prompt"] for r in replies]
     assert len(replies) == 4
+    from emorl.ensemble import EnsembleModel
+    from emorl.ensemble.model import generation_kwargs
+    from emorl.router import decode_routed, route
+
+    ens = EnsembleModel.from_run(tiny_run)
+    w, _, _ = route(tiny_run, ens, prompts)  # the evaluation decodes exactly what the router picks
+    texts, _ = decode_routed(ens, prompts, w, seed=cfg.eval.seeds[0], **generation_kwargs(cfg.eval.generation))
+    assert texts == [r["reply"] for r in replies]
 
     rep = compare_run(tiny_run, cfg, prompts=["I lost my job today.", "My cat is sick.", "I feel alone."], seeds=[0],
-                      reps=50)
+                      reps=50, base=ens.base)
     r = rep["results"]["mean_reward"]
-    assert r["oracle"]["mean"] >= max(r["router"]["mean"], r["global"]["mean"], r["uniform"]["mean"]) - 1e-9 or \
-        rep["router"]["distinct_weights"] >= 1  # the router's own point is not on the oracle's lattice
-    assert rep["pairs"] == 3 and len(rep["weights"]) == 3
+    assert rep["global_weights"] == [0.5, 0.5]  # no search in this run: the uniform mix, a lattice point
+    assert r["oracle"]["mean"] >= max(r["global"]["mean"], r["uniform"]["mean"]) - 1e-12
+    assert rep["pairs"] == 3 and len(rep["weights"]) == 3 and (tiny_run / "router" / "compare.json").exists()
 
     # a router fitted on other adapters is refused before decoding
     mp = tiny_run / "router" / "router.json"
@@ -235,3 +243,14 @@ def test_tiny_end_to_end_route_generate_auto_and_evaluate(tiny_run: Path, tmp_pa
     with pytest.raises(EmorlError, match="fitted on other adapters"):
         main(["--verbose", "generate", "--run", str(tiny_run), "--weights", "auto", "--prompt", "Hi there."])
     mp.write_text(json.dumps(m))
+
+
+def test_route_stage_in_the_plan_only_when_enabled(tmp_path: Path) -> None:
+    from emorl.config import load_config
+    from emorl.pipeline import describe_plan, make_plan
+
+    off = make_plan(load_config("tiny"), tmp_path / "run")
+    assert not off.stage("route")
+    on = make_plan(load_config("tiny", ["route.enabled=true"]), tmp_path / "run")
+    assert [(s.name, s.status) for s in on.stage("route")] == [("router", "run")]
+    assert "3b. fit router" in describe_plan(on, est=False)
