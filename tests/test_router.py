@@ -232,7 +232,9 @@ def test_tiny_end_to_end_route_generate_auto_and_evaluate(tiny_run: Path, tmp_pa
     rep = compare_run(tiny_run, cfg, prompts=["I lost my job today.", "My cat is sick.", "I feel alone."], seeds=[0],
                       reps=50, base=ens.base)
     r = rep["results"]["mean_reward"]
-    assert rep["global_weights"] == [0.5, 0.5]  # no search in this run: the uniform mix, a lattice point
+    # no search in this run: the global vector is the lattice point best on average over the training prompts
+    assert rep["global_weights"] == router.global_weights.tolist() and rep["global_source"] != "search"
+    assert router.global_weights.tolist() in lattice(2, 0.5).tolist()
     assert r["oracle"]["mean"] >= max(r["global"]["mean"], r["uniform"]["mean"]) - 1e-12
     assert rep["pairs"] == 3 and len(rep["weights"]) == 3 and (tiny_run / "router" / "compare.json").exists()
 

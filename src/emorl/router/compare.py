@@ -94,9 +94,9 @@ def compare_run(run: str | Path, cfg: Any, *, base: Any = None, rewards: dict[st
                 figure: bool = True) -> dict[str, Any]:
     """Decode and score the four methods on the test split; write ``RUN/router/compare.json`` (+ the figure)."""
     from emorl.ensemble.model import EnsembleModel
-    from emorl.evaluate import ensemble_objectives, eval_prompts
+    from emorl.evaluate import decode_seeds, ensemble_objectives, eval_prompts
     from emorl.router.decode import route
-    from emorl.router.run import MODE, global_weights
+    from emorl.router.run import MODE
     from emorl.search.objective import aggregate_weights
 
     run = Path(run)
@@ -112,15 +112,17 @@ def compare_run(run: str | Path, cfg: Any, *, base: Any = None, rewards: dict[st
         rewards = build_rewards(cfg.objectives, base)
     rewards = {o: rewards[o] for o in cfg.objectives}
     prompts = prompts or eval_prompts(cfg, "test")
-    seeds = seeds or list(cfg.eval.seeds)
+    seeds = seeds or decode_seeds(cfg)
     w, far, meta = route(run, ens, prompts)
     lat = lattice(len(names), cfg.route.step)
-    extra = np.vstack([global_weights(run, len(names))[None], np.full((1, len(names)), 1 / len(names)), lat])
+    glob = np.asarray(meta["global_weights"], dtype=np.float64)  # the search's best, else the best lattice point
+    extra = np.vstack([glob[None], np.full((1, len(names)), 1 / len(names)), lat])
     table = score_table(ens, prompts, w, extra, rewards, cfg.eval.generation, seeds, MODE)
     ow = aggregate_weights(list(rewards), cfg.search.objective_weights)
     report = {"split": "test", "prompts": len(prompts), "seeds": seeds, "pairs": len(prompts) * len(seeds),
               "router": {"method": meta["method"], "fallback": int(far.sum()), "distinct_weights": len(groups(w))},
-              "global_weights": extra[0].tolist(), "lattice_points": len(lat),
+              "global_weights": extra[0].tolist(), "global_source": meta["fit"].get("global_source"),
+              "lattice_points": len(lat),
               "results": summarise(table, list(rewards), ow, reps=reps, seed=cfg.route.seed),
               "weights": [{"prompt": p, "weights": dict(zip(names, map(float, wi), strict=True)), "fallback": bool(f)}
                           for p, wi, f in zip(prompts, w, far, strict=True)]}

@@ -11,8 +11,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from emorl.router.data import collect, load_data, save_data, search_best, training_prompts
 from emorl.router.fit import Router, fit_router
 from emorl.router.store import embed, read_meta, router_dir, run_adapters, save_router
@@ -106,7 +104,3 @@ def fit_run(run: str | Path, cfg: Any, *, base: Any = None, rewards: dict[str, A
              router.threshold)
     return router, read_meta(folder)
 
-
-def global_weights(run: str | Path, k: int) -> np.ndarray:
-    best = search_best(Path(run), MODE)
-    return best if best is not None else np.full(k, 1.0 / k)
