@@ -238,6 +238,11 @@ def test_tiny_end_to_end_route_generate_auto_and_evaluate(tiny_run: Path, tmp_pa
     assert r["oracle"]["mean"] >= max(r["global"]["mean"], r["uniform"]["mean"]) - 1e-12
     assert rep["pairs"] == 3 and len(rep["weights"]) == 3 and (tiny_run / "router" / "compare.json").exists()
 
+    # the CLI: refit (data reused) and compare on the run's test split (eval.prompts=4, one seed)
+    assert main(["route", "--run", str(tiny_run), "--compare"]) == 0
+    rep = json.loads((tiny_run / "router" / "compare.json").read_text())
+    assert rep["split"] == "test" and rep["prompts"] == 4 and set(rep["results"]) == {"mean_reward", *OBJECTIVES}
+
     # a router fitted on other adapters is refused before decoding
     mp = tiny_run / "router" / "router.json"
     m = json.loads(mp.read_text())
