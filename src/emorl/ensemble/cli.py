@@ -131,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
     sampling = [v is not None for v in (args.temperature, args.top_k, args.top_p)]
     if args.greedy and any(sampling):
         raise EmorlError("--greedy cannot be combined with --temperature/--top-k/--top-p")
-    auto = args.weights == ["auto"]
+    auto = "auto" in args.weights
+    if auto and len(args.weights) > 1:
+        raise EmorlError("--weights auto picks one weight vector per prompt; do not combine it with other --weights")
     if auto and (not args.run or args.mode != "hidden"):
         raise EmorlError("--weights auto needs --run RUN (whose router `emorl route` fitted) and --mode hidden")
     weights = [] if auto else parse_weights(args.weights)
