@@ -162,7 +162,7 @@ def _run_stage(stage: str, todo: list[Step], plan: Plan, cfg: RunConfig, run: Pa
     elif stage == "route":
         from emorl.router import fit_run
 
-        fit_run(run, cfg, base=executor.res.base, rewards=executor.res.rewards)
+        fit_run(run, cfg, base=executor.res.base, rewards=executor.res.rewards, fresh=force)
     elif stage == "evaluate":
         from emorl.evaluate import evaluate_run
 
