@@ -12,7 +12,7 @@ import torch
 from emorl.config import load_config
 from emorl.evaluate import evaluate_run
 from emorl.front import front_run
-from emorl.front.lattice import lattice, parse_mode, score_lattice
+from emorl.front.lattice import lattice, score_lattice
 from emorl.models import AdapterInfo, add_adapters, save_adapter
 from emorl.stats import dominance, hypervolume, pareto_front
 from emorl.utils import EmorlError, atomic_write_json
@@ -42,10 +42,9 @@ def test_lattice_and_modes():
     pts = lattice(2, 0.5, 1.0)
     assert pts.tolist() == [[0, 0.5], [0, 1], [0.5, 0], [0.5, 0.5], [0.5, 1], [1, 0], [1, 0.5], [1, 1]]
     assert len(lattice(3, 0.25, 1.0)) == 5 ** 3 - 1
-    assert parse_mode("hidden") == ("hidden", None) and parse_mode("hidden:base") == ("hidden", "base")
 
 
-def test_anchor_is_passed_only_when_given():
+def test_convex_lattice_points_share_a_ray_decode_anchored_ones_do_not():
     calls = []
 
     class Fake:
@@ -59,11 +58,11 @@ def test_anchor_is_passed_only_when_given():
 
     gen = load_config("tiny").eval.generation
     pts = np.array([[1.0, 0.0], [2.0, 0.0], [0.5, 0.5]])
-    u = score_lattice(Fake(), pts, ["p", "q"], [0], {"len": Length()}, gen, mode="hidden")
-    assert "anchor" not in calls[0] and calls[0]["normalize"] is True
+    u = score_lattice(Fake(), pts, ["p", "q"], [0], {"len": Length()}, gen, mode="hidden", anchor="none")
+    assert calls[0]["anchor"] == "none"
     assert len(calls) == 1 and u.shape == (3, 2, 1) and np.allclose(u, 0.2)
     score_lattice(Fake(), pts, ["p"], [0, 1], {"len": Length()}, gen, mode="hidden", anchor="base")
-    assert calls[-1]["anchor"] == "base" and calls[-1]["normalize"] is False and calls[-1]["seed"] == 1
+    assert calls[-1]["anchor"] == "base" and calls[-1]["seed"] == 1
 
 
 def test_front_stage_writes_files_and_figure(tmp_path, tiny_base, monkeypatch):

@@ -201,13 +201,39 @@ class FrontConfig:
 
     enabled: bool = _f(False, "Run the front stage in `emorl run` (after the evaluation; `emorl front --run RUN` "
                        "runs it alone).")
-    modes: list[str] = _f(["hidden", "params", "logits"], "Mixing modes whose fronts are drawn; 'mode:anchor' (e.g. "
-                          "'hidden:base') passes anchor= to the decoder.")
+    modes: list[str] = _f(["hidden", "hidden-convex", "params", "params-convex"],
+                          "Mixes whose fronts are drawn, named as in search.modes (MODE follows search.anchor, "
+                          "MODE-convex is the sum-1 form).")
     step: float = _f(0.25, "Lattice step per weight axis: the points {0, step, ..., w_max}^K (minus 0), plus each "
                      "mode's searched point.")
     w_max: float = _f(1.0, "Upper end of every weight axis of the lattice.")
     batch_points: int = _f(16, "Weight points decoded together in one batched call.")
     resamples: int = _f(500, "Bootstrap resamples of each front's hypervolume CI.")
+
+
+@dataclass
+class RouteConfig:
+    """Per-prompt mixing weights (``emorl route``, ``--weights auto``): a router fitted on lattice scores of
+    training prompts. See docs/router.md."""
+
+    enabled: bool = _f(False, "Fit the router as a stage of `emorl run` (after the search).")
+    split: Literal["train", "validation"] = _f("train", "Prompts the router's data is decoded on (never the test "
+                                                        "split).")
+    prompts: int | None = _f(32, "Use at most this many prompts of that split (null = all).")
+    step: float = _f(0.25, "Lattice step on the weight simplex (1/step must be an integer).")
+    seeds: list[int] = _f([0], "Decoding seeds of the router's data (eval.generation's settings).")
+    use_search: bool = _f(True, "Add the search's best point to the lattice, and the search log's per-prompt rows "
+                                "to the data where they exist.")
+    method: Literal["auto", "knn", "ridge"] = _f(
+        "auto", "knn: mean best weights of the k most similar training prompts; ridge: ridge regression of every "
+                "lattice point's score, argmax; auto: the one with the higher cross-validated reward.")
+    k: int = _f(5, "knn: number of neighbours.")
+    ridge_alpha: float = _f(1.0, "ridge: L2 penalty.")
+    folds: int = _f(5, "Cross-validation folds over the training prompts (method=auto, and the reported fit).")
+    fallback_percentile: float = _f(95.0, "A prompt whose nearest training prompt is farther (cosine distance) than "
+                                          "this percentile of the training prompts' own nearest-neighbour "
+                                          "distances gets the global weights.")
+    seed: int = _f(0, "Seed of the cross-validation folds.")
 
 
 @dataclass
@@ -240,6 +266,7 @@ class RunConfig:
     search: SearchConfig = field(default_factory=SearchConfig, metadata={"help": "Weight search."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
     front: FrontConfig = field(default_factory=FrontConfig, metadata={"help": "Pareto fronts of the mixing modes."})
+    route: RouteConfig = field(default_factory=RouteConfig, metadata={"help": "Per-prompt weights (router)."})
     executor: ExecutorConfig = field(default_factory=ExecutorConfig,
                                      metadata={"help": "Where the work runs (local process or Ray)."})
     output: str | None = _f(None, "Run folder (default runs/<preset>).")

@@ -102,7 +102,13 @@ class Decoder:
                                                 **(generation_kwargs(self.gen) | kw))
 
     def result(self, spec: Method, prompts: Sequence[str], seed: int, **kw: Any) -> Any:
-        """The :class:`~emorl.ensemble.GenerationResult` of one method for one seed."""
+        """The :class:`~emorl.ensemble.GenerationResult` of one method for one seed (not for routed methods, whose
+        prompts each have their own weights: use :meth:`decode`)."""
+        if spec.kind == "routed":
+            from emorl.utils import EmorlError
+
+            raise EmorlError(f"{spec.name}: a routed method picks weights per prompt; decode it with "
+                             f"`emorl generate --run RUN --weights auto`")
         if spec.kind == "base":
             adapters = dict(self.base_adapter)
             return self.generate(adapters, prompts, [0.0] * len(adapters), "hidden", "base", seed, **kw)
@@ -111,6 +117,13 @@ class Decoder:
 
     def decode(self, spec: Method, prompts: Sequence[str], seed: int) -> tuple[list[str], list[int]]:
         """Replies and their token counts of one method for one seed."""
+        if spec.kind == "routed":  # per-prompt weights from the run's router (emorl.router)
+            from emorl.router import decode_routed, route
+
+            ens = self.ensemble(spec.adapters)
+            weights, _, _ = route(spec.router, ens, list(prompts))
+            return decode_routed(ens, list(prompts), weights, mode=spec.mode or "hidden", seed=seed,
+                                 **generation_kwargs(self.gen))
         res = self.result(spec, prompts, seed)
         return list(res.texts), [int(x) for x in res.lengths.tolist()]
 

@@ -59,12 +59,13 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "probs": ("ensemble", "probs"),
     "emorl": ("ensemble", "hidden"),
     "emorl-convex": ("ensemble", "hidden-convex"),
+    "emorl-routed": ("routed", "hidden-convex"),  # per-prompt weights from RUN/router/ (emorl.router), convex
 }
 LABELS = {"base": "Base model", "uniform": "Uniform Weighted", "dynaopt": "DynaOpt", "gdpo": "GDPO",
           "fixed": "Fixed weights",
           "soups": "Model Soups (task arithmetic)", "soups-avg": "Model Soups (parameter average)",
           "logits": "Logit mixing", "probs": "Probability mixing", "emorl": "EMORL",
-          "emorl-convex": "EMORL (convex mix)"}
+          "emorl-convex": "EMORL (convex mix)", "emorl-routed": "EMORL, routed weights"}
 MODE_METHOD = {key: name for name, (kind, key) in METHODS.items() if key}
 SINGLE = "single:"  # "single:<objective>": that objective's EMORL adapter alone; "singles" = one per objective
 RESULTS_VERSION = 1
@@ -83,6 +84,7 @@ class MethodSpec:
     search: dict[str, Any] | None = None  # the mode's best.json (ensemble methods)
     anchor: str = "base"  # the weight rule the search scored it with (ensemble methods)
     search_key: str | None = None  # RUN/search/<search_key>/
+    router: Path | None = None  # routed methods: the run folder whose RUN/router/ picks per-prompt weights
 
     @property
     def label(self) -> str:
@@ -142,6 +144,12 @@ def resolve_methods(run_dir: str | Path, cfg: RunConfig, methods: Sequence[str] 
                 raise EmorlError(f"method {m!r}: no adapter in {folder}. Train it with `emorl train --run {run} "
                                  f"--objectives {o}`")
             specs.append(MethodSpec(m, kind, adapters={o: folder}, weights=[1.0]))
+        elif kind == "routed":
+            from emorl.router.store import read_meta, router_dir
+
+            read_meta(router_dir(run))  # missing or unknown version: the error names `emorl route`
+            specs.append(MethodSpec(m, kind, "hidden", {o: run / "adapters" / o for o in objectives}, anchor="none",
+                                    router=run))
         elif kind == "adapter":
             folder = run / "baselines" / m
             if not (folder / "adapter_model.safetensors").exists():
@@ -254,6 +262,10 @@ def method_signature(spec: MethodSpec, cfg: RunConfig, prompts: Sequence[str], s
                "generation": asdict(cfg.eval.generation), "seeds": list(seeds), "prompts": list(prompts),
                "objectives": cfg.objectives, "model": [cfg.model.name, cfg.model.max_prompt_tokens,
                                                        cfg.model.system_prompt]}
+    if spec.router is not None:
+        from emorl.search.store import file_sha256
+
+        payload["router"] = file_sha256(Path(spec.router) / "router" / "router.safetensors")
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="--adapters: base model (default: the one named in the adapters' emorl.json)")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--weights", action="append", metavar="W1,W2,...",
-                     help="one weight per adapter, in order; repeat for several weight points (decoded in one batch)")
+                     help="one weight per adapter, in order; repeat for several weight points (decoded in one batch); "
+                          "'auto' (with --run): per-prompt weights from the run's router (`emorl route`)")
     how.add_argument("--method", help="--run: decode a method of the run as evaluated (emorl, soups, uniform, base, "
                                       "single:<objective>, ...), with the run's eval.generation settings")
     p.add_argument("--anchor", choices=["base", "none"], default="base",
@@ -169,8 +170,13 @@ def run(args: argparse.Namespace) -> int:
     from emorl.config import GenerationConfig
     from emorl.decoding import Decoder
 
+    auto = bool(args.weights) and "auto" in args.weights
+    if auto and len(args.weights) > 1:
+        raise EmorlError("--weights auto picks one weight vector per prompt; do not combine it with other --weights")
+    if auto and (not args.run or args.mode != "hidden"):
+        raise EmorlError("--weights auto needs --run RUN (whose router `emorl route` fitted) and --mode hidden")
     prompts = args.prompt if args.prompt else read_prompts(args.input, args.prompt_field)
-    weights = parse_weights(args.weights) if args.weights else None
+    weights = parse_weights(args.weights) if args.weights and not auto else None
     cfg, base, adapters, specs = _load(args)
     strict = not args.allow_plain_adapters
     if args.method:
@@ -185,8 +191,13 @@ def run(args: argparse.Namespace) -> int:
         gen = _generation(args, GenerationConfig(do_sample=False))
         decoder = Decoder(base, gen, require_metadata=strict)
         ens = decoder.ensemble(adapters)
-        anchored = weight_rule(args.mode, args.anchor) == "anchored"  # anchored, w = 0 is the base model
-        check_weights(weights, ens.k, names=ens.names, allow_zero=anchored)  # clear error before rewards or decoding
+        if auto:
+            from emorl.router import route
+
+            routed, fallback, _ = route(args.run, ens, prompts)  # refused before decoding if fitted on other adapters
+        else:
+            anchored = weight_rule(args.mode, args.anchor) == "anchored"  # anchored, w = 0 is the base model
+            check_weights(weights, ens.k, names=ens.names, allow_zero=anchored)  # clear error before decoding
     rewards = None
     if args.score:
         if not specs:
@@ -197,10 +208,18 @@ def run(args: argparse.Namespace) -> int:
         rewards = build_rewards(specs, base)
     kw = {"stop": args.stop, "progress": sys.stderr.isatty()}
     if args.method:
-        res = decoder.result(method, prompts, args.seed, **kw)
+        records = decoder.result(method, prompts, args.seed, **kw).records()
+    elif auto:
+        from emorl.decoding import generation_kwargs
+        from emorl.router import decode_routed
+
+        texts, _ = decode_routed(ens, prompts, routed, mode="hidden", seed=args.seed, stop=args.stop,
+                                 **generation_kwargs(gen))
+        records = [{"prompt": p, "weights": dict(zip(ens.names, map(float, w), strict=True)), "mode": "hidden",
+                    "router": "fallback" if f else "routed", "response": t}
+                   for p, w, f, t in zip(prompts, routed, fallback, texts, strict=True)]
     else:
-        res = decoder.generate(adapters, prompts, weights, args.mode, args.anchor, args.seed, **kw)
-    records = res.records()
+        records = decoder.generate(adapters, prompts, weights, args.mode, args.anchor, args.seed, **kw).records()
     if rewards:
         from emorl.rewards import score
 
@@ -211,8 +230,8 @@ def run(args: argparse.Namespace) -> int:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if args.output:
         atomic_write_text(args.output, text)
-        log.info("%d replies (%d weight points x %d prompts, mode=%s) -> %s in %.1f s", len(records),
-                 len(res.all_texts), len(prompts), res.mode, args.output, res.stats.get("seconds", 0.0))
+        log.info("%d replies (%s x %d prompts, mode=%s) -> %s", len(records),
+                 "routed weights" if auto else f"{len(weights)} weight points", len(prompts), args.mode, args.output)
     else:
         sys.stdout.write(text)
     return 0

@@ -17,16 +17,6 @@ import numpy as np
 
 from emorl.config import GenerationConfig
 
-# convex hidden/logit mixes are decoded with weights summing to 1, as the evaluation decodes them (their scale is an
-# inverse temperature under sampling); an anchored mix uses w as given
-NORMALIZED_MODES = ("hidden", "logits")
-
-
-def parse_mode(entry: str) -> tuple[str, str | None]:
-    """``"hidden"`` -> ("hidden", None); ``"hidden:base"`` -> ("hidden", "base")."""
-    mode, _, anchor = entry.partition(":")
-    return mode, anchor or None
-
 
 def lattice(k: int, step: float, w_max: float) -> np.ndarray:
     """Every point of {0, step, ..., w_max}^K except the origin, in lexicographic order."""
@@ -53,27 +43,26 @@ def decode_groups(points: np.ndarray, scale_invariant: bool) -> list[int]:
 
 
 def score_lattice(ensemble: Any, points: np.ndarray, prompts: Sequence[str], seeds: Sequence[int],
-                  rewards: dict[str, Any], gen: GenerationConfig, *, mode: str, anchor: str | None = None,
+                  rewards: dict[str, Any], gen: GenerationConfig, *, mode: str, anchor: str = "base",
                   batch_points: int = 16, progress: Any = None) -> np.ndarray:
     """Per-unit scores (points, seeds × prompts, objectives) of every lattice point, units in (seed, prompt) order.
 
-    ``anchor`` is passed to ``generate`` only when not None (the base-anchored mixing forms)."""
-    from emorl.ensemble.model import generation_kwargs
+    ``anchor`` is the weight rule (emorl.ensemble.decoder.weight_rule): a convex mix decodes w / sum(w), so points on
+    one ray share a decode."""
+    from emorl.decoding import generation_kwargs
+    from emorl.ensemble.decoder import is_scale_invariant
     from emorl.rewards import score
 
-    normalize = mode in NORMALIZED_MODES and anchor is None  # then only the direction of w matters
-    groups = decode_groups(points, normalize)
+    groups = decode_groups(points, is_scale_invariant(mode, anchor))
     todo = sorted(set(groups))
     objectives = list(rewards)
     n_units = len(prompts) * len(seeds)
     decoded = np.zeros((len(points), n_units, len(objectives)))
-    extra = {"anchor": anchor} if anchor is not None else {}
     kw = generation_kwargs(gen)
     for s_i, seed in enumerate(seeds):
         for c in range(0, len(todo), batch_points):
             idx = todo[c:c + batch_points]
-            res = ensemble.generate(list(prompts), weights=points[idx], mode=mode, seed=seed, normalize=normalize,
-                                    **kw, **extra)
+            res = ensemble.generate(list(prompts), weights=points[idx], mode=mode, seed=seed, anchor=anchor, **kw)
             texts = res.all_texts if hasattr(res, "all_texts") else res
             flat = [t for group in texts for t in group]
             for j, o in enumerate(objectives):

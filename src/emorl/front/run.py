@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from emorl.config import RunConfig
-from emorl.front.lattice import lattice, parse_mode, score_lattice
+from emorl.front.lattice import lattice, score_lattice
 from emorl.stats import dominance, hypervolume_ci, pareto_front
 from emorl.utils import EmorlError, atomic_write_json
 
@@ -41,9 +41,9 @@ def _file(run: Path, entry: str) -> Path:
     return front_dir(run) / f"{entry.replace(':', '_')}.json"
 
 
-def searched_point(run: Path, mode: str, names: list[str]) -> list[float] | None:
-    """The mode's searched weights (``RUN/search/<mode>/best.json``), if that search ran on these adapters."""
-    p = run / "search" / mode / "best.json"
+def searched_point(run: Path, key: str, names: list[str]) -> list[float] | None:
+    """The searched weights of a mix (``RUN/search/<key>/best.json``), if that search ran on these adapters."""
+    p = run / "search" / key / "best.json"
     if not p.exists():
         return None
     best = json.loads(p.read_text())
@@ -103,9 +103,11 @@ def front_run(run_dir: str | Path, cfg: RunConfig | None = None, *, base: Any = 
     entries = list(dict.fromkeys(fc.modes))
     plans: dict[str, dict[str, Any]] = {}
     for entry in entries:
-        mode, anchor = parse_mode(entry)
+        from emorl.decoding import parse_mix
+
+        mode, anchor = parse_mix(entry, cfg.search.anchor)  # a search key: hidden, hidden-convex, params, ...
         pts = lattice(len(names), fc.step, fc.w_max)
-        searched = searched_point(run, mode, names)
+        searched = searched_point(run, entry, names)
         if searched is not None and not any(np.allclose(p, searched) for p in pts):
             pts = np.vstack([pts, searched])
         sig = _signature(cfg, entry, adapters, pts, prompts, seeds)

@@ -5,6 +5,7 @@
    ``RUN/baselines/``
 3. **search**: the hierarchical weight search for every mode in ``search.modes`` (``hidden`` = EMORL, ``params`` =
    Model Soups, ``logits``) -> ``RUN/search/<mode>/``
+   (3b. **route**, when ``route.enabled``: the per-prompt weight router -> ``RUN/router/``, see docs/router.md)
 4. **evaluate**: every method on the test split, decoded with the same settings and seeds -> ``RUN/eval/``
 5. **report**: ``RUN/report.md``, ``RUN/results.json``, ``RUN/figures/``
 
@@ -96,7 +97,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, f
         stages = Stages(run)
         t_all = time.perf_counter()
         executor = None
-        for stage in ("train", "baselines", "search", "evaluate", "front", "report"):
+        for stage in ("train", "baselines", "search", "route", "evaluate", "front", "report"):
             todo = plan.todo(stage)
             if not todo:
                 if plan.stage(stage) and stage not in stages.data["stages"]:
@@ -159,6 +160,10 @@ def _run_stage(stage: str, todo: list[Step], plan: Plan, cfg: RunConfig, run: Pa
                 search_run(run, cfg, mode=s.name, fresh=True, progress=progress, names=list(plan.objectives),
                            objective=objective)
             stages.record(f"search/{s.name}", settings=search_settings(cfg, s.name, _adapter_ids(plan, run)))
+    elif stage == "route":
+        from emorl.router import fit_run
+
+        fit_run(run, cfg, base=executor.res.base, rewards=executor.res.rewards, fresh=force)
     elif stage == "evaluate":
         from emorl.evaluate import evaluate_run
 

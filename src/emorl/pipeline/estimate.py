@@ -96,6 +96,14 @@ def estimate(plan: Plan, speed: Speed) -> None:
         reeval = speed.gen(sc.reeval_top * n_re * width, sc.generation.max_new_tokens) if sc.reeval_top else 0.0
         s.estimate_s = (factor * (decode + reeval) + (n * n_p * n_seeds + sc.reeval_top * n_re) * REWARD_S * k_obj
                         + PLOT_S)
+    for s in plan.todo("route"):  # the lattice (plus the search's best) x the router's prompts, per seed
+        from math import comb
+
+        rc, g = cfg.route, cfg.eval.generation
+        pts = comb(round(1 / rc.step) + k_obj - 1, k_obj - 1) + 1
+        n = rc.prompts or 64
+        s.estimate_s = len(rc.seeds) * (SEARCH_SHARED_PREFILL * speed.gen(pts * n * k_obj, g.max_new_tokens)
+                                        + pts * n * REWARD_S * k_obj)
     for s in plan.todo("evaluate"):
         from emorl.evaluate import decode_seeds
 
@@ -126,13 +134,15 @@ def describe_plan(plan: Plan, est: bool = True) -> str:
     lines = [f"[bold]emorl run[/] -> {plan.run}   model {cfg.model.name}, K={len(plan.objectives)} objectives "
              f"({', '.join(plan.objectives)})"]
     titles = {"train": "1. train EMORL adapters", "baselines": "2. train baselines", "search": "3. search weights",
-              "evaluate": "4. evaluate", "front": "5. Pareto fronts", "report": "6. report"}
+              "route": "3b. fit router", "evaluate": "4. evaluate", "front": "5. Pareto fronts", "report": "6. report"}
     colors = {"done": "green", "run": "yellow", "redo": "magenta", "resume": "cyan"}
     for stage, title in titles.items():
         steps = plan.stage(stage)
         if not steps and stage == "front":
             continue  # front.enabled is false
         if not steps:
+            if stage == "route":
+                continue
             lines.append(f"  {title:<26} (nothing: not in eval.methods)")
             continue
         units = "; ".join(f"{s.name}: [{colors[s.status]}]{'skip' if s.status == 'done' else s.status}[/]"

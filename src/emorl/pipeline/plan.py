@@ -219,6 +219,12 @@ def make_plan(cfg: RunConfig, run: Path, *, resume: bool = False, force: bool = 
         else:
             status, why = "run", "not searched yet"
         plan.steps.append(Step("search", mode, status, why))
+    if cfg.route.enabled or "emorl-routed" in methods:
+        from emorl.router.run import route_status
+
+        status, why = ("run", "after training and search") if any(s.status != "done" for s in plan.steps) \
+            else ("redo", "--force") if force else route_status(cfg, run, adapters_now)
+        plan.steps.append(Step("route", "router", status, why))
     upstream = any(s.status != "done" for s in plan.steps)
     eval_done = not upstream and not force and _eval_current(cfg, run, methods)
     plan.steps.append(Step("evaluate", ", ".join(methods), "done" if eval_done else "run",
