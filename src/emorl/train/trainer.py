@@ -214,6 +214,7 @@ class Trainer:
         """Score one policy's replies -> (scores (n, J), λ, rewards (n,), k-SCST advantages)."""
         t = self.cfg.train
         scores = self._score(p.objectives, ro.prompts_per_reply, ro.texts)
+        p.weighting.before_step()  # once per training step: DynaOpt opens its round here
         lam = p.weighting.weights()
         rewards = transform_rewards(scores, lam, t.reward_transform, t.clip_min, t.clip_max)
         adv = group_advantages(torch.tensor(rewards, dtype=torch.float32, device=self.base.device), ro.batch.k)
