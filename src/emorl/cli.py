@@ -1,20 +1,27 @@
-"""The ``emorl`` command line: ``emorl train | generate | search | evaluate | run | report | config``.
+"""The emorl command line: emorl train | generate | search | evaluate | run | report | config.
 
 Each subcommand lives next to the stage it drives and exposes ``add_parser(subparsers)``; this file only
-collects them, so importing the CLI stays cheap and stage modules stay independent.
+collects them, so importing the CLI stays cheap and stage modules stay independent. Nothing on this import path
+imports torch (tests/test_cli.py checks it): `emorl --help` and `emorl config` answer at once.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import logging
 import os
-import sys
+
+# OpenMP threads that spin-wait for each other are 20-60x slower on a shared CPU; passive waiting costs nothing on
+# an idle one. It must be in the environment before torch is first imported (the user's own value wins).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
 
 from emorl.utils import EmorlError
 
-# subcommand name -> module with add_parser(); missing modules are skipped (stages land one by one)
+# subcommand name -> module with add_parser(); each must import cheaply (no torch: `emorl --help` stays fast)
 SUBCOMMANDS = {
     "train": "emorl.train.cli",
     "generate": "emorl.ensemble.cli",
@@ -39,18 +46,32 @@ def config_source(args: argparse.Namespace) -> str | None:
     return args.config or args.preset
 
 
+_MARKUP = [(re.compile(r"``(.+?)``", re.S), r"\1"), (re.compile(r":[a-z]+:`~?(.+?)`"), r"\1"),
+           (re.compile(r"\*\*(.+?)\*\*"), r"\1")]
+
+
+def plain(text: str | None) -> str | None:
+    """Help text without the reStructuredText markup that docstrings use (``code``, :func:`x`, **bold**)."""
+    if not text:
+        return text
+    for pat, rep in _MARKUP:
+        text = pat.sub(rep, text)
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emorl", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in SUBCOMMANDS.values():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:
-                continue
-            raise
-        mod.add_parser(sub)
+        importlib.import_module(module).add_parser(sub)  # an import error is a bug: let it show
+    for p in [parser, *sub.choices.values()]:  # descriptions often come from docstrings
+        p.description = plain(p.description)
+        p.epilog = plain(p.epilog)
+        for action in p._actions:
+            action.help = plain(action.help)
+    for action in sub._choices_actions:
+        action.help = plain(action.help)
     return parser
 
 

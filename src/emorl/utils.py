@@ -13,10 +13,10 @@ import random
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # imported where used: `emorl --help` must not wait for torch
+    import torch
 
 
 class EmorlError(Exception):
@@ -73,6 +73,8 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def _json_default(o: Any) -> Any:
+    import numpy as np
+
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):
@@ -112,12 +114,17 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -130,6 +137,9 @@ def cache_dir() -> Path:
 
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states, for checkpoints (torch state as a uint8 tensor)."""
+    import numpy as np
+    import torch
+
     st: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -141,6 +151,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(st: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(st["python"])
     np.random.set_state(st["numpy"])
     torch.set_rng_state(st["torch"])

@@ -1,0 +1,72 @@
+"""The CLI's import path stays light (no torch before a command needs it), fails loudly, and speaks plain text."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import emorl.cli as cli
+
+HEAVY = ("torch", "transformers", "peft", "matplotlib", "safetensors")
+VERBS = ["train", "generate", "search", "evaluate", "run", "report", "config"]
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    e = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | env
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=120)
+
+
+def test_building_every_parser_imports_no_heavy_library():
+    code = ("import sys, emorl.cli as c; c.build_parser(); "
+            f"print(','.join(m for m in {HEAVY!r} if m in sys.modules) or 'none')")
+    out = _python(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "none"
+
+
+@pytest.mark.parametrize("argv", [["--help"], *[[v, "--help"] for v in VERBS], ["config", "--preset", "tiny"]])
+def test_help_and_config_answer_without_torch(argv):
+    code = ("import sys, runpy; sys.argv = ['emorl', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_module('emorl.cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            f"print('HEAVY:', [m for m in {HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip().endswith("HEAVY: []"), out.stdout[-300:]
+    text = out.stdout
+    assert "``" not in text and ":func:" not in text and ":class:" not in text
+
+
+def test_entry_point_sets_passive_waiting_unless_the_user_chose():
+    code = "import emorl.cli, os; print(os.environ['OMP_WAIT_POLICY'])"
+    assert _python(code).stdout.strip() == "PASSIVE"
+    assert _python(code, OMP_WAIT_POLICY="ACTIVE").stdout.strip() == "ACTIVE"
+
+
+def test_a_subcommand_that_fails_to_import_fails_loudly(monkeypatch):
+    monkeypatch.setitem(cli.SUBCOMMANDS, "broken", "emorl.no_such_module")
+    with pytest.raises(ModuleNotFoundError, match="emorl.no_such_module"):
+        cli.build_parser()
+
+
+def test_plain_strips_restructured_text():
+    assert cli.plain("``emorl run``: see :func:`emorl.x` and **this**") == "emorl run: see emorl.x and this"
+
+
+def test_threads_default_to_every_available_core():
+    import torch
+
+    from emorl.pipeline import available_cores, set_threads
+    from emorl.utils import EmorlError
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(None) == available_cores() == len(os.sched_getaffinity(0))
+        assert torch.get_num_threads() == available_cores()
+        assert set_threads(1) == 1 and torch.get_num_threads() == 1
+        with pytest.raises(EmorlError, match="--threads"):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(before)
