@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -24,7 +23,15 @@ import torch
 from filelock import FileLock
 
 from emorl.config import LoraConfig, ModelConfig
-from emorl.utils import EmorlError, atomic_folder, atomic_write_json, cache_dir, resolve_device
+from emorl.utils import (
+    EmorlError,
+    atomic_folder,
+    atomic_write_json,
+    cache_dir,
+    check_safetensors,
+    read_json_checked,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +71,26 @@ def _smollm2_gguf_dir() -> Path:
     return d
 
 
+def check_model_dir(folder: Path, what: str, fix: str) -> None:
+    """A transformers checkpoint folder is whole: its JSON files parse and its safetensors are not cut short."""
+    for f in sorted(folder.glob("*.json")):
+        read_json_checked(f, what, fix)
+    for f in sorted(folder.glob("*.safetensors")):
+        check_safetensors(f, what, fix)
+
+
 def _atomic_dir(target: Path, build: Any) -> Path:
     """Build a folder in a temp sibling and rename it into place under a file lock, so concurrent first
-    loads never see (or produce) a half-written cache."""
+    loads never see (or produce) a half-written cache. A complete entry whose files are damaged (a disk that
+    filled up, a user's partial copy) is rebuilt, with a warning."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if (target / ".complete").exists():
-            return target
+            try:
+                check_model_dir(target, "model cache entry", "it is rebuilt")
+                return target
+            except EmorlError as e:
+                log.warning("%s: rebuilding it", e)
         with atomic_folder(target) as tmp:
             build(tmp)
             (tmp / ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -152,6 +172,9 @@ def load_base(cfg: ModelConfig | None = None) -> Base:
         is_s2s = name == "tiny-t5"
     else:
         path = str(smollm2_dir(root)) if name == DEFAULT_MODEL else name
+        if Path(path).is_dir():  # a local folder (a fully fine-tuned policy, a copied model): whole?
+            check_model_dir(Path(path), f"model.name={name!r}: file",
+                            "restore the folder (copy it again), or re-train it if emorl made it")
         try:
             mcfg = AutoConfig.from_pretrained(path)
         except OSError as e:
@@ -278,13 +301,14 @@ def read_adapter_info(folder: str | Path) -> AdapterInfo:
     for fname in needed:
         if not (folder / fname).exists():
             raise EmorlError(f"{folder} is not a peft adapter folder: {fname} is missing")
+    fix = "restore this adapter folder from a copy, or re-train it (emorl train / emorl run --force)"
+    if not is_full_model_dir(folder):  # a cut-short file fails here, not deep inside peft or safetensors
+        read_json_checked(folder / "adapter_config.json", "adapter file", fix)
+        check_safetensors(folder / "adapter_model.safetensors", "adapter file", fix)
     meta = folder / "emorl.json"
     if not meta.exists():
         return AdapterInfo(objective=folder.name)
-    try:
-        data = json.loads(meta.read_text())
-    except json.JSONDecodeError as e:
-        raise EmorlError(f"{meta}: corrupt JSON ({e}); re-train or restore this adapter") from e
+    data = read_json_checked(meta, "adapter file", fix)
     known = set(AdapterInfo.__dataclass_fields__)
     return AdapterInfo(**{k: v for k, v in data.items() if k in known})
 

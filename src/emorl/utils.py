@@ -182,3 +182,63 @@ def console() -> Any:
 
         _CONSOLE = Console(stderr=True)
     return _CONSOLE
+
+
+# ------------------------------------------------------------------------------------------- reading files back
+
+def read_json_checked(path: str | Path, what: str, fix: str) -> Any:
+    """Parse a JSON file emorl (or a library) wrote; a missing, unreadable or cut-short file raises an
+    :class:`EmorlError` naming ``what`` and ``path`` and saying ``fix`` (e.g. "re-train it", "restore it")."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EmorlError(f"{what} {path} is missing; {fix}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EmorlError(f"{what} {path} is corrupt ({e}); {fix}") from e
+
+
+def check_safetensors(path: str | Path, what: str, fix: str) -> None:
+    """Check a safetensors file is whole without loading it (no torch): its 8-byte header length, its JSON
+    header, and a size equal to header + the last tensor's end offset. A file cut short (a full disk, an
+    interrupted copy) raises an :class:`EmorlError` naming ``what``, ``path`` and ``fix``."""
+    import struct
+
+    path = Path(path)
+
+    def bad(reason: str) -> EmorlError:
+        return EmorlError(f"{what} {path} is corrupt ({reason}); {fix}")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes, shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise bad(f"header of {n} bytes in a file of {size}: cut short")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except FileNotFoundError:
+        raise EmorlError(f"{what} {path} is missing; {fix}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"unreadable header: {e}") from e
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise bad(f"malformed header: {e}") from e
+    if size != 8 + n + end:
+        raise bad(f"{size} bytes where the header describes {8 + n + end}: cut short or padded")
+
+
+def load_safetensors_checked(path: str | Path, what: str, fix: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """:func:`check_safetensors`, then load every tensor (any loader error becomes the same clear error)."""
+    from safetensors.torch import load_file
+
+    check_safetensors(path, what, fix)
+    try:
+        return load_file(str(path), device=device)
+    except Exception as e:  # safetensors raises its own (Rust) error types
+        raise EmorlError(f"{what} {path} is corrupt ({e}); {fix}") from e
