@@ -70,3 +70,39 @@ def test_threads_default_to_every_available_core():
             set_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_plain_progress_lines_where_stdout_is_not_a_terminal(capsys, monkeypatch):
+    from emorl.train import monitor
+
+    now = [0.0]
+    monkeypatch.setattr(monitor.time, "monotonic", lambda: now[0])
+    bars = monitor.Progress(True, every=30, plain=True)
+    with bars.run():
+        bars.add("empathy", 8)
+        for t, step in ((10, 1), (20, 2), (41, 3), (50, 4), (75, 5), (78, 6)):
+            now[0] = t
+            bars.update("empathy", step, f"reward 0.{step}")
+        now[0] = 80  # the run ends: the last state, not printed yet, is printed
+    assert capsys.readouterr().out.splitlines() == [
+        "empathy: step 3/8 (38%) reward 0.3, elapsed 0m41s, ETA 1m08s",  # 3 steps in 41 s, 5 to go
+        "empathy: step 5/8 (62%) reward 0.5, elapsed 1m15s, ETA 0m45s",  # 34 s after the last line
+        "empathy: step 6/8 (75%) reward 0.6, elapsed 1m20s, ETA 0m27s",
+    ]
+
+
+def test_plain_progress_prints_the_last_step_and_nothing_when_disabled(capsys):
+    from emorl.train.monitor import Progress
+
+    bars = Progress(True, every=1000, plain=True)
+    with bars.run():
+        bars.add("train", 2, completed=0)
+        bars.update("train", 1, "")
+        bars.update("train", 2, "val 0.5")
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("train: step 2/2 (100%) val 0.5, elapsed ") and "ETA" not in out[0]
+    off = Progress(False, every=0, plain=True)
+    with off.run():
+        off.add("x", 3)
+        off.update("x", 1, "")
+    assert capsys.readouterr().out == ""

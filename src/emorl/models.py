@@ -97,6 +97,23 @@ def _atomic_dir(target: Path, build: Any) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _quiet_gguf() -> Iterator[None]:
+    """transformers' GGUF reader draws its own "Converting and de-quantizing" tqdm bar, which no transformers
+    setting turns off; the one-time conversion is logged instead."""
+    import functools
+
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    old = getattr(gguf_utils, "tqdm", None)
+    gguf_utils.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = old
+
+
 def smollm2_tokenizer_dir(root: Path | None = None) -> Path:
     """The SmolLM2 tokenizer alone (7 s from the GGUF the first time, 0.5 s afterwards)."""
     from transformers import AutoTokenizer
@@ -105,7 +122,9 @@ def smollm2_tokenizer_dir(root: Path | None = None) -> Path:
 
     def build(tmp: Path) -> None:
         d = _smollm2_gguf_dir()
-        AutoTokenizer.from_pretrained(str(d), gguf_file=_GGUF_FILE).save_pretrained(tmp)
+        log.info("extracting the SmolLM2 tokenizer from %s (once, ~7 s)", _GGUF_FILE)
+        with _quiet_gguf():
+            AutoTokenizer.from_pretrained(str(d), gguf_file=_GGUF_FILE).save_pretrained(tmp)
 
     return _atomic_dir(root / "smollm2-135m-instruct-tokenizer", build)
 
@@ -119,8 +138,9 @@ def smollm2_dir(root: Path | None = None) -> Path:
     def build(tmp: Path) -> None:
         d = _smollm2_gguf_dir()
         log.info("converting %s to safetensors in %s (once, ~30 s)", _GGUF_FILE, tmp)
-        tok = AutoTokenizer.from_pretrained(str(d), gguf_file=_GGUF_FILE)
-        m = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=_GGUF_FILE, dtype=torch.float32)
+        with _quiet_gguf():
+            tok = AutoTokenizer.from_pretrained(str(d), gguf_file=_GGUF_FILE)
+            m = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=_GGUF_FILE, dtype=torch.float32)
         cfg = m.config
         if hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")  # gguf-loaded models refuse save_pretrained otherwise
@@ -182,6 +202,7 @@ def load_base(cfg: ModelConfig | None = None) -> Base:
                              f"a hub id (needs a network), or {DEFAULT_MODEL!r} (offline default)") from e
         is_s2s = cfg.kind == "seq2seq" or (cfg.kind == "auto" and bool(getattr(mcfg, "is_encoder_decoder", False)))
         cls = AutoModelForSeq2SeqLM if is_s2s else AutoModelForCausalLM
+        log.debug("loading %s from %s", name, path)
         tok = AutoTokenizer.from_pretrained(path)
         model = cls.from_pretrained(path, dtype=_dtype(cfg, device))
     if tok.pad_token is None:

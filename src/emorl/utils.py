@@ -172,6 +172,23 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 _CONSOLE = None
+_LOG_FILES: set[Path] = set()
+
+
+def attach_log_file(path: str | Path) -> Path:
+    """Send every emorl log record, debug level included, to ``path`` (once per path). Third-party warnings and
+    notices that the CLI keeps off the console (see emorl.cli) land here too, under ``emorl.thirdparty``."""
+    import logging
+
+    path = Path(path).resolve()
+    if path not in _LOG_FILES:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h = logging.FileHandler(path)
+        h.setLevel(logging.DEBUG)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("emorl").addHandler(h)
+        _LOG_FILES.add(path)
+    return path
 
 
 def console() -> Any:

@@ -266,7 +266,11 @@ def set_threads(threads: int | None) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    from emorl.utils import attach_log_file
+
     cfg, run = resolve(args)
+    if not args.dry_run:
+        attach_log_file(run / "logs" / "run.log")
     set_threads(args.threads)
     run_pipeline(cfg, run, resume=args.resume, force=args.force, progress=not args.no_progress,
                  dry_run=args.dry_run)
