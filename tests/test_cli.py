@@ -106,3 +106,34 @@ def test_plain_progress_prints_the_last_step_and_nothing_when_disabled(capsys):
         off.add("x", 3)
         off.update("x", 1, "")
     assert capsys.readouterr().out == ""
+
+
+def test_third_party_warnings_go_to_the_log_file_not_the_console(tmp_path, capsys):
+    import logging
+    import warnings
+
+    from emorl.utils import attach_log_file
+
+    saved = warnings.showwarning
+    try:
+        cli.setup_logging(verbose=False)
+        path = attach_log_file(tmp_path / "logs" / "run.log")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = cli._warning_to_log
+            warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning, stacklevel=1)
+        logging.getLogger("emorl.test").info("a line for the console")
+        for h in logging.getLogger("emorl").handlers:
+            h.flush()
+        err = capsys.readouterr().err
+        assert "is_gradient_checkpointing" not in err and "a line for the console" in err
+        text = path.read_text()
+        assert "DEBUG emorl.thirdparty: FutureWarning: `is_gradient_checkpointing` is deprecated" in text
+        assert "INFO emorl.test: a line for the console" in text
+    finally:
+        warnings.showwarning = saved
+        for h in list(logging.getLogger("emorl").handlers):
+            if isinstance(h, logging.FileHandler) and h.baseFilename == str(path):
+                logging.getLogger("emorl").removeHandler(h)
+                h.close()
+        logging.getLogger().removeHandler(cli._console_handler)
