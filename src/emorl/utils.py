@@ -195,9 +195,13 @@ def console() -> Any:
     """The shared rich console (stderr), so progress bars and log lines don't interleave badly."""
     global _CONSOLE
     if _CONSOLE is None:
+        import sys
+
         from rich.console import Console
 
-        _CONSOLE = Console(stderr=True)
+        # off a terminal rich would wrap at 80 columns: plans and tables in a CI log stay one line per row
+        wide = not sys.stderr.isatty() and "COLUMNS" not in os.environ
+        _CONSOLE = Console(stderr=True, width=120 if wide else None)
     return _CONSOLE
 
 
