@@ -316,20 +316,27 @@ def save_full_model(model: Any, tokenizer: Any, folder: str | Path, info: Adapte
     return folder
 
 
+ADAPTER_FIX = "restore this adapter folder from a copy, or re-train it (emorl train / emorl run --force)"
+
+
+def check_adapter_files(folder: str | Path) -> None:
+    """The adapter's weights and peft config are whole (a cut-short file fails here, with the file named, not
+    deep inside peft or safetensors)."""
+    folder = Path(folder)
+    read_json_checked(folder / "adapter_config.json", "adapter file", ADAPTER_FIX)
+    check_safetensors(folder / "adapter_model.safetensors", "adapter file", ADAPTER_FIX)
+
+
 def read_adapter_info(folder: str | Path) -> AdapterInfo:
     folder = Path(folder)
     needed = ("config.json",) if is_full_model_dir(folder) else ("adapter_config.json", "adapter_model.safetensors")
     for fname in needed:
         if not (folder / fname).exists():
             raise EmorlError(f"{folder} is not a peft adapter folder: {fname} is missing")
-    fix = "restore this adapter folder from a copy, or re-train it (emorl train / emorl run --force)"
-    if not is_full_model_dir(folder):  # a cut-short file fails here, not deep inside peft or safetensors
-        read_json_checked(folder / "adapter_config.json", "adapter file", fix)
-        check_safetensors(folder / "adapter_model.safetensors", "adapter file", fix)
     meta = folder / "emorl.json"
     if not meta.exists():
         return AdapterInfo(objective=folder.name)
-    data = read_json_checked(meta, "adapter file", fix)
+    data = read_json_checked(meta, "adapter file", ADAPTER_FIX)
     known = set(AdapterInfo.__dataclass_fields__)
     return AdapterInfo(**{k: v for k, v in data.items() if k in known})
 
@@ -355,6 +362,7 @@ def load_adapters(base: Base, folders: dict[str, str | Path] | list[str | Path])
     for name, f in folders.items():
         info = read_adapter_info(f)
         check_same_base(base, info, f)
+        check_adapter_files(f)
         infos[name] = info
     model = base.model
     for name, f in folders.items():
