@@ -23,7 +23,9 @@ _LAZY = {"MODES": "decoder", "GenerationResult": "decoder", "check_weights": "de
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(f"emorl.ensemble.{_LAZY[name]}"), name)
+        value = getattr(importlib.import_module(f"emorl.ensemble.{_LAZY[name]}"), name)
+        globals()[name] = value  # cached; also rebinds a name its submodule's import shadowed (lora_bank)
+        return value
     raise AttributeError(f"module 'emorl.ensemble' has no attribute {name!r}")
 
 __all__ = ["MODES", "EnsembleModel", "GenerationResult", "LoraBank", "check_weights", "generation_kwargs",

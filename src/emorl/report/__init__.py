@@ -17,7 +17,9 @@ _LAZY = {"collect_policies": "render", "collect_search": "render", "search_resul
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(f"emorl.report.{_LAZY[name]}"), name)
+        value = getattr(importlib.import_module(f"emorl.report.{_LAZY[name]}"), name)
+        globals()[name] = value  # cached; also rebinds a name its submodule's import shadowed (lora_bank)
+        return value
     raise AttributeError(f"module 'emorl.report' has no attribute {name!r}")
 
 __all__ = ["collect_policies", "collect_search", "comparison_table", "markdown", "search_result", "write_report"]
