@@ -285,7 +285,7 @@ def test_load_splits_of_presets():
 def test_long_statement_is_cut_and_the_template_kept(tiny_base, caplog, monkeypatch):
     import logging
 
-    import emorl.data as data
+    import emorl.prompts as data
 
     monkeypatch.setattr(data, "_warned_truncation", False)
     tok = tiny_base.tokenizer
@@ -293,7 +293,7 @@ def test_long_statement_is_cut_and_the_template_kept(tiny_base, caplog, monkeypa
     short = "I feel sad."
     texts = data.format_prompts(tok, [long, short, long + " again"], False, "You are kind.")
     assert len(tok(texts[0], add_special_tokens=False)["input_ids"]) > 300
-    with caplog.at_level(logging.DEBUG, logger="emorl.data"):
+    with caplog.at_level(logging.DEBUG, logger="emorl.prompts"):
         enc = data.encode_prompts(tok, texts, 64, False)
         data.encode_prompts(tok, texts, 64, False)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -314,7 +314,7 @@ def test_long_statement_is_cut_and_the_template_kept(tiny_base, caplog, monkeypa
 
 
 def test_long_statement_is_cut_for_seq2seq(tiny_t5_base, monkeypatch):
-    import emorl.data as data
+    import emorl.prompts as data
 
     monkeypatch.setattr(data, "_warned_truncation", False)
     tok = tiny_t5_base.tokenizer
