@@ -281,3 +281,46 @@ def test_load_splits_of_presets():
     assert sum(full.sizes().values()) == len(data.default_records()) == 332
     assert full.sizes() == {"train": 166, "validation": 66, "test": 100}  # test >= 100, validation >= 60
     assert load_splits(load_config("default").data) == full
+
+
+def test_long_statement_is_cut_and_the_template_kept(tiny_base, caplog, monkeypatch):
+    import logging
+
+    import emorl.prompts as data
+
+    monkeypatch.setattr(data, "_warned_truncation", False)
+    tok = tiny_base.tokenizer
+    long = "I keep thinking about the move and my job and my sister. " * 30 + "THE END"
+    short = "I feel sad."
+    texts = data.format_prompts(tok, [long, short, long + " again"], False, "You are kind.")
+    assert len(tok(texts[0], add_special_tokens=False)["input_ids"]) > 300
+    with caplog.at_level(logging.DEBUG, logger="emorl.prompts"):
+        enc = data.encode_prompts(tok, texts, 64, False)
+        data.encode_prompts(tok, texts, 64, False)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].getMessage().startswith("2 of 3 prompts are longer than "
+                                                                      "model.max_prompt_tokens=64")
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.DEBUG]  # once, then debug
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    assert ids.shape[1] <= 64
+    for row in (0, 2):
+        text = tok.decode(ids[row][mask[row].bool()])
+        assert text.startswith("<|im_start|>system\nYou are kind.<|im_end|>\n<|im_start|>user\nI keep thinking "
+                               "about the move"), text
+        assert text.endswith("<|im_end|>\n<|im_start|>assistant\n"), text
+        assert "THE END" not in text
+        assert 56 <= int(mask[row].sum()) <= 64  # cut to fit, not far below
+    plain = tok(texts[1], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    assert ids[1][mask[1].bool()].tolist() == plain.tolist()  # a prompt that fits is untouched
+
+
+def test_long_statement_is_cut_for_seq2seq(tiny_t5_base, monkeypatch):
+    import emorl.prompts as data
+
+    monkeypatch.setattr(data, "_warned_truncation", False)
+    tok = tiny_t5_base.tokenizer
+    texts = data.format_prompts(tok, ["My week was long and hard. " * 40], True)
+    enc = data.encode_prompts(tok, texts, 32, True)
+    text = tok.decode(enc["input_ids"][0], skip_special_tokens=True)
+    assert enc["input_ids"].shape[1] <= 32
+    assert text.startswith("My week was long") and text.rstrip().endswith("hard [SEP]"), text

@@ -230,6 +230,33 @@ def test_sampling_is_seeded_and_uses_the_warpers(llama: EnsembleModel) -> None:
     assert torch.equal(k1.token_ids, llama.generate(PROMPTS, POINTS, max_new_tokens=T).token_ids)
 
 
+def test_sampler_frequencies_match_the_softmax_of_the_warped_logits() -> None:
+    """The decoder's token choice (emorl.sampling.choose on transformers' warpers, also the trainer's
+    UniformSampler) draws tokens with the probabilities of the warped distribution, computed here by hand."""
+    from emorl.sampling import UniformSampler, choose, warpers
+
+    logits = torch.tensor([2.0, 1.5, 0.3, -0.5, 1.0, 0.0, -2.0, 0.8])
+    # by hand: temperature 0.7; top-k 5 keeps tokens {0, 1, 4, 7, 2}; their probabilities 0.501, 0.245, 0.120,
+    # 0.090, 0.044 reach top-p 0.9 at token 7 (cumulative 0.956), so token 2 is dropped too
+    z = logits.double() / 0.7
+    keep = torch.tensor([0, 1, 4, 7])
+    expected = torch.zeros(8, dtype=torch.float64)
+    expected[keep] = torch.softmax(z[keep], 0)
+    n = 40_000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    rows = logits.expand(n, 8).clone()
+    warped = warpers(0.7, 5, 0.9)(torch.zeros(n, 1, dtype=torch.long), rows)
+    tok = choose(warped, u)
+    sampler = UniformSampler(u[:, None], temperature=0.7, top_k=5, top_p=0.9)
+    assert torch.equal(sampler(torch.zeros(n, 1, dtype=torch.long), logits.expand(n, 8).clone()).argmax(-1), tok)
+    freq = torch.bincount(tok, minlength=8).double() / n
+    assert freq[[2, 3, 5, 6]].sum() == 0  # warped-away tokens are never drawn
+    tv = 0.5 * (freq - expected).abs().sum()
+    assert tv < 0.01, (freq, expected)  # the sampling noise is ~0.003 at 40k draws
+    chi2 = float((n * (freq[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    assert chi2 < 16.3, chi2  # 3 degrees of freedom: p = 0.001
+
+
 def test_sampled_points_share_random_numbers(llama: EnsembleModel) -> None:
     """Common random numbers: a normalised hidden mix samples the same tokens for w and c*w, and a one-hot point
     samples exactly what its adapter alone samples with the same seed, whatever else shares the call."""

@@ -1,5 +1,7 @@
 """The k-SCST pieces against plainly written references."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -68,16 +70,27 @@ def test_causal_logprobs_match_full_log_softmax(tiny_base):
     """Shared-prompt log-probs (prompt once, cache repeated k times) == a plain full forward + log_softmax."""
     m = _adapted(tiny_base)
     batch = _rollout(tiny_base, m, ["I feel sad.", "My cat ran away last night and I miss her so much."])
+    eos = tiny_base.tokenizer.eos_token_id
+    batch.completion_ids[0, 2] = eos  # rows that end mid-reply: the masked tail must not leak into the kept tokens
+    batch.completion_ids[4, 0] = eos
+    batch.completion_mask = completion_mask(batch.completion_ids, [eos])
+    keep = batch.completion_mask.bool()
+    assert not keep[0, 3:].any() and keep[0, :3].all() and keep[4].tolist() == [True] + [False] * 5
     fast = causal_token_logprobs(m, batch, share_prompt=True)
     k = batch.k
-    ids = torch.cat([batch.prompt_ids.repeat_interleave(k, 0), batch.completion_ids], 1)
-    mask = torch.cat([batch.prompt_mask.repeat_interleave(k, 0), torch.ones_like(batch.completion_ids)], 1)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    logp = m(input_ids=ids, attention_mask=mask, position_ids=pos).logits.log_softmax(-1)
     P = batch.prompt_ids.shape[1]
-    ref = logp[:, P - 1:-1].gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(causal_token_logprobs(m, batch, share_prompt=False), ref, atol=1e-5, rtol=1e-5)
+    ref = torch.zeros_like(fast)
+    for row in range(fast.shape[0]):  # one plain forward per reply, cut after its EOS: nothing to mask
+        n = int(keep[row].sum())
+        pm = batch.prompt_mask[row // k]
+        ids = torch.cat([batch.prompt_ids[row // k], batch.completion_ids[row, :n]])[None]
+        mask = torch.cat([pm, torch.ones(n, dtype=pm.dtype)])[None]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logp = m(input_ids=ids, attention_mask=mask, position_ids=pos).logits.log_softmax(-1)
+        ref[row, :n] = logp[0, P - 1:-1].gather(-1, batch.completion_ids[row, :n, None]).squeeze(-1)
+    torch.testing.assert_close(fast[keep], ref[keep], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(causal_token_logprobs(m, batch, share_prompt=False)[keep], ref[keep], atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_shared_prompt_gradient_equals_full_forward_gradient(tiny_base):
@@ -115,15 +128,20 @@ def test_loss_is_reinforce_with_mean_baseline():
     assert logp.grad.tolist() == [[-0.25, -0.25, 0.0], [0.25, 0.25, 0.25]]
 
 
-def test_kl_term_k3_is_zero_at_reference_and_positive_elsewhere():
-    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
-    mask = torch.ones(1, 2)
+def test_kl_term_k3_is_zero_at_reference_and_pinned_elsewhere():
+    logp = torch.tensor([[-1.0, -2.0, -0.3]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
     _, st = kscst_loss(logp, mask, torch.zeros(1), 1, ref_logp=logp.detach().clone(), kl_coef=0.1)
     assert st["kl"] == pytest.approx(0.0)
-    loss, st = kscst_loss(logp, mask, torch.zeros(1), 1, ref_logp=torch.tensor([[-1.5, -1.0]]), kl_coef=0.1)
-    assert st["kl"] > 0
+    ref = torch.tensor([[-1.5, -1.0, -5.0]], requires_grad=True)
+    loss, st = kscst_loss(logp, mask, torch.zeros(1), 1, ref_logp=ref, kl_coef=0.1)
+    # Δ = ref − logp = (−0.5, 1.0; masked); k3 = (e^−0.5 + 0.5 − 1) + (e − 1 − 1) = 0.1065307 + 0.7182818
+    assert st["kl"] == pytest.approx(0.8248125, abs=1e-6)
+    assert float(loss) == pytest.approx(0.1 * 0.8248125, abs=1e-6)
     loss.backward()
-    assert logp.grad.abs().sum() > 0  # the KL carries gradient (the reference's did not)
+    # d/dlogp 0.1·(e^Δ − Δ − 1) = 0.1·(1 − e^Δ): (0.0393469, −0.1718282), 0 on the masked token
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0393469, -0.1718282, 0.0]]), atol=1e-6, rtol=0)
+    assert ref.grad is None  # the reference is detached
 
 
 def test_micro_batching_gives_the_same_gradient(tiny_base):
@@ -159,21 +177,82 @@ def test_exp3_probabilities_and_update():
     np.testing.assert_allclose(p, 0.93 * w / w.sum() + 0.07 / 4)
 
 
-def test_dynaopt_updates_weight_bandit_once_per_round_and_roundtrips():
+class _CountUpdates:
+    """Wraps a bandit's update to record each call."""
+
+    def __init__(self, bandit):
+        self.calls = []
+        self._update = bandit.update
+        bandit.update = self
+
+    def __call__(self, arm, reward):
+        self.calls.append((arm, reward))
+        self._update(arm, reward)
+
+
+def test_dynaopt_one_weight_update_per_round_none_before_the_first_step():
+    d = DynaOptWeighting(["a", "b"], gamma=0.07, seed=3)
+    d.arm_bandit.draw = lambda rng: 0  # always up-weight objective a, so every round's update is visible
+    ups = _CountUpdates(d.weight_bandit)
+    np.testing.assert_allclose(d.weights(), [0.5, 0.5])
+    d.on_validation({"a": 0.2, "b": 0.2})  # the step-0 validation: history only, no weight update
+    np.testing.assert_allclose(d.weights(), [0.5, 0.5])
+    for _ in range(3):
+        d.before_step()
+    assert ups.calls == []  # the first round runs on uniform weights
+    d.on_validation({"a": 0.4, "b": 0.2})  # closes round 1 (no arm to credit), draws nothing yet
+    assert ups.calls == [] and d.log[-1]["arm"] is None
+    per_round = []
+    for r in range(4):
+        for _ in range(3):
+            d.before_step()
+        per_round.append(len(ups.calls))
+        d.on_validation({"a": 0.4 + 0.1 * r, "b": 0.2})
+        assert d.log[-1]["arm"] == 0
+    assert per_round == [1, 2, 3, 4]  # exactly one weight update per round, at the round's first step
+    d.on_validation({"a": 0.9, "b": 0.2})  # a validation with no step since (the end of training): no new round
+    d.on_validation({"a": 0.9, "b": 0.2})
+    assert len(ups.calls) == 4 and d.log[-1]["arm"] is None
+    # w_a = exp(4 · 0.07 · (1 / p_a) / 2), p_a recomputed after each update
+    log_w = 0.0
+    for _ in range(4):
+        w = np.exp([log_w, 0.0])
+        p_a = 0.93 * w[0] / w.sum() + 0.07 / 2
+        log_w += 0.07 / p_a / 2
+    np.testing.assert_allclose(d.weight_bandit.log_w, [log_w, 0.0])
+
+
+def test_dynaopt_reward_is_mapped_into_unit_interval_and_improvement_raises_the_arm():
+    f = DynaOptWeighting.unit_reward
+    assert (f(0.0), f(0.2), f(-0.4), f(3.0), f(-7.0)) == (0.5, 0.6, pytest.approx(0.3), 1.0, 0.0)
+    d = DynaOptWeighting(["a", "b"], gamma=0.07, seed=0)
+    d.arm_bandit.draw = lambda rng: 1
+    rewards = _CountUpdates(d.arm_bandit)
+    d.on_validation({"a": 0.2, "b": 0.2})
+    d.before_step()
+    d.on_validation({"a": 0.2, "b": 0.2})
+    d.before_step()
+    p_before = d.arm_bandit.probs()
+    d.on_validation({"a": 0.5, "b": 0.3})  # improvement over the history mean (0.2, 0.2): (0.3 + 0.1) / 2 = 0.2
+    assert rewards.calls == [(1, pytest.approx(0.6))]
+    assert d.log[-1]["improvement"] == pytest.approx(0.2) and d.log[-1]["reward"] == pytest.approx(0.6)
+    p_after = d.arm_bandit.probs()
+    assert p_after[1] > p_before[1] and np.all(p_after[[0, 2]] < p_before[[0, 2]])
+
+
+def test_dynaopt_state_roundtrips_mid_round():
     d = DynaOptWeighting(["a", "b"], gamma=0.5, seed=3)
-    counts = []
-    for r in range(6):
-        before = d.weight_bandit.log_w.copy()
+    for r in range(5):
         d.on_validation({"a": 0.1 * r, "b": 0.2})
-        changed = (d.weight_bandit.log_w != before).sum()
-        counts.append(int(changed))
-        assert d.weights().sum() == pytest.approx(1.0)
-    assert max(counts) <= 1  # at most one objective up-weighted per round (original DynaOpt)
-    assert d.bandit_reward({"a": 1.0, "b": 1.0}) > 0
+        d.before_step()
+    d.on_validation({"a": 0.7, "b": 0.1})
     e = DynaOptWeighting(["a", "b"], gamma=0.5, seed=99)
-    e.load_state_dict(d.state_dict())
+    e.load_state_dict(json.loads(json.dumps(d.state_dict())))
     np.testing.assert_allclose(e.weights(), d.weights())
-    assert e.arm == d.arm and e.rng.random() == d.rng.random()
+    for w in (d, e):
+        w.before_step()
+    np.testing.assert_allclose(e.weights(), d.weights())
+    assert e.arm == d.arm and e.log == d.log and e.rng.random() == d.rng.random()
 
 
 def test_joint_update_gives_each_adapter_its_own_gradient(tiny_base):

@@ -42,7 +42,8 @@ class ModelConfig:
     system_prompt: str | None = _f(
         "You are a warm, supportive listener. Reply to the person in one or two sentences.",
         "System message for chat-template models; null keeps the tokenizer's own default.")
-    max_prompt_tokens: int = _f(128, "Prompts are truncated (from the left) to this many tokens.")
+    max_prompt_tokens: int = _f(128, "Longest prompt in tokens: a longer client statement loses its end (the chat "
+                                    "template, system prompt and generation prompt are kept; warned once).")
     tiny_layers: int = _f(2, "'tiny-llama' only: number of layers.")
     tiny_hidden: int = _f(64, "'tiny-llama' only: hidden size.")
     seed: int = _f(0, "'tiny-llama' only: seed of the random initialisation (so every process builds the same base).")

@@ -9,6 +9,8 @@ training starts. Sources (``DataConfig.source``):
 - ``psych8k``: Psych8k JSON (``input`` -> prompt, ``output`` -> reference).
 - ``csv`` / ``jsonl``: any file with ``prompt_field`` (and optionally ``reference_field``) columns or keys.
 - ``hf``: a Hugging Face dataset saved with ``save_to_disk`` (a folder), or a hub name (needs a network).
+
+Formatting and tokenising a statement for the model lives in :mod:`emorl.prompts` (re-exported here).
 """
 
 from __future__ import annotations
@@ -26,9 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from emorl.config import DataConfig
+from emorl.prompts import PromptText, encode_prompts, fit_prompts, format_prompts  # noqa: F401 - re-exported
 from emorl.utils import EmorlError
 
 log = logging.getLogger(__name__)
@@ -419,46 +420,3 @@ def load_hf(path: str, prompt_field: str = "prompt", reference_field: str | None
     refs = ds[reference_field] if reference_field else [None] * len(prompts)
     return [_record(f"{path} row {i}", {prompt_field: p, **({reference_field: r} if reference_field else {})},
                     prompt_field, reference_field) for i, (p, r) in enumerate(zip(prompts, refs, strict=True), 1)]
-
-
-# --------------------------------------------------------------------------------------------- model input
-
-def format_prompts(
-    tokenizer: Any, statements: list[str], is_seq2seq: bool, system_prompt: str | None = None
-) -> list[str]:
-    """Turn client statements into model input text.
-
-    Chat models: the tokenizer's chat template with an optional system message and the generation prompt.
-    Seq2seq models (and tokenizers without a chat template): ``"statement [SEP] "`` as the paper's T5 input.
-    """
-    if is_seq2seq or not getattr(tokenizer, "chat_template", None):
-        return [f"{s} [SEP] " for s in statements]
-    out = []
-    for s in statements:
-        msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        msgs.append({"role": "user", "content": s})
-        out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-    return out
-
-
-def encode_prompts(tokenizer: Any, texts: list[str], max_tokens: int, is_seq2seq: bool,
-                   device: torch.device | str = "cpu", pad_to: int | None = None) -> dict[str, torch.Tensor]:
-    """Tokenise formatted prompts: left-padded for causal models (so generation appends on the right),
-    truncated from the left to ``max_tokens`` (the end of a prompt — the generation cue — is what matters).
-    ``pad_to``: pad to at least this width (a width that does not depend on the batch's other prompts)."""
-    side = tokenizer.padding_side
-    tside = tokenizer.truncation_side
-    tokenizer.padding_side = "right" if is_seq2seq else "left"
-    tokenizer.truncation_side = "left"
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_tokens,
-                        add_special_tokens=is_seq2seq)
-    finally:
-        tokenizer.padding_side, tokenizer.truncation_side = side, tside
-    out = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    extra = (pad_to or 0) - out["input_ids"].shape[1]
-    if extra > 0:
-        pad = (0, extra) if is_seq2seq else (extra, 0)
-        out["input_ids"] = torch.nn.functional.pad(out["input_ids"], pad, value=tokenizer.pad_token_id)
-        out["attention_mask"] = torch.nn.functional.pad(out["attention_mask"], pad, value=0)
-    return out

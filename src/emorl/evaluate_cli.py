@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample", action="store_true", help="sample instead of greedy (eval.generation.do_sample=true)")
     p.add_argument("--force", action="store_true", help="re-decode methods even if their results are current")
     p.add_argument("--no-report", action="store_true", help="don't re-render RUN/report.md afterwards")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, or 1 on a busy machine)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: every available core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides on top of RUN/config.yaml, e.g. eval.generation.max_new_tokens=48")

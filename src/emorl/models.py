@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -24,7 +23,15 @@ import torch
 from filelock import FileLock
 
 from emorl.config import LoraConfig, ModelConfig
-from emorl.utils import EmorlError, atomic_folder, atomic_write_json, cache_dir, resolve_device
+from emorl.utils import (
+    EmorlError,
+    atomic_folder,
+    atomic_write_json,
+    cache_dir,
+    check_safetensors,
+    read_json_checked,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +107,47 @@ def _smollm2_gguf_dir() -> Path:
     return d
 
 
+def check_model_dir(folder: Path, what: str, fix: str) -> None:
+    """A transformers checkpoint folder is whole: its JSON files parse and its safetensors are not cut short."""
+    for f in sorted(folder.glob("*.json")):
+        read_json_checked(f, what, fix)
+    for f in sorted(folder.glob("*.safetensors")):
+        check_safetensors(f, what, fix)
+
+
 def _atomic_dir(target: Path, build: Any) -> Path:
     """Build a folder in a temp sibling and rename it into place under a file lock, so concurrent first
-    loads never see (or produce) a half-written cache."""
+    loads never see (or produce) a half-written cache. A complete entry whose files are damaged (a disk that
+    filled up, a user's partial copy) is rebuilt, with a warning."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if (target / ".complete").exists():
-            return target
+            try:
+                check_model_dir(target, "model cache entry", "it is rebuilt")
+                return target
+            except EmorlError as e:
+                log.warning("%s: rebuilding it", e)
         with atomic_folder(target) as tmp:
             build(tmp)
             (tmp / ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
     return target
+
+
+@contextlib.contextmanager
+def _quiet_gguf() -> Iterator[None]:
+    """transformers' GGUF reader draws its own "Converting and de-quantizing" tqdm bar, which no transformers
+    setting turns off; the one-time conversion is logged instead."""
+    import functools
+
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    old = getattr(gguf_utils, "tqdm", None)
+    gguf_utils.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = old
 
 
 def smollm2_tokenizer_dir(root: Path | None = None) -> Path:
@@ -121,7 +158,9 @@ def smollm2_tokenizer_dir(root: Path | None = None) -> Path:
 
     def build(tmp: Path) -> None:
         d = _smollm2_gguf_dir()
-        AutoTokenizer.from_pretrained(str(d), gguf_file=_GGUF_FILE).save_pretrained(tmp)
+        log.info("extracting the SmolLM2 tokenizer from %s (once, ~7 s)", _GGUF_FILE)
+        with _quiet_gguf():
+            AutoTokenizer.from_pretrained(str(d), gguf_file=_GGUF_FILE).save_pretrained(tmp)
 
     return _atomic_dir(root / "smollm2-135m-instruct-tokenizer", build)
 
@@ -135,8 +174,9 @@ def smollm2_dir(root: Path | None = None) -> Path:
     def build(tmp: Path) -> None:
         d = _smollm2_gguf_dir()
         log.info("converting %s to safetensors in %s (once, ~30 s)", _GGUF_FILE, tmp)
-        tok = AutoTokenizer.from_pretrained(str(d), gguf_file=_GGUF_FILE)
-        m = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=_GGUF_FILE, dtype=torch.float32)
+        with _quiet_gguf():
+            tok = AutoTokenizer.from_pretrained(str(d), gguf_file=_GGUF_FILE)
+            m = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=_GGUF_FILE, dtype=torch.float32)
         cfg = m.config
         if hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")  # gguf-loaded models refuse save_pretrained otherwise
@@ -188,6 +228,9 @@ def load_base(cfg: ModelConfig | None = None) -> Base:
         is_s2s = name == "tiny-t5"
     else:
         path = str(smollm2_dir(root)) if name == DEFAULT_MODEL else name
+        if Path(path).is_dir():  # a local folder (a fully fine-tuned policy, a copied model): whole?
+            check_model_dir(Path(path), f"model.name={name!r}: file",
+                            "restore the folder (copy it again), or re-train it if emorl made it")
         try:
             mcfg = AutoConfig.from_pretrained(path)
         except OSError as e:
@@ -195,6 +238,7 @@ def load_base(cfg: ModelConfig | None = None) -> Base:
                              f"a hub id (needs a network), or {DEFAULT_MODEL!r} (offline default)") from e
         is_s2s = cfg.kind == "seq2seq" or (cfg.kind == "auto" and bool(getattr(mcfg, "is_encoder_decoder", False)))
         cls = AutoModelForSeq2SeqLM if is_s2s else AutoModelForCausalLM
+        log.debug("loading %s from %s", name, path)
         tok = AutoTokenizer.from_pretrained(path)
         model = cls.from_pretrained(path, dtype=_dtype(cfg, device))
     if tok.pad_token is None:
@@ -309,6 +353,17 @@ def save_full_model(model: Any, tokenizer: Any, folder: str | Path, info: Adapte
     return folder
 
 
+ADAPTER_FIX = "restore this adapter folder from a copy, or re-train it (emorl train / emorl run --force)"
+
+
+def check_adapter_files(folder: str | Path) -> None:
+    """The adapter's weights and peft config are whole (a cut-short file fails here, with the file named, not
+    deep inside peft or safetensors)."""
+    folder = Path(folder)
+    read_json_checked(folder / "adapter_config.json", "adapter file", ADAPTER_FIX)
+    check_safetensors(folder / "adapter_model.safetensors", "adapter file", ADAPTER_FIX)
+
+
 def read_adapter_info(folder: str | Path) -> AdapterInfo:
     folder = Path(folder)
     needed = ("config.json",) if is_full_model_dir(folder) else ("adapter_config.json", "adapter_model.safetensors")
@@ -318,10 +373,7 @@ def read_adapter_info(folder: str | Path) -> AdapterInfo:
     meta = folder / "emorl.json"
     if not meta.exists():
         return AdapterInfo(objective=folder.name)
-    try:
-        data = json.loads(meta.read_text())
-    except json.JSONDecodeError as e:
-        raise EmorlError(f"{meta}: corrupt JSON ({e}); re-train or restore this adapter") from e
+    data = read_json_checked(meta, "adapter file", ADAPTER_FIX)
     known = set(AdapterInfo.__dataclass_fields__)
     return AdapterInfo(**{k: v for k, v in data.items() if k in known})
 
@@ -347,6 +399,7 @@ def load_adapters(base: Base, folders: dict[str, str | Path] | list[str | Path])
     for name, f in folders.items():
         info = read_adapter_info(f)
         check_same_base(base, info, f)
+        check_adapter_files(f)
         infos[name] = info
     model = base.model
     for name, f in folders.items():

@@ -13,10 +13,10 @@ import random
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # imported where used: `emorl --help` must not wait for torch
+    import torch
 
 
 class EmorlError(Exception):
@@ -73,6 +73,8 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def _json_default(o: Any) -> Any:
+    import numpy as np
+
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):
@@ -112,12 +114,17 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -130,6 +137,9 @@ def cache_dir() -> Path:
 
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states, for checkpoints (torch state as a uint8 tensor)."""
+    import numpy as np
+    import torch
+
     st: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -141,6 +151,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(st: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(st["python"])
     np.random.set_state(st["numpy"])
     torch.set_rng_state(st["torch"])
@@ -159,13 +172,94 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 _CONSOLE = None
+_LOG_FILES: set[Path] = set()
+
+
+def attach_log_file(path: str | Path) -> Path:
+    """Send every emorl log record, debug level included, to ``path`` (once per path). Third-party warnings and
+    notices that the CLI keeps off the console (see emorl.cli) land here too, under ``emorl.thirdparty``."""
+    import logging
+
+    path = Path(path).resolve()
+    if path not in _LOG_FILES:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h = logging.FileHandler(path)
+        h.setLevel(logging.DEBUG)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("emorl").addHandler(h)
+        _LOG_FILES.add(path)
+    return path
 
 
 def console() -> Any:
     """The shared rich console (stderr), so progress bars and log lines don't interleave badly."""
     global _CONSOLE
     if _CONSOLE is None:
+        import sys
+
         from rich.console import Console
 
-        _CONSOLE = Console(stderr=True)
+        # off a terminal rich would wrap at 80 columns: plans and tables in a CI log stay one line per row
+        wide = not sys.stderr.isatty() and "COLUMNS" not in os.environ
+        _CONSOLE = Console(stderr=True, width=120 if wide else None)
     return _CONSOLE
+
+
+# ------------------------------------------------------------------------------------------- reading files back
+
+def read_json_checked(path: str | Path, what: str, fix: str) -> Any:
+    """Parse a JSON file emorl (or a library) wrote; a missing, unreadable or cut-short file raises an
+    :class:`EmorlError` naming ``what`` and ``path`` and saying ``fix`` (e.g. "re-train it", "restore it")."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EmorlError(f"{what} {path} is missing; {fix}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EmorlError(f"{what} {path} is corrupt ({e}); {fix}") from e
+
+
+def check_safetensors(path: str | Path, what: str, fix: str) -> None:
+    """Check a safetensors file is whole without loading it (no torch): its 8-byte header length, its JSON
+    header, and a size equal to header + the last tensor's end offset. A file cut short (a full disk, an
+    interrupted copy) raises an :class:`EmorlError` naming ``what``, ``path`` and ``fix``."""
+    import struct
+
+    path = Path(path)
+
+    def bad(reason: str) -> EmorlError:
+        return EmorlError(f"{what} {path} is corrupt ({reason}); {fix}")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes, shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise bad(f"header of {n} bytes in a file of {size}: cut short")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except FileNotFoundError:
+        raise EmorlError(f"{what} {path} is missing; {fix}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"unreadable header: {e}") from e
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise bad(f"malformed header: {e}") from e
+    if size != 8 + n + end:
+        raise bad(f"{size} bytes where the header describes {8 + n + end}: cut short or padded")
+
+
+def load_safetensors_checked(path: str | Path, what: str, fix: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """:func:`check_safetensors`, then load every tensor (any loader error becomes the same clear error)."""
+    from safetensors.torch import load_file
+
+    check_safetensors(path, what, fix)
+    try:
+        return load_file(str(path), device=device)
+    except Exception as e:  # safetensors raises its own (Rust) error types
+        raise EmorlError(f"{what} {path} is corrupt ({e}); {fix}") from e

@@ -5,9 +5,37 @@
 * :func:`check_weights` — the weight validation every entry point shares.
 """
 
-from emorl.ensemble.decoder import ANCHORS, MODES, GenerationResult, check_weights, is_scale_invariant, weight_rule
-from emorl.ensemble.model import EnsembleModel
-from emorl.lora_bank import LoraBank, lora_bank, lora_layers
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from emorl.ensemble.decoder import (
+        ANCHORS,
+        MODES,
+        GenerationResult,
+        check_weights,
+        is_scale_invariant,
+        weight_rule,
+    )
+    from emorl.ensemble.model import EnsembleModel
+    from emorl.lora_bank import LoraBank, lora_bank, lora_layers
+
+# imported on first use, so `emorl generate --help` (emorl.ensemble.cli) does not wait for torch
+_LAZY = {"ANCHORS": "emorl.ensemble.decoder", "MODES": "emorl.ensemble.decoder",
+         "GenerationResult": "emorl.ensemble.decoder", "check_weights": "emorl.ensemble.decoder",
+         "is_scale_invariant": "emorl.ensemble.decoder", "weight_rule": "emorl.ensemble.decoder",
+         "LoraBank": "emorl.lora_bank", "lora_bank": "emorl.lora_bank", "lora_layers": "emorl.lora_bank",
+         "EnsembleModel": "emorl.ensemble.model"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # cached
+        return value
+    raise AttributeError(f"module 'emorl.ensemble' has no attribute {name!r}")
 
 __all__ = ["ANCHORS", "MODES", "EnsembleModel", "GenerationResult", "LoraBank", "check_weights",
            "is_scale_invariant", "lora_bank", "lora_layers", "weight_rule"]

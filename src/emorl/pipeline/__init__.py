@@ -224,8 +224,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its checkpoint or log")
     p.add_argument("--force", action="store_true", help="redo every stage, even those that are up to date")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, then stop")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, or 1 when the machine "
-                                               "is already busy: competing threads spin-wait and slow every step)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: every available core)")
     p.add_argument("--executor", choices=["local", "ray"],
                    help="where the work runs: this process (default) or Ray tasks/actors (pip install 'emorl[ray]')")
     p.add_argument("--ray-address", help="Ray cluster to join (auto, HOST:PORT); default: start a local Ray instance")
@@ -252,28 +251,38 @@ def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     return cfg, Path(args.output or cfg.output or f"runs/{Path(str(src)).stem}")
 
 
-def set_threads(threads: int | None) -> None:
-    """``threads`` torch threads; by default 1 when the load average already exceeds half the cores.
-
-    On a busy CPU, OpenMP threads spin-wait for each other: SmolLM2 decoding was measured 20-60x slower with 2
-    threads than with 1 on a 2-core machine at load 7 (see docs/run.md)."""
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or taskset's share, not the host's)."""
     import os
 
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(threads: int | None) -> int:
+    """Use ``threads`` torch CPU threads, by default every available core; returns the number set.
+
+    A shared CPU once made OpenMP threads 20-60x slower (docs/run.md) because they spin-wait for each other; the
+    ``emorl`` entry point sets ``OMP_WAIT_POLICY=PASSIVE`` before torch loads, which removes that cost, so there is
+    no load-average rule any more. ``--threads N`` still overrides."""
     import torch
 
-    if threads is None:
-        cores = os.cpu_count() or 1
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        if cores > 1 and load > cores / 2:
-            log.warning("the machine is busy (load %.1f on %d cores): using 1 torch thread (--threads N to override)",
-                        load, cores)
-            threads = 1
-    if threads:
-        torch.set_num_threads(threads)
+    if threads is not None and threads < 1:
+        raise EmorlError(f"--threads must be >= 1, got {threads}")
+    n = threads or available_cores()
+    torch.set_num_threads(n)
+    log.debug("torch CPU threads: %d (OMP_WAIT_POLICY=%s)", n, __import__("os").environ.get("OMP_WAIT_POLICY"))
+    return n
 
 
 def main(args: argparse.Namespace) -> int:
+    from emorl.utils import attach_log_file
+
     cfg, run = resolve(args)
+    if not args.dry_run:
+        attach_log_file(run / "logs" / "run.log")
     set_threads(args.threads)
     run_pipeline(cfg, run, resume=args.resume, force=args.force, progress=not args.no_progress,
                  dry_run=args.dry_run)

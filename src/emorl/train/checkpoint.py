@@ -7,15 +7,14 @@ its previous checkpoint intact. It holds every policy's trainable weights and op
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from emorl.utils import EmorlError, atomic_folder, atomic_write_json
+from emorl.utils import EmorlError, atomic_folder, atomic_write_json, load_safetensors_checked, read_json_checked
 
 
 def _opt_to_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -81,14 +80,12 @@ def load_checkpoint(folder: Path, *, params: dict[str, dict[str, torch.Tensor]],
     import random
 
     folder = Path(folder)
-    try:
-        full = json.loads((folder / "state.json").read_text())
-        weights = load_file(str(folder / "weights.safetensors"))
-        opt_tensors = load_file(str(folder / "optimizer.safetensors"))
-        rng = load_file(str(folder / "rng.safetensors"))
-    except (OSError, json.JSONDecodeError, Exception) as e:  # safetensors raises its own error types
-        raise EmorlError(f"checkpoint {folder} is missing or corrupt ({e}); delete it to restart from scratch, "
-                         f"or restore it from a backup") from e
+    fix = (f"delete {folder} to restart training from scratch (or run without --resume), or restore the "
+           f"checkpoint from a backup")
+    full = read_json_checked(folder / "state.json", "checkpoint file", fix)
+    weights = load_safetensors_checked(folder / "weights.safetensors", "checkpoint file", fix)
+    opt_tensors = load_safetensors_checked(folder / "optimizer.safetensors", "checkpoint file", fix)
+    rng = load_safetensors_checked(folder / "rng.safetensors", "checkpoint file", fix)
     for p, d in params.items():
         for n, t in d.items():
             key = f"{p}/{n}"

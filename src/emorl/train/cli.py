@@ -86,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _attach_log_file(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h = logging.FileHandler(path)
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("emorl").addHandler(h)
+    from emorl.utils import attach_log_file
+
+    attach_log_file(path)

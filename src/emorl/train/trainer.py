@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from emorl.config import RunConfig
-from emorl.models import AdapterInfo, Base, add_adapters, as_reference, save_adapter, save_full_model
+from emorl.models import AdapterInfo, Base, add_adapters
 from emorl.sampling import seeded_rng, stable_seed
-from emorl.train.checkpoint import load_checkpoint, save_checkpoint
+from emorl.train import full as full_ft
+from emorl.train import resume as resume_mod
 from emorl.train.kscst import (
     gdpo_advantages,
     group_advantages,
@@ -47,8 +48,7 @@ from emorl.utils import EmorlError, atomic_write_json, set_seed
 
 log = logging.getLogger("emorl.train")
 
-# config keys that may change between a checkpoint and its resume (budgets and bookkeeping only)
-RESUMABLE_CHANGES = {"max_steps", "max_prompts", "checkpoint_every", "log_every", "report_to"}
+RESUMABLE_CHANGES = resume_mod.RESUMABLE_CHANGES  # re-exported: config keys a resume may change
 
 
 @dataclass
@@ -167,7 +167,7 @@ class Trainer:
         if not todo:
             return
         set_seed(t.seed)
-        full = self.cfg.lora.full_finetune and self.strategy != "single"
+        full = full_ft.wants_full(self.cfg, self.strategy)
         if self.cfg.lora.full_finetune and not full:
             log.warning("lora.full_finetune applies to the baselines only; EMORL trains LoRA adapters")
         if not full:
@@ -181,10 +181,7 @@ class Trainer:
         for i, (n, objs) in enumerate(todo):
             own = None
             if full:  # a second copy of the base: the frozen one stays the rewards' and the KL's reference
-                from emorl.models import load_base
-
-                own = load_base(self.cfg.model).model
-                params = dict(own.named_parameters())
+                own, params = full_ft.own_model(self.cfg)
             else:
                 params = {k: p for k, p in self.base.model.named_parameters()
                           if "lora_" in k and k.endswith(f".{n}.weight")}
@@ -223,6 +220,7 @@ class Trainer:
         """Score one policy's replies -> (scores (n, J), λ, rewards (n,), k-SCST advantages)."""
         t = self.cfg.train
         scores = self._score(p.objectives, ro.prompts_per_reply, ro.texts)
+        p.weighting.before_step()  # once per training step: DynaOpt opens its round here
         lam = p.weighting.weights()
         rewards = transform_rewards(scores, lam, t.reward_transform, t.clip_min, t.clip_max)
         if getattr(p.weighting, "per_reward_advantages", False):  # GDPO: normalise each reward, then sum
@@ -236,14 +234,8 @@ class Trainer:
     def _update(self, p: Policy, ro: Rollout, metrics: MetricsLogger) -> None:
         """Score, then one optimizer step of one policy (its own forward/backward)."""
         t = self.cfg.train
-        model = self.base.model
         scores, lam, rewards, adv = self._advantages(p, ro)
-        if p.model is not None:
-            model = p.model
-            reference = lambda: contextlib.nullcontext(self.base.model)  # noqa: E731 - the frozen base
-        else:
-            model.set_adapter(p.name)
-            reference = lambda: as_reference(model)  # noqa: E731 - the same weights, adapter disabled
+        model, reference = full_ft.policy_model(self.base, p.name, p.model)
         for q in p.params.values():
             q.requires_grad_(True)
         model.train()
@@ -367,36 +359,11 @@ class Trainer:
         return not p.converged
 
     # ------------------------------------------------------------------------------------------ persistence
-    def _config_signature(self) -> dict[str, Any]:
-        d = self.cfg.to_dict()
-        d["train"] = {k: v for k, v in d["train"].items() if k not in RESUMABLE_CHANGES}
-        return {k: d[k] for k in ("model", "lora", "data", "train")} | {
-            "objectives": {o: self.cfg.objectives[o] for o in self.objectives}}
-
     def _checkpoint(self) -> None:
-        state = {"signature": self._config_signature(), "elapsed": time.time() - self._t0,
-                 "policies": {p.name: p.state() for p in self.policies}}
-        save_checkpoint(self.ckpt_dir, params={p.name: p.params for p in self.policies},
-                        optimizers={p.name: p.optimizer for p in self.policies}, state=state)
+        resume_mod.write_checkpoint(self)
 
     def _resume(self) -> bool:
-        if not (self.ckpt_dir / "state.json").exists():
-            log.info("no checkpoint in %s: starting from scratch", self.ckpt_dir)
-            return False
-        state = load_checkpoint(self.ckpt_dir, params={p.name: p.params for p in self.policies},
-                                optimizers={p.name: p.optimizer for p in self.policies})
-        sig = self._config_signature()
-        old = state["signature"]
-        diff = sorted(f"{s}.{k}" for s in sig for k in set(sig[s]) | set(old.get(s, {}))
-                      if isinstance(sig[s], dict) and sig[s].get(k) != old.get(s, {}).get(k))
-        if diff:
-            raise EmorlError(f"cannot resume from {self.ckpt_dir}: the config changed in {', '.join(diff)}. Restore "
-                             f"those values, or train into a new run folder")
-        for p in self.policies:
-            p.load_state(state["policies"][p.name])
-        self._t0 = time.time() - state["elapsed"]
-        log.info("resumed from %s at step %s", self.ckpt_dir, {p.name: p.step for p in self.policies})
-        return True
+        return resume_mod.resume(self)
 
     def _save_policy(self, p: Policy, finished: bool) -> None:
         info = AdapterInfo(
@@ -406,10 +373,7 @@ class Trainer:
             converged=p.converged, curve=p.curve, prompt=self.base.prompt_format,
             extra={"finished": finished, "stop_reason": p.stop_reason, "lora": self.cfg.to_dict()["lora"],
                    "train": self.cfg.to_dict()["train"], "weights_log": getattr(p.weighting, "log", None)})
-        if p.model is not None:
-            save_full_model(p.model, self.base.tokenizer, p.output, info)
-        else:
-            save_adapter(self.base.model, p.name, p.output, info)
+        full_ft.save_policy(self.base, p.name, p.model, p.output, info)
 
     # ------------------------------------------------------------------------------------------ main loop
     def _install_sigint(self) -> Any:
