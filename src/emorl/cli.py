@@ -1,4 +1,4 @@
-"""The ``emorl`` command line: ``emorl train | generate | search | evaluate | run | report | config``.
+"""The ``emorl`` command line: ``emorl train | generate | search | evaluate | run | report | config | serve``.
 
 Each subcommand lives next to the stage it drives and exposes ``add_parser(subparsers)``; this file only
 collects them, so importing the CLI stays cheap and stage modules stay independent.
@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "run": "emorl.pipeline",
     "report": "emorl.report.cli",
     "config": "emorl.cli_config",
+    "serve": "emorl.serve.cli",
 }
 
 
