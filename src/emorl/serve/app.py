@@ -122,7 +122,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         while True:
             msg = await request.receive()
             if msg["type"] == "http.disconnect":
-                job.cancelled.set()
+                engine.cancel(job)
                 return
 
     async def collect(request: Request, job: Job, queue: asyncio.Queue) -> list[tuple[str, Any, Any]]:
@@ -137,7 +137,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
                     return events
         finally:
             watcher.cancel()
-            job.cancelled.set()  # no-op when finished; frees the rows if this task was cancelled
+            if not events or events[-1][0] not in ("done", "error"):
+                engine.cancel(job)  # this task was cancelled (client gone): free the job's rows
 
     # ------------------------------------------------------------------------------------------- routes
 
@@ -237,7 +238,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
                     break
             yield "data: [DONE]\n\n"
         finally:
-            job.cancelled.set()  # a client that went away frees its rows at the next step
+            engine.cancel(job)  # no-op once done; a client that went away frees its rows at the next step
 
     return app
 

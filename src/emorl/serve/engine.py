@@ -168,6 +168,12 @@ class Engine:
             self._queue.append(job)
             self._cond.notify_all()
 
+    def cancel(self, job: Job) -> None:
+        """The client is gone: drop the job if it waits (at once), or end its rows at the next decoding step."""
+        job.cancelled.set()
+        with self._cond:
+            self._cond.notify_all()
+
     def pending(self) -> int:
         with self._cond:
             return len(self._queue) + (1 if self._busy else 0)
