@@ -103,7 +103,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             raise ApiError(400, f"the request body is not valid JSON ({e}); send a JSON object with "
                                 "'Content-Type: application/json'", None, "invalid_json") from e
 
-    def submit(key: str, pairs: list[Any], score: Any = None) -> tuple[Job, asyncio.Queue]:
+    def submit(key: str, pairs: list[Any], score: Any = None, stream: bool = False) -> tuple[Job, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -111,7 +111,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown)
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        job = Job(key, pairs, emit, score=score)
+        job = Job(key, pairs, emit, score=score, stream=stream)
         try:
             engine.submit(job)
         except EmorlError as e:
@@ -186,7 +186,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     async def chat(request: Request) -> Any:
         req = parse_chat(await read_json(request), engine)
         cid = new_id()
-        job, queue = submit(req.key, req.pairs)
+        job, queue = submit(req.key, req.pairs, stream=req.stream)
         if req.stream:
             return StreamingResponse(sse(req, cid, job, queue), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

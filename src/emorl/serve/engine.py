@@ -54,6 +54,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
     score: tuple[list[str], list[str]] | None = None  # a scoring job: (prompts, replies)
+    stream: bool = False  # report every token (else only finished choices)
     results: list[PairResult | None] = field(default_factory=list)
 
 
@@ -266,7 +267,8 @@ class Engine:
 
         def on_token(i: int, tok: int) -> None:
             j, c = owner[i]
-            j.emit(("token", c, tok))
+            if j.stream:
+                j.emit(("token", c, tok))
 
         def on_finish(i: int, res: PairResult) -> None:
             j, c = owner[i]

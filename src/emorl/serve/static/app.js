@@ -61,7 +61,9 @@ function build(info) {
     const b = document.createElement("button");
     b.type = "button"; b.textContent = label; b.addEventListener("click", fn); pr.appendChild(b);
   };
-  for (const [mode, s] of Object.entries(info.searched)) {
+  const modes = Object.keys(info.searched).sort((a, b) => (b === "hidden") - (a === "hidden"));
+  for (const mode of modes) {
+    const s = info.searched[mode];
     add(`searched (${mode})`, () => { $("model").value = "emorl"; $("mode").value = mode; setWeights(s.weights); });
   }
   for (const o of objs) {
@@ -88,7 +90,7 @@ function build(info) {
   $("temperature").value = info.generation.do_sample ? info.generation.temperature : 0;
   $("max-tokens").value = info.generation.max_tokens;
   $("max-tokens").max = info.max_tokens;
-  const first = Object.keys(info.searched)[0];
+  const first = "hidden" in info.searched ? "hidden" : Object.keys(info.searched)[0];
   if (first) { $("mode").value = first; setWeights(info.searched[first].weights); } else drawFront();
 }
 
