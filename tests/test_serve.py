@@ -5,7 +5,11 @@ batch; every bad input is a 4xx naming the field; the API key; the official ``op
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +27,7 @@ from emorl.config import load_config  # noqa: E402
 from emorl.data import format_prompts  # noqa: E402
 from emorl.ensemble import EnsembleModel  # noqa: E402
 from emorl.ensemble.pairs import PairSpec, generate_pairs  # noqa: E402
-from emorl.models import AdapterInfo, add_adapters, load_base, save_adapter  # noqa: E402
+from emorl.models import AdapterInfo, adapters_disabled, add_adapters, load_base, save_adapter  # noqa: E402
 from emorl.serve import Engine, create_app  # noqa: E402
 
 OBJECTIVES = {"short": {"type": "length", "target": 3.0}, "long": {"type": "length", "target": 30.0},
@@ -185,6 +189,12 @@ def test_chat_completion_equals_generate(served: dict[str, Any]) -> None:
     uni = chat(served["url"], body(model="uniform", max_tokens=5, temperature=0)).json()
     alone = EnsembleModel(engine.ens.base, {"uniform": served["run"] / "baselines" / "uniform"})
     assert uni["choices"][0]["message"]["content"] == alone.generate([STATEMENT], [1.0], max_new_tokens=5).texts[0]
+    base = chat(served["url"], body(model="base", max_tokens=5, temperature=0.8, seed=4)).json()
+    assert _wait(lambda: engine.pending() == 0)
+    with adapters_disabled(engine.ens.model):  # evaluate's base: one adapter through the engine, switched off
+        ref = alone.generate([STATEMENT], [1.0], max_new_tokens=5, do_sample=True, temperature=0.8, top_k=50, seed=4)
+    assert base["choices"][0]["message"]["content"] == ref.texts[0]
+    assert base["choices"][0]["message"]["content"] != uni["choices"][0]["message"]["content"]
 
 
 def test_stream_and_n_choices(served: dict[str, Any]) -> None:
@@ -241,7 +251,8 @@ def test_concurrent_requests_share_one_batch_and_match_generate(served: dict[str
             t.join(60)
     finally:
         engine.max_wait_s = 0.005
-    assert engine.stats["batches"] == batches + 1
+    assert _wait(lambda: engine.pending() == 0)  # replies go out as they finish, the batch's stats after it
+    assert engine.stats["batches"] == batches + 1, replies
     assert engine.stats["last_batch"]["jobs"] == 4 and engine.stats["last_batch"]["pairs"] == 4
     for i, (ext, kw, statement) in enumerate(reqs):
         w = ext["weights"] if isinstance(ext["weights"], list) else [ext["weights"][n] for n in NAMES]
@@ -398,3 +409,51 @@ def test_disconnected_requests_are_cancelled(served: dict[str, Any]) -> None:
         engine.ens.eos = old_eos
     ok = chat(url, body(max_tokens=3, temperature=0))  # the server still serves
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_cli_serves_and_stops_cleanly_on_ctrl_c(served: dict[str, Any]) -> None:
+    """`emorl serve` as a process: prints the URL, answers, and Ctrl-C (SIGINT; SIGTERM takes the same handler)
+    during a streamed reply ends it cleanly: the stream gets its [DONE], exit status 0, no traceback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "emorl.cli", "serve", "--run", str(served["run"]), "--port", str(port),
+           "--max-tokens", "4000", "--grace-s", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert _wait(lambda: _up(url), 120), "the server did not start"
+        got: list[str] = []
+
+        def stream() -> None:
+            try:
+                with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
+                                  json=body(max_tokens=4000, temperature=1.0, seed=1, stream=True)) as r:
+                    got.extend(r.iter_lines())
+            except httpx.HTTPError as e:
+                got.append(f"closed: {type(e).__name__}")
+
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        t.join(30)
+        assert proc.returncode == 0, out
+        assert time.monotonic() - t0 < 10  # the 1 s grace, then in-flight requests are cancelled
+        assert f"at http://127.0.0.1:{port}/" in out and "Traceback" not in out
+        assert not t.is_alive()
+        assert [x for x in got if x][-1] == "data: [DONE]", got[-3:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -13,6 +13,8 @@ import argparse
 import ipaddress
 import logging
 import os
+import threading
+from typing import Any
 
 from emorl.utils import EmorlError
 
@@ -32,6 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="how long the oldest waiting request waits for others to share its batch")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body, in KiB")
+    p.add_argument("--grace-s", type=float, default=5.0,
+                   help="after Ctrl-C / SIGTERM, how long in-flight requests may finish before they are cancelled")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the run config's)")
     p.set_defaults(func=run)
 
@@ -64,5 +68,37 @@ def run(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"emorl serve: {args.run} ({', '.join(engine.objectives)}) at http://{host}:{args.port}/ "
           f"(API: http://{host}:{args.port}/v1{', API key required' if key else ''}); Ctrl-C stops", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)
+    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                    timeout_graceful_shutdown=args.grace_s + 5), engine, args.grace_s)
+    server.run()
     return 0
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, whose first Ctrl-C / SIGTERM drains: new connections are refused, in-flight requests
+        get ``grace`` seconds to finish, then the scheduler cancels them at the next step (each stream ends with its
+        finish chunk and [DONE]) — so uvicorn never has to kill a task. The signal is handled, not re-raised:
+        a requested shutdown exits with status 0."""
+
+        def __init__(self, config: Any, engine: Any, grace: float) -> None:
+            super().__init__(config)
+            self.engine, self.grace = engine, grace
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            first = not self.should_exit
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+            if first:
+                log.info("shutting down: in-flight requests have %.0f s to finish", self.grace)
+                timer = threading.Timer(self.grace, self.engine.cancel_all)
+                timer.daemon = True
+                timer.start()
+
+    return Server
+
+
+def _Server(config: Any, engine: Any, grace: float) -> Any:  # noqa: N802 - built lazily (uvicorn is optional)
+    return _server_class()(config, engine, grace)

@@ -175,19 +175,23 @@ class Engine:
         with self._cond:
             self._cond.notify_all()
 
+    def cancel_all(self) -> None:
+        """Refuse new jobs, answer waiting ones with an error and end in-flight ones at the next step."""
+        with self._cond:
+            self._stopping = True
+            self._cancel_inflight = True
+            waiting, self._queue = self._queue, []
+            self._cond.notify_all()
+        for job in waiting:
+            job.emit(("error", "the server is shutting down", None))
+
     def pending(self) -> int:
         with self._cond:
             return len(self._queue) + (1 if self._busy else 0)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop: waiting jobs get an error, in-flight ones are cancelled (they end at the next step)."""
-        with self._cond:
-            self._stopping = True
-            waiting, self._queue = self._queue, []
-            self._cond.notify_all()
-        for job in waiting:
-            job.emit(("error", "the server is shutting down", None))
-        self._cancel_inflight = True
+        self.cancel_all()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
