@@ -457,3 +457,22 @@ def _up(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_stop_strings_cut_plain_and_streamed_replies(served: dict[str, Any]) -> None:
+    engine = served["engine"]
+    req = body(max_tokens=12, temperature=0, emorl={"weights": [0.3, 0.6, 0.1]})
+    free = chat(served["url"], req).json()["choices"][0]["message"]["content"]
+    assert len(free) >= 12, free
+    stop = free[len(free) // 2: len(free) // 2 + 3]  # a piece of its middle: the reply must end just before it
+    cut = free[: free.find(stop)].strip()
+    assert 0 < len(cut) < len(free)
+    out = chat(served["url"], {**req, "stop": [stop, "never-seen"]}).json()
+    assert out["choices"][0]["message"]["content"] == cut
+    assert out["choices"][0]["finish_reason"] == "stop"
+    ref = reference(engine, [0.3, 0.6, 0.1], normalize=True, max_new_tokens=12, stop=[stop, "never-seen"])[0]
+    assert ref == cut
+    events = sse_events(chat(served["url"], {**req, "stop": [stop, "never-seen"], "stream": True}).text)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in events[1:-1] if c["choices"])
+    assert text == cut
+    assert [c["choices"][0]["finish_reason"] for c in events[1:-1]][-1] == "stop"
