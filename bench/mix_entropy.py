@@ -29,7 +29,7 @@ def main() -> int:
     points = {f"mix {args.weights}": [float(x) for x in args.weights.split(",")], "uniform mix": [1 / k] * k}
     points.update({n: [1.0 if j == i else 0.0 for j in range(k)] for i, n in enumerate(ens.names)})
     res = ens.generate(prompts, list(points.values()), mode="hidden", max_new_tokens=args.tokens, output_scores=True,
-                       normalize=True)
+                       anchor="none")
     for g, name in enumerate(points):
         lp = torch.log_softmax(res.scores[g].float(), -1)  # (B, T, V)
         ent = -(lp.exp() * lp).sum(-1)

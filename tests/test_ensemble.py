@@ -63,7 +63,8 @@ _MERGED: dict[int, list[torch.nn.Module]] = {}
 
 
 def merged_copies(base: Base) -> list[torch.nn.Module]:
-    """K separate plain models, adapter k merged into a deep copy of the base (the reference's K copies)."""
+    """K + 1 separate plain models: adapter k merged into a deep copy of the base (the reference's K copies), and
+    last the base itself with every adapter removed (the anchor of base-anchored mixing)."""
     if id(base) in _MERGED:
         return _MERGED[id(base)]
     out = _MERGED.setdefault(id(base), [])
@@ -71,12 +72,14 @@ def merged_copies(base: Base) -> list[torch.nn.Module]:
         c = copy.deepcopy(base.model)
         c.set_adapter(n)
         out.append(c.merge_and_unload(adapter_names=[n]).eval())
+    out.append(copy.deepcopy(base.model).unload().eval())
     return out
 
 
 def naive_decode(ens: EnsembleModel, models: list[torch.nn.Module], weights: list[float], mode: str,
-                 t_max: int = T) -> torch.Tensor:
-    """Greedy, no cache: every step runs each of the K models on the whole prefix, mixes, appends the token."""
+                 t_max: int = T, anchored: bool = True) -> torch.Tensor:
+    """Greedy, no cache: every step runs each of the K + 1 models on the whole prefix, mixes, appends the token.
+    ``anchored``: x_0 + sum_k w_k (x_k - x_0) with x_0 the base's hidden state / log-probs; else sum_k w_k x_k."""
     base = ens.base
     s2s = base.is_seq2seq
     enc = encode_prompts(base.tokenizer, format_prompts(base.tokenizer, PROMPTS, s2s, None), 128, s2s)
@@ -100,12 +103,17 @@ def naive_decode(ens: EnsembleModel, models: list[torch.nn.Module], weights: lis
                     out = m(input_ids=seq, attention_mask=msk, position_ids=pos, output_hidden_states=True)
                     hs.append(out.hidden_states[-1][:, -1])
                 zs.append(out.logits[:, -1])
+            (h0, *hs), (z0, *zs) = [hs[-1], *hs[:-1]], [zs[-1], *zs[:-1]]
+            anchor = anchored and mode != "probs"
             if mode == "hidden":
-                mixed = sum(w * h for w, h in zip(weights, hs, strict=True))
+                mixed = sum(w * (h - h0 if anchor else h) for w, h in zip(weights, hs, strict=True))
+                mixed = mixed + h0 if anchor else mixed
                 scale = models[0].config.d_model ** -0.5 if s2s else 1.0
                 scores = models[0].lm_head(mixed * scale)
             elif mode == "logits":
-                scores = sum(w * torch.log_softmax(z, -1) for w, z in zip(weights, zs, strict=True))
+                l0 = torch.log_softmax(z0, -1)
+                scores = sum(w * (torch.log_softmax(z, -1) - (l0 if anchor else 0)) for w, z in
+                             zip(weights, zs, strict=True)) + (l0 if anchor else 0)
             else:
                 scores = torch.log(sum(w * torch.softmax(z, -1) for w, z in zip(weights, zs, strict=True)))
             nxt = scores.argmax(-1)
@@ -226,7 +234,7 @@ def test_sampled_points_share_random_numbers(llama: EnsembleModel) -> None:
     """Common random numbers: a normalised hidden mix samples the same tokens for w and c*w, and a one-hot point
     samples exactly what its adapter alone samples with the same seed, whatever else shares the call."""
     kw = {"max_new_tokens": T, "do_sample": True, "seed": 3}
-    res = llama.generate(PROMPTS, [[0.2, 0.5, 0.3], [0.4, 1.0, 0.6], [1.0, 0.0, 0.0]], normalize=True, **kw)
+    res = llama.generate(PROMPTS, [[0.2, 0.5, 0.3], [0.4, 1.0, 0.6], [1.0, 0.0, 0.0]], anchor="none", **kw)
     assert torch.equal(res.token_ids[0], res.token_ids[1])
     alone = llama.generate(PROMPTS, [1.0, 0.0, 0.0], **kw)
     assert torch.equal(res.token_ids[2], alone.token_ids)
@@ -243,7 +251,7 @@ def test_rows_that_end_early_stay_ended(eos_override: EnsembleModel) -> None:
     assert candidates, "the tiny model should emit some token mid-sequence in a few rows"
     ens.eos = [candidates[0]]
     res = ens.generate(PROMPTS, POINTS, max_new_tokens=t_max)
-    small = ens.generate(PROMPTS, POINTS, max_new_tokens=t_max, max_rows=6)  # chunks of 2 rows: drops happen
+    small = ens.generate(PROMPTS, POINTS, max_new_tokens=t_max, max_rows=8)  # chunks of 2 pairs: drops happen
     assert small.stats.get("regroups", 0) > 0, "finished rows should have been dropped from the batch"
     assert torch.equal(small.token_ids, res.token_ids)
     models = merged_copies(ens.base)
@@ -269,21 +277,33 @@ def test_stop_strings_end_rows_and_cut_text(llama: EnsembleModel) -> None:
     assert free.texts[0].startswith(res.texts[0].strip()[:5])
 
 
-def test_greedy_hidden_mixing_is_scale_invariant(llama: EnsembleModel) -> None:
-    a = llama.generate(PROMPTS, POINTS[:2], max_new_tokens=T)
-    b = llama.generate(PROMPTS, (2.5 * np.array(POINTS[:2])).tolist(), max_new_tokens=T)
-    n = llama.generate(PROMPTS, POINTS[:2], max_new_tokens=T, normalize=True)
-    assert torch.equal(a.token_ids, b.token_ids) and torch.equal(a.token_ids, n.token_ids)
-    np.testing.assert_allclose(n.weights.sum(1), 1.0)
+def test_greedy_hidden_mixing_is_scale_invariant_only_when_convex(llama: EnsembleModel) -> None:
+    """Greedy, sum_k w_k h_k and c * sum_k w_k h_k pick the same tokens: the convex rule decodes w / sum(w), and a
+    raw (unanchored) reference with the scaled weights agrees. Anchored mixing is not scale invariant."""
+    models = merged_copies(llama.base)
+    a = llama.generate(PROMPTS, POINTS[:2], max_new_tokens=T, anchor="none")
+    b = llama.generate(PROMPTS, (2.5 * np.array(POINTS[:2])).tolist(), max_new_tokens=T, anchor="none")
+    assert torch.equal(a.token_ids, b.token_ids)
+    np.testing.assert_allclose(a.weights.sum(1), 1.0)
+    for g, w in enumerate(POINTS[:2]):
+        raw = naive_decode(llama, models, (2.5 * np.array(w)).tolist(), "hidden", anchored=False)
+        assert torch.equal(a.token_ids[g], raw)
+    anchored = llama.generate(PROMPTS, (2.5 * np.array(POINTS[:2])).tolist(), max_new_tokens=T)
+    assert not torch.equal(anchored.token_ids, a.token_ids)
 
 
 def test_bad_weights_and_inputs_are_refused(llama: EnsembleModel) -> None:
     cases = [([1.0, 0.5], "needs 3 weights"), ([1.0, float("nan"), 0.0], "NaN"), ([1.0, -0.1, 0.0], ">= 0"),
-             ([[1, 1, 1], [0, 0, 0]], r"weights\[1\] is all zero"), ("abc", "expected numbers"),
-             ([[[1, 2, 3]]], "vector of 3 or a G×3 matrix")]
+             ("abc", "expected numbers"), ([[[1, 2, 3]]], "vector of 3 or a G×3 matrix")]
     for w, msg in cases:
-        with pytest.raises(EmorlError, match=msg):
-            llama.generate(PROMPTS, w)
+        for mode, anchor in (("hidden", "base"), ("hidden", "none"), ("params", "base"), ("probs", "base")):
+            with pytest.raises(EmorlError, match=msg):
+                llama.generate(PROMPTS, w, mode=mode, anchor=anchor)
+    for mode, anchor in (("hidden", "none"), ("logits", "none"), ("params", "none"), ("probs", "base")):
+        with pytest.raises(EmorlError, match=r"weights\[1\] is all zero"):  # convex: no direction to decode
+            llama.generate(PROMPTS, [[1, 1, 1], [0, 0, 0]], mode=mode, anchor=anchor)
+    with pytest.raises(EmorlError, match="anchor='middle'"):
+        llama.generate(PROMPTS, POINTS[0], anchor="middle")
     with pytest.raises(EmorlError, match="mode='soup'"):
         llama.generate(PROMPTS, POINTS[0], mode="soup")
     with pytest.raises(EmorlError, match=r"prompts\[1\] is empty"):
@@ -357,7 +377,8 @@ def test_other_causal_architectures(kind: str) -> None:
 def test_points_sharing_a_prefix_share_rows(llama: EnsembleModel) -> None:
     """Scale-equivalent points give the same greedy tokens, so their rows stay shared the whole way: the backbone
     runs once for the three (and the result equals each point decoded alone)."""
-    res = llama.generate(PROMPTS, [[0.2, 0.5, 0.3], [0.4, 1.0, 0.6], [2.0, 5.0, 3.0]], max_new_tokens=T)
+    res = llama.generate(PROMPTS, [[0.2, 0.5, 0.3], [0.4, 1.0, 0.6], [2.0, 5.0, 3.0]], max_new_tokens=T,
+                         anchor="none")
     assert torch.equal(res.token_ids[0], res.token_ids[1]) and torch.equal(res.token_ids[0], res.token_ids[2])
     assert res.stats["row_steps"] * 3 == res.stats["row_steps_unshared"]
     mixed = llama.generate(PROMPTS, POINTS, max_new_tokens=T)

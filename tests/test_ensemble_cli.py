@@ -98,7 +98,7 @@ def test_cli_errors_are_clear(run_dir: Path, tmp_path: Path, capsys: pytest.Capt
     base = ["generate", "--run", str(run_dir), "--prompt", "hi"]
     assert main([*base, "--weights", "1,0,2"]) == 2
     assert "each point needs 2 weights" in capsys.readouterr().err
-    assert main([*base, "--weights", "0,0"]) == 2
+    assert main([*base, "--weights", "0,0", "--anchor", "none"]) == 2
     assert "all zero" in capsys.readouterr().err
     assert main([*base, "--weights", "1,x"]) == 2
     assert "comma-separated numbers" in capsys.readouterr().err

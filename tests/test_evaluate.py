@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from emorl.config import GenerationConfig, LoraConfig, ModelConfig, load_config
+from emorl.decoding import Decoder, plain_generation_config
 from emorl.evaluate import (
-    Decoder,
     MethodSpec,
-    decode_plain,
     distinct_n,
     diversity_reference,
     evaluate_run,
@@ -89,6 +88,24 @@ def lively_base():
     return base
 
 
+def decode_plain(base, prompts, gen, seed):
+    """The reference: transformers' own greedy ``generate`` on the model as it is (no emorl decoder)."""
+    from emorl.data import encode_prompts, format_prompts
+    from emorl.models import eos_ids
+    from emorl.train.kscst import completion_mask
+
+    tok = base.tokenizer
+    enc = encode_prompts(tok, format_prompts(tok, list(prompts), base.is_seq2seq, base.config.system_prompt),
+                         base.config.max_prompt_tokens, base.is_seq2seq, base.device)
+    with torch.inference_mode(), plain_generation_config(base.model):
+        out = base.model.generate(**enc, do_sample=False, max_new_tokens=gen.max_new_tokens,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=eos_ids(base))
+    comp = out[:, 1:] if base.is_seq2seq else out[:, enc["input_ids"].shape[1]:]
+    mask = completion_mask(comp, eos_ids(base))
+    texts = tok.batch_decode(torch.where(mask.bool(), comp, tok.pad_token_id), skip_special_tokens=True)
+    return [t.strip() for t in texts], [int(n) for n in mask.sum(1).tolist()]
+
+
 def test_base_and_one_adapter_through_the_ensemble_match_plain_generate(lively_base, tmp_path):
     gen = GenerationConfig(do_sample=False, max_new_tokens=6)
     plain_base = decode_plain(lively_base, PROMPTS, gen, 0)
@@ -136,7 +153,8 @@ def make_run(tmp_path, base, *, baselines=("uniform",), search_modes=()):
     for mode in search_modes:
         atomic_write_json(run / "search" / mode / "best.json",
                           {"names": ["short", "long"], "weight_vector": [0.75, 0.25], "aggregate": 0.5,
-                           "scores": {}, "points": 9, "decoded": 9, "wall_time_s": 1.0})
+                           "scores": {}, "points": 9, "decoded": 9, "wall_time_s": 1.0,
+                           "anchor": "none" if mode.endswith("-convex") else "base"})
     return cfg, run
 
 
@@ -162,14 +180,19 @@ def test_resolve_methods_names_what_is_missing(tmp_path, tiny_base):
 
 
 def test_all_zero_best_point_falls_back_to_best_logged_point(tmp_path, tiny_base):
+    """A convex mix cannot decode w = 0 (no direction): the best other logged point is used. Anchored, w = 0 is
+    the base model and is kept."""
     cfg, run = make_run(tmp_path, tiny_base, baselines=())
-    d = run / "search" / "hidden"
-    atomic_write_json(d / "best.json", {"names": ["short", "long"], "weight_vector": [0.0, 0.0], "aggregate": 0.0})
-    rows = [{"kind": "header"}, {"weights": [0, 0], "aggregate": 0.0}, {"weights": [0.5, 0], "aggregate": 0.0},
-            {"weights": [0, 1], "aggregate": 0.0}]
-    (d / "points.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (spec,) = resolve_methods(run, cfg, ["emorl"])
-    assert spec.weights == [0.5, 0.0]
+    for key, anchor in (("hidden-convex", "none"), ("hidden", "base")):
+        d = run / "search" / key
+        atomic_write_json(d / "best.json", {"names": ["short", "long"], "weight_vector": [0.0, 0.0],
+                                            "aggregate": 0.0, "anchor": anchor})
+        rows = [{"kind": "header"}, {"weights": [0, 0], "aggregate": 0.0}, {"weights": [0.5, 0], "aggregate": 0.0},
+                {"weights": [0, 1], "aggregate": 0.0}]
+        (d / "points.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    convex, anchored = resolve_methods(run, cfg, ["emorl-convex", "emorl"])
+    assert (convex.weights, convex.anchor, convex.mode) == ([0.5, 0.0], "none", "hidden")
+    assert (anchored.weights, anchored.anchor) == ([0.0, 0.0], "base")
 
 
 def test_evaluate_run_writes_results_and_reuses_unchanged_methods(tmp_path, tiny_base, monkeypatch):
@@ -224,9 +247,10 @@ def test_training_cost_counts_a_shared_session_once(tmp_path, tiny_base):
     assert cost["wall_time_s"] == 2.0 and cost["sessions"] == 1 and cost["prompts"] == 16
 
 
-def test_sampled_mixing_ignores_the_scale_of_the_searched_direction(lively_base):
-    """The greedy search cannot tell w from c·w, but under sampling c would act as an inverse temperature: the
-    evaluation decodes the direction with weights summing to 1."""
+def test_convex_mixing_ignores_the_scale_anchored_mixing_does_not(lively_base):
+    """The convex rule (anchor none) decodes w / sum(w): w and c·w give the same samples. Anchored, the scale is each
+    adapter's strength, for hidden mixing as for parameter mixing (task arithmetic); the parameter average is
+    convex too."""
     add_adapters(lively_base, ["pa", "pb"], LoraConfig(r=4, alpha=8, dropout=0.0))
     for n, p in lively_base.model.named_parameters():
         if "lora_B" in n:
@@ -236,9 +260,53 @@ def test_sampled_mixing_ignores_the_scale_of_the_searched_direction(lively_base)
     dec = Decoder(lively_base, GenerationConfig(do_sample=True, max_new_tokens=6, top_k=0))
     folders = {"pa": None, "pb": None}
     dec._ens[tuple(folders)] = EnsembleModel(lively_base, None)  # the adapters in memory (no folders)
-    small = dec.decode(MethodSpec("emorl", "ensemble", "hidden", folders, [0.5, 0.25]), PROMPTS, 7)
-    large = dec.decode(MethodSpec("emorl", "ensemble", "hidden", folders, [1.0, 0.5]), PROMPTS, 7)
-    assert small == large
-    soup_a = dec.decode(MethodSpec("soups", "ensemble", "params", folders, [0.5, 0.25]), PROMPTS, 7)
-    soup_b = dec.decode(MethodSpec("soups", "ensemble", "params", folders, [1.0, 0.5]), PROMPTS, 7)
-    assert soup_a != soup_b  # parameter mixing: the scale is part of the model
+    def spec(name, mode, w, anchor):
+        return MethodSpec(name, "ensemble", mode, folders, w, anchor=anchor)
+
+    for mode in ("hidden", "params"):
+        small = dec.decode(spec("m", mode, [0.5, 0.25], "none"), PROMPTS, 7)
+        large = dec.decode(spec("m", mode, [1.0, 0.5], "none"), PROMPTS, 7)
+        assert small == large, mode
+        a = dec.decode(spec("m", mode, [0.5, 0.25], "base"), PROMPTS, 7)
+        b = dec.decode(spec("m", mode, [1.0, 0.5], "base"), PROMPTS, 7)
+        assert a != b, mode  # anchored: the scale is part of the model
+
+
+def test_generate_method_reproduces_the_evaluated_replies(tmp_path, tiny_base, capsys):
+    """`emorl generate --run RUN --method M --seed S` decodes M exactly as the evaluation did (its stored weights,
+    mode and anchor; the run's eval.generation): the same replies as RUN/eval/replies/M.jsonl for seed S."""
+    from emorl.cli import main
+    from emorl.evaluate import eval_prompts
+
+    cfg, run = make_run(tmp_path, tiny_base, search_modes=("hidden", "params-convex"))
+    cfg.eval.seeds = [0, 5]
+    cfg.model.seed, cfg.model.system_prompt = 0, None  # the base the adapters were made on (tiny_base)
+    cfg.save(run / "config.yaml")
+    evaluate_run(run, cfg, ["base", "emorl", "soups-avg", "uniform"], base=tiny_base, progress=False)
+    prompts = eval_prompts(cfg)
+    inp = tmp_path / "prompts.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    for method in ("base", "emorl", "soups-avg", "uniform"):
+        stored = [json.loads(x) for x in (run / "eval" / "replies" / f"{method}.jsonl").read_text().splitlines()]
+        assert main(["generate", "--run", str(run), "--method", method, "--seed", "5", "--input", str(inp)]) == 0
+        got = [json.loads(x)["response"] for x in capsys.readouterr().out.splitlines()]
+        assert got == [r["reply"] for r in stored if r["seed"] == 5], method
+    assert len({tuple(json.loads(x)["reply"] for x in (run / "eval" / "replies" / f"{m}.jsonl").read_text()
+                      .splitlines()) for m in ("base", "emorl", "uniform")}) == 3  # the methods do differ
+
+
+def test_logit_mixing_under_a_linear_head_is_reported_once(tmp_path, tiny_base):
+    """With a linear LM head, logit mixing equals hidden mixing token for token (checked here), so the evaluation
+    decodes it once and reports the row with the reason."""
+    cfg, run = make_run(tmp_path, tiny_base, search_modes=("hidden", "logits"))
+    from emorl.ensemble.model import EnsembleModel
+
+    ens = EnsembleModel(tiny_base, {n: run / "adapters" / n for n in ("short", "long")})
+    kw = {"max_new_tokens": 8, "do_sample": True, "seed": 3, "top_k": 0}
+    assert torch.equal(ens.generate(PROMPTS, [0.75, 0.25], mode="hidden", **kw).token_ids,
+                       ens.generate(PROMPTS, [0.75, 0.25], mode="logits", **kw).token_ids)
+    res = evaluate_run(run, cfg, ["emorl", "logits"], base=tiny_base, progress=False)
+    logits, emorl = res["methods"]["logits"], res["methods"]["emorl"]
+    assert logits["same_as"] == "emorl" and "linear LM head" in logits["note"]
+    assert logits["per_seed"] == emorl["per_seed"] and logits["label"] == "Logit mixing"
+    assert not (run / "eval" / "replies" / "logits.jsonl").exists()

@@ -61,11 +61,11 @@ def test_resume_after_an_interruption_redoes_nothing_finished(tiny_run):
     st = statuses(plan)
     assert all(st[f"train/{o}"] == "done" for o in ("reflection", "empathy", "fluency"))
     assert st["baselines/uniform"] == st["baselines/dynaopt"] == "done"
-    assert st["search/hidden"] == st["search/params"] == st["search/logits"] == "run"
+    assert {st[f"search/{m}"] for m in ("hidden", "hidden-convex", "params", "params-convex")} == {"run"}
     assert tree_hashes(run / "adapters", run / "baselines") == tiny_run["trained"]
     stages = json.loads((run / "stages.json").read_text())["stages"]
     assert set(stages) == {"train", "baselines", "search", "evaluate", "report"}
-    for mode in ("hidden", "params", "logits"):
+    for mode in ("hidden", "hidden-convex", "params", "params-convex"):
         assert (run / "search" / mode / "best.json").exists()
 
 
@@ -73,7 +73,7 @@ def test_report_table_matches_results_json(tiny_run):
     run = tiny_run["run"]
     summary = json.loads((run / "results.json").read_text())
     evald = json.loads((run / "eval" / "results.json").read_text())
-    assert list(evald["methods"]) == ["base", "emorl", "uniform", "dynaopt", "soups", "logits"]
+    assert list(evald["methods"]) == ["base", "emorl", "emorl-convex", "uniform", "dynaopt", "soups", "soups-avg"]
     text = (run / "report.md").read_text()
     block = text.split("## Comparison", 1)[1].split("\n\n")[1]
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.splitlines()]
@@ -98,7 +98,8 @@ def test_report_table_matches_results_json(tiny_run):
 def test_figures_exist_and_are_pngs(tiny_run):
     figs = tiny_run["run"] / "figures"
     names = ["training_curves", "results_scatter", "tradeoffs", "search_modes",
-             *(f"search_{m}_{v}" for m in ("hidden", "params", "logits") for v in ("history", "weights"))]
+             *(f"search_{m}_{v}" for m in ("hidden", "hidden-convex", "params", "params-convex")
+               for v in ("history", "weights"))]
     for n in names:
         data = (figs / f"{n}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, n
@@ -122,7 +123,7 @@ def test_rerun_skips_every_stage_without_loading_a_model(tiny_run, monkeypatch):
 def test_a_changed_setting_redoes_only_what_depends_on_it(tiny_run):
     run = tiny_run["run"]
     st = statuses(make_plan(load_config("tiny", ["eval.prompts=4"]), run))
-    assert st.pop("evaluate/base, emorl, uniform, dynaopt, soups, logits") == "run"
+    assert st.pop("evaluate/base, emorl, emorl-convex, uniform, dynaopt, soups, soups-avg") == "run"
     assert st.pop("report/report.md, results.json, figures/") == "run"
     assert set(st.values()) == {"done"}
     st = statuses(make_plan(load_config("tiny", ["search.prompts=3"]), run))
@@ -149,7 +150,7 @@ def test_adding_an_objective_leaves_the_other_adapters_byte_identical(tiny_run, 
     st = statuses(plan)
     assert [st[f"train/{o}"] for o in plan.objectives] == ["done"] * 4
     assert st["baselines/uniform"] == "redo" and "brief" in plan.stage("baselines")[0].reason
-    assert {st[f"search/{m}"] for m in ("hidden", "params", "logits")} == {"redo"}
+    assert {st[f"search/{m}"] for m in ("hidden", "hidden-convex", "params", "params-convex")} == {"redo"}
 
 
 def test_bad_plans_fail_before_any_model_loads(tmp_path):

@@ -105,7 +105,7 @@ def test_ray_gives_the_same_adapters_and_scores_as_local(local_and_ray):
         assert names == sorted(p.name for p in (ray_run / sub).iterdir())
         for n in names:
             same_tensors(local / sub / n, ray_run / sub / n)
-    for mode in ("hidden", "params", "logits"):
+    for mode in ("hidden", "hidden-convex", "params", "params-convex"):
         a = json.loads((local / "search" / mode / "best.json").read_text())
         b = json.loads((ray_run / "search" / mode / "best.json").read_text())
         assert a["weights"] == b["weights"] and a["aggregate"] == b["aggregate"], mode

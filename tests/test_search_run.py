@@ -58,8 +58,8 @@ class Counting:
 
 def test_end_to_end_writes_log_best_and_plots(run_dir, ensemble):
     counting = Counting(ensemble)
-    res, out = search_run(run_dir, mode="hidden", progress=False, ensemble=counting)
-    assert out == run_dir / "search" / "hidden"
+    res, out = search_run(run_dir, mode="hidden-convex", progress=False, ensemble=counting)
+    assert out == run_dir / "search" / "hidden-convex"
     assert {"points.jsonl", "best.json", "history.png", "landscape.png", "tradeoff.png", "weights.png"} <= \
         {p.name for p in out.iterdir()}
     lines = (out / "points.jsonl").read_text().splitlines()
@@ -68,16 +68,33 @@ def test_end_to_end_writes_log_best_and_plots(run_dir, ensemble):
     assert len(points) == res.n_unique == expected_evaluations(3, 2)
     assert {"weights", "aggregate", "scores", "round", "time"} <= set(points[0])
     assert set(points[0]["scores"]) == {"reflection", "empathy", "fluency"}
-    # greedy hidden mixing: one decode per direction, never the zero point
+    # convex hidden mixing: one decode per direction, never the zero point
     assert len(counting.points) == res.n_decoded < res.n_unique
     assert (0.0, 0.0, 0.0) not in counting.points
     best = json.loads((out / "best.json").read_text())
     assert best["weight_vector"] == res.weights and best["aggregate"] == pytest.approx(res.aggregate)
+    assert (best["mode"], best["anchor"], best["search_key"]) == ("hidden", "none", "hidden-convex")
     assert res.aggregate == max(p["aggregate"] for p in points if p["aggregate"] is not None)
     # resuming a finished search decodes nothing and returns the same point
     again = Counting(ensemble)
-    res2, _ = search_run(run_dir, mode="hidden", progress=False, ensemble=again, resume=True, plots=False)
+    res2, _ = search_run(run_dir, mode="hidden-convex", progress=False, ensemble=again, resume=True, plots=False)
     assert again.points == [] and res2.weights == res.weights
+    # anchored (the default rule): the scale counts, so every point is decoded, w = 0 (the base) too
+    anchored = Counting(ensemble)
+    res3, out3 = search_run(run_dir, mode="hidden", progress=False, ensemble=anchored, plots=False)
+    assert out3 == run_dir / "search" / "hidden" and len(anchored.points) == res3.n_unique == res3.n_decoded
+    assert (0.0, 0.0, 0.0) in anchored.points
+    # re-scoring a logged point on the search's prompts and seed reproduces its logged aggregate
+    from emorl.data import load_splits
+    from emorl.rewards import build_rewards
+    from emorl.search.objective import build_objective
+
+    cfg = load_config(str(run_dir / "config.yaml"))
+    prompts = [r.prompt for r in load_splits(cfg.data).validation[: cfg.search.prompts]]
+    obj = build_objective(ensemble, prompts, build_rewards(cfg.objectives, ensemble.base), "hidden", cfg.search)
+    logged = [json.loads(x) for x in (out3 / "points.jsonl").read_text().splitlines()[1:]][:5]
+    again_scores = obj(np.array([r["weights"] for r in logged]))
+    assert [s.aggregate for s in again_scores] == pytest.approx([r["aggregate"] for r in logged], abs=1e-6)
 
 
 def test_batched_objective_equals_point_by_point(run_dir, ensemble):
@@ -90,11 +107,8 @@ def test_batched_objective_equals_point_by_point(run_dir, ensemble):
     obj = EnsembleObjective(ensemble, prompts, rewards, mode="logits", generation=cfg.search.generation)
     pts = np.array([[1.0, 0.5, 0.0], [0.25, 0.25, 1.0], [0.0, 0.0, 0.0], [0.5, 1.0, 0.5]])
     got = obj(pts)
-    for p, s in zip(pts, got, strict=True):
-        if not p.any():
-            replies = [""] * len(prompts)
-        else:
-            replies = ensemble.generate(prompts, p, mode="logits", max_new_tokens=6, do_sample=False).texts
+    for p, s in zip(pts, got, strict=True):  # anchored (default): w = 0 decodes the base
+        replies = ensemble.generate(prompts, p, mode="logits", max_new_tokens=6, do_sample=False).texts
         ref = {n: float(np.mean(score(r, prompts, replies))) for n, r in rewards.items()}
         assert s.scores == pytest.approx(ref, abs=1e-6)
         assert s.aggregate == pytest.approx(np.mean(list(ref.values())), abs=1e-6)
@@ -104,21 +118,34 @@ def test_batched_objective_equals_point_by_point(run_dir, ensemble):
     assert weighted.aggregate == pytest.approx((2 * sc["reflection"] + sc["empathy"] + sc["fluency"]) / 4)
 
 
-def test_params_mode_decodes_base_at_zero_and_cli(run_dir, capsys, monkeypatch):
-    import emorl.search.objective as objective_mod
+def test_params_mode_decodes_base_at_zero_and_cli(run_dir, capsys):
+    """Task arithmetic (params, anchored): every point is decoded, w = 0 included, and the w = 0 point's scores are
+    those of the evaluated base for that seed (one decoding path). Sampled, so the seed matters."""
     from emorl.cli import main
+    from emorl.decoding import Decoder
+    from emorl.evaluate import MethodSpec
+    from emorl.rewards import build_rewards, score
 
-    calls = []
-    real = objective_mod.decode_base
-    monkeypatch.setattr(objective_mod, "decode_base", lambda *a: calls.append(a) or real(*a))
     rc = main(["search", "--run", str(run_dir), "--mode", "params", "--iterations", "1", "--no-plots",
-               "--no-progress"])
+               "--no-progress", "search.generation.do_sample=true", "search.seed=3"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "best weights" in out and "aggregate score" in out
-    rows = [json.loads(x) for x in (run_dir / "search" / "params" / "points.jsonl").read_text().splitlines()[1:]]
+    lines = (run_dir / "search" / "params" / "points.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines[1:]]
     assert len(rows) == 27 and all(r["source"] == "decoded" for r in rows)  # params: no direction reuse
-    assert len(calls) == 1  # w = 0 in params mode is the base model: decoded (once), not scored as degenerate
+    zero = next(r for r in rows if not any(r["weights"]))
+    cfg = load_config(str(run_dir / "config.yaml"), ["search.generation.do_sample=true"])
+    from emorl.data import load_splits
+    from emorl.models import load_base
+
+    base = load_base(cfg.model)
+    prompts = [r.prompt for r in load_splits(cfg.data).validation[: cfg.search.prompts]]
+    dec = Decoder(base, cfg.search.generation, {"reflection": run_dir / "adapters" / "reflection"})
+    replies, _ = dec.decode(MethodSpec("base", "base"), prompts, 3)
+    rewards = build_rewards(cfg.objectives, base)
+    ref = {n: float(np.mean(score(r, prompts, replies))) for n, r in rewards.items()}
+    assert zero["scores"] == pytest.approx(ref, abs=1e-6)
     # an existing log is not overwritten without --resume / --fresh
     assert main(["search", "--run", str(run_dir), "--mode", "params", "--iterations", "1", "--no-plots",
                  "--no-progress"]) == 2
@@ -156,15 +183,22 @@ def test_bad_inputs_fail_before_loading(run_dir, tmp_path):
 
 
 def test_sampled_search_decodes_directions(run_dir, ensemble):
-    """Under sampling the objective decodes w / sum(w) with the same random numbers for every point, so w and c*w
-    score the same (what lets the search deduplicate directions when it samples)."""
+    """A convex mix decodes w / sum(w) with the same random numbers for every point, so w and c*w score the same
+    (what lets the search deduplicate directions when it samples); anchored, they differ."""
     from emorl.config import GenerationConfig
     from emorl.rewards import build_rewards
 
     rewards = build_rewards(load_config(str(run_dir / "config.yaml")).objectives, ensemble.base)
     obj = EnsembleObjective(ensemble, ["I lost my job.", "My cat is sick."], rewards, mode="hidden",
-                            generation=GenerationConfig(do_sample=True, max_new_tokens=6), seed=1)
-    a, b, c = obj(np.array([[0.2, 0.5, 0.3], [0.4, 1.0, 0.6], [0.9, 0.05, 0.05]]))
+                            generation=GenerationConfig(do_sample=True, max_new_tokens=6), seed=1, anchor="none")
+    pts = np.array([[0.2, 0.5, 0.3], [0.4, 1.0, 0.6], [0.9, 0.05, 0.05]])
+    a, b, c = obj(pts)
     assert obj.scale_invariant
     assert (a.aggregate, a.scores) == (b.aggregate, b.scores)
     assert (a.aggregate, a.scores) != (c.aggregate, c.scores)
+    anchored = EnsembleObjective(ensemble, ["I lost my job.", "My cat is sick."], rewards, mode="hidden",
+                                 generation=GenerationConfig(do_sample=True, max_new_tokens=6), seed=1)
+    a2, b2, _ = anchored(pts)
+    assert not anchored.scale_invariant
+    assert a2.scores == a.scores  # sum(w) = 1: anchored equals convex
+    assert b2.scores != b.scores

@@ -27,7 +27,7 @@ from emorl.config import load_config  # noqa: E402
 from emorl.data import format_prompts  # noqa: E402
 from emorl.ensemble import EnsembleModel  # noqa: E402
 from emorl.ensemble.pairs import PairSpec, generate_pairs  # noqa: E402
-from emorl.models import AdapterInfo, adapters_disabled, add_adapters, load_base, save_adapter  # noqa: E402
+from emorl.models import AdapterInfo, add_adapters, load_base, save_adapter  # noqa: E402
 from emorl.serve import Engine, create_app  # noqa: E402
 
 OBJECTIVES = {"short": {"type": "length", "target": 3.0}, "long": {"type": "length", "target": 30.0},
@@ -63,7 +63,7 @@ def make_run(root: Path) -> Path:
     folder.mkdir(parents=True)
     best = {"method": "hierarchical", "names": NAMES, "weights": dict(zip(NAMES, [0.5, 0.25, 1.0], strict=True)),
             "weight_vector": [0.5, 0.25, 1.0], "aggregate": 0.4, "scores": {"short": 0.5, "long": 0.2, "fluency": 0.5},
-            "mode": "hidden", "adapters": {n: adapter_identity(run / "adapters" / n) for n in NAMES}}
+            "mode": "hidden", "anchor": "base", "adapters": {n: adapter_identity(run / "adapters" / n) for n in NAMES}}
     (folder / "best.json").write_text(json.dumps(best))
     rows = [{"kind": "header", "names": NAMES}] + [
         {"weights": w, "aggregate": a, "scores": dict(zip(NAMES, s, strict=True))}
@@ -132,8 +132,9 @@ def sse_events(text: str) -> list[Any]:
 
 # ------------------------------------------------------------------------------------------------ engine level
 
-@pytest.mark.parametrize("mode", ["hidden", "logits", "probs", "params"])
-def test_pairs_decode_equals_generate_per_pair(served: dict[str, Any], mode: str) -> None:
+@pytest.mark.parametrize(("mode", "anchor"), [("hidden", "base"), ("hidden", "none"), ("logits", "base"),
+                                              ("probs", "none"), ("params", "base"), ("params", "none")])
+def test_pairs_decode_equals_generate_per_pair(served: dict[str, Any], mode: str, anchor: str) -> None:
     ens = served["engine"].ens
     prompts = [STATEMENT, "My cat is sick and I do not know what to do anymore.", "Hello", STATEMENT]
     weights = [[0.8, 0.5, 0.1], [1, 0, 0], [0.2, 0.9, 0.4], [0, 0.3, 1]]
@@ -142,10 +143,11 @@ def test_pairs_decode_equals_generate_per_pair(served: dict[str, Any], mode: str
                 dict(max_new_tokens=6, do_sample=True, seed=3)]
     pairs, refs = [], []
     for p, w, s in zip(prompts, weights, settings, strict=True):
-        pairs.append(PairSpec(format_prompts(ens.tokenizer, [p], False, None)[0], w, **s))
-        r = ens.generate([p], w, mode=mode, **s)
+        r = ens.generate([p], w, mode=mode, anchor=anchor, **s)
         refs.append(r.token_ids[0, : r.lengths[0]].tolist())
-    out = generate_pairs(ens, ens.names, mode, pairs)
+        pairs.append(PairSpec(format_prompts(ens.tokenizer, [p], False, None)[0], r.weights[0].tolist(), **s))
+    base_stream = anchor == "base" and mode != "params"  # none of these points sums to 1
+    out = generate_pairs(ens, ens.names, mode, pairs, anchored=base_stream)
     assert [o.token_ids for o in out] == refs
     assert [len(o.token_ids) for o in out] == [7, 4, 9, 6]  # the tiny model never emits EOS in a few steps
     assert all(o.finish_reason == "length" for o in out)
@@ -156,8 +158,8 @@ def test_pairs_decode_equals_generate_per_pair(served: dict[str, Any], mode: str
 def test_models_objectives_health_and_page(served: dict[str, Any]) -> None:
     url = served["url"]
     ids = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
-    assert ids == ["emorl", "soups", "logits", "probs", "uniform", "single:short", "single:long", "single:fluency",
-                   "base"]
+    assert ids == ["soups", "soups-avg", "logits", "probs", "emorl", "emorl-convex", "uniform", "single:short",
+                   "single:long", "single:fluency", "base"]
     obj = httpx.get(f"{url}/v1/objectives").json()
     assert obj["objectives"] == NAMES and obj["adapters"] == NAMES + ["uniform"]
     assert obj["searched"]["hidden"]["weights"] == {"short": 0.5, "long": 0.25, "fluency": 1.0}
@@ -171,28 +173,29 @@ def test_models_objectives_health_and_page(served: dict[str, Any]) -> None:
 
 def test_chat_completion_equals_generate(served: dict[str, Any]) -> None:
     engine = served["engine"]
-    r = chat(served["url"], body(max_tokens=6, temperature=0, emorl={"weights": {"short": 2, "long": 1, "fluency": 1}}))
+    r = chat(served["url"], body(max_tokens=6, temperature=0,
+                                 emorl={"weights": {"short": 2, "long": 1, "fluency": 1}, "anchor": "none"}))
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["object"] == "chat.completion" and out["model"] == "emorl"
-    assert out["emorl"]["weights"] == {"short": 0.5, "long": 0.25, "fluency": 0.25}  # normalised, as evaluate does
+    assert out["emorl"]["weights"] == {"short": 0.5, "long": 0.25, "fluency": 0.25}  # convex: rescaled to sum 1
     choice = out["choices"][0]
     assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
-    assert choice["message"]["content"] == reference(engine, [0.5, 0.25, 0.25], max_new_tokens=6)[0]
+    assert choice["message"]["content"] == reference(engine, [2, 1, 1], max_new_tokens=6, anchor="none")[0]
     assert out["usage"]["completion_tokens"] == 6
     assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + 6
-    # no weights: the searched ones; a one-policy model: that adapter alone, as `emorl evaluate` decodes it
+    # no weights: the searched ones (base-anchored, as given); a one-policy model: that adapter alone, as
+    # `emorl evaluate` decodes it; the base: the anchored point w = 0
     searched = chat(served["url"], body(max_tokens=5, temperature=0.9, seed=2)).json()
-    w = [0.5 / 1.75, 0.25 / 1.75, 1.0 / 1.75]
+    assert searched["emorl"]["anchor"] == "base" and searched["emorl"]["weights"]["fluency"] == 1.0
     assert searched["choices"][0]["message"]["content"] == reference(
-        engine, w, max_new_tokens=5, do_sample=True, temperature=0.9, top_k=50, seed=2)[0]
+        engine, [0.5, 0.25, 1.0], max_new_tokens=5, do_sample=True, temperature=0.9, top_k=50, seed=2)[0]
     uni = chat(served["url"], body(model="uniform", max_tokens=5, temperature=0)).json()
     alone = EnsembleModel(engine.ens.base, {"uniform": served["run"] / "baselines" / "uniform"})
     assert uni["choices"][0]["message"]["content"] == alone.generate([STATEMENT], [1.0], max_new_tokens=5).texts[0]
     base = chat(served["url"], body(model="base", max_tokens=5, temperature=0.8, seed=4)).json()
     assert _wait(lambda: engine.pending() == 0)
-    with adapters_disabled(engine.ens.model):  # evaluate's base: one adapter through the engine, switched off
-        ref = alone.generate([STATEMENT], [1.0], max_new_tokens=5, do_sample=True, temperature=0.8, top_k=50, seed=4)
+    ref = alone.generate([STATEMENT], [0.0], max_new_tokens=5, do_sample=True, temperature=0.8, top_k=50, seed=4)
     assert base["choices"][0]["message"]["content"] == ref.texts[0]
     assert base["choices"][0]["message"]["content"] != uni["choices"][0]["message"]["content"]
 
@@ -200,10 +203,11 @@ def test_chat_completion_equals_generate(served: dict[str, Any]) -> None:
 def test_stream_and_n_choices(served: dict[str, Any]) -> None:
     engine = served["engine"]
     req = body(max_tokens=7, temperature=0.8, top_p=0.95, seed=11, n=3,
-               emorl={"weights": [0.2, 0.5, 0.3], "mode": "logits"}, stream_options={"include_usage": True})
+               emorl={"weights": [0.2, 0.5, 0.3], "mode": "logits", "anchor": "none"},
+               stream_options={"include_usage": True})
     plain = chat(served["url"], req).json()
     texts = [c["message"]["content"] for c in plain["choices"]]
-    ref = reference(engine, [0.2, 0.5, 0.3], n=3, mode="logits", normalize=True, max_new_tokens=7, do_sample=True,
+    ref = reference(engine, [0.2, 0.5, 0.3], n=3, mode="logits", anchor="none", max_new_tokens=7, do_sample=True,
                     temperature=0.8, top_p=0.95, top_k=50, seed=11)
     assert texts == ref and len(set(texts)) == 3  # choice j = row j of generate([statement] * n)
     streamed = chat(served["url"], {**req, "stream": True})
@@ -228,11 +232,13 @@ def test_concurrent_requests_share_one_batch_and_match_generate(served: dict[str
     """4 requests with different weights, sampling settings, lengths and seeds decode in one batch, and each reply
     is what generate gives for that request alone."""
     engine = served["engine"]
-    reqs = [({"weights": [0.8, 0.5, 0.1]}, dict(max_tokens=6, temperature=0.7, seed=1), "I lost my job today."),
-            ({"weights": [1, 0, 0]}, dict(max_tokens=3, temperature=0), "My cat is sick."),
-            ({"weights": {"short": 0, "long": 1, "fluency": 2}}, dict(max_tokens=8, temperature=1.2, top_p=0.9,
-                                                                      seed=7), "Nobody calls me."),
-            ({"weights": [0.3, 0.3, 0.3]}, dict(max_tokens=5, temperature=1.0, seed=1, stop=["zz"]),
+    convex = "none"
+    reqs = [({"weights": [0.8, 0.5, 0.1], "anchor": convex}, dict(max_tokens=6, temperature=0.7, seed=1),
+             "I lost my job today."),
+            ({"weights": [1, 0, 0], "anchor": convex}, dict(max_tokens=3, temperature=0), "My cat is sick."),
+            ({"weights": {"short": 0, "long": 1, "fluency": 2}, "anchor": convex},
+             dict(max_tokens=8, temperature=1.2, top_p=0.9, seed=7), "Nobody calls me."),
+            ({"weights": [0.3, 0.3, 0.3], "anchor": convex}, dict(max_tokens=5, temperature=1.0, seed=1, stop=["zz"]),
              "I failed the exam again.")]
     batches = engine.stats["batches"]
     engine.max_wait_s = 1.0  # a window wide enough for all four to arrive
@@ -257,7 +263,7 @@ def test_concurrent_requests_share_one_batch_and_match_generate(served: dict[str
     for i, (ext, kw, statement) in enumerate(reqs):
         w = ext["weights"] if isinstance(ext["weights"], list) else [ext["weights"][n] for n in NAMES]
         sample = kw["temperature"] > 0
-        ref = reference(engine, w, statement, normalize=True, max_new_tokens=kw["max_tokens"], do_sample=sample,
+        ref = reference(engine, w, statement, anchor="none", max_new_tokens=kw["max_tokens"], do_sample=sample,
                         temperature=kw["temperature"] if sample else 1.0, top_p=kw.get("top_p", 1.0),
                         top_k=50 if sample else 0, seed=kw.get("seed"), stop=kw.get("stop"))[0]
         assert replies[i]["choices"][0]["message"]["content"] == ref, i
@@ -268,7 +274,9 @@ BAD = [
     ({"emorl": {"weights": {"short": 1, "long": 1, "fluncy": 1}}}, 400, "emorl.weights", "unknown objective"),
     ({"emorl": {"weights": {"short": 1, "long": 1}}}, 400, "emorl.weights", "no weight for ['fluency']"),
     ({"emorl": {"weights": [1, -0.5, 0]}}, 400, "emorl.weights", ">= 0"),
-    ({"emorl": {"weights": [0, 0, 0]}}, 400, "emorl.weights", "all weights are zero"),
+    ({"emorl": {"weights": [0, 0, 0], "anchor": "none"}}, 400, "emorl.weights", "all weights are zero"),
+    ({"emorl": {"weights": [1, 0, 0], "anchor": "convex"}}, 400, "emorl.anchor", "choose 'base'"),
+    ({"model": "emorl-convex", "emorl": {"anchor": "base"}}, 400, "emorl.anchor", "is anchor 'none'"),
     ({"emorl": {"weights": [1, "a", 0]}}, 400, "emorl.weights", "expected a number"),
     ({"emorl": {"weights": [1, 0, 0], "mode": "hiden"}}, 400, "emorl.mode", "choose one of"),
     ({"emorl": {"weights": [1, 0, 0], "temperature": 1}}, 400, "emorl", "unknown field"),
@@ -349,17 +357,17 @@ def test_api_key(served: dict[str, Any]) -> None:
 def test_official_openai_client(served: dict[str, Any]) -> None:
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{served['key_url']}/v1", api_key=KEY)
-    ext = {"emorl": {"weights": {"short": 0.2, "long": 0.7, "fluency": 0.1}}}
+    ext = {"emorl": {"weights": {"short": 0.2, "long": 0.7, "fluency": 0.1}, "anchor": "none"}}
     out = client.chat.completions.create(model="emorl", messages=[{"role": "user", "content": STATEMENT}],
                                          max_tokens=6, temperature=0.9, seed=5, extra_body=ext)
-    ref = reference(served["engine"], [0.2, 0.7, 0.1], normalize=True, max_new_tokens=6, do_sample=True,
+    ref = reference(served["engine"], [0.2, 0.7, 0.1], anchor="none", max_new_tokens=6, do_sample=True,
                     temperature=0.9, top_k=50, seed=5)[0]
     assert out.choices[0].message.content == ref
     assert out.usage.completion_tokens == 6
     stream = client.chat.completions.create(model="emorl", messages=[{"role": "user", "content": STATEMENT}],
                                             max_tokens=6, temperature=0.9, seed=5, extra_body=ext, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == ref
-    assert [m.id for m in client.models.list()][0] == "emorl"
+    assert "emorl" in [m.id for m in client.models.list()]
     with pytest.raises(openai.BadRequestError, match="emorl.weights"):
         client.chat.completions.create(model="emorl", messages=[{"role": "user", "content": "x"}],
                                        extra_body={"emorl": {"weights": [1]}})
@@ -461,7 +469,7 @@ def _up(url: str) -> bool:
 
 def test_stop_strings_cut_plain_and_streamed_replies(served: dict[str, Any]) -> None:
     engine = served["engine"]
-    req = body(max_tokens=12, temperature=0, emorl={"weights": [0.3, 0.6, 0.1]})
+    req = body(max_tokens=12, temperature=0, emorl={"weights": [0.3, 0.6, 0.1], "anchor": "none"})
     free = chat(served["url"], req).json()["choices"][0]["message"]["content"]
     assert len(free) >= 12, free
     stop = free[len(free) // 2: len(free) // 2 + 3]  # a piece of its middle: the reply must end just before it
@@ -470,9 +478,36 @@ def test_stop_strings_cut_plain_and_streamed_replies(served: dict[str, Any]) -> 
     out = chat(served["url"], {**req, "stop": [stop, "never-seen"]}).json()
     assert out["choices"][0]["message"]["content"] == cut
     assert out["choices"][0]["finish_reason"] == "stop"
-    ref = reference(engine, [0.3, 0.6, 0.1], normalize=True, max_new_tokens=12, stop=[stop, "never-seen"])[0]
+    ref = reference(engine, [0.3, 0.6, 0.1], anchor="none", max_new_tokens=12, stop=[stop, "never-seen"])[0]
     assert ref == cut
     events = sse_events(chat(served["url"], {**req, "stop": [stop, "never-seen"], "stream": True}).text)
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in events[1:-1] if c["choices"])
     assert text == cut
     assert [c["choices"][0]["finish_reason"] for c in events[1:-1]][-1] == "stop"
+
+
+def test_base_anchored_requests_and_the_base_share_one_batch(served: dict[str, Any]) -> None:
+    """Base-anchored points not summing to 1 and the base model itself need the base stream: one batch for all."""
+    engine = served["engine"]
+    reqs = [body(emorl={"weights": [0.8, 0.5, 0.1]}, max_tokens=5, temperature=0.8, seed=3),
+            body(emorl={"weights": [0, 1, 2]}, max_tokens=4, temperature=0),
+            body(model="base", max_tokens=6, temperature=1.0, seed=3)]
+    replies: dict[int, Any] = {}
+    batches = engine.stats["batches"]
+    engine.max_wait_s = 1.0
+    try:
+        threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, chat(served["url"], reqs[i]).json()))
+                   for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        engine.max_wait_s = 0.005
+    assert _wait(lambda: engine.pending() == 0)
+    assert engine.stats["batches"] == batches + 1
+    assert engine.stats["last_batch"]["key"] == "hidden+base" and engine.stats["last_batch"]["jobs"] == 3
+    refs = [reference(engine, [0.8, 0.5, 0.1], max_new_tokens=5, do_sample=True, temperature=0.8, top_k=50, seed=3),
+            reference(engine, [0, 1, 2], max_new_tokens=4),
+            reference(engine, [0, 0, 0], max_new_tokens=6, do_sample=True, temperature=1.0, top_k=50, seed=3)]
+    assert [replies[i]["choices"][0]["message"]["content"] for i in range(3)] == [r[0] for r in refs]

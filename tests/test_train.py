@@ -327,7 +327,7 @@ def test_joint_update_trains_the_same_adapters(tmp_path):
 
 def test_joint_update_applies_lora_dropout(tmp_path):
     """With dropout on, the bank drops LoRA inputs in training mode: two updates of the same batch differ."""
-    from emorl.ensemble.lora_bank import lora_bank
+    from emorl.lora_bank import lora_bank
     from emorl.models import add_adapters
 
     base = load_base(ModelConfig(name="tiny-llama"))

@@ -143,7 +143,14 @@ class SearchConfig:
     """Weight search over the K adapters' mixing weights."""
 
     method: Literal["hierarchical", "grid", "random"] = _f("hierarchical", "Search algorithm.")
-    modes: list[str] = _f(["hidden", "params", "logits"], "Aggregation modes searched by `emorl run`.")
+    modes: list[str] = _f(["hidden", "hidden-convex", "params", "params-convex"],
+                          "Mixes searched by `emorl run`: a mode (hidden, logits, probs, params; weight rule "
+                          "`search.anchor`), or MODE-convex for the convex form (each point "
+                          "rescaled to sum 1: the paper's hidden mix, the parameter average for params).")
+    anchor: Literal["base", "none"] = _f("base", "Weight rule of the modes named without a suffix. base: each "
+                                         "adapter's shift of the base model at strength w_k (h0 + sum w_k (h_k - "
+                                         "h0); W0 + sum w_k dW_k for params); none: convex (sum w = 1).")
+    w_max: float = _f(1.0, "Anchored mixes search the box [0, w_max]^K (convex mixes search directions in [0, 1]^K).")
     iterations: int = _f(5, "Hierarchical rounds (final resolution 2^-iterations per axis).")
     grid_points: int = _f(9, "method=grid: points per axis.")
     random_points: int = _f(64, "method=random: number of points.")
@@ -163,7 +170,9 @@ class EvalConfig:
     split: Literal["train", "validation", "test"] = _f("test", "Which split to evaluate on.")
     prompts: int | None = _f(64, "Evaluate on at most this many prompts (null = all).")
     seeds: list[int] = _f([0], "Decoding seeds; results are mean ± std over seeds.")
-    methods: list[str] = _f(["base", "emorl", "uniform", "dynaopt", "soups", "logits"], "Methods compared.")
+    methods: list[str] = _f(["base", "emorl", "emorl-convex", "uniform", "dynaopt", "soups", "soups-avg"],
+                            "Methods compared. Logit mixing ('logits') equals hidden mixing under a linear LM head "
+                            "(SmolLM2, T5), so it is not in the default list.")
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(do_sample=False),
         metadata={"help": "Decoding settings, identical for every method."})
@@ -435,3 +444,17 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, st
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         rows.append((key, repr(default), f.metadata.get("help", "")))
     return rows
+
+
+def eval_overrides(args: Any) -> list[str]:
+    """``--seeds/--prompts/--sample`` of ``emorl evaluate`` and ``emorl run`` as config overrides."""
+    out = []
+    if getattr(args, "seeds", None) is not None:
+        if args.seeds < 1:
+            raise EmorlError(f"--seeds must be >= 1, got {args.seeds}")
+        out.append(f"eval.seeds=[{', '.join(map(str, range(args.seeds)))}]")
+    if getattr(args, "prompts", None) is not None:
+        out.append(f"eval.prompts={args.prompts}")
+    if getattr(args, "sample", False):
+        out.append("eval.generation.do_sample=true")
+    return out

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from emorl.config import GenerationConfig, RunConfig
+from emorl.config import RunConfig
 from emorl.metrics import (  # noqa: F401 - re-exported: the evaluation's metrics
     distinct_n,
     diversity_reference,
@@ -45,27 +44,29 @@ from emorl.utils import EmorlError, atomic_write_json
 
 log = logging.getLogger("emorl.evaluate")
 
-# method name -> (kind, search mode). kind: base | adapter (one-policy baseline) | ensemble (searched mix)
+# method name -> (kind, search key). kind: base | adapter (one-policy baseline) | ensemble (searched mix). The search
+# key names the mix (emorl.decoding.parse_mix): "hidden" follows search.anchor (default: base-anchored), "-convex"
+# is the sum-1 form. The evaluation decodes each mix exactly as its search scored it (mode and anchor of best.json).
 METHODS: dict[str, tuple[str, str | None]] = {
     "base": ("base", None),
     "uniform": ("adapter", None),
     "dynaopt": ("adapter", None),
     "fixed": ("adapter", None),
     "soups": ("ensemble", "params"),
+    "soups-avg": ("ensemble", "params-convex"),
     "logits": ("ensemble", "logits"),
     "probs": ("ensemble", "probs"),
     "emorl": ("ensemble", "hidden"),
+    "emorl-convex": ("ensemble", "hidden-convex"),
 }
 LABELS = {"base": "Base model", "uniform": "Uniform Weighted", "dynaopt": "DynaOpt", "fixed": "Fixed weights",
-          "soups": "Model Soups", "logits": "Logit mixing", "probs": "Probability mixing", "emorl": "EMORL"}
-MODE_METHOD = {mode: name for name, (kind, mode) in METHODS.items() if mode}
-# Hidden and logit mixing multiply the next-token logits by the weights' sum, which acts as an inverse sampling
-# temperature. The greedy search cannot see that scale (its points are directions), so the evaluation decodes the
-# direction it found with weights summing to 1: the same temperature as every other method.
-NORMALIZED_MODES = ("hidden", "logits")
+          "soups": "Model Soups (task arithmetic)", "soups-avg": "Model Soups (parameter average)",
+          "logits": "Logit mixing", "probs": "Probability mixing", "emorl": "EMORL",
+          "emorl-convex": "EMORL (convex mix)"}
+MODE_METHOD = {key: name for name, (kind, key) in METHODS.items() if key}
 SINGLE = "single:"  # "single:<objective>": that objective's EMORL adapter alone; "singles" = one per objective
 RESULTS_VERSION = 1
-DECODER_VERSION = 3  # bump when the way methods are decoded changes: results made before are not reused
+DECODER_VERSION = 4  # bump when the way methods are decoded changes: results made before are not reused
 
 
 @dataclass
@@ -74,10 +75,12 @@ class MethodSpec:
 
     name: str
     kind: str  # base | adapter | ensemble
-    mode: str | None = None
+    mode: str | None = None  # the mix's mode (hidden, logits, probs, params)
     adapters: dict[str, Path] = field(default_factory=dict)
     weights: list[float] | None = None
     search: dict[str, Any] | None = None  # the mode's best.json (ensemble methods)
+    anchor: str = "base"  # the weight rule the search scored it with (ensemble methods)
+    search_key: str | None = None  # RUN/search/<search_key>/
 
     @property
     def label(self) -> str:
@@ -144,30 +147,39 @@ def resolve_methods(run_dir: str | Path, cfg: RunConfig, methods: Sequence[str] 
                                  f"{run} --strategy {m}` (or `emorl run`), or drop it from --methods")
             specs.append(MethodSpec(m, kind, adapters={m: folder}, weights=[1.0]))
         else:
+            from emorl.decoding import parse_mix
+
             folders = {o: run / "adapters" / o for o in objectives}
             missing = [o for o, f in folders.items() if not (f / "adapter_model.safetensors").exists()]
             if missing:
                 raise EmorlError(f"method {m!r}: no adapter for objective(s) {', '.join(missing)} in "
                                  f"{run / 'adapters'}. Train them with `emorl train --run {run} --objectives "
                                  f"{','.join(missing)}`")
-            best_path = run / "search" / str(mode) / "best.json"
+            key = str(mode)
+            best_path = run / "search" / key / "best.json"
             if not best_path.exists():
                 raise EmorlError(f"method {m!r}: {best_path} is missing. Search its weights first: `emorl search "
-                                 f"--run {run} --mode {mode}`")
+                                 f"--run {run} --mode {key}`")
             best = json.loads(best_path.read_text())
             if list(best.get("names", [])) != objectives:
                 raise EmorlError(f"method {m!r}: {best_path} holds weights for {best.get('names')}, but the run's "
-                                 f"objectives are {objectives}. Search again: `emorl search --run {run} --mode {mode} "
+                                 f"objectives are {objectives}. Search again: `emorl search --run {run} --mode {key} "
                                  f"--fresh`")
+            if "anchor" not in best:
+                raise EmorlError(f"method {m!r}: {best_path} was written before the weight rule (anchor) was recorded, "
+                                 f"so emorl cannot decode it as it was searched. Search again: `emorl search --run "
+                                 f"{run} --mode {key} --fresh`")
             known = best.get("adapters", {})
             stale = [o for o, f in folders.items() if known.get(o) not in (None, adapter_identity(f))]
             if stale:
                 raise EmorlError(f"method {m!r}: the adapters {stale} changed after {best_path} was written. Search "
-                                 f"again: `emorl search --run {run} --mode {mode} --fresh`")
+                                 f"again: `emorl search --run {run} --mode {key} --fresh`")
+            mix_mode, _ = parse_mix(key, cfg.search.anchor)
+            anchor = str(best["anchor"])
             weights = [float(x) for x in best["weight_vector"]]
-            if not any(weights):
+            if not any(weights) and anchor == "none":
                 weights = best_decodable(best_path.parent, m)
-            specs.append(MethodSpec(m, kind, mode, folders, weights, best))
+            specs.append(MethodSpec(m, kind, mix_mode, folders, weights, best, anchor, key))
     return specs
 
 
@@ -235,79 +247,12 @@ def method_signature(spec: MethodSpec, cfg: RunConfig, prompts: Sequence[str], s
     from emorl.search.store import adapter_identity
 
     payload = {"decoder": DECODER_VERSION, "method": spec.name, "mode": spec.mode, "weights": spec.weights,
-               "normalized": spec.mode in NORMALIZED_MODES,
+               "anchor": spec.anchor,
                "adapters": {n: adapter_identity(f) for n, f in spec.adapters.items()},
                "generation": asdict(cfg.eval.generation), "seeds": list(seeds), "prompts": list(prompts),
                "objectives": cfg.objectives, "model": [cfg.model.name, cfg.model.max_prompt_tokens,
                                                        cfg.model.system_prompt]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------------- decoding
-
-def decode_plain(base: Any, prompts: Sequence[str], gen: GenerationConfig, seed: int) -> tuple[list[str], list[int]]:
-    """The untuned base with transformers' ``generate`` (used only when no adapter is loaded at all)."""
-    import torch
-
-    from emorl.data import encode_prompts, format_prompts
-    from emorl.train.kscst import completion_mask
-    from emorl.train.rollout import eos_ids
-
-    tok = base.tokenizer
-    enc = encode_prompts(tok, format_prompts(tok, list(prompts), base.is_seq2seq, base.config.system_prompt),
-                         base.config.max_prompt_tokens, base.is_seq2seq, base.device)
-    torch.manual_seed(seed)
-    with torch.inference_mode():
-        out = base.model.generate(**enc, do_sample=gen.do_sample, max_new_tokens=gen.max_new_tokens,
-                                  min_new_tokens=gen.min_new_tokens or None,
-                                  temperature=gen.temperature if gen.do_sample else None,
-                                  top_k=gen.top_k if gen.do_sample else None,
-                                  top_p=gen.top_p if gen.do_sample else None,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=eos_ids(base))
-    comp = out[:, 1:] if base.is_seq2seq else out[:, enc["input_ids"].shape[1]:]
-    mask = completion_mask(comp, eos_ids(base))
-    texts = tok.batch_decode(torch.where(mask.bool(), comp, tok.pad_token_id), skip_special_tokens=True)
-    return [t.strip() for t in texts], [int(n) for n in mask.sum(1).tolist()]
-
-
-class Decoder:
-    """Decodes every method with one engine (:class:`~emorl.ensemble.EnsembleModel`) and one set of settings.
-
-    One-policy baselines are a one-adapter ensemble with weight 1 (exactly that adapter's model); the base is
-    the same one-adapter decode with the adapter switched off (``base_adapter``: any adapter folder of the run).
-    So greedy and sampled decoding, the samplers and the seeds are identical across methods, and single-stream
-    methods even share their random numbers; only the model differs."""
-
-    def __init__(self, base: Any, gen: GenerationConfig, base_adapter: dict[str, Path] | None = None) -> None:
-        self.base = base
-        self.gen = gen
-        self.base_adapter = base_adapter
-        self._ens: dict[tuple[str, ...], Any] = {}
-
-    def _ensemble(self, adapters: dict[str, Path]) -> Any:
-        from emorl.ensemble.model import EnsembleModel
-
-        key = tuple(adapters)
-        if key not in self._ens:
-            self._ens[key] = EnsembleModel(self.base, dict(adapters))
-        return self._ens[key]
-
-    def decode(self, spec: MethodSpec, prompts: Sequence[str], seed: int) -> tuple[list[str], list[int]]:
-        from emorl.ensemble.model import generation_kwargs
-        from emorl.models import adapters_disabled
-
-        kw = generation_kwargs(self.gen) | {"seed": seed}
-        if spec.kind == "base":
-            if self.base_adapter is None:  # a run with no adapter at all: transformers' own generate
-                return decode_plain(self.base, prompts, self.gen, seed)
-            ens = self._ensemble(self.base_adapter)
-            with adapters_disabled(self.base.model):
-                res = ens.generate(list(prompts), [1.0], mode="hidden", **kw)
-        else:
-            ens = self._ensemble(spec.adapters)
-            mode = spec.mode or "hidden"
-            res = ens.generate(list(prompts), spec.weights, mode=mode, normalize=mode in NORMALIZED_MODES, **kw)
-        return list(res.texts), [int(x) for x in res.lengths.tolist()]
 
 
 def any_adapter(run: Path, specs: Sequence[MethodSpec]) -> dict[str, Path] | None:
@@ -405,10 +350,13 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
 
             rewards = build_rewards(cfg.objectives, base)
         if decode is None:
-            decoder = Decoder(base, cfg.eval.generation, any_adapter(run, specs))
-            decode = decode_with(decoder)
+            from emorl.decoding import Decoder, decode_with
+
+            decode = decode_with(Decoder(base, cfg.eval.generation, any_adapter(run, specs)))
         from emorl.train.monitor import Progress
 
+        same = same_as_hidden(todo, base)  # logits mixing that would repeat EMORL's decode token for token
+        todo = [s for s in todo if s.name not in same]
         with Progress(progress).run() as bars:
             bars.add("evaluate", len(todo) * len(seeds))
             done = 0
@@ -432,29 +380,36 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
                 results["methods"][s.name] = {
                     "label": s.label, "kind": s.kind, "mode": s.mode, "signature": sigs[s.name],
                     "adapters": list(s.adapters), "weights": dict(zip(s.adapters, s.weights, strict=True))
-                    if s.kind == "ensemble" and s.weights else None, "normalized": s.mode in NORMALIZED_MODES,
+                    if s.kind == "ensemble" and s.weights else None,
+                    "anchor": s.anchor if s.kind == "ensemble" else None,
                     "per_seed": per_seed, "summary": summarise([{k: v for k, v in d.items() if k != "seed"}
                                                                 for d in per_seed]),
                     "training": training_cost(s), "search": search_cost(s), "samples": samples}
                 _write(run, results, order)  # a finished method survives an interrupted evaluation
             bars.update("evaluate", done, "done")
+        for name, twin in same.items():
+            spec = next(x for x in specs if x.name == name)
+            results["methods"][name] = {**results["methods"][twin], "label": spec.label, "mode": spec.mode,
+                                        "signature": sigs[name], "search": search_cost(spec), "same_as": twin,
+                                        "note": f"identical to {method_label(twin)}: with a linear LM head, "
+                                                f"sum_k w_k log p_k and head(sum_k w_k h_k) give the same "
+                                                f"distribution, so it was decoded once"}
     _write(run, results, order)
     return results
 
 
-def decode_with(decoder: Decoder) -> Callable[..., Iterator[tuple[MethodSpec, list[Any]]]]:
-    """Decode methods one after another in this process (the local executor's way)."""
+def same_as_hidden(specs: Sequence[MethodSpec], base: Any) -> dict[str, str]:
+    """Logit-mixing methods with the weights and anchor of a hidden-mixing method in ``specs`` -> that method, when
+    the LM head is linear (no soft-capping): log-softmax differs from the logits by a per-row constant, so
+    ``sum w_k log p_k`` and ``head(sum w_k h_k)`` (anchored alike) sample the same tokens."""
+    from emorl.ensemble.decoder import Head
 
-    def decode(specs: list[MethodSpec], prompts: list[str], seeds: list[int]) -> Iterator[tuple[MethodSpec, list]]:
-        for s in specs:
-            out = []
-            for seed in seeds:
-                t0 = time.perf_counter()
-                texts, lengths = decoder.decode(s, prompts, seed)
-                out.append((seed, texts, lengths, time.perf_counter() - t0))
-            yield s, out
-
-    return decode
+    lm = base.model.get_base_model() if hasattr(base.model, "get_base_model") else base.model
+    if Head(lm, base.is_seq2seq).softcap:
+        return {}
+    hidden = {(tuple(s.weights or []), s.anchor, tuple(s.adapters)): s.name for s in specs if s.mode == "hidden"}
+    return {s.name: hidden[key] for s in specs if s.mode == "logits"
+            and (key := (tuple(s.weights or []), s.anchor, tuple(s.adapters))) in hidden}
 
 
 def _score(reward: Any, prompts: list[str], texts: list[str]) -> np.ndarray:

@@ -31,23 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def eval_overrides(args: argparse.Namespace) -> list[str]:
-    """--seeds/--prompts/--sample as config overrides (shared with `emorl run`)."""
-    out = []
-    if getattr(args, "seeds", None) is not None:
-        if args.seeds < 1:
-            from emorl.utils import EmorlError
-
-            raise EmorlError(f"--seeds must be >= 1, got {args.seeds}")
-        out.append(f"eval.seeds=[{', '.join(map(str, range(args.seeds)))}]")
-    if getattr(args, "prompts", None) is not None:
-        out.append(f"eval.prompts={args.prompts}")
-    if getattr(args, "sample", False):
-        out.append("eval.generation.do_sample=true")
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
+    from emorl.config import eval_overrides
     from emorl.evaluate import evaluate_run
     from emorl.pipeline import set_threads
     from emorl.search.runner import load_run_config

@@ -49,6 +49,42 @@ class Base:
     def identity(self) -> dict[str, str]:
         return {"name": self.name, "fingerprint": self.fingerprint}
 
+    @property
+    def prompt_format(self) -> dict[str, Any]:
+        """How client statements become model input (recorded in each adapter's emorl.json: decoding an adapter
+        with another format is decoding another policy)."""
+        form = "seq2seq" if self.is_seq2seq or not getattr(self.tokenizer, "chat_template", None) else "chat-template"
+        return {"form": form, "system_prompt": self.config.system_prompt,
+                "max_prompt_tokens": self.config.max_prompt_tokens}
+
+
+def cache_kwarg(module: Any) -> str:
+    """The KV-cache argument of ``module.forward``: transformers renamed ``past_key_values`` to ``cache`` in 5.x."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache of a model output, under either name."""
+    c = getattr(out, "cache", None)
+    return c if c is not None else getattr(out, "past_key_values", None)
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: 0 at each row's first real token (pads get 0; they are masked anyway)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def eos_ids(base: Base) -> list[int]:
+    """The ids that end a reply: the model's generation config's EOS id(s) and the tokenizer's EOS."""
+    lm = base.model.get_base_model() if hasattr(base.model, "get_base_model") else base.model
+    ids = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    ids = list(ids) if isinstance(ids, list | tuple) else [ids] if ids is not None else []
+    if base.tokenizer.eos_token_id is not None and base.tokenizer.eos_token_id not in ids:
+        ids.append(base.tokenizer.eos_token_id)
+    return [int(i) for i in ids]
+
 
 # ---------------------------------------------------------------------------------------- loading
 
@@ -239,6 +275,7 @@ class AdapterInfo:
     converged: bool = False
     curve: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    prompt: dict[str, Any] = field(default_factory=dict)  # Base.prompt_format it was trained with ({} if older)
 
 
 def save_adapter(model: Any, name: str, folder: str | Path, info: AdapterInfo) -> Path:

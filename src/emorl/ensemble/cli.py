@@ -1,8 +1,14 @@
 """``emorl generate``: decode prompts with the K adapters mixed by weights (one or several weight points).
 
     emorl generate --run runs/default --weights 0.8,0.5,0.1 --prompt "I lost my job today."
+    emorl generate --run runs/default --method emorl --seed 0 --prompt "I lost my job today."
     emorl generate --adapters A/ B/ C/ --weights 1,0,0 --weights 0.5,0.5,0.5 --input prompts.jsonl \\
         --mode logits --temperature 0.7 --top-p 0.9 --seed 0 --score --output replies.jsonl
+
+Weights follow one rule (--anchor): base (default) mixes each adapter's shift of the base model at strength w_k,
+h = h0 + sum w_k (h_k - h0), so 0,0,0 is the base model and 1,0,0 the first adapter; none rescales each point to
+sum 1 (the paper's convex mix; the parameter average for --mode params). --method decodes a method of the run
+exactly as the evaluation did: its stored weights, mode and anchor, and the run's eval.generation settings.
 """
 
 from __future__ import annotations
@@ -27,9 +33,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--adapters", nargs="+", metavar="DIR", help="adapter folders (peft format + emorl.json)")
     p.add_argument("--names", help="--run: comma-separated objectives to mix, in weight order (default: all trained)")
     p.add_argument("--model", help="--adapters: base model (default: the one named in the adapters' emorl.json)")
-    p.add_argument("--weights", action="append", required=True, metavar="W1,W2,...",
-                   help="one weight per adapter, in order; repeat for several weight points (decoded in one batch)")
-    p.add_argument("--normalize", action="store_true", help="rescale each weight point to sum 1")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--weights", action="append", metavar="W1,W2,...",
+                     help="one weight per adapter, in order; repeat for several weight points (decoded in one batch)")
+    how.add_argument("--method", help="--run: decode a method of the run as evaluated (emorl, soups, uniform, base, "
+                                      "single:<objective>, ...), with the run's eval.generation settings")
+    p.add_argument("--anchor", choices=["base", "none"], default="base",
+                   help="weight rule: base = h0 + sum w_k (h_k - h0) (default); none = each point rescaled to sum 1")
     p.add_argument("--mode", choices=["hidden", "logits", "probs", "params"], default="hidden",
                    help="hidden = EMORL hidden-state mixing (default); logits = sum w log p (MOD); probs = log sum "
                         "w p; params = merged weights W0 + sum w dW (model soups)")
@@ -42,8 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, help="sample with this temperature")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
     p.add_argument("--top-p", type=float, help="sample from the nucleus of probability p")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, help="default 64 (--method: eval.generation's)")
+    p.add_argument("--min-new-tokens", type=int, help="default 0 (--method: eval.generation's)")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--score", action="store_true", help="add every objective's reward for each reply")
@@ -86,13 +96,13 @@ def read_prompts(path: str, field: str) -> list[str]:
     return prompts
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, dict[str, dict[str, Any]]]:
-    """The EnsembleModel and the reward specs of its objectives."""
+def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Path], dict[str, dict[str, Any]]]:
+    """(run config or None, the base model, the adapters to mix (name -> folder), their objectives' reward specs).
+
+    ``--adapters``: the base is loaded with the prompt format the adapters were trained with (emorl.json)."""
     from emorl.config import ModelConfig, load_config
-    from emorl.ensemble import EnsembleModel
     from emorl.models import load_base, read_adapter_info
 
-    strict = not args.allow_plain_adapters
     if args.run:
         cfg_path = Path(args.run) / "config.yaml"
         if not cfg_path.exists():
@@ -100,9 +110,15 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict[str, dict[str, Any]]]:
         cfg = load_config(cfg_path)
         if args.device:
             cfg.model.device = args.device
-        names = [n.strip() for n in args.names.split(",")] if args.names else None
-        ens = EnsembleModel.from_run(args.run, names=names, base=load_base(cfg.model), require_metadata=strict)
-        return ens, {n: cfg.objectives[n] for n in ens.names if n in cfg.objectives}
+        names = [n.strip() for n in args.names.split(",")] if args.names else cfg.trained_objectives()
+        folders = {n: Path(args.run) / "adapters" / n for n in names}
+        missing = [n for n, f in folders.items() if not (f / "adapter_config.json").exists()]
+        if missing and not args.method:
+            raise EmorlError(f"--run {args.run}: no trained adapter for {missing}; run `emorl train` for them first, "
+                             f"or pick others with --names")
+        return cfg, load_base(cfg.model), folders, {n: cfg.objectives[n] for n in names if n in cfg.objectives}
+    if args.method:
+        raise EmorlError("--method needs --run (a method is a run's searched weights or baseline)")
     infos = {Path(d): read_adapter_info(d) for d in args.adapters}
     model_names = {i.base.get("name") for i in infos.values() if i.base.get("name")}
     if args.model:
@@ -112,30 +128,65 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict[str, dict[str, Any]]]:
     else:
         raise EmorlError(f"--adapters: cannot tell the base model ({sorted(model_names) or 'not recorded'}); "
                          f"pass --model NAME_OR_PATH")
-    mcfg = ModelConfig(name=model, **({"device": args.device} if args.device else {}))
+    prompts = [i.prompt for i in infos.values() if i.prompt]
+    if any(p != prompts[0] for p in prompts):
+        raise EmorlError(f"--adapters were trained with different prompt formats {prompts}; mix adapters trained "
+                         f"with the same system prompt and max_prompt_tokens")
+    fmt = {k: v for k, v in (prompts[0] if prompts else {}).items() if k in ("system_prompt", "max_prompt_tokens")}
+    mcfg = ModelConfig(name=model, **fmt, **({"device": args.device} if args.device else {}))
     adapters: dict[str, Path] = {}
     for d, info in infos.items():
         name = info.objective or d.name
         if name in adapters:
             name = d.name
         adapters[name] = d
-    ens = EnsembleModel(load_base(mcfg), adapters, require_metadata=strict)
     specs: dict[str, dict[str, Any]] = {}
     for info in infos.values():
         specs.update(info.rewards or {})
-    return ens, specs
+    return None, load_base(mcfg), adapters, specs
 
 
-def run(args: argparse.Namespace) -> int:
+def _generation(args: argparse.Namespace, default: Any) -> Any:
+    """``default`` (a GenerationConfig) with the sampling options given on the command line."""
+    import dataclasses
+
     sampling = [v is not None for v in (args.temperature, args.top_k, args.top_p)]
     if args.greedy and any(sampling):
         raise EmorlError("--greedy cannot be combined with --temperature/--top-k/--top-p")
-    weights = parse_weights(args.weights)
-    prompts = args.prompt if args.prompt else read_prompts(args.input, args.prompt_field)
-    ens, specs = _load(args)
-    from emorl.ensemble import check_weights
+    change: dict[str, Any] = {}
+    if args.greedy:
+        change["do_sample"] = False
+    if any(sampling):
+        change.update(do_sample=True, temperature=1.0 if args.temperature is None else args.temperature,
+                      top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p)
+    for name in ("max_new_tokens", "min_new_tokens"):
+        if getattr(args, name) is not None:
+            change[name] = getattr(args, name)
+    return dataclasses.replace(default, **change)
 
-    check_weights(weights, ens.k, names=ens.names)  # clear error before loading rewards or decoding
+
+def run(args: argparse.Namespace) -> int:
+    from emorl.config import GenerationConfig
+    from emorl.decoding import Decoder
+
+    prompts = args.prompt if args.prompt else read_prompts(args.input, args.prompt_field)
+    weights = parse_weights(args.weights) if args.weights else None
+    cfg, base, adapters, specs = _load(args)
+    strict = not args.allow_plain_adapters
+    if args.method:
+        from emorl.evaluate import any_adapter, resolve_methods
+
+        (method,) = resolve_methods(args.run, cfg, [args.method])  # clear error if its inputs are missing
+        gen = _generation(args, cfg.eval.generation)
+        decoder = Decoder(base, gen, any_adapter(Path(args.run), [method]), require_metadata=strict)
+    else:
+        from emorl.ensemble import check_weights, weight_rule
+
+        gen = _generation(args, GenerationConfig(do_sample=False))
+        decoder = Decoder(base, gen, require_metadata=strict)
+        ens = decoder.ensemble(adapters)
+        anchored = weight_rule(args.mode, args.anchor) == "anchored"  # anchored, w = 0 is the base model
+        check_weights(weights, ens.k, names=ens.names, allow_zero=anchored)  # clear error before rewards or decoding
     rewards = None
     if args.score:
         if not specs:
@@ -143,12 +194,12 @@ def run(args: argparse.Namespace) -> int:
                              "list the objectives)")
         from emorl.rewards import build_rewards
 
-        rewards = build_rewards(specs, ens.base)
-    res = ens.generate(prompts, weights, mode=args.mode, max_new_tokens=args.max_new_tokens,
-                       min_new_tokens=args.min_new_tokens, do_sample=any(sampling),
-                       temperature=args.temperature if args.temperature is not None else 1.0,
-                       top_k=args.top_k or 0, top_p=args.top_p if args.top_p is not None else 1.0, seed=args.seed,
-                       stop=args.stop, normalize=args.normalize, progress=sys.stderr.isatty())
+        rewards = build_rewards(specs, base)
+    kw = {"stop": args.stop, "progress": sys.stderr.isatty()}
+    if args.method:
+        res = decoder.result(method, prompts, args.seed, **kw)
+    else:
+        res = decoder.generate(adapters, prompts, weights, args.mode, args.anchor, args.seed, **kw)
     records = res.records()
     if rewards:
         from emorl.rewards import score
@@ -161,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         atomic_write_text(args.output, text)
         log.info("%d replies (%d weight points x %d prompts, mode=%s) -> %s in %.1f s", len(records),
-                 len(weights), len(prompts), args.mode, args.output, res.stats.get("seconds", 0.0))
+                 len(res.all_texts), len(prompts), res.mode, args.output, res.stats.get("seconds", 0.0))
     else:
         sys.stdout.write(text)
     return 0

@@ -1,17 +1,25 @@
 """The cached, batched decoding engine behind :class:`~emorl.ensemble.EnsembleModel`.
 
 Rows of a forward are laid out adapter-major: for a chunk of n (weight point, prompt) pairs, rows
-``[k*n:(k+1)*n]`` carry adapter k (the :func:`~emorl.ensemble.lora_bank` layout), so the K adapters of a step run
+``[k*n:(k+1)*n]`` carry adapter k (the :func:`~emorl.lora_bank` layout), so the K adapters of a step run
 as one forward over the shared base. The prompt prefill runs once per adapter on the B prompts; its KV cache is
 then forked (row-indexed) for every weight point. Finished rows are dropped from the batch (their cache rows too)
 once they are a quarter of it, so early EOS saves work.
 
-Mixing rules, per step, from the K adapters' last hidden states h_k (after the final norm) with weights w:
+Mixing rules, per step, from the K adapters' last hidden states h_k (after the final norm), the base stream's h_0
+(adapters off: one more row group of the same forward, the LoRA bank's zero slot) and weights w:
 
-* ``hidden``  (EMORL): logits = head(sum_k w_k h_k)   — head = the shared LM head with its output scaling
-* ``logits``  (MOD):   scores = sum_k w_k log_softmax(head(h_k))
-* ``probs``:           scores = log sum_k w_k softmax(head(h_k))
+* ``hidden``  (EMORL): logits = head(h_0 + sum_k w_k (h_k - h_0))   — head = the shared LM head with its scaling
+* ``logits``  (MOD):   scores = ls_0 + sum_k w_k (ls_k - ls_0),  ls = log_softmax(head(h))
+* ``probs``:           scores = log sum_k w_k softmax(head(h_k))    (a mixture: always convex, scale invariant)
 * ``params``  (model soups): one stream whose LoRA layers apply W0 + sum_k w_k ΔW_k (the bank's weighted mode)
+
+The one weight rule (:func:`weight_rule`): with ``anchor="base"`` the weights are used as given, each adapter's
+shift of the base at strength w_k (w = 0 is the base itself; params is then task arithmetic); with
+``anchor="none"`` every point is rescaled to sum 1 (the paper's convex hidden mix, the parameter *average*), so
+only its direction matters. The two agree wherever sum(w) = 1, and the base stream is only decoded when some point
+needs it. The mixed form is computed as (1 - sum w) x_0 + sum_k w_k x_k, so a one-hot point is exactly its
+adapter and w = 0 exactly the base.
 
 Sampling draws one uniform per (point, prompt, step) from a generator seeded by (seed, weight point), so a
 point's samples do not depend on which other points or how many rows share its batch.
@@ -20,7 +28,6 @@ point's samples do not depend on which other points or how many rows share its b
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,21 +35,40 @@ from typing import Any
 import numpy as np
 import torch
 
+from emorl.models import cache_kwarg, output_cache, position_ids
 from emorl.sampling import choose as _choose
 from emorl.sampling import warpers
 from emorl.utils import EmorlError
 
 MODES = ("hidden", "logits", "probs", "params")
+ANCHORS = ("base", "none")
+
+
+def weight_rule(mode: str, anchor: str) -> str:
+    """``"anchored"`` (weights used as given, relative to the base) or ``"convex"`` (each point rescaled to sum 1).
+
+    ``probs`` is a mixture of distributions, invariant to the weights' scale: always convex."""
+    if anchor not in ANCHORS:
+        raise EmorlError(f"anchor={anchor!r}: choose 'base' (h0 + sum w_k (h_k - h0)) or 'none' (the convex mix)")
+    if mode not in MODES:
+        raise EmorlError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
+    return "convex" if mode == "probs" or anchor == "none" else "anchored"
+
+
+def is_scale_invariant(mode: str, anchor: str) -> bool:
+    """Whether w and c*w (c > 0) decode the same replies, greedy or sampled: true exactly for convex points."""
+    return weight_rule(mode, anchor) == "convex"
 
 
 # ------------------------------------------------------------------------------------------------ weights
 
-def check_weights(weights: Any, k: int, normalize: bool = False, names: list[str] | None = None
-                  ) -> tuple[np.ndarray, bool]:
-    """Validate mixing weights before any work: a K-vector or a G×K matrix, finite, >= 0, no all-zero point.
+def check_weights(weights: Any, k: int, normalize: bool = False, names: list[str] | None = None,
+                  allow_zero: bool = False) -> tuple[np.ndarray, bool]:
+    """Validate mixing weights before any work: a K-vector or a G×K matrix, finite, >= 0, no all-zero point
+    (unless ``allow_zero``: an anchored point w = 0 is the base model).
 
-    Returns (G×K float64 array, whether a single vector was given). ``normalize`` rescales each point to sum 1.
-    Under greedy decoding, ``hidden`` and ``logits`` mixing are invariant to scaling a point by c > 0."""
+    Returns (G×K float64 array, whether a single vector was given). ``normalize`` rescales each point to sum 1
+    (the convex rule)."""
     label = f" ({', '.join(names)})" if names else ""
     try:
         w = np.asarray(weights, dtype=np.float64)
@@ -61,7 +87,7 @@ def check_weights(weights: Any, k: int, normalize: bool = False, names: list[str
             raise EmorlError(f"{where} = {row.tolist()}: NaN or infinite weight")
         if (row < 0).any():
             raise EmorlError(f"{where} = {row.tolist()}: weights must be >= 0")
-        if not (row > 0).any():
+        if not (row > 0).any() and not allow_zero:
             raise EmorlError(f"{where} is all zero: that point is degenerate (no adapter contributes); give at "
                              f"least one positive weight")
     if normalize:
@@ -89,6 +115,7 @@ class GenerationResult:
     single: bool = False
     scores: torch.Tensor | None = None  # (G, B, T, V) mixed scores before sampling warpers, if requested
     stats: dict[str, Any] = field(default_factory=dict)
+    anchor: str = "base"  # the weight rule applied: "base" (anchored) or "none" (convex; weights as rescaled)
 
     @property
     def texts(self) -> list[str] | list[list[str]]:
@@ -105,21 +132,11 @@ class GenerationResult:
     def records(self) -> list[dict[str, Any]]:
         """One dict per (point, prompt): prompt, weights, mode, response — the rows of ``emorl generate``."""
         return [{"prompt": p, "weights": dict(zip(self.names, map(float, self.weights[g]), strict=True)),
-                 "mode": self.mode, "response": self.all_texts[g][b]}
+                 "mode": self.mode, "anchor": self.anchor, "response": self.all_texts[g][b]}
                 for g in range(len(self.all_texts)) for b, p in enumerate(self.prompts)]
 
 
 # ------------------------------------------------------------------------------------------------ model parts
-
-def _cache_kwarg(module: Any) -> str:
-    params = inspect.signature(module.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _out_cache(out: Any) -> Any:
-    c = getattr(out, "cache", None)
-    return c if c is not None else out.past_key_values
-
 
 def _buffered_layer_class() -> type:
     from transformers.cache_utils import DynamicLayer
@@ -241,7 +258,7 @@ class Stream:
         self.is_seq2seq = is_seq2seq
         self.decoder = lm.get_decoder()
         self.encoder = lm.get_encoder() if is_seq2seq else None
-        self.kw = _cache_kwarg(self.decoder)
+        self.kw = cache_kwarg(self.decoder)
         self.decoder_start = decoder_start
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -253,22 +270,21 @@ class Stream:
             st: dict[str, Any] = {"enc": enc, "mask": mask, "cache": cache}
             start = torch.full((ids.shape[0],), self.decoder_start, dtype=torch.long, device=ids.device)
             return self.step(start, st), st
-        pos = mask.long().cumsum(-1) - 1
-        pos.masked_fill_(mask == 0, 1)
+        pos = position_ids(mask)
         out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        st = {"cache": _out_cache(out), "mask": mask, "pos": pos[:, -1] + 1}
+        st = {"cache": output_cache(out), "mask": mask, "pos": pos[:, -1] + 1}
         return out.last_hidden_state[:, -1], st
 
     def step(self, tokens: torch.Tensor, st: dict[str, Any]) -> torch.Tensor:
         if self.is_seq2seq:
             out = self.decoder(input_ids=tokens[:, None], encoder_hidden_states=st["enc"],
                                encoder_attention_mask=st["mask"], use_cache=True, **{self.kw: st["cache"]})
-            st["cache"] = _out_cache(out)
+            st["cache"] = output_cache(out)
             return out.last_hidden_state[:, -1]
         st["mask"] = torch.cat([st["mask"], st["mask"].new_ones(st["mask"].shape[0], 1)], dim=1)
         out = self.decoder(input_ids=tokens[:, None], attention_mask=st["mask"], position_ids=st["pos"][:, None],
                            use_cache=True, **{self.kw: st["cache"]})
-        st["cache"] = _out_cache(out)
+        st["cache"] = output_cache(out)
         st["pos"] = st["pos"] + 1
         return out.last_hidden_state[:, -1]
 
@@ -314,6 +330,7 @@ class DecodeSpec:
     pad: int
     stop_criteria: Any = None  # transformers StopStringCriteria or None
     output_scores: bool = False
+    anchored: bool = False  # the last row group is the base stream (base-anchored mixing)
     # per-pair settings (emorl serve, :mod:`emorl.ensemble.pairs`): an object with ``warp(act, ids, scores)`` used
     # instead of :meth:`processors`, and ``ended(t, act, tokens, ended)`` returning which pairs end at step t
     rows: Any = None
@@ -330,13 +347,17 @@ class DecodeSpec:
         return procs
 
 
-def mix_scores(mode: str, h: torch.Tensor, k: int, rows: torch.Tensor, w: torch.Tensor, head: Head) -> torch.Tensor:
-    """Next-token scores (a, V) of ``a`` pairs. ``h`` (k*m, H): hidden states of m row groups, adapter-major;
-    ``rows`` (a,): each pair's group; ``w`` (a, K): each pair's weights (unused for ``params``, where k = 1)."""
+def mix_scores(mode: str, h: torch.Tensor, k: int, rows: torch.Tensor, w: torch.Tensor, head: Head,
+               anchored: bool = False) -> torch.Tensor:
+    """Next-token scores (a, V) of ``a`` pairs. ``h`` (k*m, H): hidden states of m row groups, stream-major (k
+    streams: the adapters, then the base stream if ``anchored``); ``rows`` (a,): each pair's group; ``w`` (a, K):
+    each pair's adapter weights (unused for ``params``, where k = 1). Anchored: (1 - sum w) x_0 + sum w_k x_k."""
     hk = h.view(k, -1, h.shape[-1])
     if mode == "params":
         return head(hk[0, rows])
     wt = w.t().to(torch.float32)[:, :, None]  # (K, a, 1)
+    if anchored:
+        wt = torch.cat([wt, 1.0 - wt.sum(0, keepdim=True)])  # the base stream's weight
     if mode == "hidden":
         return head((hk[:, rows].to(torch.float32) * wt).sum(0))
     ls = torch.log_softmax(head(h), dim=-1).view(k, hk.shape[1], -1)[:, rows]  # head once per group, then gather
@@ -353,6 +374,7 @@ def decode_chunk(stream: Stream, head: Head, bank: Any, spec: DecodeSpec, h0: to
     Pairs whose prompt and generated prefix are identical share one group — one set of K backbone rows — since
     their hidden states are identical whatever their weights; a group splits when its pairs choose different
     tokens. So weight points that agree on a prefix pay for it once (exact: the same computation, done once).
+    ``k``: streams per group (the adapters, plus the base stream when ``spec.anchored``; 1 for params).
     ``group0`` (n,): each pair's initial group (its prompt's row of the prefill); ``w_pairs`` (n, K);
     ``u`` (n, T) uniforms for sampling or None for greedy. Returns token ids (n, T) padded, lengths (n,), and
     the per-step mixed scores (n, T, V) if ``spec.output_scores``."""
@@ -374,7 +396,7 @@ def decode_chunk(stream: Stream, head: Head, bank: Any, spec: DecodeSpec, h0: to
     for t in range(t_max):
         act = alive.nonzero()[:, 0]
         g_act = grp[act]
-        sc = mix_scores(spec.mode, h, kk, g_act, w_pairs[act], head)
+        sc = mix_scores(spec.mode, h, kk, g_act, w_pairs[act], head, spec.anchored)
         if spec.output_scores:
             if scores_out is None:
                 scores_out = torch.zeros(n, t_max, sc.shape[-1], dtype=torch.float32, device=dev)

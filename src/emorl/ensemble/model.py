@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from emorl.ensemble.decoder import (
@@ -29,36 +30,32 @@ from emorl.ensemble.decoder import (
     decode_chunk,
     default_budget,
     derive_chunking,
+    weight_rule,
 )
-from emorl.ensemble.lora_bank import lora_bank
+from emorl.lora_bank import BASE_SLOT, lora_bank
 from emorl.sampling import uniforms
 from emorl.utils import EmorlError
 
 log = logging.getLogger(__name__)
 
 
-def generation_kwargs(cfg: Any) -> dict[str, Any]:
-    """``generate`` keyword arguments from an :class:`emorl.config.GenerationConfig`."""
-    return {"max_new_tokens": cfg.max_new_tokens, "min_new_tokens": cfg.min_new_tokens, "do_sample": cfg.do_sample,
-            "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
-
-
 class EnsembleModel:
     """K LoRA adapters on one base, decoded together (modes ``hidden``, ``logits``, ``probs``, ``params``)."""
 
     def __init__(self, base: Any, adapters: dict[str, str | Path] | None = None, *,
-                 require_metadata: bool = True) -> None:
+                 require_metadata: bool = True, allow_empty: bool = False) -> None:
         """``adapters``: name -> adapter folder (checked: same base fingerprint, emorl.json present unless
         ``require_metadata=False``, one adapter per objective). None: use the adapters already on ``base.model``
-        (a PeftModel), in ``peft_config`` order."""
+        (a PeftModel), in ``peft_config`` order. ``allow_empty``: {} is an ensemble of no adapter, which decodes
+        only the base (weights of length 0, anchored)."""
         from peft import PeftModel
 
-        from emorl.models import check_same_base, load_adapters, read_adapter_info
+        from emorl.models import check_same_base, eos_ids, load_adapters, read_adapter_info
 
         self.base = base
         self.infos: dict[str, Any] = {}
         if adapters is not None:
-            if not adapters:
+            if not adapters and not allow_empty:
                 raise EmorlError("EnsembleModel: no adapters given")
             seen: dict[str, str] = {}
             for name, folder in adapters.items():
@@ -68,6 +65,10 @@ class EnsembleModel:
                                      "emorl cannot check it was trained on this base. Use adapters saved by `emorl "
                                      "train`, or pass require_metadata=False (CLI: --allow-plain-adapters).")
                 check_same_base(base, info, folder)
+                if info.prompt and {**info.prompt, "form": None} != {**base.prompt_format, "form": None}:
+                    log.warning("adapter %s was trained with prompt settings %s, but the base is loaded with %s; "
+                                "its replies may differ from training (emorl generate --adapters uses the "
+                                "recorded ones)", folder, info.prompt, base.prompt_format)
                 if info.objective in seen and require_metadata:
                     raise EmorlError(f"adapters {seen[info.objective]} and {folder} were both trained for objective "
                                      f"{info.objective!r}; give one adapter per objective")
@@ -91,16 +92,12 @@ class EnsembleModel:
             if getattr(pc, "use_dora", False) or getattr(pc, "modules_to_save", None):
                 raise EmorlError(f"adapter {n!r} uses DoRA or modules_to_save, which cannot be batched per row")
         self.model.eval()
-        self.lm = self.model.get_base_model()
+        self.lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.tokenizer = base.tokenizer
-        gen_cfg = getattr(self.lm, "generation_config", None)
         start = getattr(self.lm.config, "decoder_start_token_id", None)
         self.stream = Stream(self.lm, base.is_seq2seq, start if start is not None else self.tokenizer.pad_token_id)
         self.head = Head(self.lm, base.is_seq2seq)
-        eos = getattr(gen_cfg, "eos_token_id", None)
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
-            eos.append(self.tokenizer.eos_token_id)
+        eos = eos_ids(base)
         self.eos: list[int] = eos
         self.pad: int = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos[0]
         self._verified = False
@@ -169,7 +166,7 @@ class EnsembleModel:
     def generate(self, prompts: list[str], weights: Any, mode: str = "hidden", *, max_new_tokens: int = 64,
                  min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None,
-                 normalize: bool = False, formatted: bool = False, output_scores: bool = False,
+                 anchor: str = "base", formatted: bool = False, output_scores: bool = False,
                  memory_budget_gb: float | None = None, max_rows: int | None = None,
                  progress: bool = False) -> GenerationResult:
         """Decode ``prompts`` for one weight vector (K) or G weight points (G×K) in one call.
@@ -177,13 +174,17 @@ class EnsembleModel:
         ``prompts`` are client statements, formatted with the model's chat template and ``model.system_prompt``
         (``formatted=True``: already model input text). All K adapters see the same prefix at every step; a row
         ends at EOS or a ``stop`` string and is padded afterwards. Greedy by default; ``do_sample`` with
-        ``temperature``/``top_k``/``top_p`` (transformers' warpers) and ``seed``. Work is chunked so one chunk's
+        ``temperature``/``top_k``/``top_p`` (transformers' warpers) and ``seed``. ``anchor`` is the weight rule
+        (:func:`~emorl.ensemble.decoder.weight_rule`): ``"base"`` mixes each adapter's shift of the base at strength
+        w_k (w = 0 decodes the base), ``"none"`` rescales every point to sum 1 (the convex mix; parameter average
+        for ``params``). Work is chunked so one chunk's
         KV cache fits ``memory_budget_gb`` (default: 4 GiB on CPU, half the free GPU memory) or ``max_rows``."""
         from emorl.data import encode_prompts, format_prompts
 
         t0 = time.perf_counter()
-        w_np, single = check_weights(weights, self.k, normalize, self.names)
         stops = _check_args(prompts, mode, max_new_tokens, do_sample, temperature, top_k, top_p, stop)
+        rule = weight_rule(mode, anchor)
+        w_np, single = check_weights(weights, self.k, rule == "convex", self.names, allow_zero=rule == "anchored")
         self.verify_head()
 
         texts = list(prompts) if formatted else format_prompts(self.tokenizer, list(prompts), self.base.is_seq2seq,
@@ -197,13 +198,17 @@ class EnsembleModel:
             from transformers import StopStringCriteria
 
             stop_criteria = StopStringCriteria(self.tokenizer, stops)
-        spec = DecodeSpec(mode, max_new_tokens, min(min_new_tokens, max_new_tokens), do_sample, temperature, top_k,
-                          top_p, self.eos, self.pad, stop_criteria, output_scores)
-        # adapters with zero weight at every point contribute nothing: leave them out of the batch
+        # adapters with zero weight at every point contribute nothing: leave them out of the batch. The base stream
+        # (anchored mixing) runs only if some point's weights do not sum to 1 (where they do, it has weight 0).
         used = [i for i in range(self.k) if (w_np[:, i] > 0).any()]
         names = [self.names[i] for i in used]
         w_used = torch.tensor(w_np[:, used], dtype=torch.float32, device=self.device)
+        anchored = mode != "params" and rule == "anchored" and bool((np.abs(w_np.sum(1) - 1.0) > 0).any())
+        if anchored:
+            names.append(BASE_SLOT)
         k = len(names)
+        spec = DecodeSpec(mode, max_new_tokens, min(min_new_tokens, max_new_tokens), do_sample, temperature, top_k,
+                          top_p, self.eos, self.pad, stop_criteria, output_scores, anchored)
         u_all = None
         if do_sample:  # common random numbers: every point draws the same uniforms (paired comparisons)
             u_all = uniforms(0 if seed is None else int(seed), n_prompts, max_new_tokens, self.device).expand(
@@ -214,7 +219,7 @@ class EnsembleModel:
         scores_out: torch.Tensor | None = None
         budget = memory_budget_gb * 2**30 if memory_budget_gb else default_budget(self.device)
         rows = derive_chunking(budget, self._kv_per_token, ids.shape[1] + max_new_tokens,
-                               self.head.lm_head.weight.shape[0], k, mode, max_rows)
+                               self.head.lm_head.weight.shape[0], max(k, 1), mode, max_rows)
         plan = self._plan(n_prompts, n_points, k, rows, mode)
         capacity = (1 if self.base.is_seq2seq else ids.shape[1]) + max_new_tokens  # self-attention cache length
         pbar = None
@@ -259,8 +264,9 @@ class EnsembleModel:
         all_texts = [[self._text(tok_out[g, b, : len_out[g, b]], stops) for b in range(n_prompts)]
                      for g in range(n_points)]
         stats["seconds"] = time.perf_counter() - t0
+        stats["anchored"] = anchored
         return GenerationResult(list(prompts), list(self.names), mode, w_np, all_texts, tok_out.cpu(), len_out.cpu(),
-                                single, scores_out, stats)
+                                single, scores_out, stats, anchor if rule == "anchored" else "none")
 
     def _plan(self, n_prompts: int, n_points: int, k: int, rows: int, mode: str
               ) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -17,7 +17,9 @@ mixing rule and :func:`~emorl.ensemble.decoder.decode_chunk`), with per-pair hoo
   ``cancelled(i)`` turns true (at the next step); ``on_token`` / ``on_finish`` report tokens and finished pairs
   as they happen (streaming, early replies).
 
-A batch has one mixing mode: ``params`` rows carry merged weights, the other modes K adapter rows per prompt.
+A batch has one mixing mode (``params`` rows carry merged weights, the other modes K adapter rows per prompt) and
+either has the base stream or not (``anchored``: base-anchored points whose weights do not sum to 1 need it, as in
+``generate``; a point that sums to 1 is decoded without it there, so it must be here too to match exactly).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from emorl.ensemble.decoder import MODES, DecodeSpec, Stream, decode_chunk
-from emorl.ensemble.lora_bank import lora_bank
+from emorl.lora_bank import BASE_SLOT, lora_bank
 from emorl.sampling import uniforms
 from emorl.utils import EmorlError
 
@@ -138,13 +140,14 @@ class PairRows:
         return done
 
 
-def generate_pairs(ens: Any, names: Sequence[str], mode: str, pairs: Sequence[PairSpec], *,
+def generate_pairs(ens: Any, names: Sequence[str], mode: str, pairs: Sequence[PairSpec], *, anchored: bool = False,
                    on_token: Callable[[int, int], None] | None = None,
                    on_finish: Callable[[int, PairResult], None] | None = None,
                    cancelled: Callable[[int], bool] | None = None) -> list[PairResult]:
     """Decode ``pairs`` in one batch of mode ``mode``; ``names``: the adapters (loaded on ``ens.model``) that each
-    pair's ``weights`` refer to, in order. Adapters no pair uses are left out of the batch (as ``generate`` does).
-    For the base model (adapters off) call it inside ``adapters_disabled(ens.model)`` with one adapter, weight 1."""
+    pair's ``weights`` refer to, in order (already under their weight rule: convex points rescaled to sum 1).
+    Adapters no pair uses are left out of the batch (as ``generate`` does). ``anchored``: add the base stream, mixed
+    as (1 - sum w) h_0 + sum w_k h_k (a point w = 0 is the base model); not for ``params``."""
     from emorl.data import encode_prompts
 
     if mode not in MODES:
@@ -154,15 +157,18 @@ def generate_pairs(ens: Any, names: Sequence[str], mode: str, pairs: Sequence[Pa
     w = np.asarray([list(p.weights) for p in pairs], dtype=np.float64)
     if w.ndim != 2 or w.shape[1] != len(names):
         raise EmorlError(f"generate_pairs: every pair needs {len(names)} weights ({', '.join(names)})")
-    if not np.isfinite(w).all() or (w < 0).any() or not (w > 0).any(axis=1).all():
-        raise EmorlError("generate_pairs: weights must be finite, >= 0, with a positive weight in every pair")
+    if not np.isfinite(w).all() or (w < 0).any() or (not anchored and not (w > 0).any(axis=1).all()):
+        raise EmorlError("generate_pairs: weights must be finite, >= 0, with a positive weight in every pair "
+                         "unless anchored")
+    if anchored and mode == "params":
+        raise EmorlError("generate_pairs: params mixing has no base stream (anchored params is W0 + sum w dW)")
     for p in pairs:
         if p.max_new_tokens < 1 or (p.do_sample and not (p.temperature > 0 and p.top_k >= 0 and 0 < p.top_p <= 1)):
             raise EmorlError(f"generate_pairs: bad settings {p}")
     ens.verify_head()
     dev = ens.device
     used = [i for i in range(len(names)) if (w[:, i] > 0).any()]
-    bank_names = [names[i] for i in used]
+    bank_names = [names[i] for i in used] + ([BASE_SLOT] if anchored else [])
     w_used = torch.tensor(w[:, used], dtype=torch.float32, device=dev)
     k = len(bank_names)
     texts = list(dict.fromkeys(p.text for p in pairs))  # pairs of one prompt share its prefill rows
@@ -178,7 +184,7 @@ def generate_pairs(ens: Any, names: Sequence[str], mode: str, pairs: Sequence[Pa
                 u[i, : p.max_new_tokens] = uniforms(int(p.seed), p.row + 1, p.max_new_tokens)[p.row]
         u = u.to(dev)
     rows = PairRows(ens, pairs, t_max, dev, on_token, on_finish, cancelled)
-    spec = DecodeSpec(mode, t_max, 0, u is not None, 1.0, 0, 1.0, ens.eos, ens.pad, rows=rows)
+    spec = DecodeSpec(mode, t_max, 0, u is not None, 1.0, 0, 1.0, ens.eos, ens.pad, anchored=anchored, rows=rows)
     cap = ((1 if ens.base.is_seq2seq else ids.shape[1]) + t_max) if ens.preallocate else None
     params = mode == "params"
     with torch.inference_mode(), lora_bank(ens.model, bank_names, w_used[:1] if params else None) as bank:

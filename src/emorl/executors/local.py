@@ -73,17 +73,17 @@ class LocalExecutor:
 
     def search_objective(self, mode: str, names: list[str], prompts: list[str]) -> Any:
         from emorl.ensemble.model import EnsembleModel
-        from emorl.search.objective import EnsembleObjective
+        from emorl.search.objective import build_objective
 
         if self._ensemble is None or list(self._ensemble.names) != list(names):
             self._ensemble = EnsembleModel(self.res.base, {o: self.run / "adapters" / o for o in names})
         sc = self.cfg.search
-        return EnsembleObjective(self._ensemble, prompts, self.res.rewards, mode=mode, generation=sc.generation,
-                                 seed=sc.seed, objective_weights=sc.objective_weights)
+        return build_objective(self._ensemble, prompts, self.res.rewards, mode, sc)
 
     def decode_methods(self, specs: list[Any], prompts: list[str], seeds: list[int]
                        ) -> Iterator[tuple[Any, list[Decoded]]]:
-        from emorl.evaluate import Decoder, any_adapter, decode_with
+        from emorl.decoding import Decoder, decode_with
+        from emorl.evaluate import any_adapter
 
         yield from decode_with(Decoder(self.res.base, self.cfg.eval.generation, any_adapter(self.run, specs)))(
             specs, prompts, seeds)

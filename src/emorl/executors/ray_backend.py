@@ -158,14 +158,13 @@ class Worker:
 
     def _objective(self, mode: str, names: list[str], prompts: list[str]) -> Any:
         from emorl.ensemble.model import EnsembleModel
-        from emorl.search.objective import EnsembleObjective
+        from emorl.search.objective import build_objective
 
         key = tuple(names)
         if key not in self._ensembles:
             self._ensembles[key] = EnsembleModel(self.base, {o: self.dir / "adapters" / o for o in names})
         sc = self.cfg.search
-        return EnsembleObjective(self._ensembles[key], prompts, self.rewards, mode=mode, generation=sc.generation,
-                                 seed=sc.seed, objective_weights=sc.objective_weights)
+        return build_objective(self._ensembles[key], prompts, self.rewards, mode, sc)
 
     def score(self, mode: str, names: list[str], prompts: list[str], points: np.ndarray
               ) -> list[tuple[float, dict[str, float]]]:
@@ -180,7 +179,7 @@ class Worker:
         """One method's replies for every seed; the spec's adapter folders are mapped into this worker's copy."""
         import dataclasses
 
-        from emorl.evaluate import Decoder, decode_with
+        from emorl.decoding import Decoder, decode_with
 
         def here(p: Any) -> Path:
             return self.dir / Path(p).relative_to(run)

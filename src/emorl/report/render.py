@@ -258,9 +258,13 @@ def render_markdown(run: Path, s: dict[str, Any], tables: dict[str, tuple[list[s
                   "own adapter alone (same prompts, same decoding):", "", markdown(*tables["improvement"]), ""]
     if s["search"]:
         lines += ["## Weights found", "", markdown(*tables["weights"]), "",
-                  "Weights are in [0, 1] per adapter, as the search found them. Hidden and logit mixes depend only on "
-                  "their ratios (sampled decodes rescale them to sum 1); parameter mixes use them as given. The "
-                  "aggregate is the mean objective score on the validation prompts the search decoded."
+                  "Weights per adapter, as the search found them, under one rule for every mode: *base-anchored* "
+                  "mixes (EMORL, logit mixing, Model Soups as task arithmetic) use them as given, each adapter's "
+                  "shift of the base model at strength w_k (h0 + sum w_k (h_k - h0); W0 + sum w_k dW_k), searched "
+                  "in [0, w_max]^K; *convex* mixes (EMORL convex, the parameter average, probability mixing) are "
+                  "rescaled to sum 1, so only their ratios matter. Each method is evaluated exactly as its search "
+                  "scored it. The aggregate is the mean objective score on the validation prompts the search "
+                  "decoded."
                   + (" *: the search's best point was all zero (every point scored the same), which cannot be "
                      "decoded; evaluation used the best other point, shown." if any(r[0].endswith("*") for r in
                                                                                  tables["weights"][1]) else ""), ""]

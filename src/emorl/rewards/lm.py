@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from emorl.models import cache_kwarg, output_cache, position_ids
 from emorl.rewards.base import Options, RewardError, empty, pick_device, positive, register_reward, shared
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def causal_nll(model: Any, contexts: list[list[int]], targets: list[list[int]], 
     prefix_cache = None
     if plen >= min_prefix:
         pout = model(input_ids=torch.tensor([rows[todo[0]][0][:plen]], device=device), use_cache=True)
-        prefix_cache = getattr(pout, "cache", None) or getattr(pout, "past_key_values", None)
+        prefix_cache = output_cache(pout)
     if prefix_cache is None or not hasattr(prefix_cache, "batch_repeat_interleave"):  # short prefix, legacy cache
         prefix_cache, plen = None, 0
     for s in range(0, len(todo), micro_batch):
@@ -98,12 +99,12 @@ def causal_nll(model: Any, contexts: list[list[int]], targets: list[list[int]], 
         for r, q in enumerate(seqs):
             ids[r, T - len(q):] = torch.tensor(q)
             mask[r, T - len(q):] = 1
-        pos = plen + (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = plen + position_ids(mask)
         kw: dict[str, Any] = {"input_ids": ids.to(device), "position_ids": pos.to(device)}
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(len(idx))
-            kw["cache" if _accepts(model, "cache") else "past_key_values"] = cache  # renamed during transformers 5.x
+            kw[cache_kwarg(model)] = cache
             kw["attention_mask"] = torch.cat([torch.ones((len(idx), plen), dtype=torch.long), mask], -1).to(device)
             kw["use_cache"] = True
         else:

@@ -12,8 +12,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "objective's reward, and search the weights (RUN/search/<mode>/: points.jsonl, "
                                    "best.json, figures).")
     p.add_argument("--run", required=True, help="run folder (holds config.yaml and adapters/<objective>/)")
-    p.add_argument("--mode", default="hidden", choices=["hidden", "logits", "probs", "params"],
-                   help="how the adapters are mixed while decoding (default: hidden, the paper's EMORL)")
+    p.add_argument("--mode", default="hidden",
+                   help="how the adapters are mixed: hidden (EMORL, default), logits, probs, params; add -convex for "
+                        "the sum-1 form (hidden-convex is the paper's mix, params-convex the parameter average); "
+                        "plain names follow search.anchor (default base: h0 + sum w_k (h_k - h0))")
     p.add_argument("--method", choices=["hierarchical", "grid", "random"], help="default: search.method")
     p.add_argument("--iterations", type=int, help="hierarchical rounds (default: search.iterations)")
     p.add_argument("--prompts", type=int, help="validation prompts per weight point (default: search.prompts)")

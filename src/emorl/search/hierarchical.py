@@ -112,8 +112,8 @@ def best_subcube(scores: np.ndarray) -> tuple[int, ...]:
 
 def hierarchical_search(objective: Callable[[np.ndarray], Sequence[Any]], dim: int, iterations: int = 5, *,
                         scale_invariant: bool = False, store: Any = None, progress: bool = True,
-                        batch_points: int = 8, desc: str = "hierarchical search") -> SearchResult:
-    """Search the weight box [0, 1]^dim for the point that maximises ``objective``.
+                        batch_points: int = 8, desc: str = "hierarchical search", box: float = 1.0) -> SearchResult:
+    """Search the weight box [0, box]^dim for the point that maximises ``objective``.
 
     ``objective`` takes an (n, dim) array of weight points and returns n scores (numbers, or dicts
     ``{"aggregate": float, "scores": {name: float}}``). ``scale_invariant=True`` declares that the objective
@@ -125,7 +125,7 @@ def hierarchical_search(objective: Callable[[np.ndarray], Sequence[Any]], dim: i
     ev = Evaluator(objective, dim, scale_invariant=scale_invariant, store=store, batch_points=batch_points,
                    progress=progress, total=expected_evaluations(dim, iterations), desc=desc)
     rounds: list[Round] = []
-    lo, side = np.zeros(dim), 1.0  # the box [0, 1]^d
+    lo, side = np.zeros(dim), float(box)  # the box [0, box]^d
     try:
         for r in range(iterations):
             grid = box_grid(lo, side)  # 3 points per axis

@@ -13,19 +13,18 @@ from typing import Any
 import numpy as np
 
 from emorl.config import GenerationConfig
+from emorl.ensemble.decoder import MODES
 from emorl.search.evaluator import Score
 from emorl.utils import EmorlError
 
-MODES = ("hidden", "logits", "probs", "params")
-# Modes whose decode depends only on the direction of w. Greedy: hidden and logits mixing are linear in w before
-# an argmax, so w and c·w (c > 0) pick the same tokens. Sampled: c would act as an inverse temperature, so the
-# objective decodes w / sum(w) (as the evaluation does), and every point draws the same random numbers: again only
-# the direction counts. Never params (w scales the task vectors).
-SCALE_INVARIANT_MODES = ("hidden", "logits")
 
+def is_scale_invariant(mode: str, anchor: str = "base") -> bool:
+    """Convex mixes (``anchor="none"``, and ``probs``) decode w / sum(w): only the direction counts, greedy or
+    sampled (every point draws the same random numbers), so the search scores each direction once. Anchored mixes
+    use w as given (its scale is each adapter's strength)."""
+    from emorl.ensemble.decoder import is_scale_invariant as rule
 
-def is_scale_invariant(mode: str, generation: GenerationConfig) -> bool:
-    return mode in SCALE_INVARIANT_MODES
+    return rule(mode, anchor)
 
 
 def aggregate_weights(objectives: Sequence[str], objective_weights: Sequence[float] | None) -> np.ndarray:
@@ -51,7 +50,7 @@ class EnsembleObjective:
 
     def __init__(self, ensemble: Any, prompts: Sequence[str], rewards: dict[str, Any], *, mode: str = "hidden",
                  generation: GenerationConfig | None = None, seed: int = 0,
-                 objective_weights: Sequence[float] | None = None) -> None:
+                 objective_weights: Sequence[float] | None = None, anchor: str = "base") -> None:
         if mode not in MODES:
             raise EmorlError(f"search mode {mode!r} is not one of {', '.join(MODES)}")
         if not prompts:
@@ -64,11 +63,11 @@ class EnsembleObjective:
         self.rewards = dict(rewards)
         self.names = list(ensemble.names)
         self.mode = mode
+        self.anchor = anchor
         self.generation = generation or GenerationConfig(do_sample=False)
         self.seed = seed
         self.weights = aggregate_weights(list(self.rewards), objective_weights)
         self.points_decoded = 0
-        self._base_replies: list[str] | None = None
 
     @property
     def dim(self) -> int:
@@ -76,17 +75,19 @@ class EnsembleObjective:
 
     @property
     def scale_invariant(self) -> bool:
-        return is_scale_invariant(self.mode, self.generation)
+        return is_scale_invariant(self.mode, self.anchor)
 
     def __call__(self, points: np.ndarray) -> list[Score]:
+        from emorl.decoding import generation_kwargs
+
         points = np.asarray(points, dtype=np.float64)
-        zero = ~(points > 0).any(axis=1)
+        # w = 0 of a convex mix is degenerate (no direction); anchored, it is the base model and is decoded
+        zero = ~(points > 0).any(axis=1) if self.scale_invariant else np.zeros(len(points), dtype=bool)
         texts: list[list[str]] = [[] for _ in range(len(points))]
         live = np.flatnonzero(~zero)
         if len(live):
-            normalize = self.generation.do_sample and self.mode in SCALE_INVARIANT_MODES  # as the evaluation
             out = self.ensemble.generate(self.prompts, weights=points[live], mode=self.mode, seed=self.seed,
-                                         normalize=normalize, **_generation_kwargs(self.generation))
+                                         anchor=self.anchor, **generation_kwargs(self.generation))
             groups = out.all_texts if hasattr(out, "all_texts") else out
             if len(groups) != len(live) or any(len(t) != len(self.prompts) for t in groups):
                 raise EmorlError(f"the ensemble returned {len(groups)} groups of replies for {len(live)} weight "
@@ -99,14 +100,9 @@ class EnsembleObjective:
         return self.score_replies(texts)
 
     def zero_replies(self) -> list[str]:
-        """Replies at w = 0. Mixing modes: no adapter contributes, the mixed logits are zero (hidden) or
-        constant (logits, probs), so the decode is degenerate and treated as empty replies. ``params``: W0
-        alone, i.e. the base model, decoded with the adapters disabled (the ensemble refuses all-zero weights)."""
-        if self.mode != "params":
-            return [""] * len(self.prompts)
-        if self._base_replies is None:
-            self._base_replies = decode_base(self.ensemble.base, self.prompts, self.generation, self.seed)
-        return list(self._base_replies)
+        """Replies at w = 0 of a convex mix: no adapter contributes, the mixed logits are zero (hidden) or constant
+        (logits, probs), so the decode is degenerate and treated as empty replies."""
+        return [""] * len(self.prompts)
 
     def score_replies(self, texts: Sequence[Sequence[str]]) -> list[Score]:
         """Scores of G groups of replies (one group per weight point, one reply per prompt): each reward is
@@ -126,28 +122,11 @@ class EnsembleObjective:
         return self.score_replies([[""] * len(self.prompts)])[0]
 
 
-def _generation_kwargs(g: GenerationConfig) -> dict[str, Any]:
-    return {"max_new_tokens": g.max_new_tokens, "min_new_tokens": g.min_new_tokens, "do_sample": g.do_sample,
-            "temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p}
+def build_objective(ensemble: Any, prompts: Sequence[str], rewards: dict[str, Any], key: str, search: Any
+                    ) -> EnsembleObjective:
+    """The objective of search key ``key`` (e.g. ``hidden``, ``params-convex``) with a SearchConfig's settings."""
+    from emorl.decoding import parse_mix
 
-
-def decode_base(base: Any, prompts: list[str], generation: GenerationConfig, seed: int) -> list[str]:
-    """Replies of the base model alone (adapters disabled), with the ensemble's prompt formatting."""
-    import torch
-
-    from emorl.data import encode_prompts, format_prompts
-    from emorl.models import adapters_disabled
-
-    texts = format_prompts(base.tokenizer, prompts, base.is_seq2seq, base.config.system_prompt)
-    enc = encode_prompts(base.tokenizer, texts, base.config.max_prompt_tokens, base.is_seq2seq, base.device)
-    g = generation
-    kw: dict[str, Any] = {"max_new_tokens": g.max_new_tokens, "min_new_tokens": g.min_new_tokens,
-                          "do_sample": g.do_sample, "pad_token_id": base.tokenizer.pad_token_id}
-    if g.do_sample:
-        kw.update(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
-        torch.manual_seed(seed)
-    with torch.inference_mode(), adapters_disabled(base.model):
-        out = base.model.generate(**enc, **kw)
-    if not base.is_seq2seq:
-        out = out[:, enc["input_ids"].shape[1]:]
-    return [t.strip() for t in base.tokenizer.batch_decode(out, skip_special_tokens=True)]
+    mode, anchor = parse_mix(key, search.anchor)
+    return EnsembleObjective(ensemble, prompts, rewards, mode=mode, anchor=anchor, generation=search.generation,
+                             seed=search.seed, objective_weights=search.objective_weights)

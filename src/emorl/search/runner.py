@@ -18,7 +18,7 @@ from typing import Any
 from emorl.config import RunConfig, load_config
 from emorl.search.baselines import grid_search, random_search
 from emorl.search.hierarchical import SearchResult, check_search_args, hierarchical_search
-from emorl.search.objective import MODES, EnsembleObjective, aggregate_weights, is_scale_invariant
+from emorl.search.objective import aggregate_weights, build_objective, is_scale_invariant
 from emorl.search.store import PointStore, adapter_identity
 from emorl.utils import EmorlError
 
@@ -66,8 +66,13 @@ def search_run(run_dir: str | Path, cfg: RunConfig | None = None, *, mode: str =
     cfg = cfg or load_run_config(run_dir)
     sc = cfg.search
     method = method or sc.method
-    if mode not in MODES:
-        raise EmorlError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
+    from emorl.decoding import parse_mix
+
+    mix_mode, anchor = parse_mix(mode, sc.anchor)  # `mode` is a search key: hidden, hidden-convex, params, ...
+    inv = is_scale_invariant(mix_mode, anchor)
+    box = 1.0 if inv else float(sc.w_max)
+    if not box > 0:
+        raise EmorlError(f"search.w_max must be > 0, got {sc.w_max}")
     if method not in METHODS:
         raise EmorlError(f"--method {method!r} is not one of {', '.join(METHODS)}")
     if sc.prompts < 1:
@@ -87,6 +92,8 @@ def search_run(run_dir: str | Path, cfg: RunConfig | None = None, *, mode: str =
         "names": names,
         "adapters": {n: adapter_identity(f) for n, f in folders.items()},
         "mode": mode,
+        "anchor": anchor,
+        "box": box,
         "method": method,
         "objectives": cfg.objectives,
         "objective_weights": sc.objective_weights,
@@ -113,13 +120,11 @@ def search_run(run_dir: str | Path, cfg: RunConfig | None = None, *, mode: str =
         from emorl.rewards import build_rewards
 
         rewards = build_rewards(cfg.objectives, getattr(ensemble, "base", None))
-        obj = EnsembleObjective(ensemble, prompts, rewards, mode=mode, generation=sc.generation, seed=sc.seed,
-                                objective_weights=sc.objective_weights)
-    inv = is_scale_invariant(mode, sc.generation)
+        obj = build_objective(ensemble, prompts, rewards, mode, sc)
     t0 = time.perf_counter()
     # an objective spread over W workers (the Ray executor's) gets W batches at once: a full batch per worker
     batch = sc.batch_points * max(1, int(getattr(obj, "parallelism", 1)))
-    common = {"scale_invariant": inv, "store": store, "progress": progress, "batch_points": batch}
+    common = {"scale_invariant": inv, "store": store, "progress": progress, "batch_points": batch, "box": box}
     if method == "hierarchical":
         result = hierarchical_search(obj, len(names), sc.iterations, desc=f"search {mode}", **common)
     elif method == "grid":
@@ -127,7 +132,8 @@ def search_run(run_dir: str | Path, cfg: RunConfig | None = None, *, mode: str =
     else:
         result = random_search(obj, len(names), sc.random_points, seed=sc.seed, **common)
     payload = result.to_json(names)
-    payload.update({"mode": mode, "scale_invariant": inv, "prompts": len(prompts), "iterations": sc.iterations,
+    payload.update({"mode": mix_mode, "search_key": mode, "anchor": anchor, "box": box, "scale_invariant": inv,
+                    "prompts": len(prompts), "iterations": sc.iterations,
                     "wall_time_s": round(time.perf_counter() - t0, 3), "objective_weights": list(agg_weights),
                     "adapters": header["adapters"]})
     store.write_best(payload)

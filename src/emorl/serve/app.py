@@ -155,15 +155,15 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         now = int(time.time())
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": now, "owned_by": "emorl",
-             "emorl": {"kind": m.kind, "mode": m.mode, "label": m.label,
-                       "searched": m.kind == "mix" and (m.mode or "hidden") in engine.searched}}
+             "emorl": {"kind": m.kind, "mode": m.mode, "anchor": m.anchor, "label": m.label,
+                       "searched": any(s["method"] == m.name for s in engine.searched.values())}}
             for m in engine.methods.values()]}
 
     @app.get("/v1/objectives")
     async def objectives() -> dict[str, Any]:
         gen = engine.cfg.eval.generation
         return {"objectives": engine.objectives, "adapters": engine.adapters, "searched": engine.searched,
-                "methods": [{"id": m.name, "kind": m.kind, "mode": m.mode, "label": m.label}
+                "methods": [{"id": m.name, "kind": m.kind, "mode": m.mode, "anchor": m.anchor, "label": m.label}
                             for m in engine.methods.values()],
                 "generation": {"max_tokens": min(gen.max_new_tokens, engine.max_tokens), "do_sample": gen.do_sample,
                                "temperature": gen.temperature, "top_k": gen.top_k, "top_p": gen.top_p},

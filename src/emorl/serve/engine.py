@@ -4,11 +4,12 @@
 loaded as further adapters on the same model) and its rewards. Requests become :class:`Job` s (one
 :class:`~emorl.ensemble.pairs.PairSpec` per choice); the scheduler thread is the only one that touches the model.
 It takes the oldest waiting job, waits at most ``max_wait_ms`` from that job's arrival for others (or until
-``max_batch_rows`` backbone rows are taken), and decodes every job with the same batch key — the mixing mode, or
-the base model with adapters off — in ONE :func:`~emorl.ensemble.pairs.generate_pairs` call, whatever their
-weights, sampling settings, lengths and seeds. Jobs of another key go in the next batch. Finished pairs are
-reported at once (a short reply does not wait for the batch's longest); a cancelled job (client gone) is dropped
-before its batch starts, or ends at the next decoding step. Scoring jobs run on the same thread, between batches.
+``max_batch_rows`` backbone rows are taken), and decodes every job with the same batch key — the mixing mode, and
+whether the base stream is needed (base-anchored points not summing to 1, the base model itself) — in ONE
+:func:`~emorl.ensemble.pairs.generate_pairs` call, whatever their weights, sampling settings, lengths and seeds.
+Jobs of another key go in the next batch. Finished pairs are reported at once (a short reply does not wait for
+the batch's longest); a cancelled job (client gone) is dropped before its batch starts, or ends at the next
+decoding step. Scoring jobs run on the same thread, between batches.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ from emorl.utils import EmorlError
 
 log = logging.getLogger("emorl.serve")
 
-BASELINES = ("uniform", "dynaopt", "fixed")
-MIX_METHODS = {"emorl": "hidden", "soups": "params", "logits": "logits", "probs": "probs"}
+BASELINES = ("uniform", "dynaopt", "gdpo", "fixed")
 
 
 @dataclass
@@ -37,9 +37,11 @@ class Method:
 
     name: str
     kind: str  # mix | adapter | base
-    mode: str | None = None  # mix: default mode; None for emorl = any mode
+    mode: str | None = None  # mix: its mode
+    anchor: str | None = None  # mix: its weight rule ("base" anchored, "none" convex)
     adapter: str | None = None  # adapter: the adapter's name on the model
     label: str = ""
+    free: bool = False  # model "emorl": the request may pick any mode and anchor
 
 
 @dataclass
@@ -47,7 +49,7 @@ class Job:
     """One request's choices, decoded together in one batch. ``emit(event)`` is called from the scheduler thread
     with ("token", choice, id), ("finish", choice, PairResult), ("error", message) or ("done", None)."""
 
-    key: str  # batch key: a mixing mode, or "base"
+    key: str  # batch key: a mixing mode, "+base" when the batch needs the base stream; or "score"
     pairs: list[PairSpec]
     emit: Callable[[tuple[str, Any, Any]], None]
     rows: int = 1
@@ -104,34 +106,40 @@ class Engine:
     # ------------------------------------------------------------------------------------------- run contents
 
     def _methods(self, baselines: list[str]) -> dict[str, Method]:
-        from emorl.evaluate import SINGLE, method_label
+        """Every method of ``emorl evaluate`` this run can serve, named as there."""
+        from emorl.decoding import parse_mix
+        from emorl.evaluate import METHODS, SINGLE, method_label
 
-        out = {name: Method(name, "mix", None if name == "emorl" else mode, label=method_label(name))
-               for name, mode in MIX_METHODS.items()}
+        out = {}
+        for name, (kind, key) in METHODS.items():
+            if kind == "ensemble":
+                mode, anchor = parse_mix(str(key), self.cfg.search.anchor)
+                out[name] = Method(name, "mix", mode, anchor, label=method_label(name), free=name == "emorl")
         for b in baselines:
-            out[b] = Method(b, "adapter", "hidden", b, method_label(b))
+            out[b] = Method(b, "adapter", "hidden", "base", b, method_label(b))
         for o in self.objectives:
-            out[f"{SINGLE}{o}"] = Method(f"{SINGLE}{o}", "adapter", "hidden", o, method_label(f"{SINGLE}{o}"))
-        out["base"] = Method("base", "base", label=method_label("base"))
+            out[f"{SINGLE}{o}"] = Method(f"{SINGLE}{o}", "adapter", "hidden", "base", o, method_label(f"{SINGLE}{o}"))
+        out["base"] = Method("base", "base", "hidden", "base", label=method_label("base"))
         return out
 
     def _searched(self) -> dict[str, dict[str, Any]]:
-        """mode -> {weights, aggregate, scores} of RUN/search/<mode>/best.json, for modes whose search matches
-        these adapters (checked as ``emorl evaluate`` does)."""
-        from emorl.evaluate import MODE_METHOD, resolve_methods
+        """search key -> {mode, anchor, weights, aggregate, scores} of RUN/search/<key>/best.json, for the searches
+        that match these adapters (checked as ``emorl evaluate`` does)."""
+        from emorl.evaluate import resolve_methods
 
         out = {}
-        for mode, method in MODE_METHOD.items():
-            if not (self.run / "search" / mode / "best.json").exists():
+        for name, m in self.methods.items():
+            if m.kind != "mix":
                 continue
             try:
-                spec = resolve_methods(self.run, self.cfg, [method])[0]
+                spec = resolve_methods(self.run, self.cfg, [name])[0]
             except EmorlError as e:
-                log.warning("searched weights for mode %s not used: %s", mode, e)
+                log.info("searched weights of %s not available: %s", name, e)
                 continue
             best = spec.search or {}
-            out[mode] = {"weights": dict(zip(self.objectives, spec.weights or [], strict=False)),
-                         "aggregate": best.get("aggregate"), "scores": best.get("scores")}
+            out[str(spec.search_key)] = {"method": name, "mode": spec.mode, "anchor": spec.anchor,
+                                         "weights": dict(zip(self.objectives, spec.weights or [], strict=False)),
+                                         "aggregate": best.get("aggregate"), "scores": best.get("scores")}
         return out
 
     def front_data(self) -> dict[str, Any]:
@@ -139,10 +147,8 @@ class Engine:
         from emorl.utils import read_jsonl
 
         points: dict[str, list[dict[str, Any]]] = {}
-        for mode in ("hidden", "params", "logits", "probs"):
-            f = self.run / "search" / mode / "points.jsonl"
-            if not f.exists():
-                continue
+        for f in sorted((self.run / "search").glob("*/points.jsonl")):
+            mode = f.parent.name
             rows = [r for r in read_jsonl(f) if r.get("kind") != "header" and r.get("scores") and any(r["weights"])]
             points[mode] = [{"weights": dict(zip(self.objectives, r["weights"], strict=False)),
                              "scores": r["scores"], "aggregate": r.get("aggregate")} for r in rows]
@@ -234,10 +240,10 @@ class Engine:
     def _rows(self, jobs: list[Job]) -> int:
         """Backbone rows a batch of these jobs takes: pairs x adapters used by any of them (params: pairs)."""
         pairs = [p for j in jobs for p in j.pairs]
-        if not pairs or jobs[0].key in ("params", "base", "score"):
+        if not pairs or jobs[0].key in ("params", "score"):
             return max(1, len(pairs))
         used = {i for p in pairs for i, w in enumerate(p.weights) if w > 0}
-        return len(pairs) * max(1, len(used))
+        return len(pairs) * (len(used) + (1 if jobs[0].key.endswith("+base") else 0))
 
     def _loop(self) -> None:
         while True:
@@ -261,8 +267,6 @@ class Engine:
                     self._busy = False
 
     def _decode(self, batch: list[Job]) -> None:
-        from emorl.models import adapters_disabled
-
         owner = [(j, c) for j in batch for c in range(len(j.pairs))]
         pairs = [p for j in batch for p in j.pairs]
         for j in batch:
@@ -287,14 +291,8 @@ class Engine:
             return owner[i][0].cancelled.is_set() or self._cancel_inflight
 
         key = batch[0].key
-        if key == "base":  # adapters off: any one adapter through the same engine, weight 1 (as evaluate does)
-            pairs = [PairSpec(**{**p.__dict__, "weights": [1.0]}) for p in pairs]
-            with adapters_disabled(self.ens.model):
-                generate_pairs(self.ens, self.adapters[:1], "hidden", pairs, on_token=on_token, on_finish=on_finish,
-                               cancelled=cancelled)
-        else:
-            generate_pairs(self.ens, self.adapters, key, pairs, on_token=on_token, on_finish=on_finish,
-                           cancelled=cancelled)
+        generate_pairs(self.ens, self.adapters, key.removesuffix("+base"), pairs, anchored=key.endswith("+base"),
+                       on_token=on_token, on_finish=on_finish, cancelled=cancelled)
         st = self.stats
         st["batches"] += 1
         st["jobs"] += len(batch)

@@ -5,7 +5,7 @@ The chat request's steering extension (top level, so the ``openai`` client's ``e
 
     "emorl": {"weights": {"reflection": 0.8, "empathy": 0.5, "fluency": 0.1},   # or a list in objective order
               "mode": "hidden",        # hidden | logits | probs | params (model "emorl" only)
-              "normalize": true,       # rescale to sum 1 (default for hidden and logits, as `emorl evaluate`)
+              "anchor": "base",        # base: shifts of the base at strength w (w = 0 is the base); none: convex
               "top_k": 50}             # sampling filter (default: the run's eval.generation.top_k)
 """
 
@@ -79,7 +79,7 @@ def _text(content: Any, where: str) -> str:
     raise bad(where, "expected a string (or a list of {\"type\": \"text\", \"text\": ...} parts)")
 
 
-def parse_weights(raw: Any, objectives: list[str]) -> list[float]:
+def parse_weights(raw: Any, objectives: list[str], allow_zero: bool = False) -> list[float]:
     """Weights as a {objective: w} object naming every objective, or a list in objective order."""
     names = ", ".join(objectives)
     if isinstance(raw, dict):
@@ -107,9 +107,9 @@ def parse_weights(raw: Any, objectives: list[str]) -> list[float]:
         if v < 0:
             raise bad("emorl.weights", f"weight for {o} is {v}; weights must be >= 0")
         out.append(float(v))
-    if not any(out):
+    if not any(out) and not allow_zero:
         raise bad("emorl.weights", "all weights are zero, so no adapter contributes; give at least one positive "
-                                   "weight")
+                                   "weight (or use anchor \"base\", where w = 0 is the base model)")
     return out
 
 
@@ -118,25 +118,24 @@ class ChatRequest:
     """A validated chat completion request, ready to become a :class:`~emorl.serve.engine.Job`."""
 
     model: str
-    key: str  # batch key: mixing mode or "base"
+    key: str  # batch key: mixing mode, "+base" if it needs the base stream
     mode: str
+    anchor: str
     weights: dict[str, float] | None  # the objective weights used (after normalisation); None for base
     pairs: list[PairSpec]
     stream: bool
     include_usage: bool
     seed: int | None
     prompt_tokens: int
-    normalized: bool
 
     def extension(self) -> dict[str, Any]:
-        return {"mode": self.mode, "weights": self.weights, "normalized": self.normalized, "seed": self.seed}
+        return {"mode": self.mode, "anchor": self.anchor, "weights": self.weights, "seed": self.seed}
 
 
 def parse_chat(body: Any, engine: Any) -> ChatRequest:
     """Validate a /v1/chat/completions body against the run (``engine``); raises :class:`ApiError`."""
     from emorl.data import format_prompts
-    from emorl.ensemble.decoder import MODES
-    from emorl.evaluate import NORMALIZED_MODES
+    from emorl.ensemble.decoder import ANCHORS, MODES, weight_rule
 
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
@@ -153,11 +152,9 @@ def parse_chat(body: Any, engine: Any) -> ChatRequest:
     ext = body.get("emorl") or {}
     if not isinstance(ext, dict):
         raise bad("emorl", "expected an object like {\"weights\": {...}, \"mode\": \"hidden\"}")
-    unknown = [k for k in ext if k not in ("weights", "mode", "normalize", "top_k", "anchor")]
+    unknown = [k for k in ext if k not in ("weights", "mode", "anchor", "top_k")]
     if unknown:
-        raise bad("emorl", f"unknown field(s) {unknown}; known: weights, mode, normalize, top_k")
-    if ext.get("anchor") is not None:
-        raise bad("emorl.anchor", "base-anchored mixing is not available in this version; leave it out")
+        raise bad("emorl", f"unknown field(s) {unknown}; known: weights, mode, anchor, top_k")
 
     # the statement: the last user message; the system prompt: the request's, else the run's
     msgs = body.get("messages")
@@ -185,38 +182,42 @@ def parse_chat(body: Any, engine: Any) -> ChatRequest:
 
     # weights and mode
     gen = engine.cfg.eval.generation
-    mode_req = ext.get("mode")
+    mode_req, anchor_req = ext.get("mode"), ext.get("anchor")
     if mode_req is not None and mode_req not in MODES:
         raise bad("emorl.mode", f"{mode_req!r}; choose one of {', '.join(MODES)}")
-    normalize = ext.get("normalize")
-    if normalize is not None and not isinstance(normalize, bool):
-        raise bad("emorl.normalize", "expected true or false")
-    weights: list[float] | None = None
+    if anchor_req is not None and anchor_req not in ANCHORS:
+        raise bad("emorl.anchor", f"{anchor_req!r}; choose 'base' (each adapter's shift of the base at strength w, "
+                                  "w = 0 is the base) or 'none' (the convex mix: weights rescaled to sum 1)")
     if method.kind == "mix":
+        for f, req, have in (("mode", mode_req, method.mode), ("anchor", anchor_req, method.anchor)):
+            if not method.free and req is not None and req != have:
+                raise bad(f"emorl.{f}", f"model {model!r} is {f} {have!r}; use model \"emorl\" to choose the {f}")
         mode = mode_req or method.mode or "hidden"
-        if method.mode and mode != method.mode:
-            raise bad("emorl.mode", f"model {model!r} is mode {method.mode!r}; use model \"emorl\" to pick a mode")
+        anchor = "none" if mode == "probs" else anchor_req or (method.anchor if not mode_req else None) or \
+            engine.cfg.search.anchor
+        rule = weight_rule(mode, anchor)
         if ext.get("weights") is not None:
-            weights = parse_weights(ext["weights"], engine.objectives)
-        elif mode in engine.searched:
-            weights = [engine.searched[mode]["weights"][o] for o in engine.objectives]
+            weights = parse_weights(ext["weights"], engine.objectives, allow_zero=rule == "anchored")
         else:
-            raise bad("emorl.weights", f"this run has no searched weights for mode {mode!r} (run `emorl search "
-                                       f"--mode {mode}`); give emorl.weights")
-        normalized = mode in NORMALIZED_MODES if normalize is None else normalize
-        if normalized:
+            found = [s for s in engine.searched.values() if s["mode"] == mode and s["anchor"] == anchor]
+            if not found:
+                raise bad("emorl.weights", f"this run has no searched weights for mode {mode!r} with anchor "
+                                           f"{anchor!r} (`emorl search --mode ...`); give emorl.weights")
+            weights = [found[0]["weights"][o] for o in engine.objectives]
+        if rule == "convex":
             total = sum(weights)
             weights = [w / total for w in weights]
         full = weights + [0.0] * (len(engine.adapters) - len(weights))
-        key = mode
+        needs_base = mode != "params" and rule == "anchored" and abs(sum(weights) - 1.0) > 0
+        key = mode + ("+base" if needs_base else "")
     else:
-        for f in ("weights", "mode", "normalize"):
+        for f in ("weights", "mode", "anchor"):
             if ext.get(f) is not None:
-                raise bad(f"emorl.{f}", f"model {model!r} is one trained policy; weights and modes apply to the "
-                                        "mixes (model \"emorl\", \"soups\", \"logits\")")
-        mode, normalized = "hidden", False
-        full = [1.0 if a == method.adapter else 0.0 for a in engine.adapters]
-        key = "base" if method.kind == "base" else "hidden"
+                raise bad(f"emorl.{f}", f"model {model!r} is one trained policy; weights, modes and anchors apply to "
+                                        "the mixes (model \"emorl\", \"soups\", \"logits\", ...)")
+        mode, anchor, weights = "hidden", "base", None
+        full = [1.0 if a == method.adapter else 0.0 for a in engine.adapters]  # base: all 0, the base stream
+        key = "hidden+base" if method.kind == "base" else "hidden"
 
     # sampling settings: the request's, else the run's evaluation settings
     n = _int(body, "n", 1, MAX_N) or 1
@@ -248,8 +249,9 @@ def parse_chat(body: Any, engine: Any) -> ChatRequest:
                 "top_p": (top_p if top_p is not None else gen.top_p) if do_sample else 1.0,
                 "seed": seed or 0, "stop": tuple(stops)}
     pairs = [PairSpec(prompt, full, row=j, **settings) for j in range(n)]
-    return ChatRequest(model, key, mode, dict(zip(engine.objectives, weights, strict=True)) if weights else None,
-                       pairs, stream, bool(opts.get("include_usage")), seed if do_sample else None, n_tok, normalized)
+    return ChatRequest(model, key, mode, anchor,
+                       dict(zip(engine.objectives, weights, strict=True)) if weights is not None else None,
+                       pairs, stream, bool(opts.get("include_usage")), seed if do_sample else None, n_tok)
 
 
 def parse_score(body: Any) -> tuple[list[str], list[str]]:

@@ -23,13 +23,14 @@ Two things keep the update cheap on memory and time:
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import LlamaForCausalLM
+
+from emorl.models import cache_kwarg, output_cache, position_ids
 
 # ------------------------------------------------------------------------------------------ rewards
 
@@ -90,12 +91,7 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.T
 
 # ------------------------------------------------------------------------------------------ log-probs
 
-# transformers renamed the `past_key_values` argument/output to `cache` during 5.x; accept both
-CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-
-
-def _output_cache(out: Any) -> Any:
-    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+CACHE_KW = cache_kwarg(LlamaForCausalLM)  # the KV-cache argument's name in this transformers version
 
 
 
@@ -114,11 +110,11 @@ def causal_token_logprobs(model: Any, batch: RolloutBatch, share_prompt: bool = 
     pmask = batch.prompt_mask.long()
     cmask = batch.completion_mask.long()
     T = batch.completion_ids.shape[1]
-    ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
+    ppos = position_ids(pmask)
     if not share_prompt:
         ids = torch.cat([batch.prompt_ids.repeat_interleave(k, 0), batch.completion_ids], dim=1)
         mask = torch.cat([pmask.repeat_interleave(k, 0), cmask], dim=1)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = position_ids(mask)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1, use_cache=False)
         return _gather_logprobs(out.logits[:, :-1], batch.completion_ids)
     # 1) the prompt once: its cache and the logits that predict the first reply token
@@ -126,7 +122,7 @@ def causal_token_logprobs(model: Any, batch: RolloutBatch, share_prompt: bool = 
     first = _gather_logprobs(out.logits[:, -1].repeat_interleave(k, 0), batch.completion_ids[:, 0])
     if T == 1:
         return first[:, None]
-    cache = _output_cache(out)
+    cache = output_cache(out)
     cache.batch_repeat_interleave(k)  # differentiable: new tensors, the graph runs back to the prompt forward
     # 2) the k replies continue from the shared prefix
     full_mask = torch.cat([pmask.repeat_interleave(k, 0), cmask[:, :-1]], dim=1)
@@ -214,7 +210,7 @@ def joint_policy_gradient_step(model: Any, batches: list[RolloutBatch], advantag
     """:func:`policy_gradient_step` for K LoRA adapters at once: one forward/backward over the K adapters' rows
     (adapter-major, routed by the LoRA bank) instead of K. The adapters' parameters are disjoint, so the summed
     loss gives each adapter exactly its own gradient (tested against K separate steps). Causal models, no KL."""
-    from emorl.ensemble.lora_bank import lora_bank
+    from emorl.lora_bank import lora_bank
 
     n_prompts = batches[0].prompt_ids.shape[0]
     k = batches[0].k

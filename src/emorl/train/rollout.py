@@ -22,7 +22,8 @@ import torch
 
 from emorl.config import GenerationConfig
 from emorl.data import encode_prompts, format_prompts
-from emorl.models import Base
+from emorl.decoding import plain_generation_config
+from emorl.models import Base, eos_ids
 from emorl.sampling import UniformSampler, uniforms
 from emorl.train.kscst import RolloutBatch, completion_mask
 from emorl.utils import EmorlError
@@ -42,14 +43,6 @@ class Rollout:
         return [s for s in self.statements for _ in range(self.batch.k)]
 
 
-def eos_ids(base: Base) -> list[int]:
-    ids = base.model.generation_config.eos_token_id if hasattr(base.model, "generation_config") else None
-    ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
-    if base.tokenizer.eos_token_id is not None and base.tokenizer.eos_token_id not in ids:
-        ids.append(base.tokenizer.eos_token_id)
-    return [int(i) for i in ids]
-
-
 @contextlib.contextmanager
 def route_rows(model: Any, adapters: list[str], rows_per_adapter: int) -> Iterator[dict[str, Any]]:
     """Make ``model`` apply adapter ``adapters[i]`` to rows [i*n, (i+1)*n). Yields extra kwargs for generate().
@@ -59,7 +52,7 @@ def route_rows(model: Any, adapters: list[str], rows_per_adapter: int) -> Iterat
     to peft's own routing (``set_adapter`` / ``adapter_names``)."""
     from peft import PeftModel
 
-    from emorl.ensemble.lora_bank import lora_bank
+    from emorl.lora_bank import lora_bank
 
     if not isinstance(model, PeftModel):  # a fully fine-tuned policy: nothing to route
         yield {}
@@ -125,7 +118,7 @@ def sample_rollouts(model: Any, base: Base, groups: list[tuple[str, list[str]]],
     was_training = model.training
     model.eval()
     try:
-        with route_rows(model, [a for a, _ in groups], rows_per_adapter) as extra:
+        with route_rows(model, [a for a, _ in groups], rows_per_adapter) as extra, plain_generation_config(model):
             out = model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=False, temperature=None, top_k=None, top_p=None,
                 max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens or None,

@@ -392,7 +392,7 @@ class Trainer:
             objective=p.name if self.strategy == "single" else "+".join(p.objectives), strategy=self.strategy,
             objectives=p.objectives, rewards={o: self.cfg.objectives[o] for o in p.objectives},
             base=self.base.identity, steps=p.step, prompts_consumed=p.prompts, wall_time_s=round(p.active_time, 2),
-            converged=p.converged, curve=p.curve,
+            converged=p.converged, curve=p.curve, prompt=self.base.prompt_format,
             extra={"finished": finished, "stop_reason": p.stop_reason, "lora": self.cfg.to_dict()["lora"],
                    "train": self.cfg.to_dict()["train"], "weights_log": getattr(p.weighting, "log", None)})
         if p.model is not None:

@@ -61,10 +61,12 @@ function build(info) {
     const b = document.createElement("button");
     b.type = "button"; b.textContent = label; b.addEventListener("click", fn); pr.appendChild(b);
   };
-  const modes = Object.keys(info.searched).sort((a, b) => (b === "hidden") - (a === "hidden"));
-  for (const mode of modes) {
-    const s = info.searched[mode];
-    add(`searched (${mode})`, () => { $("model").value = "emorl"; $("mode").value = mode; setWeights(s.weights); });
+  const keys = Object.keys(info.searched).sort((a, b) => (b === "hidden") - (a === "hidden"));
+  for (const key of keys) {
+    const s = info.searched[key];
+    add(`searched (${key})`, () => {
+      $("model").value = "emorl"; $("mode").value = s.mode; $("anchor").value = s.anchor; setWeights(s.weights);
+    });
   }
   for (const o of objs) {
     add(`${o} alone`, () => { const w = {}; for (const p of objs) w[p] = p === o ? 1 : 0; setWeights(w); });
@@ -91,7 +93,10 @@ function build(info) {
   $("max-tokens").value = info.generation.max_tokens;
   $("max-tokens").max = info.max_tokens;
   const first = "hidden" in info.searched ? "hidden" : Object.keys(info.searched)[0];
-  if (first) { $("mode").value = first; setWeights(info.searched[first].weights); } else drawFront();
+  if (first) {
+    const s = info.searched[first];
+    $("mode").value = s.mode; $("anchor").value = s.anchor; setWeights(s.weights);
+  } else drawFront();
 }
 
 function frontPoints(mode) {
@@ -107,9 +112,11 @@ function drawFront() {
   const info = state.info;
   if (!info) return;
   const svg = $("front");
-  const mode = $("mode").value;
-  const pts = info.points[mode] || [];
-  const front = frontPoints(mode);
+  const mode = $("mode").value, anchor = $("anchor").value;
+  const key = Object.keys(info.searched).find((k) => info.searched[k].mode === mode &&
+    info.searched[k].anchor === anchor) || (anchor === "none" && mode !== "probs" ? mode + "-convex" : mode);
+  const pts = info.points[key] || [];
+  const front = frontPoints(key);
   const xo = $("x-axis").value, yo = $("y-axis").value;
   const all = pts.concat(front);
   if (state.lastScores) all.push({ scores: state.lastScores });
@@ -137,7 +144,7 @@ function drawFront() {
     const d = pu.reduce((a, v, i) => a + (v - wu[i]) ** 2, 0);
     if (d < bd) { bd = d; best = p; }
   }
-  let desc = `${pts.length} searched points (mode ${mode})` + (front.length ? `, ${front.length} on the front` : "");
+  let desc = `${pts.length} searched points (${key})` + (front.length ? `, ${front.length} on the front` : "");
   if (best) {
     s += `<circle class="cur" cx="${sx(best.scores[xo])}" cy="${sy(best.scores[yo])}" r="8"/>`;
     desc += `; ring: the searched point nearest the current weights (${xo} ${best.scores[xo].toFixed(3)}, ` +
@@ -171,7 +178,9 @@ async function generate() {
     max_tokens: parseInt($("max-tokens").value, 10), temperature: parseFloat($("temperature").value),
     seed: parseInt($("seed").value, 10) };
   const m = state.info.methods.find((x) => x.id === model);
-  if (m && m.kind === "mix") body.emorl = { weights: weights(), ...(model === "emorl" ? { mode } : {}) };
+  if (m && m.kind === "mix") {
+    body.emorl = { weights: weights(), ...(model === "emorl" ? { mode, anchor: $("anchor").value } : {}) };
+  }
   $("reply").textContent = ""; showScores(null);
   $("status").textContent = "generating…"; $("status").className = "muted";
   $("generate").disabled = true; $("stop").disabled = false;
@@ -217,11 +226,12 @@ $("generate").addEventListener("click", generate);
 $("stop").addEventListener("click", () => state.abort && state.abort.abort());
 $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(); });
 $("mode").addEventListener("change", drawFront);
+$("anchor").addEventListener("change", drawFront);
 $("model").addEventListener("change", () => {
   const m = state.info.methods.find((x) => x.id === $("model").value);
   const mix = m && m.kind === "mix";
-  $("mode").disabled = !(m && m.id === "emorl");
-  if (mix && m.mode) $("mode").value = m.mode;
+  $("mode").disabled = $("anchor").disabled = !(m && m.id === "emorl");
+  if (mix && m.mode) { $("mode").value = m.mode; $("anchor").value = m.anchor; }
   for (const o of state.info.objectives) $("w-" + o).disabled = !mix;
   drawFront();
 });

@@ -40,9 +40,12 @@ import torch
 
 from emorl.utils import EmorlError
 
-__all__ = ["LoraBank", "lora_bank", "lora_layers"]
+__all__ = ["BASE_SLOT", "LoraBank", "lora_bank", "lora_layers"]
 
 _ATTR = "_emorl_bank"
+# A slot name that is no adapter: its rows (routed) or its weight (weighted) get no LoRA delta, i.e. the base model.
+# Base-anchored mixing runs the base stream as one more row group of the same forward with it.
+BASE_SLOT = "__base__"
 
 
 def lora_layers(model: Any) -> list[tuple[str, Any]]:
@@ -69,21 +72,24 @@ class LoraBank:
     def __init__(self, model: Any, names: Sequence[str], weights: torch.Tensor | None) -> None:
         self.names = list(names)
         self.layers: list[Any] = []
-        self._stacks: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # id(layer) -> (A^T, sB^T, r_max)
+        # id(layer) -> (A^T, sB^T, r_max), or None for a layer without any of the bank's adapters
+        self._stacks: dict[int, tuple[torch.Tensor, torch.Tensor, int] | None] = {}
         self._coef: dict[int, torch.Tensor] = {}
         self.weights: torch.Tensor | None = None
-        layers = lora_layers(model)
-        if not layers:
+        layers = lora_layers(model) if hasattr(model, "named_modules") else []
+        if not layers and any(n != BASE_SLOT for n in self.names):
             raise EmorlError("lora_bank: the model has no LoRA layers (attach adapters first)")
-        known = set().union(*(set(m.lora_A) for _, m in layers))
-        missing = [n for n in self.names if n not in known]
+        known = set().union(*(set(m.lora_A) for _, m in layers)) if layers else set()
+        missing = [n for n in self.names if n not in known and n != BASE_SLOT]
         if missing:
             raise EmorlError(f"lora_bank: unknown adapter(s) {missing}; loaded adapters: {sorted(known)}")
         if len(set(self.names)) != len(self.names):
             raise EmorlError(f"lora_bank: adapter names must be distinct, got {self.names}")
         for lname, mod in layers:
             present = [n for n in self.names if n in mod.lora_A]
-            if not present:
+            if not present:  # none of the bank's adapters here (or only the base slot): the base layer alone, not
+                self._stacks[id(mod)] = None  # peft's active adapter
+                self.layers.append(mod)
                 continue
             if getattr(mod, "merged", False):
                 raise EmorlError(f"lora_bank: layer {lname} has merged adapters {mod.merged_adapters}; call "
@@ -100,7 +106,8 @@ class LoraBank:
             self.set_weights(weights)
 
     def _stack(self, mod: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(K, in, r) A^T and (K, r, out) (s*B)^T, zero-padded to the largest rank; zeros where absent."""
+        """(K, in, r) A^T and (K, r, out) (s*B)^T, zero-padded to the largest rank; zeros where absent (and for
+        :data:`BASE_SLOT`)."""
         r_max = max(mod.r[n] for n in self.names if n in mod.lora_A)
         ref = next(mod.lora_A[n].weight for n in self.names if n in mod.lora_A)
         d_in = ref.shape[1]
@@ -136,7 +143,10 @@ class LoraBank:
 
     def delta_into(self, mod: Any, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Add the bank's low-rank delta for layer ``mod`` to ``result`` (the base output for input ``x``)."""
-        a, b, r_max = self._stacks[id(mod)]
+        stack = self._stacks[id(mod)]
+        if stack is None:
+            return result
+        a, b, r_max = stack
         groups = len(self.names) if self.weights is None else self.weights.shape[0]
         n_rows = x.shape[0]
         if n_rows % groups:

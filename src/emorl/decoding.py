@@ -1,0 +1,151 @@
+"""The one decoding path: (method or mix, prompts, GenerationConfig, seed) -> replies.
+
+Every consumer — the search objective, the evaluation, the Ray workers, ``emorl generate`` and the server — decodes
+through :class:`Decoder` (built on :class:`~emorl.ensemble.EnsembleModel`), so a method's replies for a seed are the
+same wherever they are made. What it owns:
+
+* the prompt format (the base's chat template, system prompt and ``max_prompt_tokens``; an adapter folder records
+  the ones it was trained with, :func:`prompt_config`),
+* the EOS ids (:func:`emorl.models.eos_ids`) and the common random numbers (:mod:`emorl.sampling`),
+* each mode's weight rule (:func:`~emorl.ensemble.decoder.weight_rule`: ``anchor="base"`` or the convex
+  ``"none"``), and the base model as the anchored point w = 0 (the LoRA bank's zero slot),
+* one set of logits processors: only temperature / top-k / top-p (and ``min_new_tokens``). A model's own
+  ``generation_config`` (repetition penalty, no-repeat n-grams, ...) is never applied, here or in the training
+  rollouts that still call transformers' ``generate`` (:func:`plain_generation_config`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from emorl.config import GenerationConfig
+
+__all__ = ["Decoder", "decode_with", "generation_kwargs", "parse_mix", "plain_generation_config", "prompt_config"]
+
+
+def generation_kwargs(gen: GenerationConfig) -> dict[str, Any]:
+    """``EnsembleModel.generate`` keyword arguments from a :class:`~emorl.config.GenerationConfig`."""
+    return {"max_new_tokens": gen.max_new_tokens, "min_new_tokens": gen.min_new_tokens, "do_sample": gen.do_sample,
+            "temperature": gen.temperature, "top_k": gen.top_k, "top_p": gen.top_p}
+
+
+@contextlib.contextmanager
+def plain_generation_config(model: Any) -> Iterator[None]:
+    """Inside the block, transformers' ``generate`` on ``model`` sees a generation config holding only the token ids
+    (eos / pad / bos / decoder start), so the model's own processors (``repetition_penalty``,
+    ``no_repeat_ngram_size``, ``bad_words_ids``, ...) are not applied: the decoder never applies them either."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    old = getattr(lm, "generation_config", None)
+    keep = {k: getattr(old, k, None) for k in ("eos_token_id", "pad_token_id", "bos_token_id",
+                                                "decoder_start_token_id")}
+    lm.generation_config = HFGenerationConfig(**{k: v for k, v in keep.items() if v is not None})
+    try:
+        yield
+    finally:
+        lm.generation_config = old
+
+
+def prompt_config(folder: str | Path) -> dict[str, Any]:
+    """The prompt format an adapter was trained with (``emorl.json``'s ``prompt``: system prompt,
+    ``max_prompt_tokens``, form), or {} for an adapter saved before it was recorded."""
+    from emorl.models import read_adapter_info
+
+    return dict(read_adapter_info(folder).prompt or {})
+
+
+class Method(Protocol):
+    """What :meth:`Decoder.decode` needs of a method (e.g. :class:`emorl.evaluate.MethodSpec`)."""
+
+    name: str
+    kind: str  # base | adapter | ensemble
+    mode: str | None
+    anchor: str
+    adapters: dict[str, Path]
+    weights: list[float] | None
+
+
+class Decoder:
+    """Decodes methods with one engine and one set of settings.
+
+    One-policy baselines and single adapters are a one-adapter ensemble with weight 1 (exactly that adapter's
+    model); the base is the anchored point w = 0 of any ensemble (the LoRA bank's zero slot: adapters off) or, in
+    a run without adapters, an ensemble of none. So greedy and sampled decoding, the samplers and the seeds are
+    identical across methods, and single-stream methods share their random numbers; only the model differs."""
+
+    def __init__(self, base: Any, gen: GenerationConfig, base_adapter: dict[str, Path] | None = None, *,
+                 require_metadata: bool = True) -> None:
+        self.base = base
+        self.gen = gen
+        self.base_adapter = base_adapter or {}
+        self.require_metadata = require_metadata
+        self._ens: dict[tuple[str, ...], Any] = {}
+
+    def ensemble(self, adapters: dict[str, Path]) -> Any:
+        """The :class:`~emorl.ensemble.EnsembleModel` over ``adapters`` (loaded once, cached by name)."""
+        from emorl.ensemble.model import EnsembleModel
+
+        key = tuple(adapters)
+        if key not in self._ens:
+            self._ens[key] = EnsembleModel(self.base, dict(adapters), allow_empty=True,
+                                           require_metadata=self.require_metadata)
+        return self._ens[key]
+
+    def generate(self, adapters: dict[str, Path], prompts: Sequence[str], weights: Any, mode: str, anchor: str,
+                 seed: int, **kw: Any) -> Any:
+        """A mix of ``adapters`` (G×K or K weights) with this decoder's generation settings."""
+        return self.ensemble(adapters).generate(list(prompts), weights, mode=mode, anchor=anchor, seed=seed,
+                                                **(generation_kwargs(self.gen) | kw))
+
+    def result(self, spec: Method, prompts: Sequence[str], seed: int, **kw: Any) -> Any:
+        """The :class:`~emorl.ensemble.GenerationResult` of one method for one seed."""
+        if spec.kind == "base":
+            adapters = dict(self.base_adapter)
+            return self.generate(adapters, prompts, [0.0] * len(adapters), "hidden", "base", seed, **kw)
+        return self.generate(spec.adapters, prompts, spec.weights, spec.mode or "hidden",
+                             getattr(spec, "anchor", "base"), seed, **kw)
+
+    def decode(self, spec: Method, prompts: Sequence[str], seed: int) -> tuple[list[str], list[int]]:
+        """Replies and their token counts of one method for one seed."""
+        res = self.result(spec, prompts, seed)
+        return list(res.texts), [int(x) for x in res.lengths.tolist()]
+
+
+def decode_with(decoder: Decoder) -> Any:
+    """``decode(specs, prompts, seeds)`` yielding ``(spec, [(seed, replies, lengths, seconds), ...])`` per method,
+    one method after another in this process (the local executor's and a Ray worker's way)."""
+    import time
+
+    def decode(specs: list[Any], prompts: list[str], seeds: list[int]) -> Iterator[tuple[Any, list[Any]]]:
+        for s in specs:
+            out = []
+            for seed in seeds:
+                t0 = time.perf_counter()
+                texts, lengths = decoder.decode(s, prompts, seed)
+                out.append((seed, texts, lengths, time.perf_counter() - t0))
+            yield s, out
+
+    return decode
+
+
+# A searched mix is named by its mode and, where the weight rule is not the run's default, its anchor: "hidden" is
+# EMORL as configured (search.anchor, default base-anchored), "hidden-convex" the paper's convex mix, "params" task
+# arithmetic (W0 + sum w_k dW_k), "params-convex" the parameter average (sum w = 1). "probs" is always convex.
+CONVEX_SUFFIX = "-convex"
+
+
+def parse_mix(key: str, default_anchor: str = "base") -> tuple[str, str]:
+    """(mode, anchor) of a search key such as ``hidden``, ``hidden-convex``, ``params``, ``params-convex``."""
+    from emorl.ensemble.decoder import MODES, weight_rule
+    from emorl.utils import EmorlError
+
+    mode, anchor = (key.removesuffix(CONVEX_SUFFIX), "none") if key.endswith(CONVEX_SUFFIX) else (key, default_anchor)
+    if mode not in MODES:
+        raise EmorlError(f"mode {key!r}: choose one of {', '.join(MODES)}, optionally with {CONVEX_SUFFIX!r} for the "
+                         f"convex (sum w = 1) form, e.g. hidden-convex, params-convex")
+    weight_rule(mode, anchor)  # validates the anchor
+    return mode, "none" if mode == "probs" else anchor
