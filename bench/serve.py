@@ -5,11 +5,11 @@
     python bench/serve.py --run runs/tiny --requests 16 --screenshot docs/figures/serve.png
 
 For each client count c, a fixed set of R requests (request j: statement j mod 8, client j mod c's weight vector,
-seed j, sampled at the run's temperature, ``max_tokens`` new tokens) is sent twice through the SAME in-process
-server: by c concurrent clients (closed loop: each sends its next request when its reply arrives), and one at a
-time. Reported: requests/s, completion tokens/s, p50/p95 latency of both, the speed-up, p95 over a lone request's
-latency (the one-at-a-time p50), and whether every reply is identical between the two (same seed, same reply,
-whatever shared its batch). Bounded: 2 x R requests per client count, then it stops.
+seed j, sampled at the run's temperature, ``max_tokens`` new tokens, weight rule ``--anchor``) is sent twice
+through the SAME in-process server: by c concurrent clients (closed loop: each sends its next request when its
+reply arrives), and one at a time. Reported: requests/s, completion tokens/s, p50/p95 latency of both, the
+speed-up, p95 over a lone request's latency (the one-at-a-time p50), and whether every reply is identical between
+the two (same seed, same reply, whatever shared its batch). Bounded: 2 x R requests per client count, then stops.
 """
 
 from __future__ import annotations
@@ -50,10 +50,11 @@ def start_server(run: str, max_wait_ms: float, max_batch_rows: int, max_tokens: 
 
 
 def requests_for(n: int, clients: int, weights: np.ndarray, objectives: list[str], max_tokens: int,
-                 temperature: float) -> list[dict[str, Any]]:
+                 temperature: float, anchor: str) -> list[dict[str, Any]]:
     return [{"model": "emorl", "messages": [{"role": "user", "content": STATEMENTS[j % len(STATEMENTS)]}],
              "max_tokens": max_tokens, "temperature": temperature, "seed": j,
-             "emorl": {"weights": dict(zip(objectives, map(float, weights[j % clients]), strict=True))}}
+             "emorl": {"weights": dict(zip(objectives, map(float, weights[j % clients]), strict=True)),
+                       "anchor": anchor}}
             for j in range(n)]
 
 
@@ -120,6 +121,9 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=32, help="requests per client count (each sent twice)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, help="default: the run's eval.generation temperature")
+    ap.add_argument("--anchor", choices=["base", "none"], default="base",
+                    help="weight rule of every request (base: the base stream joins the batch, weights used as "
+                         "given; none: convex)")
     ap.add_argument("--max-wait-ms", type=float, default=20.0)
     ap.add_argument("--max-batch-rows", type=int, default=256)
     ap.add_argument("--output", help="write the results as JSON here")
@@ -132,12 +136,13 @@ def main() -> int:
     objectives = engine.objectives
     temperature = args.temperature if args.temperature is not None else engine.cfg.eval.generation.temperature
     levels = [int(c) for c in args.clients.split(",")]
-    weights = np.random.default_rng(0).dirichlet(np.ones(len(objectives)), size=max(levels))
-    send_all(url, requests_for(2, 1, weights, objectives, 4, temperature), 1)  # warm-up
+    # each client its own weights in [0.1, 1]^K (base-anchored: off the simplex, so every request has the base stream)
+    weights = np.random.default_rng(0).uniform(0.1, 1.0, size=(max(levels), len(objectives))).round(3)
+    send_all(url, requests_for(2, 1, weights, objectives, 4, temperature, args.anchor), 1)  # warm-up
     rows = []
     try:
         for c in levels:
-            reqs = requests_for(args.requests, c, weights, objectives, args.max_tokens, temperature)
+            reqs = requests_for(args.requests, c, weights, objectives, args.max_tokens, temperature, args.anchor)
             together = send_all(url, reqs, c)
             alone = send_all(url, reqs, 1)
             same = together["replies"] == alone["replies"]
