@@ -240,6 +240,8 @@ def test_concurrent_requests_share_one_batch_and_match_generate(served: dict[str
              dict(max_tokens=8, temperature=1.2, top_p=0.9, seed=7), "Nobody calls me."),
             ({"weights": [0.3, 0.3, 0.3], "anchor": convex}, dict(max_tokens=5, temperature=1.0, seed=1, stop=["zz"]),
              "I failed the exam again.")]
+    assert _wait(lambda: engine.pending() == 0)  # the previous test's last batch has updated its stats
+    assert _wait(lambda: engine.pending() == 0)  # the previous test's last batch has updated its stats
     batches = engine.stats["batches"]
     engine.max_wait_s = 1.0  # a window wide enough for all four to arrive
     replies: dict[int, Any] = {}
@@ -493,6 +495,7 @@ def test_base_anchored_requests_and_the_base_share_one_batch(served: dict[str, A
             body(emorl={"weights": [0, 1, 2]}, max_tokens=4, temperature=0),
             body(model="base", max_tokens=6, temperature=1.0, seed=3)]
     replies: dict[int, Any] = {}
+    assert _wait(lambda: engine.pending() == 0)  # the previous test's last batch has updated its stats
     batches = engine.stats["batches"]
     engine.max_wait_s = 1.0
     try:
@@ -505,7 +508,7 @@ def test_base_anchored_requests_and_the_base_share_one_batch(served: dict[str, A
     finally:
         engine.max_wait_s = 0.005
     assert _wait(lambda: engine.pending() == 0)
-    assert engine.stats["batches"] == batches + 1
+    assert engine.stats["batches"] == batches + 1, (engine.stats, replies)
     assert engine.stats["last_batch"]["key"] == "hidden+base" and engine.stats["last_batch"]["jobs"] == 3
     refs = [reference(engine, [0.8, 0.5, 0.1], max_new_tokens=5, do_sample=True, temperature=0.8, top_k=50, seed=3),
             reference(engine, [0, 1, 2], max_new_tokens=4),
