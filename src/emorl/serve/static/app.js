@@ -37,7 +37,7 @@ function build(info) {
   state.info = info;
   const objs = info.objectives;
   $("run-info").textContent = `${objs.length} objectives: ${objs.join(", ")}` +
-    (Object.keys(info.searched).length ? ` · searched modes: ${Object.keys(info.searched).join(", ")}` : "");
+    (Object.keys(info.searched).length ? ` · searched: ${Object.keys(info.searched).join(", ")}` : "");
   const model = $("model");
   model.innerHTML = "";
   for (const m of info.methods) model.add(new Option(`${m.id} — ${m.label}`, m.id));
