@@ -1,4 +1,4 @@
-"""The emorl command line: emorl train | generate | search | evaluate | run | report | front | route | config.
+"""The emorl command line: emorl train | generate | search | evaluate | run | report | front | route | serve | config.
 
 Each subcommand lives next to the stage it drives and exposes ``add_parser(subparsers)``; this file only
 collects them, so importing the CLI stays cheap and stage modules stay independent. Nothing on this import path
@@ -34,6 +34,7 @@ SUBCOMMANDS = {
     "front": "emorl.front.cli",
     "route": "emorl.router.cli",
     "config": "emorl.cli_config",
+    "serve": "emorl.serve.cli",
 }
 
 

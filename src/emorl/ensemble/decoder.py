@@ -331,6 +331,9 @@ class DecodeSpec:
     stop_criteria: Any = None  # transformers StopStringCriteria or None
     output_scores: bool = False
     anchored: bool = False  # the last row group is the base stream (base-anchored mixing)
+    # per-pair settings (emorl serve, :mod:`emorl.ensemble.pairs`): an object with ``warp(act, ids, scores)`` used
+    # instead of :meth:`processors`, and ``ended(t, act, tokens, ended)`` returning which pairs end at step t
+    rows: Any = None
 
     def processors(self, device: torch.device) -> Any:
         """transformers' logits processors/warpers for this spec (the ones ``generate`` would build)."""
@@ -382,7 +385,7 @@ def decode_chunk(stream: Stream, head: Head, bank: Any, spec: DecodeSpec, h0: to
     out = torch.full((n, t_max), spec.pad, dtype=torch.long, device=dev)
     lengths = torch.full((n,), t_max, dtype=torch.long, device=dev)
     scores_out = None
-    procs = spec.processors(dev)
+    procs = spec.processors(dev) if spec.rows is None else None
     eos = torch.tensor(spec.eos, dtype=torch.long, device=dev)
     grp = group0.clone()
     alive = torch.ones(n, dtype=torch.bool, device=dev)
@@ -398,12 +401,14 @@ def decode_chunk(stream: Stream, head: Head, bank: Any, spec: DecodeSpec, h0: to
             if scores_out is None:
                 scores_out = torch.zeros(n, t_max, sc.shape[-1], dtype=torch.float32, device=dev)
             scores_out[act, t] = sc
-        sc = procs(out[act, :t], sc)
+        sc = procs(out[act, :t], sc) if procs is not None else spec.rows.warp(act, out[act, :t], sc)
         nxt = _choose(sc, None if u is None else u[act, t])
         out[act, t] = nxt
         ended = torch.isin(nxt, eos)
         if spec.stop_criteria is not None:
             ended |= spec.stop_criteria(out[act, : t + 1], None).to(dev)
+        if spec.rows is not None:
+            ended = spec.rows.ended(t, act, nxt, ended)
         lengths[act[ended]] = t + 1
         alive[act[ended]] = False
         rows_done += kk * m

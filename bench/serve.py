@@ -1,0 +1,177 @@
+"""Load test of ``emorl serve`` on loopback: concurrent clients, each with its own weights, vs one at a time.
+
+    python bench/serve.py --run runs/default                         # 1, 4, 16 clients, 48 new tokens
+    python bench/serve.py --run runs/default --clients 1,4,16,64     # on a GPU
+    python bench/serve.py --run runs/tiny --requests 16 --screenshot docs/figures/serve.png
+
+For each client count c, a fixed set of R requests (request j: statement j mod 8, client j mod c's weight vector,
+seed j, sampled at the run's temperature, ``max_tokens`` new tokens, weight rule ``--anchor``) is sent twice
+through the SAME in-process server: by c concurrent clients (closed loop: each sends its next request when its
+reply arrives), and one at a time. Reported: requests/s, completion tokens/s, p50/p95 latency of both, the
+speed-up, p95 over a lone request's latency (the one-at-a-time p50), and whether every reply is identical between
+the two (same seed, same reply, whatever shared its batch). Bounded: 2 x R requests per client count, then stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STATEMENTS = ["I lost my job today and I don't know how to tell my family.", "My cat is sick and the vet is expensive.",
+              "Nobody calls me anymore and the evenings are long.", "I failed the exam again.",
+              "My sister and I had a huge fight.", "I can't sleep before my presentation.",
+              "I feel like nothing I do at work matters.", "I moved to a new city and I know no one."]
+
+
+def start_server(run: str, max_wait_ms: float, max_batch_rows: int, max_tokens: int) -> tuple[Any, Any, str]:
+    import uvicorn
+
+    from emorl.serve import Engine, create_app
+
+    engine = Engine(run, max_wait_ms=max_wait_ms, max_batch_rows=max_batch_rows, max_tokens=max(max_tokens, 64))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return engine, server, f"http://127.0.0.1:{port}"
+
+
+def requests_for(n: int, clients: int, weights: np.ndarray, objectives: list[str], max_tokens: int,
+                 temperature: float, anchor: str) -> list[dict[str, Any]]:
+    return [{"model": "emorl", "messages": [{"role": "user", "content": STATEMENTS[j % len(STATEMENTS)]}],
+             "max_tokens": max_tokens, "temperature": temperature, "seed": j,
+             "emorl": {"weights": dict(zip(objectives, map(float, weights[j % clients]), strict=True)),
+                       "anchor": anchor}}
+            for j in range(n)]
+
+
+def send_all(url: str, reqs: list[dict[str, Any]], clients: int) -> dict[str, Any]:
+    """Closed loop: ``clients`` workers, worker i sends requests i, i + clients, ... one after another."""
+    import httpx
+
+    replies: list[str] = [""] * len(reqs)
+    tokens = [0] * len(reqs)
+    lat = [0.0] * len(reqs)
+
+    def worker(i: int) -> None:
+        with httpx.Client(timeout=600) as client:
+            for j in range(i, len(reqs), clients):
+                t0 = time.perf_counter()
+                r = client.post(f"{url}/v1/chat/completions", json=reqs[j])
+                lat[j] = time.perf_counter() - t0
+                r.raise_for_status()
+                out = r.json()
+                replies[j] = out["choices"][0]["message"]["content"]
+                tokens[j] = out["usage"]["completion_tokens"]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(worker, range(clients)))
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "requests_per_s": len(reqs) / wall, "tokens_per_s": sum(tokens) / wall,
+            "p50_s": float(np.percentile(lat, 50)), "p95_s": float(np.percentile(lat, 95)),
+            "tokens": sum(tokens), "replies": replies}
+
+
+def screenshot(url: str, path: str) -> None:
+    """The page after one generated reply, in headless Chromium (selenium + the system's chromium-driver)."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = Options()
+    opts.binary_location = shutil.which("chromium") or shutil.which("google-chrome") or ""
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,820", "--hide-scrollbars"):
+        opts.add_argument(a)
+    d = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    try:
+        d.get(url + "/")
+        wait = WebDriverWait(d, 60)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#sliders input"))
+        d.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").text in ("done",) or "error" in
+                   d.find_element(By.ID, "status").text)
+        time.sleep(0.5)  # the bars' transition
+        d.save_screenshot(path)
+    finally:
+        d.quit()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--requests", type=int, default=32, help="requests per client count (each sent twice)")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--temperature", type=float, help="default: the run's eval.generation temperature")
+    ap.add_argument("--anchor", choices=["base", "none"], default="base",
+                    help="weight rule of every request (base: the base stream joins the batch, weights used as "
+                         "given; none: convex)")
+    ap.add_argument("--max-wait-ms", type=float, default=20.0)
+    ap.add_argument("--max-batch-rows", type=int, default=256)
+    ap.add_argument("--output", help="write the results as JSON here")
+    ap.add_argument("--screenshot", metavar="PNG", help="also save a screenshot of the page")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("EMORL_THREADS", str(torch.get_num_threads()))))
+    engine, server, url = start_server(args.run, args.max_wait_ms, args.max_batch_rows, args.max_tokens)
+    objectives = engine.objectives
+    temperature = args.temperature if args.temperature is not None else engine.cfg.eval.generation.temperature
+    levels = [int(c) for c in args.clients.split(",")]
+    # each client its own weights in [0.1, 1]^K (base-anchored: off the simplex, so every request has the base stream)
+    weights = np.random.default_rng(0).uniform(0.1, 1.0, size=(max(levels), len(objectives))).round(3)
+    send_all(url, requests_for(2, 1, weights, objectives, 4, temperature, args.anchor), 1)  # warm-up
+    rows = []
+    try:
+        for c in levels:
+            reqs = requests_for(args.requests, c, weights, objectives, args.max_tokens, temperature, args.anchor)
+            together = send_all(url, reqs, c)
+            alone = send_all(url, reqs, 1)
+            same = together["replies"] == alone["replies"]
+            rows.append({"clients": c, "requests": len(reqs), "max_tokens": args.max_tokens,
+                         "concurrent": {k: v for k, v in together.items() if k != "replies"},
+                         "one_at_a_time": {k: v for k, v in alone.items() if k != "replies"},
+                         "speedup": together["requests_per_s"] / alone["requests_per_s"],
+                         "p95_over_lone": together["p95_s"] / alone["p50_s"], "identical_replies": same})
+            print(f"clients={c}: {together['requests_per_s']:.2f} req/s ({together['tokens_per_s']:.0f} tok/s) vs "
+                  f"{alone['requests_per_s']:.2f} one at a time -> x{rows[-1]['speedup']:.2f}; p50 "
+                  f"{together['p50_s']:.2f} s p95 {together['p95_s']:.2f} s (lone {alone['p50_s']:.2f} s); "
+                  f"identical replies: {same}", flush=True)
+        if args.screenshot:
+            screenshot(url, args.screenshot)
+    finally:
+        server.should_exit = True
+        engine.close()
+    print("\n| clients | req/s | tok/s | p50 s | p95 s | one-at-a-time req/s | speed-up | p95 / lone | same replies |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t, a = r["concurrent"], r["one_at_a_time"]
+        print(f"| {r['clients']} | {t['requests_per_s']:.2f} | {t['tokens_per_s']:.0f} | {t['p50_s']:.2f} | "
+              f"{t['p95_s']:.2f} | {a['requests_per_s']:.2f} | {r['speedup']:.2f}x | {r['p95_over_lone']:.2f} | "
+              f"{'yes' if r['identical_replies'] else 'NO'} |")
+    if args.output:
+        Path(args.output).write_text(json.dumps({"run": args.run, "levels": rows, "torch_threads":
+                                                 torch.get_num_threads()}, indent=2))
+    return 0 if all(r["identical_replies"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

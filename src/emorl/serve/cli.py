@@ -1,0 +1,104 @@
+"""``emorl serve``: serve a run over HTTP (OpenAI-compatible API + a web page with one slider per objective).
+
+    emorl serve --run runs/default                      # http://127.0.0.1:8000/
+    EMORL_API_KEY=secret emorl serve --run runs/default --host 0.0.0.0 --port 8080
+
+Concurrent requests with different weights are decoded in one batch: the scheduler waits at most --max-wait-ms
+after the oldest waiting request for others, up to --max-batch-rows backbone rows (requests x adapters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import threading
+from typing import Any
+
+from emorl.utils import EmorlError
+
+log = logging.getLogger("emorl.serve")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a run: OpenAI-compatible API and a web page to steer the objectives",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder (config.yaml, adapters/, search/, baselines/)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: env EMORL_API_KEY; none = open)")
+    p.add_argument("--max-batch-rows", type=int, default=96,
+                   help="most backbone rows (requests x choices x adapters used) decoded in one batch")
+    p.add_argument("--max-wait-ms", type=float, default=20.0,
+                   help="how long the oldest waiting request waits for others to share its batch")
+    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body, in KiB")
+    p.add_argument("--grace-s", type=float, default=5.0,
+                   help="after Ctrl-C / SIGTERM, how long in-flight requests may finish before they are cancelled")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the run config's)")
+    p.set_defaults(func=run)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from emorl.serve.app import create_app
+    except ModuleNotFoundError as e:
+        raise EmorlError(f"emorl serve needs the serve extra ({e.name} is missing): pip install 'emorl[serve]'") from e
+    from emorl.serve.engine import Engine
+
+    key = args.api_key or os.environ.get("EMORL_API_KEY") or None
+    if not is_loopback(args.host) and not key:
+        log.warning("binding %s without an API key: anyone who can reach this port can use the model. Set "
+                    "--api-key (or EMORL_API_KEY) and put a TLS reverse proxy in front", args.host)
+    engine = Engine(args.run, max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms,
+                    max_tokens=args.max_tokens, device=args.device)
+    app = create_app(engine, api_key=key, max_body_bytes=args.max_body_kb * 1024)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"emorl serve: {args.run} ({', '.join(engine.objectives)}) at http://{host}:{args.port}/ "
+          f"(API: http://{host}:{args.port}/v1{', API key required' if key else ''}); Ctrl-C stops", flush=True)
+    server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                    timeout_graceful_shutdown=args.grace_s + 5), engine, args.grace_s)
+    server.run()
+    return 0
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, whose first Ctrl-C / SIGTERM drains: new connections are refused, in-flight requests
+        get ``grace`` seconds to finish, then the scheduler cancels them at the next step (each stream ends with its
+        finish chunk and [DONE]) — so uvicorn never has to kill a task. The signal is handled, not re-raised:
+        a requested shutdown exits with status 0."""
+
+        def __init__(self, config: Any, engine: Any, grace: float) -> None:
+            super().__init__(config)
+            self.engine, self.grace = engine, grace
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            first = not self.should_exit
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+            if first:
+                log.info("shutting down: in-flight requests have %.0f s to finish", self.grace)
+                timer = threading.Timer(self.grace, self.engine.cancel_all)
+                timer.daemon = True
+                timer.start()
+
+    return Server
+
+
+def _Server(config: Any, engine: Any, grace: float) -> Any:  # noqa: N802 - built lazily (uvicorn is optional)
+    return _server_class()(config, engine, grace)

@@ -1,0 +1,311 @@
+"""The model side of ``emorl serve``: one run loaded once, and a scheduler thread that batches requests.
+
+:class:`Engine` loads the run's base, its K objective adapters, its one-policy baselines (``RUN/baselines/*``,
+loaded as further adapters on the same model) and its rewards. Requests become :class:`Job` s (one
+:class:`~emorl.ensemble.pairs.PairSpec` per choice); the scheduler thread is the only one that touches the model.
+It takes the oldest waiting job, waits at most ``max_wait_ms`` from that job's arrival for others (or until
+``max_batch_rows`` backbone rows are taken), and decodes every job with the same batch key — the mixing mode, and
+whether the base stream is needed (base-anchored points not summing to 1, the base model itself) — in ONE
+:func:`~emorl.ensemble.pairs.generate_pairs` call, whatever their weights, sampling settings, lengths and seeds.
+Jobs of another key go in the next batch. Finished pairs are reported at once (a short reply does not wait for
+the batch's longest); a cancelled job (client gone) is dropped before its batch starts, or ends at the next
+decoding step. Scoring jobs run on the same thread, between batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from emorl.ensemble.pairs import PairResult, PairSpec, generate_pairs
+from emorl.utils import EmorlError
+
+log = logging.getLogger("emorl.serve")
+
+BASELINES = ("uniform", "dynaopt", "gdpo", "fixed")
+
+
+@dataclass
+class Method:
+    """A servable ``model`` name: a mix of the K objective adapters, one trained policy, or the base."""
+
+    name: str
+    kind: str  # mix | adapter | base
+    mode: str | None = None  # mix: its mode
+    anchor: str | None = None  # mix: its weight rule ("base" anchored, "none" convex)
+    adapter: str | None = None  # adapter: the adapter's name on the model
+    label: str = ""
+    free: bool = False  # model "emorl": the request may pick any mode and anchor
+
+
+@dataclass
+class Job:
+    """One request's choices, decoded together in one batch. ``emit(event)`` is called from the scheduler thread
+    with ("token", choice, id), ("finish", choice, PairResult), ("error", message) or ("done", None)."""
+
+    key: str  # batch key: a mixing mode, "+base" when the batch needs the base stream; or "score"
+    pairs: list[PairSpec]
+    emit: Callable[[tuple[str, Any, Any]], None]
+    rows: int = 1
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
+    score: tuple[list[str], list[str]] | None = None  # a scoring job: (prompts, replies)
+    stream: bool = False  # report every token (else only finished choices)
+    results: list[PairResult | None] = field(default_factory=list)
+
+
+class Engine:
+    """The loaded run and its scheduler (start with :meth:`start`, stop with :meth:`close`)."""
+
+    def __init__(self, run: str | Path, *, max_batch_rows: int = 96, max_wait_ms: float = 20.0,
+                 max_tokens: int = 512, device: str | None = None, base: Any = None) -> None:
+        from emorl.config import load_config
+        from emorl.ensemble import EnsembleModel
+        from emorl.models import check_same_base, load_adapters, load_base, read_adapter_info
+        from emorl.rewards import build_rewards
+
+        self.run = Path(run)
+        if not (self.run / "config.yaml").exists():
+            raise EmorlError(f"--run {run}: no config.yaml there (is it a run folder made by `emorl train`?)")
+        if max_batch_rows < 1 or max_wait_ms < 0 or max_tokens < 1:
+            raise EmorlError("--max-batch-rows and --max-tokens must be >= 1, --max-wait-ms >= 0")
+        self.cfg = load_config(self.run / "config.yaml")
+        if device:
+            self.cfg.model.device = device
+        self.max_batch_rows, self.max_wait_s, self.max_tokens = max_batch_rows, max_wait_ms / 1000.0, max_tokens
+        self.ens = EnsembleModel.from_run(self.run, base=base or load_base(self.cfg.model))
+        self.objectives: list[str] = list(self.ens.names)
+        extra = {}
+        for b in BASELINES:
+            folder = self.run / "baselines" / b
+            if (folder / "adapter_model.safetensors").exists():
+                check_same_base(self.ens.base, read_adapter_info(folder), folder)
+                extra[b] = folder
+        if extra:
+            load_adapters(self.ens.base, extra)
+        self.adapters: list[str] = self.objectives + list(extra)  # the weight order of every PairSpec
+        self.methods = self._methods(list(extra))
+        self.searched = self._searched()
+        self.rewards = build_rewards({o: self.cfg.objectives[o] for o in self.objectives}, self.ens.base)
+        self.ens.verify_head()
+        self.stats: dict[str, Any] = {"batches": 0, "jobs": 0, "pairs": 0, "cancelled": 0, "dropped_before_start": 0,
+                                      "last_batch": None, "max_batch_jobs": 0}
+        self._queue: list[Job] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._busy = False
+        self._cancel_inflight = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------------- run contents
+
+    def _methods(self, baselines: list[str]) -> dict[str, Method]:
+        """Every method of ``emorl evaluate`` this run can serve, named as there."""
+        from emorl.decoding import parse_mix
+        from emorl.evaluate import METHODS, SINGLE, method_label
+
+        out = {}
+        for name, (kind, key) in METHODS.items():
+            if kind == "ensemble":
+                mode, anchor = parse_mix(str(key), self.cfg.search.anchor)
+                out[name] = Method(name, "mix", mode, anchor, label=method_label(name), free=name == "emorl")
+        for b in baselines:
+            out[b] = Method(b, "adapter", "hidden", "base", b, method_label(b))
+        for o in self.objectives:
+            out[f"{SINGLE}{o}"] = Method(f"{SINGLE}{o}", "adapter", "hidden", "base", o, method_label(f"{SINGLE}{o}"))
+        out["base"] = Method("base", "base", "hidden", "base", label=method_label("base"))
+        return out
+
+    def _searched(self) -> dict[str, dict[str, Any]]:
+        """search key -> {mode, anchor, weights, aggregate, scores} of RUN/search/<key>/best.json, for the searches
+        that match these adapters (checked as ``emorl evaluate`` does)."""
+        from emorl.evaluate import resolve_methods
+
+        out = {}
+        for name, m in self.methods.items():
+            if m.kind != "mix":
+                continue
+            try:
+                spec = resolve_methods(self.run, self.cfg, [name])[0]
+            except EmorlError as e:
+                log.info("searched weights of %s not available: %s", name, e)
+                continue
+            best = spec.search or {}
+            out[str(spec.search_key)] = {"method": name, "mode": spec.mode, "anchor": spec.anchor,
+                                         "weights": dict(zip(self.objectives, spec.weights or [], strict=False)),
+                                         "aggregate": best.get("aggregate"), "scores": best.get("scores")}
+        return out
+
+    def front_data(self) -> dict[str, Any]:
+        """The search's points per mode (weights and per-objective scores), and RUN/front/front.json if present."""
+        from emorl.utils import read_jsonl
+
+        points: dict[str, list[dict[str, Any]]] = {}
+        for f in sorted((self.run / "search").glob("*/points.jsonl")):
+            mode = f.parent.name
+            rows = [r for r in read_jsonl(f) if r.get("kind") != "header" and r.get("scores") and any(r["weights"])]
+            points[mode] = [{"weights": dict(zip(self.objectives, r["weights"], strict=False)),
+                             "scores": r["scores"], "aggregate": r.get("aggregate")} for r in rows]
+        front = None
+        f = self.run / "front" / "front.json"
+        if f.exists():
+            try:
+                front = json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                log.warning("%s is not valid JSON (%s); the page shows the search points only", f, e)
+        return {"points": points, "front": front}
+
+    # ------------------------------------------------------------------------------------------- scheduling
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="emorl-serve-scheduler", daemon=True)
+            self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stopping:
+                raise EmorlError("the server is shutting down")
+            self._queue.append(job)
+            self._cond.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """The client is gone: drop the job if it waits (at once), or end its rows at the next decoding step."""
+        job.cancelled.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def cancel_all(self) -> None:
+        """Refuse new jobs, answer waiting ones with an error and end in-flight ones at the next step."""
+        with self._cond:
+            self._stopping = True
+            self._cancel_inflight = True
+            waiting, self._queue = self._queue, []
+            self._cond.notify_all()
+        for job in waiting:
+            job.emit(("error", "the server is shutting down", None))
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue) + (1 if self._busy else 0)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop: waiting jobs get an error, in-flight ones are cancelled (they end at the next step)."""
+        self.cancel_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _take(self) -> list[Job] | None:
+        """Wait for the next batch: the oldest job plus same-key jobs arriving within the window."""
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            while True:
+                self._drop_cancelled()
+                if not self._queue:
+                    return []
+                first = self._queue[0]
+                same = [j for j in self._queue if j.key == first.key]
+                left = first.submitted + self.max_wait_s - time.monotonic()
+                if left <= 0 or self._rows(same) >= self.max_batch_rows or self._stopping:
+                    break
+                self._cond.wait(left)
+            batch: list[Job] = []
+            for j in same:
+                if batch and self._rows(batch + [j]) > self.max_batch_rows:
+                    break
+                batch.append(j)
+            self._queue = [j for j in self._queue if j not in batch]
+            self._busy = True
+            return batch
+
+    def _drop_cancelled(self) -> None:
+        gone = [j for j in self._queue if j.cancelled.is_set()]
+        if gone:
+            self._queue = [j for j in self._queue if not j.cancelled.is_set()]
+            self.stats["dropped_before_start"] += len(gone)
+            self.stats["cancelled"] += len(gone)
+            for j in gone:
+                j.emit(("done", None, None))
+
+    def _rows(self, jobs: list[Job]) -> int:
+        """Backbone rows a batch of these jobs takes: pairs x adapters used by any of them (params: pairs)."""
+        pairs = [p for j in jobs for p in j.pairs]
+        if not pairs or jobs[0].key in ("params", "score"):
+            return max(1, len(pairs))
+        used = {i for p in pairs for i, w in enumerate(p.weights) if w > 0}
+        return len(pairs) * (len(used) + (1 if jobs[0].key.endswith("+base") else 0))
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            if not batch:
+                continue
+            try:
+                if batch[0].key == "score":
+                    for j in batch:
+                        self._score(j)
+                else:
+                    self._decode(batch)
+            except Exception as e:  # a failed batch fails its requests, never the server
+                log.exception("batch of %d requests failed", len(batch))
+                for j in batch:
+                    j.emit(("error", f"decoding failed: {type(e).__name__}: {e}", None))
+            finally:
+                with self._cond:
+                    self._busy = False
+
+    def _decode(self, batch: list[Job]) -> None:
+        owner = [(j, c) for j in batch for c in range(len(j.pairs))]
+        pairs = [p for j in batch for p in j.pairs]
+        for j in batch:
+            j.results = [None] * len(j.pairs)
+        t0 = time.perf_counter()
+
+        def on_token(i: int, tok: int) -> None:
+            j, c = owner[i]
+            if j.stream:
+                j.emit(("token", c, tok))
+
+        def on_finish(i: int, res: PairResult) -> None:
+            j, c = owner[i]
+            j.results[c] = res
+            j.emit(("finish", c, res))
+            if all(r is not None for r in j.results):
+                if j.cancelled.is_set():
+                    self.stats["cancelled"] += 1
+                j.emit(("done", None, None))
+
+        def cancelled(i: int) -> bool:
+            return owner[i][0].cancelled.is_set() or self._cancel_inflight
+
+        key = batch[0].key
+        generate_pairs(self.ens, self.adapters, key.removesuffix("+base"), pairs, anchored=key.endswith("+base"),
+                       on_token=on_token, on_finish=on_finish, cancelled=cancelled)
+        st = self.stats
+        st["batches"] += 1
+        st["jobs"] += len(batch)
+        st["pairs"] += len(pairs)
+        st["max_batch_jobs"] = max(st["max_batch_jobs"], len(batch))
+        st["last_batch"] = {"key": key, "jobs": len(batch), "pairs": len(pairs), "rows": self._rows(batch),
+                            "seconds": round(time.perf_counter() - t0, 4)}
+
+    def _score(self, job: Job) -> None:
+        from emorl.rewards import score
+
+        assert job.score is not None
+        prompts, replies = job.score
+        out = {name: score(rw, prompts, replies).tolist() for name, rw in self.rewards.items()}
+        job.emit(("scores", out, None))
+        job.emit(("done", None, None))
