@@ -6,10 +6,24 @@
 Needs the ``serve`` extra (``pip install 'emorl[serve]'``: FastAPI + uvicorn). See docs/serve.md.
 """
 
-from emorl.serve.engine import Engine, Job, Method
-from emorl.serve.protocol import ApiError
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = ["ApiError", "Engine", "Job", "Method", "create_app"]
+
+# imported on first use, so `emorl serve --help` (emorl.serve.cli) does not wait for torch
+_LAZY = {"Engine": "emorl.serve.engine", "Job": "emorl.serve.engine", "Method": "emorl.serve.engine",
+         "ApiError": "emorl.serve.protocol"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'emorl.serve' has no attribute {name!r}")
 
 
 def create_app(*args, **kwargs):  # noqa: ANN002, ANN003, ANN201 - imported lazily: FastAPI is an optional extra
