@@ -514,3 +514,26 @@ def test_base_anchored_requests_and_the_base_share_one_batch(served: dict[str, A
             reference(engine, [0, 1, 2], max_new_tokens=4),
             reference(engine, [0, 0, 0], max_new_tokens=6, do_sample=True, temperature=1.0, top_k=50, seed=3)]
     assert [replies[i]["choices"][0]["message"]["content"] for i in range(3)] == [r[0] for r in refs]
+
+
+def test_auto_weights_follow_the_router(served: dict[str, Any]) -> None:
+    """`"weights": "auto"` asks the run's router for the statement's weights (convex, on the simplex): refused with a
+    clear 400 while the run has none; once fitted, the reply carries the chosen weights and equals `generate`."""
+    run, engine, url = served["run"], served["engine"], served["url"]
+    r = chat(url, body(emorl={"weights": "auto"}, seed=3))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "emorl.weights"
+    assert "router" in r.json()["error"]["message"]
+    from emorl.router.run import fit_run
+
+    cfg = load_config(str(run / "config.yaml"), ["route.prompts=6", "route.step=0.5"])
+    assert _wait(lambda: engine.pending() == 0)
+    fit_run(run, cfg, base=engine.ens.base, ens=engine.ens)
+    engine._router = None
+    r = chat(url, body(emorl={"weights": "auto"}, seed=3, temperature=1.0))
+    assert r.status_code == 200, r.text
+    chosen = r.json()["emorl"]["weights"]
+    w = [chosen[n] for n in NAMES]
+    assert sum(w) == pytest.approx(1.0) and w == pytest.approx(engine.route(STATEMENT))
+    ref = reference(engine, w, anchor="none", do_sample=True, seed=3, max_new_tokens=8, temperature=1.0,
+                    top_k=engine.cfg.eval.generation.top_k, top_p=engine.cfg.eval.generation.top_p)
+    assert r.json()["choices"][0]["message"]["content"] == ref[0]

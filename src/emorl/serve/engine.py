@@ -105,6 +105,25 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- run contents
 
+
+    def route(self, statement: str) -> list[float]:
+        """The router's weights for one client statement (``"weights": "auto"``); the router is loaded once and
+        checked against this run's adapters."""
+        from emorl.serve.protocol import ApiError
+
+        if getattr(self, "_router", None) is None:
+            from emorl.router.store import load_router, router_dir, run_adapters
+            from emorl.utils import EmorlError
+
+            try:
+                self._router = load_router(router_dir(self.run), run_adapters(self.run, self.objectives))[0]
+            except EmorlError as e:
+                raise ApiError(400, f"emorl.weights: \"auto\" needs the run's router ({e})", "emorl.weights",
+                               "router_unavailable") from e
+        from emorl.router.store import embed
+
+        w, _ = self._router.predict(embed([statement], str(self.ens.device)))
+        return [float(x) for x in w[0]]
     def _methods(self, baselines: list[str]) -> dict[str, Method]:
         """Every method of ``emorl evaluate`` this run can serve, named as there."""
         from emorl.decoding import parse_mix

@@ -195,8 +195,15 @@ def parse_chat(body: Any, engine: Any) -> ChatRequest:
         mode = mode_req or method.mode or "hidden"
         anchor = "none" if mode == "probs" else anchor_req or (method.anchor if not mode_req else None) or \
             engine.cfg.search.anchor
+        routed = ext.get("weights") == "auto"
+        if routed:  # per-prompt weights from the run's router (emorl route): convex, on the simplex
+            if mode != "hidden":
+                raise bad("emorl.weights", "\"auto\" (the router) picks weights for mode \"hidden\" only")
+            anchor = "none"
         rule = weight_rule(mode, anchor)
-        if ext.get("weights") is not None:
+        if routed:
+            weights = engine.route(statement)
+        elif ext.get("weights") is not None:
             weights = parse_weights(ext["weights"], engine.objectives, allow_zero=rule == "anchored")
         else:
             found = [s for s in engine.searched.values() if s["mode"] == mode and s["anchor"] == anchor]
