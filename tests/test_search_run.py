@@ -144,6 +144,9 @@ def test_params_mode_decodes_base_at_zero_and_cli(run_dir, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "best weights" in out and "aggregate score" in out
+    chosen = json.loads((run_dir / "search" / "params" / "best.json").read_text())
+    for n, w in chosen["weights"].items():  # the CLI reports the point best.json holds (the one evaluated)
+        assert f"{n:<16} {w:.5f}" in out
     lines = (run_dir / "search" / "params" / "points.jsonl").read_text().splitlines()
     rows = [json.loads(x) for x in lines[1:]]
     assert len(rows) == 27 and all(r["source"] == "decoded" for r in rows)  # params: no direction reuse

@@ -46,12 +46,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.run, overrides)
     result, out = search_run(Path(args.run), cfg, mode=args.mode, resume=args.resume, fresh=args.fresh,
                              progress=not args.no_progress, plots=not args.no_plots)
-    names = list(cfg.trained_objectives())
+    import json
+
+    best = json.loads((out / "best.json").read_text())  # the chosen point (after any re-evaluation)
     print(f"best weights ({args.mode} mixing, {result.method} search):")
-    for n, w in zip(names, result.weights, strict=True):
+    for n, w in best["weights"].items():
         print(f"  {n:<16} {w:.5f}")
-    print(f"aggregate score  {result.aggregate:.4f}")
-    for n, s in result.scores.items():
+    print(f"aggregate score  {best['aggregate']:.4f} (search)"
+          + (f", {best['reeval_aggregate']:.4f} re-evaluated" if best.get("reeval_aggregate") is not None else ""))
+    for n, s in best["scores"].items():
         print(f"  {n:<16} {s:.4f}")
     print(f"points: {result.n_unique} ({result.n_decoded} decoded now, {result.n_reused} same direction, "
           f"{result.n_cached} from the log)")
