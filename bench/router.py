@@ -68,7 +68,12 @@ def compare(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     _, meta = fit_run(args.run, cfg, base=base, rewards=rewards)
     t_fit = time.perf_counter() - t0
-    rep = compare_run(args.run, cfg, base=base, rewards=rewards)
+    prompts = None
+    if args.prompts:  # the first N of the evaluation's test prompts (the comparison decodes ~18 points per prompt)
+        from emorl.evaluate import eval_prompts
+
+        prompts = eval_prompts(cfg, "test")[:args.prompts]
+    rep = compare_run(args.run, cfg, base=base, rewards=rewards, prompts=prompts)
     return {"fit_s": round(t_fit, 1), "compare_s": round(time.perf_counter() - t0 - t_fit, 1), "fit": meta["fit"],
             **{k: v for k, v in rep.items() if k != "weights"}}
 
@@ -118,6 +123,7 @@ def main() -> None:
     c.add_argument("--prompts", type=int, default=8)
     r = sub.add_parser("compare")
     r.add_argument("--run", required=True)
+    r.add_argument("--prompts", type=int, default=None, help="first N test prompts (default: the evaluation's)")
     sub.add_parser("synthetic")
     args = ap.parse_args()
     res = {"cost": cost, "compare": compare, "synthetic": synthetic}[args.what](args)

@@ -91,6 +91,26 @@ def test_plain_progress_lines_where_stdout_is_not_a_terminal(capsys, monkeypatch
     ]
 
 
+def test_search_and_generate_bars_are_plain_lines_off_a_terminal(capsys, monkeypatch):
+    """The search's and generate's bars: no carriage-return fragments in a log, one line per interval and the end."""
+    from emorl.train import monitor
+
+    now = [0.0]
+    monkeypatch.setattr(monitor.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False)
+    bar = monitor.progress_bar(46, "search hidden", unit="pt")
+    assert isinstance(bar, monitor.PlainBar)
+    for t in (10, 20, 31, 40):
+        now[0] = t
+        bar.update(8)
+        bar.set_postfix(best="0.8158", decoded=bar.n, refresh=False)
+    bar.close()
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    assert out.splitlines() == ["search hidden: step 24/46 (52%) best=0.8158 decoded=16, elapsed 0m31s, ETA 0m28s",
+                                "search hidden: step 32/46 (70%) best=0.8158 decoded=32, elapsed 0m40s, ETA 0m18s"]
+
+
 def test_plain_progress_prints_the_last_step_and_nothing_when_disabled(capsys):
     from emorl.train.monitor import Progress
 

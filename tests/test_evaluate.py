@@ -217,7 +217,9 @@ def test_evaluate_run_writes_results_and_reuses_unchanged_methods(tmp_path, tiny
         rows = [json.loads(x) for x in (run / "eval" / "replies" / f"{name}.jsonl").read_text().splitlines()]
         units[name] = np.array([np.mean(list(r["scores"].values())) for r in rows])
     d = saved["methods"]["base"]["differences"]
-    assert set(d) == {"emorl", "uniform"} and set(saved["methods"]["emorl"]["differences"]) == {"uniform"}
+    assert set(d) == {"emorl", "uniform"} and set(saved["methods"]["emorl"]["differences"]) == {"uniform", "base"}
+    gain = saved["methods"]["emorl"]["differences"]["base"]["mean_reward"]  # each method's gain over the base
+    assert gain["mean"] == pytest.approx(float((units["emorl"] - units["base"]).mean()))
     assert d["emorl"]["mean_reward"]["mean"] == pytest.approx(float((units["base"] - units["emorl"]).mean()))
     lo, hi = d["uniform"]["mean_reward"]["ci95"]
     assert d["uniform"]["mean_reward"]["resolved"] == (lo > 0 or hi < 0)

@@ -125,3 +125,79 @@ def test_front_is_a_stage_of_emorl_run(tmp_path):
     assert {s.stage: s.status for s in make_plan(cfg, run).steps}["front"] == "done"
     cfg.front.step = 1.0
     assert {s.stage: s.status for s in make_plan(cfg, run).steps}["front"] == "run"
+
+
+def test_linear_prediction_anchored_and_convex_by_hand():
+    from emorl.front.linear import linear_prediction
+
+    base = np.array([[0.2, 0.4]])  # one unit, two objectives
+    singles = np.array([[[0.6, 0.4]], [[0.2, 0.8]]])  # adapter 1 moves objective 1 by +0.4, adapter 2 objective 2
+    pts = np.array([[1.0, 1.0], [0.5, 0.0], [2.0, 1.0]])
+    anchored = linear_prediction(pts, singles, base, convex=False)
+    assert np.allclose(anchored[:, 0], [[0.6, 0.8], [0.4, 0.4], [1.0, 0.8]])
+    convex = linear_prediction(pts, singles, base, convex=True)  # (w / sum w) . singles
+    assert np.allclose(convex[:, 0], [[0.4, 0.6], [0.6, 0.4], [(2 * 0.6 + 0.2) / 3, (2 * 0.4 + 0.8) / 3]])
+
+
+def test_linear_gaps_count_points_above_and_below():
+    from emorl.front.linear import linear_gaps
+
+    rng = np.random.default_rng(0)
+    pred = rng.uniform(0.3, 0.7, size=(3, 200, 2))
+    noise = rng.normal(0, 0.01, size=pred.shape)
+    actual = pred + noise + np.array([0.1, -0.1, 0.0])[:, None, None]  # above, below, level
+    g = linear_gaps(actual, pred, resamples=500)
+    assert (g["above"], g["below"], g["unresolved"], g["points"]) == (1, 1, 1, 3)
+    assert g["mean_gap"] == pytest.approx(0.0, abs=0.005)
+    assert g["per_point"][0]["gap"] == pytest.approx(0.1, abs=0.005)
+
+
+def test_sweep_points_and_dip():
+    from emorl.front.linear import sweep_dip, sweep_points
+
+    pts = sweep_points(3, (0, 2))
+    assert pts.shape == (11, 3) and np.allclose(pts[:, 1], 0) and np.allclose(pts.sum(axis=1), 1)
+    assert np.allclose(pts[:, 0], np.linspace(0, 1, 11))
+    rng = np.random.default_rng(1)
+    ends = np.linspace(0.6, 0.7, 11)
+    flat = ends[:, None, None] + rng.normal(0, 0.01, size=(11, 100, 1))  # linear between the ends: no dip
+    assert not sweep_dip(flat, resamples=500)["dip"]
+    dipped = flat.copy()
+    dipped[5] -= 0.2  # t = 0.5 falls below both ends
+    d = sweep_dip(dipped, resamples=500)
+    assert d["dip"] and d["lowest_interior"] == 5 and d["lower_end"] == 0
+    assert d["interior_minus_lower_end"]["mean"] == pytest.approx(0.65 - 0.2 - 0.6, abs=0.01)
+
+
+def test_front_on_a_subset_of_units_with_linear_prediction_and_sweep(tmp_path, tiny_base):
+    cfg, run = make_run(tmp_path, tiny_base)
+    evaluate_run(run, cfg, ["base", "uniform", "singles"], base=tiny_base, progress=False)
+    cfg.front.prompts, cfg.front.seeds, cfg.front.sweep = 2, [1], ["short", "long"]
+    out = front_run(run, cfg, base=tiny_base, progress=False, plot=False)
+    assert out["prompts"] == 2 and out["seeds"] == [1] and out["units"] == 2
+    hidden = json.loads((run / "front" / "hidden.json").read_text())
+    assert all(len(p["units"]["short"]) == 2 for p in hidden["points"])
+    # a one-hot anchored point is its adapter alone, decoded on the same units: the same per-unit scores
+    one_hot = next(p for p in hidden["points"] if p["weights"] == {"short": 1.0, "long": 0.0})
+    single = [json.loads(x) for x in (run / "eval" / "replies" / "single:short.jsonl").read_text().splitlines()]
+    mine = [r["scores"]["short"] for r in single if r["seed"] == 1][:2]
+    assert one_hot["units"]["short"] == pytest.approx(mine, abs=1e-6)
+    # one-policy points are placed by their mean on the front's units, not on all of the evaluation's
+    assert out["one_policy"]["single:short"]["scores"]["short"] == pytest.approx(np.mean(mine), abs=1e-6)
+    for entry in ("hidden", "params"):
+        g = out["linear"][entry]
+        assert g["points"] == len(json.loads((run / "front" / f"{entry}.json").read_text())["points"])
+        assert g["above"] + g["below"] + g["unresolved"] == g["points"]
+    sweep = out["sweep"]
+    assert sweep["pair"] == ["short", "long"] and set(sweep["pools"]) == {"hidden", "probs"}
+    assert all(len(p["mean_reward"]) == 11 for p in sweep["pools"].values())
+    # both pools share their ends (one adapter alone at t = 0 and t = 1)
+    h, p = sweep["pools"]["hidden"]["mean_reward"], sweep["pools"]["probs"]["mean_reward"]
+    assert h[0] == pytest.approx(p[0], abs=1e-6) and h[-1] == pytest.approx(p[-1], abs=1e-6)
+    assert any("linear prediction" in s for s in out["statements"])
+    assert any("edge sweep short/long, probs pool" in s for s in out["statements"])
+    cfg.front.seeds = [7]
+    with pytest.raises(EmorlError, match="front.seeds"):
+        from emorl.config import validate
+
+        validate(cfg)

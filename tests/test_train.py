@@ -492,3 +492,25 @@ def test_gdpo_trainer_uses_per_reward_advantages(tmp_path):
         want += z.sum(1).tolist()
     assert adv.tolist() == pytest.approx(want, rel=1e-5, abs=1e-5)
     assert adv.tolist() == pytest.approx([2 ** 0.5, -(2 ** 0.5)] * 2, rel=1e-3)  # k = 2: each reward +-1/sqrt(2)
+
+
+def test_baselines_train_the_same_together_or_alone(tmp_path):
+    """uniform, dynaopt and gdpo trained in one Trainer (one batched rollout per step) give each policy bit-identical
+    weights, curve and DynaOpt weight log as training it alone; DynaOpt keeps its own round length."""
+    common = ["train.max_steps=3", "train.val_every=3", "train.dynaopt_val_every=1", "train.checkpoint_every=100",
+              "lora.dropout=0.1"]
+    cfg = load_config("tiny", common)
+    Trainer(cfg, tmp_path / "all", progress=False, strategies=["uniform", "dynaopt", "gdpo"]).train()
+    for s in ("uniform", "dynaopt", "gdpo"):
+        Trainer(load_config("tiny", [*common, f"train.strategy={s}"]), tmp_path / s, progress=False).train()
+        joint, alone = tmp_path / "all" / "baselines" / s, tmp_path / s / "baselines" / s
+        wj, wa = _weights(joint), _weights(alone)
+        assert wj.keys() == wa.keys() and all(torch.equal(wj[k], wa[k]) for k in wj), s
+        ij, ia = read_adapter_info(joint), read_adapter_info(alone)
+        assert _curve(joint) == _curve(alone)
+        assert ij.strategy == s and ij.extra["train"]["strategy"] == s
+        assert ij.extra["weights_log"] == ia.extra["weights_log"]
+        steps = [c["step"] for c in ij.curve]
+        assert steps == ([0, 1, 2, 3] if s == "dynaopt" else [0, 3])  # val_every=3; DynaOpt's rounds: 1 step
+    with pytest.raises(EmorlError, match="apart from the baselines"):
+        Trainer(cfg, tmp_path / "x", progress=False, strategies=["single", "uniform"])

@@ -125,7 +125,10 @@ class TrainConfig:
     dynaopt_history: int = _f(8, "strategy=dynaopt: validation rounds kept as history for the bandit reward.")
     max_steps: int = _f(200, "Step budget per adapter.")
     max_prompts: int | None = _f(None, "Budget in prompts consumed per adapter (null = no limit).")
-    val_every: int = _f(8, "Validate every this many steps (and at step 0).")
+    val_every: int = _f(8, "Validate every this many steps (and at step 0 and the last step). A curve only: set it to "
+                        "max_steps to validate at the start and the end, and spend the time on training.")
+    dynaopt_val_every: int | None = _f(None, "strategy=dynaopt: its round length in steps (its weights follow each "
+                                       "round's validation); null = val_every.")
     val_prompts: int = _f(32, "Size of the fixed validation subset.")
     val_samples: int = _f(1, "Replies sampled per validation prompt (the paper: 3).")
     val_greedy: bool = _f(False, "Validate with greedy decoding instead of sampling. Sampled validation (the paper's) "
@@ -210,6 +213,15 @@ class FrontConfig:
     w_max: float = _f(1.0, "Upper end of every weight axis of the lattice.")
     batch_points: int = _f(16, "Weight points decoded together in one batched call.")
     resamples: int = _f(500, "Bootstrap resamples of each front's hypervolume CI.")
+    prompts: int | None = _f(None, "Decode the first this many of the evaluation's prompts (null = all of them); "
+                             "the units stay paired with the evaluation's.")
+    seeds: list[int] | None = _f(None, "Decode these of the evaluation's seeds (null = all of them).")
+    linear: bool = _f(True, "Compare every lattice point with the linear prediction from the adapters alone (needs "
+                      "`singles` among eval.methods).")
+    sweep: list[str] = _f([], "Two objectives whose adapters are swept (t, 1 - t), t = 0, 0.1, ..., 1, to see "
+                          "whether a pool dips below both ends (empty = no sweep).")
+    sweep_modes: list[str] = _f(["hidden", "probs"], "Pools of the sweep: hidden (log-linear: mixed hidden states, "
+                                "i.e. logits) and probs (linear: mixed next-token distributions).")
 
 
 @dataclass
@@ -468,7 +480,8 @@ def validate(cfg: RunConfig) -> None:
         if o not in cfg.objectives:
             raise EmorlError(f"train.objectives: {o!r} is not defined in objectives ({', '.join(cfg.objectives)})")
     for name, v, lo in [("train.batch_size", t.batch_size, 1), ("train.k", t.k, 1), ("train.max_steps", t.max_steps, 0),
-                        ("train.val_every", t.val_every, 1), ("train.checkpoint_every", t.checkpoint_every, 1),
+                        ("train.val_every", t.val_every, 1), ("train.dynaopt_val_every", t.dynaopt_val_every or 1, 1),
+                        ("train.checkpoint_every", t.checkpoint_every, 1),
                         ("train.micro_batch_size", t.micro_batch_size, 1), ("train.val_prompts", t.val_prompts, 1),
                         ("lora.r", cfg.lora.r, 1), ("search.iterations", cfg.search.iterations, 1),
                         ("search.prompts", 1 if cfg.search.prompts is None else cfg.search.prompts, 1),
@@ -495,6 +508,19 @@ def validate(cfg: RunConfig) -> None:
         raise EmorlError(f"front: need 0 < step <= w_max with at most 20 steps per axis, batch_points >= 1 and "
                          f"resamples >= 1 (got step={fr.step}, w_max={fr.w_max}, batch_points={fr.batch_points}, "
                          f"resamples={fr.resamples})")
+    if fr.prompts is not None and fr.prompts < 1:
+        raise EmorlError(f"front.prompts must be >= 1 or null (all of the evaluation's prompts), got {fr.prompts}")
+    if fr.seeds is not None and (not fr.seeds or set(fr.seeds) - set(cfg.eval.seeds)):
+        raise EmorlError(f"front.seeds must be a non-empty subset of eval.seeds {cfg.eval.seeds} (or null), got "
+                         f"{fr.seeds}")
+    if fr.sweep:
+        trained = cfg.trained_objectives()
+        if len(fr.sweep) != 2 or len(set(fr.sweep)) != 2 or set(fr.sweep) - set(trained):
+            raise EmorlError(f"front.sweep must name two different objectives with adapters ({', '.join(trained)}), "
+                             f"e.g. front.sweep=[{', '.join(trained[:2])}]; got {fr.sweep}")
+        bad = [m for m in fr.sweep_modes if m not in ("hidden", "logits", "probs")]
+        if bad or not fr.sweep_modes:
+            raise EmorlError(f"front.sweep_modes: choose from hidden, logits, probs (got {fr.sweep_modes})")
     ex = cfg.executor
     if ex.num_cpus < 0 or ex.num_gpus < 0 or ex.max_retries < 0 or (ex.workers is not None and ex.workers < 1):
         raise EmorlError("executor: num_cpus, num_gpus and max_retries must be >= 0 and workers >= 1")

@@ -224,9 +224,9 @@ class EnsembleModel:
         capacity = (1 if self.base.is_seq2seq else ids.shape[1]) + max_new_tokens  # self-attention cache length
         pbar = None
         if progress:
-            from tqdm.auto import tqdm
+            from emorl.train.monitor import progress_bar
 
-            pbar = tqdm(total=len(plan) * max_new_tokens, unit="step", desc=f"emorl generate ({mode})")
+            pbar = progress_bar(len(plan) * max_new_tokens, f"emorl generate ({mode})", unit="step")
         stats: dict[str, Any] = {"chunks": len(plan), "rows_per_chunk": 0}
         with torch.inference_mode(), lora_bank(self.model, names, w_used[:1] if mode == "params" else None) as bank:
             prefill: tuple[torch.Tensor, Any, Any] | None = None

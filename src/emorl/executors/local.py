@@ -53,7 +53,7 @@ def job_config(cfg: RunConfig, job: TrainJob) -> RunConfig:
 
 class LocalExecutor:
     """Train, search and decode in this process. The K objective adapters train together (one batched rollout
-    per step for all of them); the result is the same as training each alone."""
+    per step for all of them), and so do the baselines; the result is the same as training each alone."""
 
     name = "local"
 
@@ -64,9 +64,13 @@ class LocalExecutor:
     def train(self, jobs: list[TrainJob], *, resume: bool, progress: bool) -> None:
         from emorl.train.trainer import Trainer
 
-        for job in jobs:
+        baselines = [j.strategy for j in jobs if j.strategy != "single"]
+        groups = [(j, None) for j in jobs if j.strategy == "single"]
+        if baselines:  # the baselines train together too: one batched rollout per step for all of them
+            groups.append((next(j for j in jobs if j.strategy != "single"), baselines))
+        for job, strategies in groups:
             trainer = Trainer(job_config(self.cfg, job), self.run, base=self.res.base, rewards=self.res.rewards,
-                              splits=self.res.splits, progress=progress)
+                              splits=self.res.splits, progress=progress, strategies=strategies)
             trainer.train(resume=resume)
             if trainer._stop.is_set():
                 raise KeyboardInterrupt

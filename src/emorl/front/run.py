@@ -55,7 +55,6 @@ def searched_point(run: Path, key: str, names: list[str]) -> list[float] | None:
 def _inputs(run: Path, cfg: RunConfig) -> tuple[dict[str, Any], list[str], list[int], np.ndarray]:
     """The evaluation the front pairs with: its results, prompts, seeds and the base model's per-unit scores."""
     from emorl.evaluate import decode_seeds, eval_prompts, load_results
-    from emorl.evaluate_stats import unit_scores
 
     results = load_results(run)
     fix = f"`emorl evaluate --run {run}` (with `base` among the methods)"
@@ -68,11 +67,26 @@ def _inputs(run: Path, cfg: RunConfig) -> tuple[dict[str, Any], list[str], list[
             results.get("generation") != asdict(cfg.eval.generation):
         raise EmorlError(f"{run / 'eval' / 'results.json'} was made on other prompts, seeds or decoding settings "
                          f"than the config's eval section; the front would not pair with it. Run {fix} again")
-    units = unit_scores(run / "eval" / "replies" / f"{REFERENCE}.jsonl", list(results["objectives"]))
-    if units is None:
+    ref = _method_units(run, results, REFERENCE, prompts, seeds, cfg)
+    if ref is None:
         raise EmorlError(f"{run / 'eval' / 'replies' / 'base.jsonl'} is missing or incomplete. Run {fix} again")
-    ref = np.stack([units[f"score/{o}"] for o in results["objectives"]], axis=1)
     return results, prompts, seeds, ref
+
+
+def _method_units(run: Path, results: dict[str, Any], method: str, prompts: list[str], seeds: list[int],
+                  cfg: RunConfig) -> np.ndarray | None:
+    """(units, objectives) scores of an evaluated method on the front's units (front.prompts, front.seeds), in
+    (seed, prompt) order; None where its replies are missing."""
+    from emorl.evaluate_stats import unit_scores
+
+    objectives = list(results["objectives"])
+    name = (results["methods"].get(method) or {}).get("same_as") or method
+    units = unit_scores(run / "eval" / "replies" / f"{name}.jsonl", objectives)
+    if units is None or len(units["mean_reward"]) != len(prompts) * len(seeds):
+        return None
+    full = np.stack([units[f"score/{o}"] for o in objectives], axis=1).reshape(len(seeds), len(prompts), -1)
+    keep = [seeds.index(s) for s in (cfg.front.seeds or seeds)]
+    return full[keep, :cfg.front.prompts or None].reshape(-1, len(objectives))
 
 
 def _signature(cfg: RunConfig, entry: str, adapters: dict[str, str], points: np.ndarray, prompts: list[str],
@@ -98,11 +112,11 @@ def front_run(run_dir: str | Path, cfg: RunConfig | None = None, *, base: Any = 
     names = ensemble_objectives(cfg)
     folders = adapter_folders(run, cfg, names)
     adapters = {n: adapter_identity(f) for n, f in folders.items()}
-    results, prompts, seeds, ref_units = _inputs(run, cfg)
+    results, all_prompts, all_seeds, ref_units = _inputs(run, cfg)
+    prompts, seeds = all_prompts[:fc.prompts or None], fc.seeds or all_seeds
     objectives = list(results["objectives"])
-    entries = list(dict.fromkeys(fc.modes))
     plans: dict[str, dict[str, Any]] = {}
-    for entry in entries:
+    for entry in dict.fromkeys(fc.modes):
         from emorl.decoding import parse_mix
 
         mode, anchor = parse_mix(entry, cfg.search.anchor)  # a search key: hidden, hidden-convex, params, ...
@@ -110,10 +124,18 @@ def front_run(run_dir: str | Path, cfg: RunConfig | None = None, *, base: Any = 
         searched = searched_point(run, entry, names)
         if searched is not None and not any(np.allclose(p, searched) for p in pts):
             pts = np.vstack([pts, searched])
-        sig = _signature(cfg, entry, adapters, pts, prompts, seeds)
+        plans[entry] = {"mode": mode, "anchor": anchor, "points": pts, "searched": searched}
+    if fc.sweep:
+        from emorl.front.linear import sweep_points
+
+        pair = (names.index(fc.sweep[0]), names.index(fc.sweep[1]))
+        for mode in dict.fromkeys(fc.sweep_modes):
+            plans[f"sweep-{mode}"] = {"mode": mode, "anchor": "none", "points": sweep_points(len(names), pair),
+                                      "searched": None}
+    for entry, p in plans.items():
+        p["signature"] = _signature(cfg, entry, adapters, p["points"], prompts, seeds)
         old = _read(_file(run, entry))
-        plans[entry] = {"mode": mode, "anchor": anchor, "points": pts, "searched": searched, "signature": sig,
-                        "cached": None if force or old.get("signature") != sig else old}
+        p["cached"] = None if force or old.get("signature") != p["signature"] else old
     todo = [e for e, p in plans.items() if p["cached"] is None]
     if todo:
         if base is None:
@@ -142,17 +164,78 @@ def front_run(run_dir: str | Path, cfg: RunConfig | None = None, *, base: Any = 
                                   cfg.eval.generation, mode=p["mode"], anchor=p["anchor"],
                                   batch_points=fc.batch_points, progress=tick)
                 p["cached"] = _write_points(run, entry, p, names, objectives, u)
-    analysis = analyse(results, {e: p["cached"] for e, p in plans.items()}, ref_units, names, objectives,
-                       resamples=fc.resamples)
+    fronts = {e: p["cached"] for e, p in plans.items() if not e.startswith("sweep-")}
+    one_policy = {m: _method_units(run, results, m, all_prompts, all_seeds, cfg)
+                  for m, v in results["methods"].items() if v.get("kind") == "adapter"}
+    analysis = analyse(results, fronts, ref_units, names, objectives, resamples=fc.resamples,
+                       one_policy_units={m: u for m, u in one_policy.items() if u is not None})
     analysis.update({"version": FRONT_VERSION, "split": results["split"], "prompts": len(prompts), "seeds": seeds,
                      "step": fc.step, "w_max": fc.w_max, "generation": asdict(cfg.eval.generation)})
+    if fc.linear:
+        singles = [_method_units(run, results, f"single:{n}", all_prompts, all_seeds, cfg) for n in names]
+        if any(s is None for s in singles):
+            analysis["linear"] = {"skipped": "needs every adapter alone in the evaluation (`singles` in "
+                                             "eval.methods)"}
+        else:
+            analysis["linear"] = linear_analysis(fronts, np.stack(singles), ref_units, objectives)
+    if fc.sweep:
+        from emorl.front.linear import sweep_dip
+
+        analysis["sweep"] = {"pair": list(fc.sweep), "t": [round(x, 1) for x in np.linspace(0, 1, 11)],
+                             "what": "t is the weight of the first adapter, 1 - t of the second (sum 1)",
+                             "pools": {m: sweep_dip(_point_units(plans[f"sweep-{m}"]["cached"], objectives))
+                                       for m in dict.fromkeys(fc.sweep_modes)}}
+    analysis["statements"] += _extra_statements(analysis)
     if plot:
         from emorl.front.plots import plot_fronts
 
-        fig = plot_fronts(analysis, {e: p["cached"] for e, p in plans.items()}, front_dir(run) / "front.png")
+        fig = plot_fronts(analysis, fronts, front_dir(run) / "front.png")
         analysis["figure"] = str(fig.relative_to(run))
     atomic_write_json(front_dir(run) / "front.json", analysis)
     return analysis
+
+
+def _extra_statements(analysis: dict[str, Any]) -> list[str]:
+    """The linear-prediction and edge-sweep answers in words."""
+    out = []
+    for entry, g in (analysis.get("linear") or {}).items():
+        if not isinstance(g, dict):
+            continue
+        lo, hi = g["mean_gap_ci95"]
+        out.append(f"{entry} against the linear prediction from the adapters alone (mean reward): {g['above']} of "
+                   f"{g['points']} points resolved above it, {g['below']} below, {g['unresolved']} unresolved; the "
+                   f"average gap is {g['mean_gap']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+                   f" ({'resolved' if lo > 0 or hi < 0 else 'unresolved'}).")
+    sw = analysis.get("sweep")
+    for pool, d in (sw or {}).get("pools", {}).items():
+        diff = d["interior_minus_lower_end"]
+        lo, hi = diff["ci95"]
+        t = sw["t"][d["lowest_interior"]]
+        out.append(f"edge sweep {sw['pair'][0]}/{sw['pair'][1]}, {pool} pool: mean reward from "
+                   f"{d['mean_reward'][0]:.3f} (t=0) to {d['mean_reward'][-1]:.3f} (t=1); its lowest interior point "
+                   f"(t={t}) is {diff['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] against the lower end: "
+                   + ("a dip below both ends (resolved)." if d["dip"] else "no resolved dip below both ends."))
+    return out
+
+
+def _point_units(data: dict[str, Any], objectives: list[str]) -> np.ndarray:
+    """(points, units, objectives) per-unit scores of a stored lattice."""
+    return np.array([[r["units"][o] for o in objectives] for r in data["points"]]).transpose(0, 2, 1)
+
+
+def linear_analysis(fronts: dict[str, dict[str, Any]], singles: np.ndarray, ref_units: np.ndarray,
+                    objectives: list[str]) -> dict[str, Any]:
+    """Per mode: every lattice point's mean reward against the linear prediction from the adapters alone."""
+    from emorl.front.linear import linear_gaps, linear_prediction
+
+    out = {}
+    for entry, data in fronts.items():
+        pts = np.array([[r["weights"][n] for n in data["names"]] for r in data["points"]])
+        pred = linear_prediction(pts, singles, ref_units, convex=data["anchor"] == "none")
+        gaps = linear_gaps(_point_units(data, objectives), pred)
+        gaps.pop("per_point")
+        out[entry] = gaps
+    return out
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -178,15 +261,17 @@ def _write_points(run: Path, entry: str, p: dict[str, Any], names: list[str], ob
 
 
 def analyse(results: dict[str, Any], modes: dict[str, dict[str, Any]], ref_units: np.ndarray, names: list[str],
-            objectives: list[str], *, resamples: int = 500, seed: int = 0) -> dict[str, Any]:
-    """Fronts, hypervolumes (CI) and dominance statements from stored points and evaluation results."""
+            objectives: list[str], *, resamples: int = 500, seed: int = 0,
+            one_policy_units: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Fronts, hypervolumes (CI) and dominance statements from stored points and evaluation results; a one-policy
+    method is placed by its mean on the front's units (``one_policy_units``) where given, else by its summary."""
     ref = ref_units.mean(axis=0)
     out_modes: dict[str, Any] = {}
     fronts: dict[str, np.ndarray] = {}
     for entry, data in modes.items():
         rows = data["points"]
         means = np.array([[r["scores"][o] for o in objectives] for r in rows])
-        units = np.array([[r["units"][o] for o in objectives] for r in rows]).transpose(0, 2, 1)
+        units = _point_units(data, objectives)
         idx = pareto_front(means)
         fronts[entry] = means[idx]
         hv = hypervolume_ci(units, ref_units, resamples=resamples, seed=seed)
@@ -199,7 +284,10 @@ def analyse(results: dict[str, Any], modes: dict[str, dict[str, Any]], ref_units
     for name, m in results["methods"].items():
         if m.get("kind") != "adapter":
             continue
-        point = [m["summary"][f"score/{o}"]["mean"] for o in objectives]
+        if one_policy_units and name in one_policy_units:
+            point = [float(x) for x in one_policy_units[name].mean(axis=0)]
+        else:
+            point = [m["summary"][f"score/{o}"]["mean"] for o in objectives]
         against = {e: dominance(f, point) for e, f in fronts.items()}
         one_policy[name] = {"label": m["label"], "scores": dict(zip(objectives, point, strict=True)),
                             "fronts": {e: {"verdict": d["verdict"], "dominated_by": len(d["dominated_by"]),

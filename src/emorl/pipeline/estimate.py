@@ -51,8 +51,20 @@ def probe_speed(base: Any, tokens: int = 4) -> Speed:
 LOSS_FACTOR = 0.7
 SEARCH_FACTOR = {"params": 0.9}
 SEARCH_SHARED_PREFILL = 0.3
+CONVEX_DECODED = 0.8  # share of a convex search's points decoded (36 of 46 in the default run)
 REWARD_S = 0.02
 PLOT_S = 3.0
+
+
+def stream_width(key: str | None, anchor: str, k: int) -> tuple[int, float]:
+    """(backbone rows per prompt, search decode factor) of a mix: params one merged stream (its prefill re-run per
+    point); the other modes K adapter streams, plus the base stream when base-anchored."""
+    if key is None:
+        return 1, 1.0
+    if key.startswith("params"):
+        return 1, SEARCH_FACTOR["params"]
+    convex = key.endswith("-convex") or key.startswith("probs") or anchor == "none"
+    return k + (0 if convex else 1), SEARCH_SHARED_PREFILL
 
 
 def estimate(plan: Plan, speed: Speed) -> None:
@@ -64,19 +76,24 @@ def estimate(plan: Plan, speed: Speed) -> None:
     prompt_len = 0.6 * cfg.model.max_prompt_tokens
     k_obj = len(plan.objectives)
 
-    def training(policies: int) -> float:
+    from emorl.train.trainer import val_every
+
+    def training(policies: int, strategy: str) -> float:
         rows = policies * t.batch_size * t.k
         tok = t.generation.max_new_tokens
         step = speed.gen(rows, tok) + LOSS_FACTOR * speed.b * rows * (prompt_len + tok) + REWARD_S * rows * k_obj
         val_rows = policies * t.val_prompts * t.val_samples
         val = speed.gen(val_rows, tok) + REWARD_S * val_rows * k_obj
-        return t.max_steps * step + (t.max_steps / t.val_every + 1) * val
+        every = val_every(t, strategy)  # at step 0, every `every` steps, and the last step
+        rounds = 1 + t.max_steps // every + (1 if t.max_steps % every else 0)
+        return t.max_steps * step + rounds * val
 
     train_todo = plan.todo("train")
     for s in train_todo:
-        s.estimate_s = training(len(train_todo)) / len(train_todo)
-    for s in plan.todo("baselines"):
-        s.estimate_s = training(1)
+        s.estimate_s = training(len(train_todo), "single") / len(train_todo)
+    base_todo = plan.todo("baselines")  # trained together, like the adapters
+    for s in base_todo:
+        s.estimate_s = training(len(base_todo), s.name) / len(base_todo)
     sc = cfg.search
     search_todo = plan.todo("search")
     if search_todo:
@@ -88,10 +105,11 @@ def estimate(plan: Plan, speed: Speed) -> None:
         n_seeds = len(search_seeds(sc.seeds, sc.generation))
         n_re = min(sc.reeval_prompts or n_val, n_val) * len(search_seeds(sc.reeval_seeds, sc.generation))
     for s in search_todo:
-        width = 1 if s.name == "params" else k_obj
+        width, factor = stream_width(s.name, sc.anchor, k_obj)
         n = expected_evaluations(k_obj, sc.iterations)
+        if width != 1 and s.name.endswith("-convex"):
+            n = round(n * CONVEX_DECODED)  # points on one ray share a decode
         calls = -(-n // sc.batch_points)
-        factor = SEARCH_FACTOR.get(s.name, SEARCH_SHARED_PREFILL)
         decode = n_seeds * calls * speed.gen(sc.batch_points * n_p * width, sc.generation.max_new_tokens)
         reeval = speed.gen(sc.reeval_top * n_re * width, sc.generation.max_new_tokens) if sc.reeval_top else 0.0
         s.estimate_s = (factor * (decode + reeval) + (n * n_p * n_seeds + sc.reeval_top * n_re) * REWARD_S * k_obj
@@ -110,19 +128,23 @@ def estimate(plan: Plan, speed: Speed) -> None:
         seeds = len(decode_seeds(cfg))
         g = cfg.eval.generation
         n = cfg.eval.prompts or 64
-        widths = [k_obj if method_kind(m)[0] == "ensemble" and method_kind(m)[1] != "params" else 1
-                  for m in plan.methods]
+        widths = [stream_width(method_kind(m)[1], cfg.search.anchor, k_obj)[0]
+                  if method_kind(m)[0] in ("ensemble", "routed") else 1 for m in plan.methods]
         s.estimate_s = seeds * sum(speed.gen(n * w, g.max_new_tokens) + n * REWARD_S * k_obj for w in widths)
     for s in plan.todo("front"):
         from emorl.evaluate import decode_seeds
 
         fc, g = cfg.front, cfg.eval.generation
-        points = (int(round(fc.w_max / fc.step)) + 1) ** k_obj
-        n, seeds = cfg.eval.prompts or 64, len(decode_seeds(cfg))
+        lattice = (int(round(fc.w_max / fc.step)) + 1) ** k_obj
+        n = min(fc.prompts or 10**9, cfg.eval.prompts or 64)
+        seeds = len(fc.seeds or decode_seeds(cfg))
+        jobs = [(m, lattice, cfg.search.anchor) for m in fc.modes] + [
+            (m, 11, "none") for m in (fc.sweep_modes if fc.sweep else [])]  # the sweep: convex pools
         total = 0.0
-        for m in fc.modes:
-            width = 1 if m.startswith("params") else k_obj
-            total += seeds * -(-points // fc.batch_points) * speed.gen(fc.batch_points * n * width, g.max_new_tokens)
+        for m, points, anchor in jobs:
+            width = stream_width(m, anchor, k_obj)[0]
+            chunk = min(points, fc.batch_points)
+            total += seeds * -(-points // fc.batch_points) * speed.gen(chunk * n * width, g.max_new_tokens)
             total += points * n * seeds * REWARD_S * k_obj
         s.estimate_s = total
     for s in plan.todo("report"):

@@ -75,11 +75,17 @@ def improvement_table(results: dict[str, Any]) -> tuple[list[str], list[list[str
         if not base or not single:
             continue
         b, a = base["summary"][f"score/{o}"], single["summary"][f"score/{o}"]
-        rows.append([o, fmt_pm(b), fmt_pm(a), f"{a['mean'] - b['mean']:+.3f}",
-                     fmt_pm(single["summary"].get("mean_reward"))])
+        d = (single.get("differences") or {}).get("base", {}).get(f"score/{o}")
+        if d:  # the paired difference on the same units, with its CI
+            lo, hi = d["ci95"]
+            change = f"{d['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] " + ("resolved" if d["resolved"] else "unresolved")
+        else:
+            change = f"{a['mean'] - b['mean']:+.3f}"
+        rows.append([o, fmt_pm(b), fmt_pm(a), change, fmt_pm(single["summary"].get("mean_reward"))])
     if not rows:
         return None
-    return ["Objective", "Base model", "Its adapter alone", "Change", "Adapter's mean reward (all objectives)"], rows
+    return ["Objective", "Base model", "Its adapter alone", "Change (paired, 95% CI)",
+            "Adapter's mean reward (all objectives)"], rows
 
 
 def training_table(policies: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -143,6 +149,8 @@ def differences_table(results: dict[str, Any]) -> tuple[list[str], list[list[str
     rows = []
     for m in results["methods"].values():
         for ref, d in (m.get("differences") or {}).items():
+            if ref == "base":  # each adapter's gain over the base: the improvement table
+                continue
             ref_label = results["methods"].get(ref, {}).get("label", ref)
 
             def cell(x: dict[str, Any] | None) -> str:

@@ -124,9 +124,9 @@ class Evaluator:
                 self._remember(rec)
         self._bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from emorl.train.monitor import progress_bar
 
-            self._bar = tqdm(total=total, desc=desc, unit="pt", dynamic_ncols=True)
+            self._bar = progress_bar(total, desc, unit="pt")
 
     # -------------------------------------------------------------------------------------- public
 

@@ -137,6 +137,41 @@ class Progress:
         t["last"], t["printed_at"] = time.monotonic(), t["completed"]
 
 
+class PlainBar:
+    """A tqdm-like bar for a stage driven outside :class:`Progress` (the search's points, ``generate``'s steps): on
+    a terminal, tqdm; elsewhere the same plain line as :class:`Progress` at most every ``every`` seconds, and once
+    at the end."""
+
+    def __init__(self, total: int, desc: str, unit: str = "it", every: float | None = None) -> None:
+        self._p = Progress(True, every=every, plain=True)
+        self._p.add(desc, total)
+        self.desc, self.n, self.info = desc, 0, ""
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self._p.update(self.desc, self.n, self.info)
+
+    def set_postfix(self, refresh: bool = False, **kw: Any) -> None:
+        self.info = " ".join(f"{k}={v}" for k, v in kw.items())
+        self._p._lines[self.desc]["info"] = self.info
+
+    def close(self) -> None:
+        t = self._p._lines[self.desc]
+        if t["printed_at"] != t["completed"]:
+            self._p._print_line(self.desc)
+
+
+def progress_bar(total: int, desc: str, unit: str = "it") -> Any:
+    """tqdm on a terminal, :class:`PlainBar` lines where stdout is not one (CI logs, ``| tee``)."""
+    import sys
+
+    if sys.stdout.isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+    return PlainBar(total, desc, unit)
+
+
 def _clock(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}h{s // 60 % 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

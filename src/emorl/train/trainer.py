@@ -63,6 +63,7 @@ class Policy:
     optimizer: torch.optim.Optimizer
     output: Path
     model: Any = None  # full fine-tuning: the policy's own copy of the base (None: a LoRA adapter on the base)
+    strategy: str = "single"
     step: int = 0
     prompts: int = 0
     epoch: int = 0
@@ -85,6 +86,12 @@ class Policy:
                 setattr(self, k, v)
 
 
+def val_every(t: Any, strategy: str) -> int:
+    """Steps between validations: DynaOpt's round length where set (its weights follow validation), else
+    ``train.val_every`` (a curve only)."""
+    return (t.dynaopt_val_every or t.val_every) if strategy == "dynaopt" else t.val_every
+
+
 def coefficient_of_variation_converged(values: list[float], window: int, threshold: float) -> bool:
     """The paper's rule: std/mean (population std) of the last ``window`` validation means below ``threshold``."""
     if threshold <= 0 or len(values) < window:
@@ -100,10 +107,14 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, base: Base | None = None,
                  rewards: dict[str, Callable] | None = None, splits: Any = None, progress: bool = True,
                  force: bool = False, callbacks: list[Callable[[Trainer], None]] | None = None,
-                 val_objectives: list[str] | None = None):
+                 val_objectives: list[str] | None = None, strategies: list[str] | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.strategy = cfg.train.strategy
+        # several baseline strategies train together (one batched rollout per step), like the K adapters
+        self.strategies = list(dict.fromkeys(strategies or [cfg.train.strategy]))
+        if "single" in self.strategies and len(self.strategies) > 1:
+            raise EmorlError("the objective adapters (strategy single) train apart from the baselines")
+        self.strategy = self.strategies[0] if len(self.strategies) == 1 else "+".join(self.strategies)
         self.objectives = cfg.trained_objectives()
         self.progress = progress
         self.force = force
@@ -134,7 +145,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ set-up
     def _output_dir(self, name: str) -> Path:
-        sub = "adapters" if self.strategy == "single" else "baselines"
+        sub = "adapters" if self.strategies == ["single"] else "baselines"
         return self.run_dir / sub / name
 
     def _finished(self, out: Path) -> bool:
@@ -158,8 +169,9 @@ class Trainer:
         if missing:
             raise EmorlError(f"no reward for objectives {missing}")
         t = self.cfg.train
-        groups = [[o] for o in self.objectives] if self.strategy == "single" else [self.objectives]
-        names = [g[0] if self.strategy == "single" else self.strategy for g in groups]
+        single = self.strategies == ["single"]
+        groups = [[o] for o in self.objectives] if single else [self.objectives] * len(self.strategies)
+        names = [g[0] for g in groups] if single else list(self.strategies)
         todo = [(n, g) for n, g in zip(names, groups, strict=True) if not self._finished(self._output_dir(n))]
         for n, _ in zip(names, groups, strict=True):
             if (n, _) not in todo:
@@ -167,7 +179,7 @@ class Trainer:
         if not todo:
             return
         set_seed(t.seed)
-        full = full_ft.wants_full(self.cfg, self.strategy)
+        full = full_ft.wants_full(self.cfg, self.strategies[0])
         if self.cfg.lora.full_finetune and not full:
             log.warning("lora.full_finetune applies to the baselines only; EMORL trains LoRA adapters")
         if not full:
@@ -188,9 +200,10 @@ class Trainer:
             for p in params.values():
                 p.requires_grad_(True)
             opt = torch.optim.AdamW(params.values(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-            w = make_weighting(self.strategy, objs, fixed_weights=t.fixed_weights, gamma=t.dynaopt_gamma,
+            strategy = "single" if single else n
+            w = make_weighting(strategy, objs, fixed_weights=t.fixed_weights, gamma=t.dynaopt_gamma,
                                history=t.dynaopt_history, seed=t.seed)
-            self.policies.append(Policy(n, i, objs, w, params, opt, self._output_dir(n), model=own))
+            self.policies.append(Policy(n, i, objs, w, params, opt, self._output_dir(n), model=own, strategy=strategy))
         mx = self.cfg.model.max_prompt_tokens  # rollouts pad prompts to their split's longest (batch-independent)
         self._widths = {"train": prompt_width(self.base, [r.prompt for r in self.train_records], mx),
                         "validate": prompt_width(self.base, self.val_statements, mx)}
@@ -367,12 +380,13 @@ class Trainer:
 
     def _save_policy(self, p: Policy, finished: bool) -> None:
         info = AdapterInfo(
-            objective=p.name if self.strategy == "single" else "+".join(p.objectives), strategy=self.strategy,
+            objective=p.name if p.strategy == "single" else "+".join(p.objectives), strategy=p.strategy,
             objectives=p.objectives, rewards={o: self.cfg.objectives[o] for o in p.objectives},
             base=self.base.identity, steps=p.step, prompts_consumed=p.prompts, wall_time_s=round(p.active_time, 2),
             converged=p.converged, curve=p.curve, prompt=self.base.prompt_format,
             extra={"finished": finished, "stop_reason": p.stop_reason, "lora": self.cfg.to_dict()["lora"],
-                   "train": self.cfg.to_dict()["train"], "weights_log": getattr(p.weighting, "log", None)})
+                   "train": {**self.cfg.to_dict()["train"], "strategy": p.strategy},
+                   "weights_log": getattr(p.weighting, "log", None)})
         full_ft.save_policy(self.base, p.name, p.model, p.output, info)
 
     # ------------------------------------------------------------------------------------------ main loop
@@ -427,7 +441,7 @@ class Trainer:
                             self._update(p, ro, metrics)
                     self.step_times.append({"policies": len(active), "rollout_s": t_gen - t_step,
                                             "update_s": time.time() - t_gen, "step_s": time.time() - t_step})
-                    self._validate([p for p in active if p.step % t.val_every == 0], metrics)
+                    self._validate([p for p in active if p.step % val_every(t, p.strategy) == 0], metrics)
                     dt = time.time() - t_step
                     for p in active:
                         p.active_time += dt

@@ -1,0 +1,104 @@
+"""EMORL at matched cost: each objective adapter trained on 1/K of a one-policy budget, against Uniform Weighted.
+
+    python bench/matched_cost.py --run runs/default [--modes hidden]
+
+The equal-steps study trains each of the K adapters as long as one baseline policy, so EMORL consumes K times the
+prompts. The paper's claim is the other way round: comparable reward from fewer prompts. This trains a second set
+of adapters with ``train.max_steps = max_steps // K`` (so the K adapters together see the prompts of one Uniform
+policy), searches their weights on validation and evaluates them on the run's test units (its prompts, seeds and
+decoding settings), in ``RUN-matched/`` with ``emorl run``. Then, paired over the same units:
+
+- matched EMORL − Uniform Weighted (the run's), and matched EMORL − equal-steps EMORL, on mean reward and per
+  objective, with 95% CIs;
+- the prompts each consumed.
+
+Writes bench/results/matched_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OUT = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--modes", default="hidden", help="search keys for the matched adapters, comma-separated")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from emorl.config import load_config
+    from emorl.evaluate_stats import unit_scores
+    from emorl.stats import paired_difference
+
+    run = Path(args.run)
+    cfg = load_config(str(run / "config.yaml"))
+    k = len(cfg.trained_objectives())
+    steps = max(1, cfg.train.max_steps // k)
+    matched = run.parent / f"{run.name}-matched"
+    modes = args.modes.split(",")
+    overrides = [f"train.max_steps={steps}", "eval.methods=[emorl,singles]", f"search.modes=[{','.join(modes)}]",
+                 "front.enabled=false", "route.enabled=false"]
+    cmd = [str(Path(sys.executable).parent / "emorl"), "run", "--config", str(run / "config.yaml"),
+           "--output", str(matched), "--no-progress", *overrides]
+    print(" ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=os.environ.copy())
+    seconds = time.perf_counter() - t0
+
+    full = json.loads((run / "eval" / "results.json").read_text())
+    mine = json.loads((matched / "eval" / "results.json").read_text())
+    if mine["prompts"] != full["prompts"] or mine["seeds"] != full["seeds"] or \
+            mine.get("prompts_sha256") != full.get("prompts_sha256"):
+        raise SystemExit("the matched run's evaluation is not on the run's units; they cannot be paired")
+    objectives = list(full["objectives"])
+
+    def units(r: Path, res: dict, name: str) -> dict:
+        name = res["methods"][name].get("same_as") or name
+        u = unit_scores(r / "eval" / "replies" / f"{name}.jsonl", objectives)
+        if u is None:
+            raise SystemExit(f"{r}/eval/replies/{name}.jsonl is missing")
+        return u
+
+    m = units(matched, mine, "emorl")
+    refs = {"uniform": units(run, full, "uniform"), "emorl (equal steps)": units(run, full, "emorl")}
+    metrics = ["mean_reward", *(f"score/{o}" for o in objectives)]
+    out = {"run": str(run), "matched_run": str(matched), "k": k, "steps_per_adapter": steps,
+           "full_steps": cfg.train.max_steps, "wall_time_s": round(seconds, 1),
+           "prompts_consumed": {"matched emorl (all adapters)": sum(
+               p.get("prompts_consumed", 0) for p in _policies(matched).values()),
+               "uniform": _policies(run).get("uniform", {}).get("prompts_consumed"),
+               "emorl (equal steps, all adapters)": sum(v.get("prompts_consumed", 0)
+                                                        for n, v in _policies(run).items()
+                                                        if n in cfg.trained_objectives())},
+           "matched_weights": mine["methods"]["emorl"].get("weights"),
+           "scores": {"matched emorl": {x: float(m[x].mean()) for x in metrics},
+                      **{n: {x: float(u[x].mean()) for x in metrics} for n, u in refs.items()}},
+           "differences": {f"matched emorl - {n}": {x: paired_difference(m[x], u[x]) for x in metrics}
+                           for n, u in refs.items()}}
+    path = Path(args.out) if args.out else OUT / "matched_cost.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+
+
+def _policies(run: Path) -> dict:
+    """Per policy: what its emorl.json records (steps, prompts consumed, ...)."""
+    out = {}
+    for d in [*(run / "adapters").glob("*"), *(run / "baselines").glob("*")]:
+        info = d / "emorl.json"
+        if info.exists():
+            out[d.name] = json.loads(info.read_text())
+    return out
+
+
+if __name__ == "__main__":
+    main()
