@@ -217,7 +217,9 @@ def test_sampled_search_decodes_directions(run_dir, ensemble):
                                  generation=GenerationConfig(do_sample=True, max_new_tokens=6), seed=1)
     a2, b2, _ = anchored(pts)
     assert not anchored.scale_invariant
-    assert a2.scores == a.scores  # sum(w) = 1: anchored equals convex
+    # sum(w) = 1: anchored equals convex (the same replies; their reward scores agree up to float rounding, as the
+    # sentence encoder embeds them in batches of another composition)
+    assert a2.scores == pytest.approx(a.scores, abs=1e-6)
     assert b2.scores != b.scores
 
 

@@ -84,19 +84,23 @@ def plot_training_curves(curves: dict[str, dict[str, Any]], path: str | Path) ->
 
 
 def plot_results_scatter(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """``rows``: {"method", "label", "prompts", "mean", "std"}: one point per method with its error bar."""
+    """``rows``: {"method", "label", "prompts", "mean", "std", "ci95"}: one point per method with its error bar (the
+    95% CI where every row has one, else the std over seeds)."""
     fig = Figure(figsize=(7.5, 5.2), layout="constrained")
     ax = fig.subplots()
     styles = _styles([r["method"] for r in rows])
+    with_ci = all(r.get("ci95") for r in rows)  # the paired-bootstrap 95% CI where the evaluation has it
     for r in rows:
         color, marker = styles[r["method"]]
-        ax.errorbar([r["prompts"]], [r["mean"]], yerr=[r["std"]], fmt=marker, color=color, ms=11 if marker == "*"
+        yerr = [[r["mean"] - r["ci95"][0]], [r["ci95"][1] - r["mean"]]] if with_ci else [r["std"]]
+        ax.errorbar([r["prompts"]], [r["mean"]], yerr=yerr, fmt=marker, color=color, ms=11 if marker == "*"
                     else 8, capsize=4, label=r["label"], mec="black", mew=0.6)
     _label_columns(ax, [(r["prompts"], r["mean"], r["label"]) for r in rows])
     ax.set_xlabel("training prompts consumed (EMORL, soups, logits: the K adapters together)")
     ax.set_ylabel("test mean reward (mean of the objectives)")
     n = max((r.get("n", 1) for r in rows), default=1)
-    ax.set_title(f"Data consumed vs mean reward (error bars: std over {n} decoding seed{'s' * (n != 1)})")
+    ax.set_title("Data consumed vs mean reward (error bars: 95% CI, paired bootstrap over units)" if with_ci else
+                 f"Data consumed vs mean reward (error bars: std over {n} decoding seed{'s' * (n != 1)})")
     ax.grid(alpha=0.3)
     ax.margins(x=0.12, y=0.15)
     ax.legend(fontsize=8, loc="best")

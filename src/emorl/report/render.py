@@ -150,7 +150,8 @@ def make_figures(run: Path, results: dict[str, Any], policies: dict[str, dict[st
     methods = results["methods"]
     scatter = [{"method": name, "label": m["label"], "prompts": (m.get("training") or {}).get("prompts", 0),
                 "mean": m["summary"]["mean_reward"]["mean"], "std": m["summary"]["mean_reward"]["std"],
-                "n": m["summary"]["mean_reward"]["n"]} for name, m in methods.items()]
+                "n": m["summary"]["mean_reward"]["n"], "ci95": m["summary"]["mean_reward"].get("ci95")}
+               for name, m in methods.items()]
     trade = [{"method": name, "label": m["label"],
               "mean": {o: m["summary"][f"score/{o}"]["mean"] for o in objectives},
               "std": {o: m["summary"][f"score/{o}"]["std"] for o in objectives}} for name, m in methods.items()]
