@@ -95,7 +95,7 @@ def main() -> None:
         "spearman_reeval_vs_test": _rho(spearmanr, np.array([reeval[keys[i]]["aggregate"] for i in re_idx]),
                                         test_mean[re_idx]) if len(re_idx) > 2 else None,
         "before_reeval": drop(raw_winner, float(search_agg[raw_winner])),
-        "after_reeval": {**drop(chosen, float(best.get("search_aggregate", search_agg[chosen]))),
+        "after_reeval": {**drop(chosen, float(search_agg[chosen])),  # the chosen point's own search score
                          "reeval_score": best.get("reeval_aggregate"),
                          "reeval_drop": (float(best["reeval_aggregate"] - test_mean[chosen])
                                          if best.get("reeval_aggregate") is not None else None)},
