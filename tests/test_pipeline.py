@@ -11,6 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from emorl.config import load_config
@@ -200,3 +201,19 @@ def test_estimate_counts_each_mix_by_its_streams():
     assert stream_width("params", "base", 3) == (1, SEARCH_FACTOR["params"])
     assert stream_width("params-convex", "base", 3)[0] == 1
     assert stream_width(None, "base", 3)[0] == 1
+
+
+def test_reward_probe_times_one_reply_per_reward(monkeypatch):
+    """The estimate's reward cost is probed with the run's own rewards: seconds per (reply, reward)."""
+    import importlib
+
+    est = importlib.import_module("emorl.pipeline.estimate")
+
+    now = [0.0]
+    monkeypatch.setattr(est.time, "perf_counter", lambda: now[0])
+
+    def slow(prompts, responses):  # 0.01 s per reply
+        now[0] += 0.01 * len(prompts)
+        return np.full(len(prompts), 0.5)
+
+    assert est.probe_rewards({"a": slow, "b": slow}) == pytest.approx(0.01)

@@ -81,7 +81,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, f
         import_ray()  # not installed: the install command now, not after the plan
     busy = [s for s in plan.steps if s.status != "done" and s.stage != "report"]
     if busy:
-        estimate(plan, probe_speed(res.base))
+        estimate(plan, probe_speed(res.base, rewards=res.rewards))
     con.print(describe_plan(plan))
     if dry_run:
         return plan

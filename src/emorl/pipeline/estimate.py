@@ -17,12 +17,13 @@ class Speed:
 
     a: float
     b: float
+    reward_s: float = 0.02  # scoring one reply with one reward (probed with the run's rewards where given)
 
     def gen(self, rows: float, tokens: float) -> float:
         return tokens * (self.a + self.b * rows)
 
 
-def probe_speed(base: Any, tokens: int = 4) -> Speed:
+def probe_speed(base: Any, tokens: int = 4, rewards: dict[str, Any] | None = None) -> Speed:
     """Time short forced-length generations of 2 and 48 rows, twice, with the loaded base (a few seconds).
 
     The per-row cost is taken at a batch of 48 rows: on a CPU it falls with the batch size, and the pipeline's
@@ -40,20 +41,36 @@ def probe_speed(base: Any, tokens: int = 4) -> Speed:
                                     pad_token_id=base.tokenizer.pad_token_id)
                 times[rows] = min(times.get(rows, float("inf")), (time.perf_counter() - t0) / tokens)
     b = max(0.0, (times[48] - times[2]) / 46)
-    return Speed(a=max(1e-4, times[2] - 2 * b), b=b)
+    return Speed(a=max(1e-4, times[2] - 2 * b), b=b,
+                 reward_s=probe_rewards(rewards) if rewards else REWARD_S)
+
+
+def probe_rewards(rewards: dict[str, Any], n: int = 16) -> float:
+    """Seconds to score one reply with one reward: the faster of two batches of ``n`` short replies per reward."""
+    from emorl.rewards import score
+
+    prompts = ["I have been feeling low since I moved to a new city."] * n
+    replies = ["It sounds like the move has been hard, and you miss the people you knew."] * n
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for r in rewards.values():
+            score(r, prompts, replies)
+        best = min(best, (time.perf_counter() - t0) / (n * len(rewards)))
+    return best
 
 
 # Calibrated on the default preset (SmolLM2-135M, 2-core CPU, bench/RESULTS.md): a k-SCST update (forward and
 # backward over prompt + reply) costs 0.7x the probed per-row cost of decoding as many tokens one by one; the
 # search's decoding is cheaper than the probe says (hidden/logits share one prefill per adapter across all points
 # and decode ~150-row batches: 0.3x; params re-runs the prefill for every point: 0.9x); scoring one reply with one
-# reward costs ~0.02 s; a search's figures ~3 s.
+# reward costs ~0.02 s (probed with the run's rewards where they are loaded); a search's figures ~2 s.
 LOSS_FACTOR = 0.7
 SEARCH_FACTOR = {"params": 0.9}
 SEARCH_SHARED_PREFILL = 0.3
 CONVEX_DECODED = 0.8  # share of a convex search's points decoded (36 of 46 in the default run)
 REWARD_S = 0.02
-PLOT_S = 3.0
+PLOT_S = 2.0
 
 
 def stream_width(key: str | None, anchor: str, k: int) -> tuple[int, float]:
@@ -81,9 +98,9 @@ def estimate(plan: Plan, speed: Speed) -> None:
     def training(policies: int, strategy: str) -> float:
         rows = policies * t.batch_size * t.k
         tok = t.generation.max_new_tokens
-        step = speed.gen(rows, tok) + LOSS_FACTOR * speed.b * rows * (prompt_len + tok) + REWARD_S * rows * k_obj
+        step = speed.gen(rows, tok) + LOSS_FACTOR * speed.b * rows * (prompt_len + tok) + speed.reward_s * rows * k_obj
         val_rows = policies * t.val_prompts * t.val_samples
-        val = speed.gen(val_rows, tok) + REWARD_S * val_rows * k_obj
+        val = speed.gen(val_rows, tok) + speed.reward_s * val_rows * k_obj
         every = val_every(t, strategy)  # at step 0, every `every` steps, and the last step
         rounds = 1 + t.max_steps // every + (1 if t.max_steps % every else 0)
         return t.max_steps * step + rounds * val
@@ -112,7 +129,7 @@ def estimate(plan: Plan, speed: Speed) -> None:
         calls = -(-n // sc.batch_points)
         decode = n_seeds * calls * speed.gen(sc.batch_points * n_p * width, sc.generation.max_new_tokens)
         reeval = speed.gen(sc.reeval_top * n_re * width, sc.generation.max_new_tokens) if sc.reeval_top else 0.0
-        s.estimate_s = (factor * (decode + reeval) + (n * n_p * n_seeds + sc.reeval_top * n_re) * REWARD_S * k_obj
+        s.estimate_s = (factor * (decode + reeval) + (n * n_p * n_seeds + sc.reeval_top * n_re) * speed.reward_s * k_obj
                         + PLOT_S)
     for s in plan.todo("route"):  # the lattice (plus the search's best) x the router's prompts, per seed
         from math import comb
@@ -121,7 +138,7 @@ def estimate(plan: Plan, speed: Speed) -> None:
         pts = comb(round(1 / rc.step) + k_obj - 1, k_obj - 1) + 1
         n = rc.prompts or 64
         s.estimate_s = len(rc.seeds) * (SEARCH_SHARED_PREFILL * speed.gen(pts * n * k_obj, g.max_new_tokens)
-                                        + pts * n * REWARD_S * k_obj)
+                                        + pts * n * speed.reward_s * k_obj)
     for s in plan.todo("evaluate"):
         from emorl.evaluate import decode_seeds
 
@@ -130,7 +147,7 @@ def estimate(plan: Plan, speed: Speed) -> None:
         n = cfg.eval.prompts or 64
         widths = [stream_width(method_kind(m)[1], cfg.search.anchor, k_obj)[0]
                   if method_kind(m)[0] in ("ensemble", "routed") else 1 for m in plan.methods]
-        s.estimate_s = seeds * sum(speed.gen(n * w, g.max_new_tokens) + n * REWARD_S * k_obj for w in widths)
+        s.estimate_s = seeds * sum(speed.gen(n * w, g.max_new_tokens) + n * speed.reward_s * k_obj for w in widths)
     for s in plan.todo("front"):
         from emorl.evaluate import decode_seeds
 
@@ -145,10 +162,10 @@ def estimate(plan: Plan, speed: Speed) -> None:
             width = stream_width(m, anchor, k_obj)[0]
             chunk = min(points, fc.batch_points)
             total += seeds * -(-points // fc.batch_points) * speed.gen(chunk * n * width, g.max_new_tokens)
-            total += points * n * seeds * REWARD_S * k_obj
+            total += points * n * seeds * speed.reward_s * k_obj
         s.estimate_s = total
     for s in plan.todo("report"):
-        s.estimate_s = 5.0 + PLOT_S * len(plan.modes)
+        s.estimate_s = 1.0 + 0.5 * len(plan.modes)  # measured: 1 s on the default and tiny presets
 
 
 def describe_plan(plan: Plan, est: bool = True) -> str:
