@@ -92,12 +92,10 @@ def main() -> None:
 
 def _policies(run: Path) -> dict:
     """Per policy: what its emorl.json records (steps, prompts consumed, ...)."""
-    out = {}
-    for d in [*(run / "adapters").glob("*"), *(run / "baselines").glob("*")]:
-        info = d / "emorl.json"
-        if info.exists():
-            out[d.name] = json.loads(info.read_text())
-    return out
+    from emorl.models import read_adapter_info
+
+    return {d.name: vars(read_adapter_info(d)) for d in [*(run / "adapters").glob("*"), *(run / "baselines").glob("*")]
+            if (d / "emorl.json").exists()}
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def main() -> None:
         uniq.setdefault(tuple(round(w, 6) for w in r["weights"]), r)
     ranked = sorted(uniq.values(), key=lambda r: -r["aggregate"])
     reeval = {tuple(round(p["weights"][n], 6) for n in names): p for p in (best.get("reeval") or {}).get("points", [])}
-    keys = list(dict.fromkeys([tuple(round(w, 6) for w in r["weights"]) for r in ranked[:args.top]] + list(reeval)))
+    top_keys = [tuple(round(w, 6) for w in r["weights"]) for r in ranked[:args.top]]
+    keys = list(dict.fromkeys(top_keys + list(reeval)))
     points = np.array(keys, dtype=float)
 
     results = load_results(run)
@@ -76,7 +77,7 @@ def main() -> None:
     test = units.mean(axis=2)  # (points, units): mean reward per unit
     test_mean = test.mean(axis=1)
     search_agg = np.array([uniq[k]["aggregate"] for k in keys])
-    top = [i for i, k in enumerate(keys) if k in {tuple(round(w, 6) for w in r["weights"]) for r in ranked[:args.top]}]
+    top = [keys.index(k) for k in top_keys]
     re_idx = [i for i, k in enumerate(keys) if k in reeval]
     raw_winner = keys.index(tuple(round(w, 6) for w in ranked[0]["weights"]))
     chosen = keys.index(tuple(round(w, 6) for w in best["weight_vector"]))

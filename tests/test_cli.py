@@ -73,7 +73,7 @@ def test_threads_default_to_every_available_core():
 
 
 def test_plain_progress_lines_where_stdout_is_not_a_terminal(capsys, monkeypatch):
-    from emorl.train import monitor
+    from emorl import progress as monitor
 
     now = [0.0]
     monkeypatch.setattr(monitor.time, "monotonic", lambda: now[0])
@@ -93,7 +93,7 @@ def test_plain_progress_lines_where_stdout_is_not_a_terminal(capsys, monkeypatch
 
 def test_search_and_generate_bars_are_plain_lines_off_a_terminal(capsys, monkeypatch):
     """The search's and generate's bars: no carriage-return fragments in a log, one line per interval and the end."""
-    from emorl.train import monitor
+    from emorl import progress as monitor
 
     now = [0.0]
     monkeypatch.setattr(monitor.time, "monotonic", lambda: now[0])

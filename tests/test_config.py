@@ -67,3 +67,9 @@ def test_describe_has_help_for_every_key():
     rows = describe()
     assert len(rows) > 40
     assert all(h for _, _, h in rows), [k for k, _, h in rows if not h]
+
+
+def test_dynaopt_round_length_must_be_positive():
+    with pytest.raises(EmorlError, match="train.dynaopt_val_every must be >= 1"):
+        load_config("tiny", ["train.dynaopt_val_every=0"])
+    assert load_config("tiny", ["train.dynaopt_val_every=null"]).train.dynaopt_val_every is None

@@ -98,6 +98,9 @@ def test_front_stage_writes_files_and_figure(tmp_path, tiny_base, monkeypatch):
             assert out["one_policy"][name]["fronts"][entry]["verdict"] == dominance(pts[pareto_front(pts)],
                                                                                     point)["verdict"]
     assert any("hidden: hypervolume" in s for s in out["statements"])
+    d = out["hypervolume_differences"]["hidden - params"]  # paired over the same units
+    assert d["mean"] == pytest.approx(out["modes"]["hidden"]["hypervolume"] - out["modes"]["params"]["hypervolume"])
+    assert d["ci95"][0] <= d["ci95"][1]
     # unchanged inputs: nothing is decoded again
     monkeypatch.setattr("emorl.front.run.score_lattice", lambda *a, **k: pytest.fail("decoded again"))
     again = front_run(run, cfg, base=tiny_base, progress=False, plot=False)

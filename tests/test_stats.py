@@ -74,3 +74,15 @@ def test_hypervolume_ci_paired_reference():
     # boxes [0,1]x[0,0.2] and [0,0.2]x[0,1]: 0.2 + 0.2 - 0.04; every resample is identical
     assert out["hypervolume"] == pytest.approx(0.36)
     assert out["ci95"] == pytest.approx([0.36, 0.36])
+
+
+def test_hypervolume_difference_is_paired_and_hand_checkable():
+    from emorl.stats import hypervolume_difference
+
+    # two 2-D point sets on 3 units whose per-unit scores are constant: no resampling noise
+    a = np.array([[[2.0, 1.0]] * 3, [[1.0, 2.0]] * 3])  # points (2,1), (1,2): HV over (0,0) = 2 + 2 - 1 = 3
+    b = np.array([[[1.0, 1.0]] * 3])  # (1,1): HV 1
+    d = hypervolume_difference(a, b, [0.0, 0.0], resamples=50)
+    assert d["mean"] == pytest.approx(2.0) and d["ci95"] == pytest.approx([2.0, 2.0]) and d["resolved"]
+    same = hypervolume_difference(a, a, np.zeros((3, 2)), resamples=50)
+    assert same["mean"] == 0 and same["ci95"] == [0.0, 0.0] and not same["resolved"]

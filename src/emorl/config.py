@@ -480,7 +480,8 @@ def validate(cfg: RunConfig) -> None:
         if o not in cfg.objectives:
             raise EmorlError(f"train.objectives: {o!r} is not defined in objectives ({', '.join(cfg.objectives)})")
     for name, v, lo in [("train.batch_size", t.batch_size, 1), ("train.k", t.k, 1), ("train.max_steps", t.max_steps, 0),
-                        ("train.val_every", t.val_every, 1), ("train.dynaopt_val_every", t.dynaopt_val_every or 1, 1),
+                        ("train.val_every", t.val_every, 1),
+                        ("train.dynaopt_val_every", 1 if t.dynaopt_val_every is None else t.dynaopt_val_every, 1),
                         ("train.checkpoint_every", t.checkpoint_every, 1),
                         ("train.micro_batch_size", t.micro_batch_size, 1), ("train.val_prompts", t.val_prompts, 1),
                         ("lora.r", cfg.lora.r, 1), ("search.iterations", cfg.search.iterations, 1),

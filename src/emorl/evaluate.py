@@ -367,7 +367,7 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
             from emorl.decoding import Decoder, decode_with
 
             decode = decode_with(Decoder(base, cfg.eval.generation, any_adapter(run, specs)))
-        from emorl.train.monitor import Progress
+        from emorl.progress import Progress
 
         same = same_as_hidden(todo, base)  # logits mixing that would repeat EMORL's decode token for token
         todo = [s for s in todo if s.name not in same]

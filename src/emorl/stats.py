@@ -143,3 +143,20 @@ def hypervolume_ci(unit_scores: np.ndarray, ref_units: np.ndarray | Sequence[flo
     full = np.arange(s.shape[1])
     return {"hypervolume": hv(full), "ci95": bootstrap_statistic(s.shape[1], hv, resamples=resamples, seed=seed,
                                                                  level=level)}
+
+
+def hypervolume_difference(units_a: np.ndarray, units_b: np.ndarray, ref_units: np.ndarray | Sequence[float], *,
+                           resamples: int = 500, seed: int = 0, level: float = LEVEL) -> dict[str, Any]:
+    """HV(a) − HV(b) of two point sets scored on the same units, with a paired bootstrap CI: each resample draws the
+    same units for both sets (and for a per-unit reference). ``resolved``: the CI excludes 0."""
+    a, b = np.asarray(units_a, dtype=float), np.asarray(units_b, dtype=float)
+    r = np.asarray(ref_units, dtype=float)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"paired hypervolumes need the same units: {a.shape[1]} vs {b.shape[1]}")
+
+    def diff(idx: np.ndarray) -> float:
+        ref = r[idx].mean(axis=0) if r.ndim == 2 else r
+        return hypervolume(a[:, idx].mean(axis=1), ref) - hypervolume(b[:, idx].mean(axis=1), ref)
+
+    lo, hi = bootstrap_statistic(a.shape[1], diff, resamples=resamples, seed=seed, level=level)
+    return {"mean": diff(np.arange(a.shape[1])), "ci95": [lo, hi], "resolved": bool(lo > 0 or hi < 0)}

@@ -224,7 +224,7 @@ class EnsembleModel:
         capacity = (1 if self.base.is_seq2seq else ids.shape[1]) + max_new_tokens  # self-attention cache length
         pbar = None
         if progress:
-            from emorl.train.monitor import progress_bar
+            from emorl.progress import progress_bar
 
             pbar = progress_bar(len(plan) * max_new_tokens, f"emorl generate ({mode})", unit="step")
         stats: dict[str, Any] = {"chunks": len(plan), "rows_per_chunk": 0}

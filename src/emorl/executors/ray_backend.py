@@ -263,7 +263,7 @@ class RayExecutor:
         return {"num_cpus": self.ex.num_cpus, "num_gpus": self.ex.num_gpus}
 
     def train(self, jobs: list[TrainJob], *, resume: bool, progress: bool) -> None:
-        from emorl.train.monitor import Progress
+        from emorl.progress import Progress
 
         ray = self.ray
         tasks: list[tuple[str, str, str | None, str]] = []  # key, strategy, objective, output folder

@@ -25,7 +25,7 @@ import numpy as np
 
 from emorl.config import RunConfig
 from emorl.front.lattice import lattice, score_lattice
-from emorl.stats import dominance, hypervolume_ci, pareto_front
+from emorl.stats import dominance, hypervolume_ci, hypervolume_difference, pareto_front
 from emorl.utils import EmorlError, atomic_write_json
 
 log = logging.getLogger("emorl.front")
@@ -147,7 +147,7 @@ def front_run(run_dir: str | Path, cfg: RunConfig | None = None, *, base: Any = 
 
             rewards = build_rewards(cfg.objectives, base)
         from emorl.ensemble.model import EnsembleModel
-        from emorl.train.monitor import Progress
+        from emorl.progress import Progress
 
         ens = EnsembleModel(base, dict(folders))
         with Progress(progress).run() as bars:
@@ -279,6 +279,11 @@ def analyse(results: dict[str, Any], modes: dict[str, dict[str, Any]], ref_units
                             "front": [{"weights": rows[i]["weights"], "scores": rows[i]["scores"],
                                        "searched": rows[i]["searched"]} for i in idx],
                             "hypervolume": hv["hypervolume"], "hypervolume_ci95": hv["ci95"]}
+    entries = list(modes)
+    differences = {f"{x} - {y}": hypervolume_difference(_point_units(modes[x], objectives),
+                                                        _point_units(modes[y], objectives), ref_units,
+                                                        resamples=resamples, seed=seed)
+                   for i, x in enumerate(entries) for y in entries[i + 1:]}
     one_policy: dict[str, Any] = {}
     statements: list[str] = []
     for name, m in results["methods"].items():
@@ -300,9 +305,14 @@ def analyse(results: dict[str, Any], modes: dict[str, dict[str, Any]], ref_units
                           f"{out_modes[entry]['points']} points; its front dominates "
                           f"{', '.join(dom) if dom else 'none of the one-policy points'}"
                           + (f"; not dominated: {', '.join(rest)}" if rest else "") + ".")
+    for pair, d in differences.items():
+        lo, hi = d["ci95"]
+        statements.append(f"hypervolume {pair}: {d['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] (paired over units, "
+                          + ("resolved)." if d["resolved"] else "unresolved)."))
     return {"objectives": objectives, "names": names,
             "reference": {"what": "the base model's per-objective mean scores on the same (prompt, seed) units "
                                   "(resampled with them in the CI)", "scores": dict(zip(objectives, map(float, ref),
                                                                                        strict=True))},
-            "units": int(ref_units.shape[0]), "resamples": resamples, "modes": out_modes, "one_policy": one_policy,
+            "units": int(ref_units.shape[0]), "resamples": resamples, "modes": out_modes,
+            "hypervolume_differences": differences, "one_policy": one_policy,
             "statements": statements}

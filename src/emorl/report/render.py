@@ -233,7 +233,8 @@ def write_report(run_dir: str | Path) -> Path:
         "stages": stages, "samples": samples, "bootstrap": results.get("bootstrap"),
         "differences_text": difference_sentences(results),
         "front": {k: front[k] for k in ("reference", "modes", "one_policy", "statements", "figure", "step", "w_max",
-                                        "units", "linear", "sweep") if k in front} if front else None,
+                                        "units", "linear", "sweep", "hypervolume_differences") if k in front}
+                  if front else None,
         "tradeoff_background": _decoded_alike(results, search),
         "tables": {k: {"columns": c, "rows": r} for k, (c, r) in tables.items()},
         "figures": [str(p.relative_to(run)) for p in figs]}

@@ -124,7 +124,7 @@ class Evaluator:
                 self._remember(rec)
         self._bar = None
         if progress:
-            from emorl.train.monitor import progress_bar
+            from emorl.progress import progress_bar
 
             self._bar = progress_bar(total, desc, unit="pt")
 
