@@ -120,7 +120,10 @@ class LoraBank:
             r = mod.r[n]
             a[k, :, :r] = mod.lora_A[n].weight.t()
             b[k, :r, :] = mod.lora_B[n].weight.t() * mod.scaling[n]
-        return a, b, r_max
+        # in the base layer's dtype (bf16 weights compute the delta in bf16; fp32 LoRA parameters keep their
+        # gradients through the cast)
+        dtype = mod.get_base_layer().weight.dtype
+        return a.to(dtype), b.to(dtype), r_max
 
     def set_weights(self, weights: torch.Tensor | None) -> None:
         """Switch to weighted mixing: ``weights`` (G, K) — or None to go back to routing (group k = adapter k)."""

@@ -51,6 +51,8 @@ class Base:
     device: torch.device
     fingerprint: str
     config: ModelConfig = field(default_factory=ModelConfig)
+    # fingerprints adapters made before the dtype-free one (emorl <= 0.x) may carry; accepted as the same base
+    legacy_fingerprints: tuple[str, ...] = ()
 
     @property
     def identity(self) -> dict[str, str]:
@@ -249,14 +251,16 @@ def load_base(cfg: ModelConfig | None = None) -> Base:
     for p in model.parameters():
         p.requires_grad_(False)
     return Base(model=model, tokenizer=tok, name=name, is_seq2seq=is_s2s, device=device,
-                fingerprint=fingerprint(model), config=cfg)
+                fingerprint=fingerprint(model), config=cfg, legacy_fingerprints=(fingerprint(model, legacy=True),))
 
 
-def fingerprint(model: torch.nn.Module) -> str:
+def fingerprint(model: torch.nn.Module, legacy: bool = False) -> str:
     """A short hash of the base weights (every tensor's name, shape and a strided sample of its values).
 
-    Cheap (~0.1 s on 135M parameters) and stable across save/load and devices; used to refuse adapters that
-    were trained on a different base."""
+    Cheap (~0.1 s on 135M parameters) and stable across save/load, devices and dtypes: the sampled values are
+    rounded to bfloat16 first, so a base loaded in float32 and the same base in bfloat16 (``model.dtype``) match.
+    Used to refuse adapters that were trained on a different base. ``legacy``: the earlier hash of the values as
+    they are (what adapters trained before carry)."""
     h = hashlib.sha256()
     sd = model.state_dict()
     for k in sorted(sd):
@@ -267,7 +271,10 @@ def fingerprint(model: torch.nn.Module) -> str:
         h.update(str(tuple(t.shape)).encode())
         flat = t.reshape(-1)
         step = max(1, flat.numel() // 256)
-        h.update(flat[::step].to(device="cpu", dtype=torch.float32).numpy().round(4).tobytes())
+        sample = flat[::step].to(device="cpu")
+        if not legacy:
+            sample = sample.to(torch.bfloat16)
+        h.update(sample.to(torch.float32).numpy().round(4).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -380,7 +387,7 @@ def read_adapter_info(folder: str | Path) -> AdapterInfo:
 
 def check_same_base(base: Base, info: AdapterInfo, folder: str | Path) -> None:
     fp = info.base.get("fingerprint")
-    if fp and fp != base.fingerprint:
+    if fp and fp != base.fingerprint and fp not in base.legacy_fingerprints:
         raise EmorlError(
             f"adapter {folder} was trained on base {info.base.get('name')!r} (fingerprint {fp}), but the loaded base "
             f"{base.name!r} has fingerprint {base.fingerprint}. Load the base it was trained on (model.name), or "
