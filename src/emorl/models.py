@@ -208,9 +208,21 @@ def _build_tiny(name: str, cfg: ModelConfig, tok: Any) -> Any:
     return T5ForConditionalGeneration(mc)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 matmuls natively on this CPU (AVX512-BF16 or AMX); elsewhere bf16 is emulated
+    and slower than float32."""
+    try:
+        return bool(torch.backends.mkldnn.is_available()
+                    and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+    except (AttributeError, RuntimeError):  # private helpers of torch.cpu; absent elsewhere: stay float32
+        return False
+
+
 def _dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     if cfg.dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_has_native_bf16():
             return torch.bfloat16
         return torch.float32
     return getattr(torch, cfg.dtype)
