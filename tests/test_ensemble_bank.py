@@ -194,7 +194,7 @@ def test_bank_errors_and_restores(llama: Base) -> None:
 
 def test_bank_in_bfloat16_equals_peft_and_fingerprint_ignores_dtype() -> None:
     """model.dtype=bfloat16 (about 4x the matmul throughput of float32 on CPUs with AVX512-BF16): the bank computes
-    the deltas in the base's dtype and matches peft's routing; the fingerprint is the float32 one, so adapters move
+    the deltas in the base's dtype and matches peft's routing; the fingerprint ignores the dtype, so adapters move
     between a float32 and a bfloat16 load of the same base."""
     from emorl.models import AdapterInfo, check_same_base
 
@@ -202,9 +202,12 @@ def test_bank_in_bfloat16_equals_peft_and_fingerprint_ignores_dtype() -> None:
     base = _with_adapters(load_base(ModelConfig(name="tiny-llama", system_prompt=None, dtype="bfloat16")))
     assert base.model.get_base_model().lm_head.weight.dtype == torch.bfloat16
     assert base.fingerprint == fp32.fingerprint
-    assert base.legacy_fingerprints != fp32.legacy_fingerprints  # the values-as-they-are hash sees the dtype
-    info = AdapterInfo(objective="x", base={"name": "tiny-llama", "fingerprint": fp32.legacy_fingerprints[0]})
-    check_same_base(fp32, info, "old-adapter")  # an adapter made before the dtype-free fingerprint still loads
+    legacy = fingerprint(fp32.model, legacy=True)
+    assert fingerprint(base.model, legacy=True) != legacy  # the values-as-they-are hash sees the dtype
+    check_same_base(fp32, AdapterInfo(objective="x", base={"name": "tiny-llama", "fingerprint": legacy}),
+                    "old-adapter")  # an adapter made before the dtype-free fingerprint still loads
+    with pytest.raises(EmorlError, match="fingerprint"):
+        check_same_base(fp32, AdapterInfo(objective="x", base={"name": "tiny-llama", "fingerprint": "0" * 16}), "x")
     ids = _ids(6)
     with torch.no_grad():
         ref = _forward(base, ids, adapter_names=[n for n in NAMES for _ in range(2)])

@@ -51,8 +51,6 @@ class Base:
     device: torch.device
     fingerprint: str
     config: ModelConfig = field(default_factory=ModelConfig)
-    # fingerprints adapters made before the dtype-free one (emorl <= 0.x) may carry; accepted as the same base
-    legacy_fingerprints: tuple[str, ...] = ()
 
     @property
     def identity(self) -> dict[str, str]:
@@ -263,7 +261,7 @@ def load_base(cfg: ModelConfig | None = None) -> Base:
     for p in model.parameters():
         p.requires_grad_(False)
     return Base(model=model, tokenizer=tok, name=name, is_seq2seq=is_s2s, device=device,
-                fingerprint=fingerprint(model), config=cfg, legacy_fingerprints=(fingerprint(model, legacy=True),))
+                fingerprint=fingerprint(model), config=cfg)
 
 
 def fingerprint(model: torch.nn.Module, legacy: bool = False) -> str:
@@ -399,7 +397,8 @@ def read_adapter_info(folder: str | Path) -> AdapterInfo:
 
 def check_same_base(base: Base, info: AdapterInfo, folder: str | Path) -> None:
     fp = info.base.get("fingerprint")
-    if fp and fp != base.fingerprint and fp not in base.legacy_fingerprints:
+    # an adapter made before the fingerprint became dtype-free carries the legacy hash (computed only then)
+    if fp and fp != base.fingerprint and fp != fingerprint(base.model, legacy=True):
         raise EmorlError(
             f"adapter {folder} was trained on base {info.base.get('name')!r} (fingerprint {fp}), but the loaded base "
             f"{base.name!r} has fingerprint {base.fingerprint}. Load the base it was trained on (model.name), or "
