@@ -46,6 +46,21 @@ _ATTR = "_emorl_bank"
 # A slot name that is no adapter: its rows (routed) or its weight (weighted) get no LoRA delta, i.e. the base model.
 # Base-anchored mixing runs the base stream as one more row group of the same forward with it.
 BASE_SLOT = "__base__"
+# CPU matmul kernels for 1-2 rows (fp32 below 4) round differently from the kernel for more rows, so a lone
+# request's decode step (one row per adapter) would differ from the same row in a batch. Matmuls of fewer rows are
+# padded with zero rows to this many: every row then goes through the same kernel whatever its batch (exact: the
+# padding rows are dropped; they cost nothing measurable at these sizes).
+MIN_GEMM_ROWS = 4
+
+
+def pad_rows(x: torch.Tensor, dim: int, rows: int = MIN_GEMM_ROWS) -> torch.Tensor:
+    """``x`` with zero rows appended along ``dim`` up to ``rows`` (unchanged if it has as many already)."""
+    extra = rows - x.shape[dim]
+    if extra <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
 def lora_layers(model: Any) -> list[tuple[str, Any]]:
@@ -157,22 +172,24 @@ class LoraBank:
             raise ValueError(f"lora_bank: batch of {n_rows} rows is not a multiple of {groups} {what}; lay rows out "
                              f"in equal consecutive groups")
         xg = x.reshape(groups, -1, x.shape[-1]).to(a.dtype)
+        m = xg.shape[1]
         inplace = not torch.is_grad_enabled()
         if self.weights is None and mod.training:  # training (joint updates): each adapter's own LoRA dropout
             drops = [mod.lora_dropout[n] if n in mod.lora_dropout else None for n in self.names]  # noqa: SIM401
             if any(isinstance(d, torch.nn.Dropout) and d.p > 0 for d in drops):
                 xg = torch.stack([d(xg[i]) if d is not None else xg[i] for i, d in enumerate(drops)])
+        xg = pad_rows(xg, 1)  # a few rows per group (decode steps): the kernel of a full batch (MIN_GEMM_ROWS)
         if self.weights is None:  # routed: group k -> adapter k
-            xa = torch.bmm(xg, a)
+            delta = torch.bmm(torch.bmm(xg, a), b.to(xg.dtype))[:, :m].to(result.dtype)
             rg = result.view(groups, -1, result.shape[-1])
             if inplace:
-                rg.baddbmm_(xa, b.to(result.dtype))
+                rg.add_(delta)
                 return result
-            return torch.baddbmm(rg, xa, b.to(result.dtype)).view_as(result)
+            return (rg + delta).view_as(result)
         k = len(self.names)
         xa = xg @ a.permute(1, 0, 2).reshape(a.shape[1], k * r_max)  # (G, m, K*r): every adapter's A at once
         xa = xa * self._coef_for(r_max, xa)
-        delta = (xa @ b.reshape(k * r_max, b.shape[-1]).to(xa.dtype)).view_as(result).to(result.dtype)
+        delta = (xa @ b.reshape(k * r_max, b.shape[-1]).to(xa.dtype))[:, :m].reshape(result.shape).to(result.dtype)
         if inplace:
             return result.add_(delta)
         return result + delta
@@ -185,7 +202,12 @@ def _bank_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
         raise ValueError("lora_bank: do not pass adapter_names inside a lora_bank context (the bank routes rows)")
     for key in ("alora_offsets",):
         kwargs.pop(key, None)
-    result = self.base_layer(x, *args, **kwargs)
+    n_rows = x.numel() // x.shape[-1]
+    if n_rows < MIN_GEMM_ROWS:  # the kernel of a full batch (see MIN_GEMM_ROWS)
+        flat = pad_rows(x.reshape(n_rows, x.shape[-1]), 0)
+        result = self.base_layer(flat, *args, **kwargs)[:n_rows].reshape(*x.shape[:-1], -1)
+    else:
+        result = self.base_layer(x, *args, **kwargs)
     if self.disable_adapters:
         return result
     return bank.delta_into(self, x, result)

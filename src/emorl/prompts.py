@@ -89,12 +89,22 @@ def fit_prompts(tokenizer: Any, texts: list[str], max_tokens: int, is_seq2seq: b
     return out
 
 
+PAD_MULTIPLE = 16  # left padding is aligned to this many positions (see encode_prompts)
+
+
 def encode_prompts(tokenizer: Any, texts: list[str], max_tokens: int, is_seq2seq: bool,
                    device: torch.device | str = "cpu", pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """Tokenise formatted prompts: left-padded for causal models (so generation appends on the right).
     A prompt over ``max_tokens`` loses the end of its client statement (:func:`fit_prompts`); only one whose
     template alone is too long is truncated from the left.
-    ``pad_to``: pad to at least this width (a width that does not depend on the batch's other prompts)."""
+    ``pad_to``: pad to at least this width (a width that does not depend on the batch's other prompts).
+
+    A causal batch's width is rounded up to a multiple of :data:`PAD_MULTIPLE` above its longest prompt: a
+    prompt's left padding then has the same length modulo 16 in every batch (attention over left padding is exact
+    only at that alignment: CPU attention reduces in 16-lane vectors), and at least one pad, so attention always
+    takes the masked path (a batch without padding would drop the mask and take another kernel). A prompt then
+    decodes the same tokens whatever shares its batch — in bfloat16 too, where a one-ulp difference flips sampled
+    tokens (bench/RESULTS.md, "batch-invariant bfloat16")."""
     texts = fit_prompts(tokenizer, texts, max_tokens, is_seq2seq)
     side = tokenizer.padding_side
     tside = tokenizer.truncation_side
@@ -106,7 +116,10 @@ def encode_prompts(tokenizer: Any, texts: list[str], max_tokens: int, is_seq2seq
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = side, tside
     out = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    extra = (pad_to or 0) - out["input_ids"].shape[1]
+    width = max(pad_to or 0, out["input_ids"].shape[1])
+    if not is_seq2seq:  # right padding (seq2seq) keeps every prompt at position 0: nothing to align
+        width = (width // PAD_MULTIPLE + 1) * PAD_MULTIPLE  # >= 1 pad in every row: attention always takes a mask
+    extra = width - out["input_ids"].shape[1]
     if extra > 0:
         pad = (0, extra) if is_seq2seq else (extra, 0)
         out["input_ids"] = torch.nn.functional.pad(out["input_ids"], pad, value=tokenizer.pad_token_id)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from emorl.lora_bank import pad_rows
 from emorl.models import cache_kwarg, output_cache, position_ids
 from emorl.sampling import choose as _choose
 from emorl.sampling import warpers
@@ -242,7 +243,8 @@ class Head:
         h = h.to(w.dtype)
         if self.pre_scale != 1.0:
             h = h * self.pre_scale
-        z = self.lm_head(h).float()
+        n = h.shape[0]
+        z = self.lm_head(pad_rows(h, 0))[:n].float()  # a lone row: the kernel of a batch (lora_bank.MIN_GEMM_ROWS)
         if self.post_scale != 1.0:
             z = z * self.post_scale
         if self.softcap:

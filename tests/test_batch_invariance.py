@@ -1,0 +1,125 @@
+"""A reply does not depend on what shares its batch: every (prompt, weights, settings) pair decoded in one batch of
+many gives the tokens it gives alone, in bfloat16 too (where one ulp of difference flips sampled tokens).
+
+Two things make it so (bench/RESULTS.md, "batch-invariant bfloat16"): prompts are left-padded to a multiple of 16
+with at least one pad (attention over padding is exact only at the same alignment, and a batch without padding
+takes another kernel), and matmuls of 1-3 rows are padded to ``MIN_GEMM_ROWS`` (small-row kernels round
+differently). Without either, most of these pairs differ in bfloat16."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from emorl.config import load_config
+from emorl.data import encode_prompts, format_prompts
+from emorl.ensemble import EnsembleModel
+from emorl.ensemble.pairs import PairSpec, generate_pairs
+from emorl.lora_bank import MIN_GEMM_ROWS, pad_rows
+from emorl.models import add_adapters, load_base
+from emorl.prompts import PAD_MULTIPLE
+
+NAMES = ["a", "b", "c"]
+SENTENCE = ("I lost my job today and nobody calls me my cat is sick I failed the exam again work is crushing me "
+            "I cannot sleep my friend moved away and I miss her")
+WORDS = SENTENCE.split(" ")
+
+
+@pytest.fixture(scope="module")
+def bf16() -> tuple[EnsembleModel, list[str]]:
+    cfg = load_config("tiny")
+    cfg.model.dtype = "bfloat16"
+    base = load_base(cfg.model)
+    model = add_adapters(base, NAMES, cfg.lora)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.3, generator=g)
+    rng = random.Random(0)
+    statements = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 30))) for _ in range(14)]
+    texts = [str(t) for t in format_prompts(base.tokenizer, statements, False, base.config.system_prompt)]
+    lengths = {len(base.tokenizer(t)["input_ids"]) for t in texts}
+    for extra in range(1, 40):  # a prompt whose length is a multiple of 16 (alone it would have no padding)
+        t = str(format_prompts(base.tokenizer, [" ".join(WORDS[:extra])], False, base.config.system_prompt)[0])
+        if len(base.tokenizer(t)["input_ids"]) % PAD_MULTIPLE == 0:
+            texts.append(t)
+            break
+    assert any(n % PAD_MULTIPLE == 0 for n in lengths | {len(base.tokenizer(texts[-1])["input_ids"])})
+    return EnsembleModel(base, None, require_metadata=False), texts
+
+
+def _pairs(texts: list[str], anchored: bool, seed: int) -> list[PairSpec]:
+    rng = random.Random(seed)
+    out = []
+    for i, text in enumerate(texts):
+        w = [rng.choice([0.0, 0.0, 0.3, 0.7, 1.0]) for _ in NAMES]
+        if not any(w):
+            w[i % 3] = 1.0
+        if not anchored:
+            w = [x / sum(w) for x in w]
+        sample = i % 4 != 3  # a greedy pair among sampled ones
+        out.append(PairSpec(text, w, max_new_tokens=rng.randint(8, 16), do_sample=sample,
+                            temperature=rng.choice([0.7, 1.0, 1.3]) if sample else 1.0,
+                            top_k=rng.choice([0, 50]) if sample else 0, seed=rng.randrange(100)))
+    return out
+
+
+@pytest.mark.parametrize(("mode", "anchored"), [("hidden", True), ("hidden", False), ("params", False),
+                                                 ("logits", True)])
+def test_bfloat16_pairs_decode_the_same_tokens_alone_and_in_a_batch(bf16, mode: str, anchored: bool) -> None:
+    ens, texts = bf16
+    pairs = _pairs(texts, anchored, seed=len(mode) + anchored)
+    batch = generate_pairs(ens, NAMES, mode, pairs, anchored=anchored)
+    differ = [i for i, p in enumerate(pairs)
+              if generate_pairs(ens, NAMES, mode, [p], anchored=anchored)[0].token_ids != batch[i].token_ids]
+    assert differ == [], f"{len(differ)} of {len(pairs)} pairs changed with their batch: {differ}"
+
+
+def test_a_lone_pair_takes_the_kernels_of_a_batch(bf16) -> None:
+    """A case found by search where a lone pair's decode step (1-2 rows per adapter) rounds differently from the
+    same rows in a batch of more, unless small matmuls are padded to MIN_GEMM_ROWS: pair 9 differs from its third
+    token on."""
+    ens, _ = bf16
+    statements = ["I lost my job today.", "My cat is sick and I do not know what to do about it at all, honestly.",
+                  "Nobody calls me.", "I failed the exam again and my parents are going to be so disappointed in me.",
+                  "I feel alone.", "Work has been crushing me for weeks and I can't sleep anymore.", "Help.",
+                  "My best friend moved away to another country last month and I miss her every single day."] * 2
+    texts = format_prompts(ens.tokenizer, statements, False, ens.base.config.system_prompt)
+    pairs = [PairSpec(str(t), [0.2 + 0.1 * i, 0.5, 0.1 * (i % 3)], max_new_tokens=16, do_sample=True, top_k=50,
+                      seed=i) for i, t in enumerate(texts)]
+    batch = generate_pairs(ens, NAMES, "hidden", pairs, anchored=True)
+    differ = [i for i, p in enumerate(pairs)
+              if generate_pairs(ens, NAMES, "hidden", [p], anchored=True)[0].token_ids != batch[i].token_ids]
+    assert differ == []
+
+
+def test_bfloat16_generate_of_many_prompts_equals_each_prompt_alone(bf16) -> None:
+    ens, texts = bf16
+    w = [0.6, 0.0, 1.2]  # base-anchored, one adapter unused (left out of the batch)
+    kw = dict(mode="hidden", max_new_tokens=12, do_sample=True, top_k=50, seed=3, formatted=True)
+    many = ens.generate(texts, w, **kw).texts
+    # reply j of a call uses uniforms row j: alone, prompt j is reply j of [prompt j] * (j + 1)
+    alone = [ens.generate([t] * (j + 1), w, **kw).texts[j] for j, t in enumerate(texts[:6])]
+    assert alone == many[:6]
+
+
+def test_prompt_padding_is_aligned_and_never_empty(bf16) -> None:
+    ens, texts = bf16
+    tok = ens.tokenizer
+    for batch in (texts[:1], texts[-1:], texts):
+        enc = encode_prompts(tok, batch, 96, False)
+        width, pads = enc["input_ids"].shape[1], (1 - enc["attention_mask"]).sum(1)
+        assert width % PAD_MULTIPLE == 0 and int(pads.min()) >= 1
+    alone = [(1 - encode_prompts(tok, [t], 96, False)["attention_mask"]).sum() % PAD_MULTIPLE for t in texts]
+    together = (1 - encode_prompts(tok, texts, 96, False)["attention_mask"]).sum(1) % PAD_MULTIPLE
+    assert [int(x) for x in alone] == together.tolist()  # each prompt's padding has one alignment everywhere
+
+
+def test_pad_rows() -> None:
+    x = torch.ones(2, 3)
+    assert pad_rows(x, 0).shape == (MIN_GEMM_ROWS, 3) and pad_rows(x, 0)[2:].abs().sum() == 0
+    assert pad_rows(torch.ones(5, 3), 0).shape == (5, 3)
+    assert pad_rows(torch.ones(2, 1, 3), 1).shape == (2, MIN_GEMM_ROWS, 3)
