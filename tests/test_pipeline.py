@@ -191,14 +191,15 @@ def test_settings_diff_names_keys_and_ignores_options_added_since():
 
 
 def test_estimate_counts_each_mix_by_its_streams():
-    """A base-anchored mix decodes K + 1 streams, a convex one K, parameter mixes one merged stream."""
-    from emorl.pipeline.estimate import SEARCH_FACTOR, SEARCH_SHARED_PREFILL, stream_width
+    """A base-anchored mix decodes K + 1 streams, a convex one K, parameter mixes one merged stream (whose prefill
+    is re-run for every weight point; the other mixes share it)."""
+    from emorl.pipeline.estimate import stream_width
 
-    assert stream_width("hidden", "base", 3) == (4, SEARCH_SHARED_PREFILL)
+    assert stream_width("hidden", "base", 3) == (4, True)
     assert stream_width("hidden", "none", 3)[0] == 3
     assert stream_width("hidden-convex", "base", 3)[0] == 3
     assert stream_width("probs", "base", 3)[0] == 3
-    assert stream_width("params", "base", 3) == (1, SEARCH_FACTOR["params"])
+    assert stream_width("params", "base", 3) == (1, False)
     assert stream_width("params-convex", "base", 3)[0] == 1
     assert stream_width(None, "base", 3)[0] == 1
 

@@ -13,36 +13,74 @@ from emorl.pipeline.plan import Plan
 
 @dataclass
 class Speed:
-    """Decoding cost on this machine, ``a + b * rows`` seconds per generated token, from a short probe."""
+    """Decoding cost on this machine, from a short probe of emorl's own decoder: a forward pass costs
+    ``prefill_token`` seconds per row-token (compute-bound: prefill, the k-SCST update), a decode step
+    ``a + b * rows`` seconds (mostly per-step overhead)."""
 
     a: float
     b: float
     reward_s: float = 0.02  # scoring one reply with one reward (probed with the run's rewards where given)
+    prefill_token: float = 0.0
+    # training's rollouts (transformers' ``generate`` through the LoRA bank): (a, b) seconds per token, prefill
+    # included, probed separately (in bfloat16 it is slower per row than in float32, emorl's decoder faster)
+    rollout: tuple[float, float] | None = None
 
-    def gen(self, rows: float, tokens: float) -> float:
-        return tokens * (self.a + self.b * rows)
+    def gen(self, rows: float, tokens: float, prompt_tokens: float = 0.0, prefill_rows: float | None = None) -> float:
+        """Decoding ``tokens`` for ``rows`` rows after prefilling ``prefill_rows`` (default: every row) prompts of
+        ``prompt_tokens``."""
+        pre = rows if prefill_rows is None else prefill_rows
+        return self.prefill_token * pre * prompt_tokens + tokens * (self.a + self.b * rows)
 
 
-def probe_speed(base: Any, tokens: int = 4, rewards: dict[str, Any] | None = None) -> Speed:
-    """Time short forced-length generations of 2 and 48 rows, twice, with the loaded base (a few seconds).
+PROBE_STATEMENT = "I have been feeling low since I moved to a new city, and I miss my friends and my family."
 
-    The per-row cost is taken at a batch of 48 rows: on a CPU it falls with the batch size, and the pipeline's
-    big decodes (search rounds, rollouts) are batched; the smaller ones are slightly underestimated."""
+
+def probe_speed(base: Any, tokens: int = 16, rewards: dict[str, Any] | None = None) -> Speed:
+    """Time emorl's decoder (the base model as an ensemble of no adapter) on 2 and 48 rows of a chat-formatted
+    statement, for 1 and ``tokens`` forced tokens (about 10 s on the default model and a 2-core CPU).
+
+    The decoder is what every stage decodes with, so its speed carries the dtype's real cost (bfloat16 speeds
+    emorl's compute-bound prefill several-fold; transformers' ``generate`` got slower with it). The prefill is
+    timed on its own: it is compute-bound and scales with the rows, while a decode step is mostly per-step
+    overhead. The per-row costs are taken at 48 rows: the pipeline's big decodes are batched."""
+    from emorl.data import encode_prompts, format_prompts
+    from emorl.ensemble.model import EnsembleModel
+
+    ens = EnsembleModel(base, {}, allow_empty=True, require_metadata=False)
+    best: dict[tuple[int, int], float] = {}
+    for rows in (2, 2, 48):  # the short calls twice (the faster counts): they catch load spikes the most
+        for n in (1, tokens):
+            t0 = time.perf_counter()
+            ens.generate([PROBE_STATEMENT] * rows, [], max_new_tokens=n, min_new_tokens=n)
+            best[rows, n] = min(best.get((rows, n), float("inf")), time.perf_counter() - t0)
+    step = {rows: max(0.0, (best[rows, tokens] - best[rows, 1]) / (tokens - 1)) for rows in (2, 48)}
+    b = max(0.0, (step[48] - step[2]) / 46)
+    width = encode_prompts(ens.tokenizer, format_prompts(ens.tokenizer, [PROBE_STATEMENT], base.is_seq2seq,
+                                                         base.config.system_prompt), 10**6, base.is_seq2seq)
+    prefill = max(0.0, best[48, 1] - step[48]) / (48 * width["input_ids"].shape[1])  # the 1-token call
+    # a row's decode step does at least the arithmetic of one prefill token: the floor of b, whose probe (the
+    # difference of two overhead-bound steps) is noisy where steps are cheap
+    b = max(b, prefill)
+    return Speed(a=max(1e-4, step[2] - 2 * b), b=b, prefill_token=prefill, rollout=probe_generate(base),
+                 reward_s=probe_rewards(rewards) if rewards else REWARD_S)
+
+
+def probe_generate(base: Any, tokens: int = 4) -> tuple[float, float]:
+    """(a, b): seconds per token of transformers' ``generate`` for ``rows`` rows is ``a + b * rows`` (prefill of a
+    24-token prompt included), from forced-length generations of 2 rows (the faster of two) and 48 rows."""
     import torch
 
     ids = torch.arange(100, 124, device=base.device).repeat(48, 1)
     times: dict[int, float] = {}
     with torch.inference_mode():
-        for _ in range(2):  # the faster of two tries: a short probe on a shared machine catches load spikes
-            for rows in (2, 48):
-                t0 = time.perf_counter()
-                base.model.generate(input_ids=ids[:rows], attention_mask=torch.ones_like(ids[:rows]),
-                                    do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens,
-                                    pad_token_id=base.tokenizer.pad_token_id)
-                times[rows] = min(times.get(rows, float("inf")), (time.perf_counter() - t0) / tokens)
+        for rows in (2, 2, 48):
+            t0 = time.perf_counter()
+            base.model.generate(input_ids=ids[:rows], attention_mask=torch.ones_like(ids[:rows]),
+                                do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens,
+                                pad_token_id=base.tokenizer.pad_token_id)
+            times[rows] = min(times.get(rows, float("inf")), (time.perf_counter() - t0) / tokens)
     b = max(0.0, (times[48] - times[2]) / 46)
-    return Speed(a=max(1e-4, times[2] - 2 * b), b=b,
-                 reward_s=probe_rewards(rewards) if rewards else REWARD_S)
+    return max(1e-4, times[2] - 2 * b), b
 
 
 def probe_rewards(rewards: dict[str, Any], n: int = 16) -> float:
@@ -60,47 +98,56 @@ def probe_rewards(rewards: dict[str, Any], n: int = 16) -> float:
     return best
 
 
-# Calibrated on the default preset (SmolLM2-135M, 2-core CPU, bench/RESULTS.md): a k-SCST update (forward and
-# backward over prompt + reply) costs 0.7x the probed per-row cost of decoding as many tokens one by one; the
-# search's decoding is cheaper than the probe says (hidden/logits share one prefill per adapter across all points
-# and decode ~150-row batches: 0.3x; params re-runs the prefill for every point: 0.9x); scoring one reply with one
-# reward costs ~0.02 s (probed with the run's rewards where they are loaded); a search's figures ~2 s.
-LOSS_FACTOR = 0.7
-SEARCH_FACTOR = {"params": 0.9}
-SEARCH_SHARED_PREFILL = 0.3
+# Calibrated on the default preset (SmolLM2-135M, 2-core CPU; float32 and bfloat16 studies, bench/RESULTS.md): a
+# k-SCST update (forward and backward over prompt + reply, and the reference model's forward) costs LOSS_FACTOR
+# forward passes; the stages' decodes through emorl's decoder take DECODE_FACTOR x the probe's figure (larger
+# batches than the probe's 48 rows, longer caches, per-method setup); a search's figures ~2 s. Mixes of the K
+# adapters (hidden, logits, probs) prefill each prompt once per stream for all weight points of a call; params
+# re-runs the prefill for every point.
+LOSS_FACTOR = 4.0
+ROLLOUT_FACTOR = 1.0
+DECODE_FACTOR = 1.6
 CONVEX_DECODED = 0.8  # share of a convex search's points decoded (36 of 46 in the default run)
 REWARD_S = 0.02
 PLOT_S = 2.0
 
 
-def stream_width(key: str | None, anchor: str, k: int) -> tuple[int, float]:
-    """(backbone rows per prompt, search decode factor) of a mix: params one merged stream (its prefill re-run per
-    point); the other modes K adapter streams, plus the base stream when base-anchored."""
+def stream_width(key: str | None, anchor: str, k: int) -> tuple[int, bool]:
+    """(backbone rows per prompt, whether weight points share the prefill) of a mix: params one merged stream (its
+    prefill re-run per point); the other modes K adapter streams, plus the base stream when base-anchored."""
     if key is None:
-        return 1, 1.0
+        return 1, False
     if key.startswith("params"):
-        return 1, SEARCH_FACTOR["params"]
+        return 1, False
     convex = key.endswith("-convex") or key.startswith("probs") or anchor == "none"
-    return k + (0 if convex else 1), SEARCH_SHARED_PREFILL
+    return k + (0 if convex else 1), True
 
 
 def estimate(plan: Plan, speed: Speed) -> None:
     """Fill ``estimate_s`` of every unit that must run, at the probed decoding speed, with budgets as upper bounds
     (replies at full length, training to max_steps, every search point decoded)."""
+    from emorl.prompts import PAD_MULTIPLE
     from emorl.search.hierarchical import expected_evaluations
 
     cfg, t = plan.cfg, plan.cfg.train
-    prompt_len = 0.6 * cfg.model.max_prompt_tokens
+    prompt_len = 0.6 * cfg.model.max_prompt_tokens + PAD_MULTIPLE  # a typical batch's width, aligned padding included
     k_obj = len(plan.objectives)
+
+    def mix(points: int, prompts: int, width: int, shared: bool, tokens: int) -> float:
+        """One ensemble decode of ``points`` weight points x ``prompts`` prompts, ``width`` rows per prompt."""
+        rows = points * prompts * width
+        return DECODE_FACTOR * speed.gen(rows, tokens, prompt_len, prompts * width if shared else rows)
 
     from emorl.train.trainer import val_every
 
     def training(policies: int, strategy: str) -> float:
         rows = policies * t.batch_size * t.k
         tok = t.generation.max_new_tokens
-        step = speed.gen(rows, tok) + LOSS_FACTOR * speed.b * rows * (prompt_len + tok) + speed.reward_s * rows * k_obj
+        ra, rb = speed.rollout or (speed.a, speed.b + speed.prefill_token * prompt_len / tok)
+        step = (ROLLOUT_FACTOR * tok * (ra + rb * rows) + LOSS_FACTOR * speed.prefill_token * rows * (prompt_len + tok)
+                + speed.reward_s * rows * k_obj)
         val_rows = policies * t.val_prompts * t.val_samples
-        val = speed.gen(val_rows, tok) + speed.reward_s * val_rows * k_obj
+        val = speed.gen(val_rows, tok, prompt_len) + speed.reward_s * val_rows * k_obj
         every = val_every(t, strategy)  # at step 0, every `every` steps, and the last step
         rounds = 1 + t.max_steps // every + (1 if t.max_steps % every else 0)
         return t.max_steps * step + rounds * val
@@ -122,23 +169,22 @@ def estimate(plan: Plan, speed: Speed) -> None:
         n_seeds = len(search_seeds(sc.seeds, sc.generation))
         n_re = min(sc.reeval_prompts or n_val, n_val) * len(search_seeds(sc.reeval_seeds, sc.generation))
     for s in search_todo:
-        width, factor = stream_width(s.name, sc.anchor, k_obj)
+        width, shared = stream_width(s.name, sc.anchor, k_obj)
         n = expected_evaluations(k_obj, sc.iterations)
         if width != 1 and s.name.endswith("-convex"):
             n = round(n * CONVEX_DECODED)  # points on one ray share a decode
         calls = -(-n // sc.batch_points)
-        decode = n_seeds * calls * speed.gen(sc.batch_points * n_p * width, sc.generation.max_new_tokens)
-        reeval = speed.gen(sc.reeval_top * n_re * width, sc.generation.max_new_tokens) if sc.reeval_top else 0.0
-        s.estimate_s = (factor * (decode + reeval) + (n * n_p * n_seeds + sc.reeval_top * n_re) * speed.reward_s * k_obj
-                        + PLOT_S)
+        tok = sc.generation.max_new_tokens
+        decode = n_seeds * calls * mix(min(n, sc.batch_points), n_p, width, shared, tok)
+        reeval = mix(sc.reeval_top, n_re, width, shared, tok) if sc.reeval_top else 0.0
+        s.estimate_s = decode + reeval + (n * n_p * n_seeds + sc.reeval_top * n_re) * speed.reward_s * k_obj + PLOT_S
     for s in plan.todo("route"):  # the lattice (plus the search's best) x the router's prompts, per seed
         from math import comb
 
         rc, g = cfg.route, cfg.eval.generation
         pts = comb(round(1 / rc.step) + k_obj - 1, k_obj - 1) + 1
         n = rc.prompts or 64
-        s.estimate_s = len(rc.seeds) * (SEARCH_SHARED_PREFILL * speed.gen(pts * n * k_obj, g.max_new_tokens)
-                                        + pts * n * speed.reward_s * k_obj)
+        s.estimate_s = len(rc.seeds) * (mix(pts, n, k_obj, True, g.max_new_tokens) + pts * n * speed.reward_s * k_obj)
     for s in plan.todo("evaluate"):
         from emorl.evaluate import decode_seeds
 
@@ -147,7 +193,7 @@ def estimate(plan: Plan, speed: Speed) -> None:
         n = cfg.eval.prompts or 64
         widths = [stream_width(method_kind(m)[1], cfg.search.anchor, k_obj)[0]
                   if method_kind(m)[0] in ("ensemble", "routed") else 1 for m in plan.methods]
-        s.estimate_s = seeds * sum(speed.gen(n * w, g.max_new_tokens) + n * speed.reward_s * k_obj for w in widths)
+        s.estimate_s = seeds * sum(mix(1, n, w, True, g.max_new_tokens) + n * speed.reward_s * k_obj for w in widths)
     for s in plan.todo("front"):
         from emorl.evaluate import decode_seeds
 
@@ -159,9 +205,9 @@ def estimate(plan: Plan, speed: Speed) -> None:
             (m, 11, "none") for m in (fc.sweep_modes if fc.sweep else [])]  # the sweep: convex pools
         total = 0.0
         for m, points, anchor in jobs:
-            width = stream_width(m, anchor, k_obj)[0]
+            width, shared = stream_width(m, anchor, k_obj)
             chunk = min(points, fc.batch_points)
-            total += seeds * -(-points // fc.batch_points) * speed.gen(chunk * n * width, g.max_new_tokens)
+            total += seeds * -(-points // fc.batch_points) * mix(chunk, n, width, shared, g.max_new_tokens)
             total += points * n * seeds * speed.reward_s * k_obj
         s.estimate_s = total
     for s in plan.todo("report"):
