@@ -248,7 +248,7 @@ def test_concurrent_requests_share_one_batch_and_match_generate(served: dict[str
     assert _wait(lambda: engine.pending() == 0)  # the previous test's last batch has updated its stats
     assert _wait(lambda: engine.pending() == 0)  # the previous test's last batch has updated its stats
     batches = engine.stats["batches"]
-    engine.max_wait_s = 1.0  # a window wide enough for all four to arrive
+    engine.max_wait_s = engine.max_gap_s = 1.0  # a window wide enough for all four to arrive
     replies: dict[int, Any] = {}
 
     def send(i: int) -> None:
@@ -263,7 +263,7 @@ def test_concurrent_requests_share_one_batch_and_match_generate(served: dict[str
         for t in threads:
             t.join(60)
     finally:
-        engine.max_wait_s = 0.005
+        engine.max_wait_s = engine.max_gap_s = 0.005
     assert _wait(lambda: engine.pending() == 0)  # replies go out as they finish, the batch's stats after it
     assert engine.stats["batches"] == batches + 1, replies
     assert engine.stats["last_batch"]["jobs"] == 4 and engine.stats["last_batch"]["pairs"] == 4
@@ -274,6 +274,32 @@ def test_concurrent_requests_share_one_batch_and_match_generate(served: dict[str
                         temperature=kw["temperature"] if sample else 1.0, top_p=kw.get("top_p", 1.0),
                         top_k=50 if sample else 0, seed=kw.get("seed"), stop=kw.get("stop"))[0]
         assert replies[i]["choices"][0]["message"]["content"] == ref, i
+
+
+def test_a_burst_shares_a_batch_while_requests_keep_coming(served: dict[str, Any]) -> None:
+    """Requests 0.15 s apart join one batch while the gap rule keeps the window open (gaps under max_gap), however
+    long the burst; with a gap shorter than their spacing, the first starts alone."""
+    engine = served["engine"]
+
+    def burst(gap_s: float) -> int:
+        assert _wait(lambda: engine.pending() == 0)
+        batches = engine.stats["batches"]
+        engine.max_wait_s, engine.max_gap_s = 5.0, gap_s
+        threads = []
+        try:
+            for _ in range(3):
+                threads.append(threading.Thread(target=chat, args=(served["url"], body(max_tokens=2))))
+                threads[-1].start()
+                time.sleep(0.15)
+            for t in threads:
+                t.join(60)
+        finally:
+            engine.max_wait_s = engine.max_gap_s = 0.005
+        assert _wait(lambda: engine.pending() == 0)
+        return engine.stats["batches"] - batches
+
+    assert burst(1.0) == 1
+    assert burst(0.02) >= 2
 
 
 BAD = [
@@ -412,7 +438,7 @@ def test_disconnected_requests_are_cancelled(served: dict[str, Any]) -> None:
             httpx.post(f"{url}/v1/chat/completions", json=long, timeout=1.0)
         assert _wait(lambda: st["cancelled"] == c0 + 2 and engine.pending() == 0), st
         # dropped before its batch starts: gone while the batching window is still open
-        engine.max_wait_s = 3.0
+        engine.max_wait_s = engine.max_gap_s = 3.0
         d0 = st["dropped_before_start"]
         batches = st["batches"]
         with pytest.raises(httpx.ReadTimeout):
@@ -420,7 +446,7 @@ def test_disconnected_requests_are_cancelled(served: dict[str, Any]) -> None:
         assert _wait(lambda: st["dropped_before_start"] == d0 + 1)
         assert st["batches"] == batches
     finally:
-        engine.max_wait_s = 0.005
+        engine.max_wait_s = engine.max_gap_s = 0.005
         engine.ens.eos = old_eos
     ok = chat(url, body(max_tokens=3, temperature=0))  # the server still serves
     assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
@@ -502,7 +528,7 @@ def test_base_anchored_requests_and_the_base_share_one_batch(served: dict[str, A
     replies: dict[int, Any] = {}
     assert _wait(lambda: engine.pending() == 0)  # the previous test's last batch has updated its stats
     batches = engine.stats["batches"]
-    engine.max_wait_s = 1.0
+    engine.max_wait_s = engine.max_gap_s = 1.0
     try:
         threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, chat(served["url"], reqs[i]).json()))
                    for i in range(3)]
@@ -511,7 +537,7 @@ def test_base_anchored_requests_and_the_base_share_one_batch(served: dict[str, A
         for t in threads:
             t.join(60)
     finally:
-        engine.max_wait_s = 0.005
+        engine.max_wait_s = engine.max_gap_s = 0.005
     assert _wait(lambda: engine.pending() == 0)
     assert engine.stats["batches"] == batches + 1, (engine.stats, replies)
     assert engine.stats["last_batch"]["key"] == "hidden+base" and engine.stats["last_batch"]["jobs"] == 3

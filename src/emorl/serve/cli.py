@@ -3,8 +3,9 @@
     emorl serve --run runs/default                      # http://127.0.0.1:8000/
     EMORL_API_KEY=secret emorl serve --run runs/default --host 0.0.0.0 --port 8080
 
-Concurrent requests with different weights are decoded in one batch: the scheduler waits at most --max-wait-ms
-after the oldest waiting request for others, up to --max-batch-rows backbone rows (requests x adapters).
+Concurrent requests with different weights are decoded in one batch: the scheduler waits for others while they
+keep arriving (gaps under --max-gap-ms), at most --max-wait-ms after the oldest waiting request, up to
+--max-batch-rows backbone rows (requests x adapters).
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: env EMORL_API_KEY; none = open)")
     p.add_argument("--max-batch-rows", type=int, default=96,
                    help="most backbone rows (requests x choices x adapters used) decoded in one batch")
-    p.add_argument("--max-wait-ms", type=float, default=20.0,
-                   help="how long the oldest waiting request waits for others to share its batch")
+    p.add_argument("--max-wait-ms", type=float, default=100.0,
+                   help="the longest the oldest waiting request waits for others to share its batch")
+    p.add_argument("--max-gap-ms", type=float, default=10.0,
+                   help="a batch starts once no request has arrived for this long (a lone request waits this much)")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body, in KiB")
     p.add_argument("--grace-s", type=float, default=5.0,
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("binding %s without an API key: anyone who can reach this port can use the model. Set "
                     "--api-key (or EMORL_API_KEY) and put a TLS reverse proxy in front", args.host)
     engine = Engine(args.run, max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms,
-                    max_tokens=args.max_tokens, device=args.device)
+                    max_gap_ms=args.max_gap_ms, max_tokens=args.max_tokens, device=args.device)
     app = create_app(engine, api_key=key, max_body_bytes=args.max_body_kb * 1024)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"emorl serve: {args.run} ({', '.join(engine.objectives)}) at http://{host}:{args.port}/ "

@@ -3,9 +3,11 @@
 :class:`Engine` loads the run's base, its K objective adapters, its one-policy baselines (``RUN/baselines/*``,
 loaded as further adapters on the same model) and its rewards. Requests become :class:`Job` s (one
 :class:`~emorl.ensemble.pairs.PairSpec` per choice); the scheduler thread is the only one that touches the model.
-It takes the oldest waiting job, waits at most ``max_wait_ms`` from that job's arrival for others (or until
-``max_batch_rows`` backbone rows are taken), and decodes every job with the same batch key — the mixing mode, and
-whether the base stream is needed (base-anchored points not summing to 1, the base model itself) — in ONE
+It takes the oldest waiting job and waits for others while they keep coming: the batch starts once no job has
+arrived for ``max_gap_ms``, at most ``max_wait_ms`` after the oldest job's arrival (or once ``max_batch_rows``
+backbone rows are taken; a burst of clients rarely arrives within one fixed short window). It decodes every
+job with the same batch key — the mixing mode, and whether the base stream is needed (base-anchored points not
+summing to 1, the base model itself) — in ONE
 :func:`~emorl.ensemble.pairs.generate_pairs` call, whatever their weights, sampling settings, lengths and seeds.
 Jobs of another key go in the next batch. Finished pairs are reported at once (a short reply does not wait for
 the batch's longest); a cancelled job (client gone) is dropped before its batch starts, or ends at the next
@@ -63,8 +65,9 @@ class Job:
 class Engine:
     """The loaded run and its scheduler (start with :meth:`start`, stop with :meth:`close`)."""
 
-    def __init__(self, run: str | Path, *, max_batch_rows: int = 96, max_wait_ms: float = 20.0,
-                 max_tokens: int = 512, device: str | None = None, base: Any = None) -> None:
+    def __init__(self, run: str | Path, *, max_batch_rows: int = 96, max_wait_ms: float = 100.0,
+                 max_gap_ms: float = 10.0, max_tokens: int = 512, device: str | None = None, base: Any = None
+                 ) -> None:
         from emorl.config import load_config
         from emorl.ensemble import EnsembleModel
         from emorl.models import check_same_base, load_adapters, load_base, read_adapter_info
@@ -73,12 +76,13 @@ class Engine:
         self.run = Path(run)
         if not (self.run / "config.yaml").exists():
             raise EmorlError(f"--run {run}: no config.yaml there (is it a run folder made by `emorl train`?)")
-        if max_batch_rows < 1 or max_wait_ms < 0 or max_tokens < 1:
-            raise EmorlError("--max-batch-rows and --max-tokens must be >= 1, --max-wait-ms >= 0")
+        if max_batch_rows < 1 or max_wait_ms < 0 or max_gap_ms < 0 or max_tokens < 1:
+            raise EmorlError("--max-batch-rows and --max-tokens must be >= 1, --max-wait-ms and --max-gap-ms >= 0")
         self.cfg = load_config(self.run / "config.yaml")
         if device:
             self.cfg.model.device = device
-        self.max_batch_rows, self.max_wait_s, self.max_tokens = max_batch_rows, max_wait_ms / 1000.0, max_tokens
+        self.max_batch_rows, self.max_tokens = max_batch_rows, max_tokens
+        self.max_wait_s, self.max_gap_s = max_wait_ms / 1000.0, max_gap_ms / 1000.0
         self.ens = EnsembleModel.from_run(self.run, base=base or load_base(self.cfg.model))
         self.objectives: list[str] = list(self.ens.names)
         extra = {}
@@ -222,7 +226,8 @@ class Engine:
             self._thread = None
 
     def _take(self) -> list[Job] | None:
-        """Wait for the next batch: the oldest job plus same-key jobs arriving within the window."""
+        """Wait for the next batch: the oldest job plus same-key jobs that arrive while jobs keep coming (gaps under
+        ``max_gap_s``), for at most ``max_wait_s`` after the oldest."""
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
@@ -234,7 +239,8 @@ class Engine:
                     return []
                 first = self._queue[0]
                 same = [j for j in self._queue if j.key == first.key]
-                left = first.submitted + self.max_wait_s - time.monotonic()
+                latest = max(j.submitted for j in same)
+                left = min(first.submitted + self.max_wait_s, latest + self.max_gap_s) - time.monotonic()
                 if left <= 0 or self._rows(same) >= self.max_batch_rows or self._stopping:
                     break
                 self._cond.wait(left)
