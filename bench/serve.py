@@ -61,15 +61,19 @@ def requests_for(n: int, clients: int, weights: np.ndarray, objectives: list[str
 
 
 def send_all(url: str, reqs: list[dict[str, Any]], clients: int) -> dict[str, Any]:
-    """Closed loop: ``clients`` workers, worker i sends requests i, i + clients, ... one after another."""
+    """Closed loop: ``clients`` workers, worker i sends requests i, i + clients, ... one after another; all start
+    together (a barrier after each made its HTTP client: making one takes tens of ms, which staggered the start)."""
     import httpx
 
     replies: list[str] = [""] * len(reqs)
     tokens = [0] * len(reqs)
     lat = [0.0] * len(reqs)
 
+    ready = threading.Barrier(clients)
+
     def worker(i: int) -> None:
-        with httpx.Client(timeout=600) as client:
+        with httpx.Client(timeout=600) as client:  # made before the start: a load tester's clients are ready
+            ready.wait()
             for j in range(i, len(reqs), clients):
                 t0 = time.perf_counter()
                 r = client.post(f"{url}/v1/chat/completions", json=reqs[j])
@@ -144,11 +148,20 @@ def main() -> int:
     weights = np.random.default_rng(0).uniform(0.1, 1.0, size=(max(levels), len(objectives))).round(3)
     send_all(url, requests_for(2, 1, weights, objectives, 4, temperature, args.anchor), 1)  # warm-up
     rows = []
+
+    def idle() -> None:
+        for _ in range(500):  # bounded: 10 s
+            if engine.pending() == 0:
+                return
+            time.sleep(0.02)
+
     try:
         for c in levels:
             reqs = requests_for(args.requests, c, weights, objectives, args.max_tokens, temperature, args.anchor)
+            idle()
             b0 = engine.stats["batches"]
             together = send_all(url, reqs, c)
+            idle()  # replies go out before the batch's stats are updated
             batches, last = engine.stats["batches"] - b0, dict(engine.stats["last_batch"] or {})
             alone = send_all(url, reqs, 1)
             same = together["replies"] == alone["replies"]
