@@ -158,3 +158,22 @@ def test_report_states_which_differences_are_resolved(tmp_path):
     assert "### Paired differences" in text and "8 units, 2000 resamples" in text
     assert "Resolved differences to EMORL (95% CI excludes 0): Uniform Weighted -0.050 [-0.080, -0.020]." in text
     assert "Not resolved against EMORL" in text and "Base model -0.020 [-0.060, +0.010]" in text
+
+
+def test_a_stored_study_without_adapter_weights_still_lists_its_policies(tmp_path):
+    """bench/results/ keeps each policy's emorl.json but not its weights; the report's training table reads only
+    emorl.json, so `emorl report` on a stored study re-derives it."""
+    import json
+
+    from emorl.models import AdapterInfo
+    from emorl.report.render import collect_policies
+
+    for kind, name, info in [("adapters", "reflection", AdapterInfo(objective="reflection", steps=8)),
+                             ("baselines", "uniform", AdapterInfo(objective="reflection+empathy", strategy="uniform",
+                                                                  objectives=["reflection", "empathy"], steps=8))]:
+        (tmp_path / kind / name).mkdir(parents=True)
+        (tmp_path / kind / name / "emorl.json").write_text(json.dumps(info.__dict__))
+    (tmp_path / "adapters" / "half-written").mkdir()  # no emorl.json: not a policy
+    got = collect_policies(tmp_path, ["reflection", "empathy"])
+    assert list(got) == ["EMORL: reflection", "Uniform Weighted"]
+    assert got["Uniform Weighted"]["objectives"] == ["reflection", "empathy"] and got["EMORL: reflection"]["steps"] == 8

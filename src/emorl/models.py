@@ -381,10 +381,11 @@ def check_adapter_files(folder: str | Path) -> None:
     check_safetensors(folder / "adapter_model.safetensors", "adapter file", ADAPTER_FIX)
 
 
-def read_adapter_info(folder: str | Path) -> AdapterInfo:
+def read_adapter_info(folder: str | Path, require_weights: bool = True) -> AdapterInfo:
+    """The adapter's ``emorl.json``; ``require_weights=False`` reads it from a stored study kept without weights."""
     folder = Path(folder)
     needed = ("config.json",) if is_full_model_dir(folder) else ("adapter_config.json", "adapter_model.safetensors")
-    for fname in needed:
+    for fname in needed if require_weights else ():
         if not (folder / fname).exists():
             raise EmorlError(f"{folder} is not a peft adapter folder: {fname} is missing")
     meta = folder / "emorl.json"

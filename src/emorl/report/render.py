@@ -36,13 +36,14 @@ SEARCH_VIEWS = ("history", "landscape", "tradeoff", "weights")
 
 
 def collect_policies(run: Path, objectives: list[str]) -> dict[str, dict[str, Any]]:
-    """Every trained policy of the run: EMORL adapters (config order first), then the baselines."""
+    """Every trained policy of the run: EMORL adapters (config order first), then the baselines. A policy is found by
+    its ``emorl.json`` (written with the weights, atomically), so a stored study without the weights reports too."""
     from emorl.models import read_adapter_info
 
     folders: list[tuple[str, str, Path]] = []
     adir = run / "adapters"
     if adir.exists():
-        found = sorted(p.name for p in adir.iterdir() if (p / "adapter_model.safetensors").exists())
+        found = sorted(p.name for p in adir.iterdir() if (p / "emorl.json").exists())
         for name in [o for o in objectives if o in found] + [n for n in found if n not in objectives]:
             folders.append((f"EMORL: {name}", "emorl", adir / name))
     bdir = run / "baselines"
@@ -51,11 +52,11 @@ def collect_policies(run: Path, objectives: list[str]) -> dict[str, dict[str, An
 
         order = list(LABELS)
         for p in sorted(bdir.iterdir(), key=lambda p: (order.index(p.name) if p.name in order else 99, p.name)):
-            if (p / "adapter_model.safetensors").exists():
+            if (p / "emorl.json").exists():
                 folders.append((LABELS.get(p.name, p.name), p.name, p))
     out = {}
     for label, method, folder in folders:
-        info = read_adapter_info(folder)
+        info = read_adapter_info(folder, require_weights=False)
         curve = info.curve or []
         out[label] = {"method": method, "folder": str(folder), "objectives": info.objectives or [info.objective],
                       "steps": info.steps, "prompts": info.prompts_consumed, "wall_time_s": info.wall_time_s,
