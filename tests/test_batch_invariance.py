@@ -31,6 +31,7 @@ WORDS = SENTENCE.split(" ")
 def bf16() -> tuple[EnsembleModel, list[str]]:
     cfg = load_config("tiny")
     cfg.model.dtype = "bfloat16"
+    cfg.model.device = "cpu"  # the two rules are about CPU kernels; on a GPU invariance is not claimed
     base = load_base(cfg.model)
     model = add_adapters(base, NAMES, cfg.lora)
     g = torch.Generator().manual_seed(0)
@@ -116,6 +117,21 @@ def test_prompt_padding_is_aligned_and_never_empty(bf16) -> None:
     alone = [(1 - encode_prompts(tok, [t], 96, False)["attention_mask"]).sum() % PAD_MULTIPLE for t in texts]
     together = (1 - encode_prompts(tok, texts, 96, False)["attention_mask"]).sum(1) % PAD_MULTIPLE
     assert [int(x) for x in alone] == together.tolist()  # each prompt's padding has one alignment everywhere
+    fixed = encode_prompts(tok, texts[:1], 96, False, pad_to=width)  # a width it returned before is kept
+    assert fixed["input_ids"].shape[1] == width
+
+
+def test_auto_dtype_is_bfloat16_only_where_replies_stay_batch_invariant(monkeypatch) -> None:
+    """On an AMX CPU oneDNN picks its bf16 kernel by row count, so a reply changes with its batch: auto keeps float32
+    there (bench/RESULTS.md, "Batch invariance on an AMX CPU"); AVX512-BF16 alone gets bfloat16."""
+    from emorl import models
+    from emorl.config import ModelConfig
+
+    cpu = torch.device("cpu")
+    for kernels, want in [("avx512", torch.bfloat16), ("amx", torch.float32), ("emulated", torch.float32)]:
+        monkeypatch.setattr(models, "cpu_bf16_kernels", lambda k=kernels: k)
+        assert models._dtype(ModelConfig(dtype="auto"), cpu) == want, kernels
+    assert models._dtype(ModelConfig(dtype="bfloat16"), cpu) == torch.bfloat16  # asked for: given
 
 
 def test_pad_rows() -> None:

@@ -66,6 +66,9 @@ def test_resume_after_an_interruption_redoes_nothing_finished(tiny_run):
     assert tree_hashes(run / "adapters", run / "baselines") == tiny_run["trained"]
     stages = json.loads((run / "stages.json").read_text())["stages"]
     assert set(stages) == {"train", "baselines", "search", "evaluate", "report"}
+    env = json.loads((run / "stages.json").read_text())["environment"]  # what the numbers were computed on
+    assert env["dtype"] == "float32" and env["torch"] == __import__("torch").__version__ and env["cpu"]
+    assert f"torch {env['torch']}" in (run / "report.md").read_text()
     for mode in ("hidden", "hidden-convex", "params", "params-convex"):
         assert (run / "search" / mode / "best.json").exists()
 

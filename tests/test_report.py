@@ -174,6 +174,8 @@ def test_a_stored_study_without_adapter_weights_still_lists_its_policies(tmp_pat
         (tmp_path / kind / name).mkdir(parents=True)
         (tmp_path / kind / name / "emorl.json").write_text(json.dumps(info.__dict__))
     (tmp_path / "adapters" / "half-written").mkdir()  # no emorl.json: not a policy
+    (tmp_path / "adapters" / ".reflection.old-123").mkdir()  # a replaced copy left by a killed atomic write
+    (tmp_path / "adapters" / ".reflection.old-123" / "emorl.json").write_text("{}")
     got = collect_policies(tmp_path, ["reflection", "empathy"])
     assert list(got) == ["EMORL: reflection", "Uniform Weighted"]
     assert got["Uniform Weighted"]["objectives"] == ["reflection", "empathy"] and got["EMORL: reflection"]["steps"] == 8

@@ -246,7 +246,6 @@ def test_concurrent_requests_share_one_batch_and_match_generate(served: dict[str
             ({"weights": [0.3, 0.3, 0.3], "anchor": convex}, dict(max_tokens=5, temperature=1.0, seed=1, stop=["zz"]),
              "I failed the exam again.")]
     assert _wait(lambda: engine.pending() == 0)  # the previous test's last batch has updated its stats
-    assert _wait(lambda: engine.pending() == 0)  # the previous test's last batch has updated its stats
     batches = engine.stats["batches"]
     engine.max_wait_s = engine.max_gap_s = 1.0  # a window wide enough for all four to arrive
     replies: dict[int, Any] = {}

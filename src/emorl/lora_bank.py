@@ -203,7 +203,7 @@ def _bank_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     for key in ("alora_offsets",):
         kwargs.pop(key, None)
     n_rows = x.numel() // x.shape[-1]
-    if n_rows < MIN_GEMM_ROWS:  # the kernel of a full batch (see MIN_GEMM_ROWS)
+    if 0 < n_rows < MIN_GEMM_ROWS:  # the kernel of a full batch (see MIN_GEMM_ROWS)
         flat = pad_rows(x.reshape(n_rows, x.shape[-1]), 0)
         result = self.base_layer(flat, *args, **kwargs)[:n_rows].reshape(*x.shape[:-1], -1)
     else:

@@ -118,7 +118,10 @@ def encode_prompts(tokenizer: Any, texts: list[str], max_tokens: int, is_seq2seq
     out = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     width = max(pad_to or 0, out["input_ids"].shape[1])
     if not is_seq2seq:  # right padding (seq2seq) keeps every prompt at position 0: nothing to align
-        width = (width // PAD_MULTIPLE + 1) * PAD_MULTIPLE  # >= 1 pad in every row: attention always takes a mask
+        # >= 1 pad in every row (attention always takes a mask); an aligned pad_to (a width this function returned
+        # before) is kept as it is
+        longest = out["input_ids"].shape[1]
+        width = -(-max(pad_to or 0, longest + 1) // PAD_MULTIPLE) * PAD_MULTIPLE
     extra = width - out["input_ids"].shape[1]
     if extra > 0:
         pad = (0, extra) if is_seq2seq else (extra, 0)

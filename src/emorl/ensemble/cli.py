@@ -230,8 +230,10 @@ def run(args: argparse.Namespace) -> int:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if args.output:
         atomic_write_text(args.output, text)
-        log.info("%d replies (%s x %d prompts, mode=%s) -> %s", len(records),
-                 "routed weights" if auto else f"{len(weights)} weight points", len(prompts), args.mode, args.output)
+        what = (f"method {args.method}" if args.method else "routed weights" if auto
+                else f"{len(weights or [])} weight points")
+        log.info("%d replies (%s x %d prompts, mode=%s) -> %s", len(records), what, len(prompts),
+                 method.mode if args.method else args.mode, args.output)
     else:
         sys.stdout.write(text)
     return 0

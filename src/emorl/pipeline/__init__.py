@@ -95,6 +95,11 @@ def run_pipeline(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, f
     try:
         cfg.save(run / "config.yaml")
         stages = Stages(run)
+        if busy:  # what this run's new numbers are computed on (another CPU rounds bf16 differently)
+            from emorl.models import environment
+
+            stages.data["environment"] = environment(res.base)
+            stages.save()
         t_all = time.perf_counter()
         executor = None
         for stage in ("train", "baselines", "search", "route", "evaluate", "front", "report"):

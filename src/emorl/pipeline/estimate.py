@@ -147,7 +147,7 @@ def estimate(plan: Plan, speed: Speed) -> None:
         step = (ROLLOUT_FACTOR * tok * (ra + rb * rows) + LOSS_FACTOR * speed.prefill_token * rows * (prompt_len + tok)
                 + speed.reward_s * rows * k_obj)
         val_rows = policies * t.val_prompts * t.val_samples
-        val = speed.gen(val_rows, tok, prompt_len) + speed.reward_s * val_rows * k_obj
+        val = ROLLOUT_FACTOR * tok * (ra + rb * val_rows) + speed.reward_s * val_rows * k_obj  # sampled like rollouts
         every = val_every(t, strategy)  # at step 0, every `every` steps, and the last step
         rounds = 1 + t.max_steps // every + (1 if t.max_steps % every else 0)
         return t.max_steps * step + rounds * val

@@ -43,7 +43,8 @@ def collect_policies(run: Path, objectives: list[str]) -> dict[str, dict[str, An
     folders: list[tuple[str, str, Path]] = []
     adir = run / "adapters"
     if adir.exists():
-        found = sorted(p.name for p in adir.iterdir() if (p / "emorl.json").exists())
+        # a dot-folder is a half-written or replaced copy (utils.atomic_folder), not a policy
+        found = sorted(p.name for p in adir.iterdir() if (p / "emorl.json").exists() and not p.name.startswith("."))
         for name in [o for o in objectives if o in found] + [n for n in found if n not in objectives]:
             folders.append((f"EMORL: {name}", "emorl", adir / name))
     bdir = run / "baselines"
@@ -52,7 +53,7 @@ def collect_policies(run: Path, objectives: list[str]) -> dict[str, dict[str, An
 
         order = list(LABELS)
         for p in sorted(bdir.iterdir(), key=lambda p: (order.index(p.name) if p.name in order else 99, p.name)):
-            if (p / "emorl.json").exists():
+            if (p / "emorl.json").exists() and not p.name.startswith("."):
                 folders.append((LABELS.get(p.name, p.name), p.name, p))
     out = {}
     for label, method, folder in folders:
@@ -209,7 +210,8 @@ def write_report(run_dir: str | Path) -> Path:
     objectives = list(results["objectives"])
     policies = collect_policies(run, objectives)
     search = collect_search(run)
-    stages = json.loads((run / "stages.json").read_text()).get("stages", {}) if (run / "stages.json").exists() else {}
+    stage_data = json.loads((run / "stages.json").read_text()) if (run / "stages.json").exists() else {}
+    stages = stage_data.get("stages", {})
     figs = make_figures(run, results, policies, search)
     tables = {"comparison": comparison_table(results), "training": training_table(policies),
               "weights": weights_table(search, _used_weights(results)), "stages": stages_table(stages)}
@@ -231,7 +233,8 @@ def write_report(run_dir: str | Path) -> Path:
         "search": {m: {k: b.get(k) for k in ("names", "weights", "weight_vector", "aggregate", "scores", "points",
                                              "decoded", "wall_time_s", "history", "scale_invariant")}
                    for m, b in search.items()},
-        "stages": stages, "samples": samples, "bootstrap": results.get("bootstrap"),
+        "stages": stages, "environment": stage_data.get("environment"), "samples": samples,
+        "bootstrap": results.get("bootstrap"),
         "differences_text": difference_sentences(results),
         "front": {k: front[k] for k in ("reference", "modes", "one_policy", "statements", "figure", "step", "w_max",
                                         "units", "linear", "sweep", "hypervolume_differences") if k in front}
@@ -326,6 +329,11 @@ def render_markdown(run: Path, s: dict[str, Any], tables: dict[str, tuple[list[s
             lines.append("")
     if s["stages"]:
         lines += ["## Stages", "", markdown(*tables["stages"]), ""]
+        if s.get("environment"):
+            e = s["environment"]
+            lines += [f"Computed on {e['cpu']} ({e['device']}, {e['dtype']}, bf16 kernels: {e['bf16_kernels']}, "
+                      f"{e['threads']} threads), torch {e['torch']}, transformers {e['transformers']}, peft "
+                      f"{e['peft']}, Python {e['python']}.", ""]
     lines += ["## Files", "", "`results.json` (every number above), `eval/results.json` (per-seed metrics), "
               "`eval/replies/<method>.jsonl` (every reply and its scores), `adapters/`, `baselines/`, "
               "`search/<mode>/`, `figures/`.", ""]

@@ -72,7 +72,7 @@ def route_rows(model: Any, adapters: list[str], rows_per_adapter: int) -> Iterat
 
 
 def prompt_width(base: Base, statements: list[str], max_prompt_tokens: int) -> int:
-    """The longest encoded prompt among ``statements`` (a fixed ``prompt_width`` for :func:`sample_rollouts`)."""
+    """The encoded (aligned) width of ``statements`` (a fixed ``prompt_width`` for :func:`sample_rollouts`)."""
     texts = format_prompts(base.tokenizer, statements, base.is_seq2seq, base.config.system_prompt)
     return int(encode_prompts(base.tokenizer, texts, max_prompt_tokens, base.is_seq2seq)["input_ids"].shape[1])
 
