@@ -126,6 +126,8 @@ def test_write_report_from_a_run_folder(tmp_path):
         assert f"figures/{f}.png" in summary["figures"]
     assert (run / "search" / "hidden" / "history.png").exists()  # re-plotted from the log
     assert "**Prompt 1.** I feel lost." in text and "*EMORL*: EMORL | says hi" in text
+    # sampled evaluation: the search's trade-off view is not overlaid, and the note says how each decoded
+    assert "the search used settings it did not record and the evaluation sampling (up to 16 new tokens)" in text
 
 
 def test_report_needs_evaluation_results(tmp_path):

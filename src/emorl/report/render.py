@@ -139,6 +139,14 @@ def _decoded_alike(results: dict[str, Any], search: dict[str, dict[str, Any]]) -
     return not g.get("do_sample") and not sg.get("do_sample") and g.get("max_new_tokens") == sg.get("max_new_tokens")
 
 
+def _how(g: dict[str, Any] | None) -> str:
+    """'sampling (up to 24 new tokens)' or 'greedy decoding (…)' for a generation dict."""
+    if not g:
+        return "settings it did not record"
+    how = "sampling" if g.get("do_sample") else "greedy decoding"
+    return f"{how} (up to {g.get('max_new_tokens', '?')} new tokens)"
+
+
 def make_figures(run: Path, results: dict[str, Any], policies: dict[str, dict[str, Any]],
                  search: dict[str, dict[str, Any]]) -> list[Path]:
     fig_dir = run / "figures"
@@ -231,7 +239,7 @@ def write_report(run_dir: str | Path) -> Path:
         "methods": results["methods"],
         "policies": {k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in policies.items()},
         "search": {m: {k: b.get(k) for k in ("names", "weights", "weight_vector", "aggregate", "scores", "points",
-                                             "decoded", "wall_time_s", "history", "scale_invariant")}
+                                             "decoded", "wall_time_s", "history", "scale_invariant", "generation")}
                    for m, b in search.items()},
         "stages": stages, "environment": stage_data.get("environment"), "samples": samples,
         "bootstrap": results.get("bootstrap"),
@@ -306,8 +314,10 @@ def render_markdown(run: Path, s: dict[str, Any], tables: dict[str, tuple[list[s
                   "Each panel is a pair of objectives, with each method's test scores (error bars: std over seeds). "
                   + ("The grey points are the weight points the EMORL (hidden-mixing) search scored on validation "
                      "prompts, with their Pareto front." if s.get("tradeoff_background") else
-                     "The search's own trade-off view (`search_hidden_tradeoff.png`) is not overlaid: it decoded "
-                     "differently (greedy) from this evaluation, so its scores are on another scale."), ""]
+                     "The search's own trade-off view (`search_hidden_tradeoff.png`) is not overlaid: the overlay "
+                     "needs the search and this evaluation both greedy and of the same length; here the search used "
+                     f"{_how((s['search'].get('hidden') or {}).get('generation'))} and the evaluation "
+                     f"{_how(ev.get('generation'))}."), ""]
     if "front" in tables:
         fr = s["front"]
         ref = ", ".join(f"{o} {v:.3f}" for o, v in fr["reference"]["scores"].items())

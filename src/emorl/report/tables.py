@@ -137,7 +137,7 @@ def front_table(front: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for entry, m in front["modes"].items():
         lo, hi = m["hypervolume_ci95"]
         dom = [p["label"] for p in front["one_policy"].values() if p["fronts"][entry]["verdict"] == "dominated"]
-        rows.append([entry, str(m["points"]), str(len(m["front"])), f"{m['hypervolume']:.4g} [{lo:.4g}, {hi:.4g}]",
+        rows.append([entry, str(m["points"]), str(len(m["front"])), f"{m['hypervolume']:.4f} [{lo:.4f}, {hi:.4f}]",
                      ", ".join(dom) or "none"])
     return ["Mode", "Lattice points", "Front points", "Hypervolume [95% CI]", "Dominates"], rows
 
