@@ -236,8 +236,8 @@ def describe_plan(plan: Plan, est: bool = True) -> str:
         lines.append(f"  {title:<26} {units}" + (f"   ~{duration(secs)}" if est and secs else ""))
     total = sum(s.estimate_s for s in plan.steps)
     if est:
-        lines.append(f"  estimated time: ~{duration(total)} at most (decoding speed probed on this machine; training "
-                     f"budgets taken as upper bounds, runs that converge stop earlier)")
+        lines.append(f"  estimated time: ~{duration(total)} (an estimate, not a bound: decoding speed probed on this "
+                     f"machine, training budgets taken in full, runs that converge stop earlier)")
     return "\n".join(lines)
 
 

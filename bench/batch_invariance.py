@@ -1,0 +1,83 @@
+"""Does a reply depend on the batch it is decoded in? The base model's sampled replies to the first prompts of the
+test split, decoded as a batch of their own and inside a batch of all the prompts, compared per dtype.
+
+    python bench/batch_invariance.py                                  # float32 and bfloat16, 16 of 100 prompts
+    python bench/batch_invariance.py --dtypes bfloat16 --isa AVX512_CORE_BF16   # bf16 with AMX switched off
+
+Why: ``model.dtype: auto`` picks bfloat16 on CPU only where its kernels keep replies batch-invariant (emorl serve's
+promise: a seed's reply is the same whatever shares its batch). On an AMX CPU, oneDNN's bf16 matmuls round
+differently with the number of rows. Each configuration runs in a fresh process, because oneDNN reads
+``ONEDNN_MAX_CPU_ISA`` (``--isa``) once, at its first bf16 matmul. The default model's packaged weights; no
+network. Writes bench/results/batch_invariance.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OUT = Path(__file__).parent / "results"
+
+
+def one(dtype: str, prompts: int, first: int, tokens: int) -> dict:
+    """Decode in this process: the first ``first`` prompts alone, then all ``prompts``; count replies that differ."""
+    from emorl.config import DataConfig, GenerationConfig, ModelConfig
+    from emorl.data import load_splits
+    from emorl.decoding import Decoder
+    from emorl.models import environment, load_base
+
+    base = load_base(ModelConfig(dtype=dtype))
+    texts = [r.prompt for r in load_splits(DataConfig()).test[:prompts]]
+    dec = Decoder(base, GenerationConfig(max_new_tokens=tokens, do_sample=True, temperature=1.0, top_k=50))
+
+    def decode(batch: list[str]) -> tuple[list[str], float]:
+        t0 = time.perf_counter()
+        res = dec.generate({}, batch, [], "hidden", "base", seed=0, progress=False)
+        return list(res.texts), time.perf_counter() - t0
+
+    alone, t_alone = decode(texts[:first])
+    together, t_all = decode(texts)
+    differ = [i for i in range(first) if alone[i] != together[i]]
+    return {"dtype": dtype, "isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA"), "environment": environment(base),
+            "prompts": len(texts), "first": first, "max_new_tokens": tokens, "differ": len(differ),
+            "differ_at": differ, "seconds_first": round(t_alone, 2), "seconds_all": round(t_all, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--isa", default=None, help="ONEDNN_MAX_CPU_ISA for every configuration, e.g. AVX512_CORE_BF16")
+    ap.add_argument("--prompts", type=int, default=100)
+    ap.add_argument("--first", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--out", default=str(OUT / "batch_invariance.json"))
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # a child process: decode one dtype, print its JSON
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.prompts, args.first, args.tokens)))
+        return
+    env = os.environ | ({"ONEDNN_MAX_CPU_ISA": args.isa} if args.isa else {})
+    rows = []
+    for dtype in args.dtypes.split(","):
+        cmd = [sys.executable, __file__, "--one", dtype, "--prompts", str(args.prompts), "--first", str(args.first),
+               "--tokens", str(args.tokens)]
+        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"{dtype} (kernels {row['environment']['bf16_kernels']}, ISA cap {row['isa_cap']}): "
+              f"{row['differ']} of {row['first']} replies differ between a batch of {row['first']} and of "
+              f"{row['prompts']}; {row['seconds_all']:.1f} s for {row['prompts']} prompts", flush=True)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(old + [{"date": time.strftime("%Y-%m-%d %H:%M"), "runs": rows}], indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
