@@ -7,8 +7,9 @@ test split, decoded as a batch of their own and inside a batch of all the prompt
 Why: ``model.dtype: auto`` picks bfloat16 on CPU only where its kernels keep replies batch-invariant (emorl serve's
 promise: a seed's reply is the same whatever shares its batch). On an AMX CPU, oneDNN's bf16 matmuls round
 differently with the number of rows. Each configuration runs in a fresh process, because oneDNN reads
-``ONEDNN_MAX_CPU_ISA`` (``--isa``) once, at its first bf16 matmul. The default model's packaged weights; no
-network. Writes bench/results/batch_invariance.json.
+``ONEDNN_MAX_CPU_ISA`` (``--isa``) once, at its first bf16 matmul (the record's ``bf16_kernels`` names what the CPU
+has, not the cap). The default preset's model settings and test split, on CPU; no network. Writes
+bench/results/batch_invariance.json.
 """
 
 from __future__ import annotations
@@ -26,24 +27,31 @@ OUT = Path(__file__).parent / "results"
 
 def one(dtype: str, prompts: int, first: int, tokens: int) -> dict:
     """Decode in this process: the first ``first`` prompts alone, then all ``prompts``; count replies that differ."""
-    from emorl.config import DataConfig, GenerationConfig, ModelConfig
+    import dataclasses
+
+    from emorl.config import GenerationConfig, load_config
     from emorl.data import load_splits
     from emorl.decoding import Decoder
     from emorl.models import environment, load_base
 
-    base = load_base(ModelConfig(dtype=dtype))
-    texts = [r.prompt for r in load_splits(DataConfig()).test[:prompts]]
+    cfg = load_config("default")  # the study's model settings (prompt length, system prompt) and data split
+    base = load_base(dataclasses.replace(cfg.model, dtype=dtype, device="cpu"))
+    texts = [r.prompt for r in load_splits(cfg.data).test[:prompts]]
+    if len(texts) < first:
+        raise SystemExit(f"--first {first} is more than the {len(texts)} prompts decoded")
     dec = Decoder(base, GenerationConfig(max_new_tokens=tokens, do_sample=True, temperature=1.0, top_k=50))
 
-    def decode(batch: list[str]) -> tuple[list[str], float]:
+    def decode(batch: list[str]) -> tuple[list[list[int]], float, int]:
         t0 = time.perf_counter()
         res = dec.generate({}, batch, [], "hidden", "base", seed=0, progress=False)
-        return list(res.texts), time.perf_counter() - t0
+        ids = [row[:n].tolist() for row, n in zip(res.token_ids, res.lengths.tolist(), strict=True)]
+        return ids, time.perf_counter() - t0, int(res.stats.get("chunks", 0))
 
-    alone, t_alone = decode(texts[:first])
-    together, t_all = decode(texts)
-    differ = [i for i in range(first) if alone[i] != together[i]]
-    return {"dtype": dtype, "isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA"), "environment": environment(base),
+    alone, t_alone, chunks_alone = decode(texts[:first])
+    together, t_all, chunks_all = decode(texts)
+    differ = [i for i in range(first) if alone[i] != together[i]]  # token ids, not text: no difference hides
+    return {"chunks": [chunks_alone, chunks_all], "dtype": dtype, "isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+            "environment": environment(base),
             "prompts": len(texts), "first": first, "max_new_tokens": tokens, "differ": len(differ),
             "differ_at": differ, "seconds_first": round(t_alone, 2), "seconds_all": round(t_all, 2)}
 
@@ -66,12 +74,15 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         cmd = [sys.executable, __file__, "--one", dtype, "--prompts", str(args.prompts), "--first", str(args.first),
                "--tokens", str(args.tokens)]
-        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-        row = json.loads(out.strip().splitlines()[-1])
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)  # the child's errors reach stderr
+        if proc.returncode:
+            raise SystemExit(f"{dtype}: the decoding process failed (exit {proc.returncode}); see above")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"{dtype} (kernels {row['environment']['bf16_kernels']}, ISA cap {row['isa_cap']}): "
+        print(f"{dtype} (CPU's bf16 kernels {row['environment']['bf16_kernels']}, ISA cap {row['isa_cap']}): "
               f"{row['differ']} of {row['first']} replies differ between a batch of {row['first']} and of "
-              f"{row['prompts']}; {row['seconds_all']:.1f} s for {row['prompts']} prompts", flush=True)
+              f"{row['prompts']} (decoded in {row['chunks'][1]} chunk(s)); {row['seconds_all']:.1f} s for "
+              f"{row['prompts']} prompts", flush=True)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(path.read_text()) if path.exists() else []

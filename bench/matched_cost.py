@@ -1,6 +1,6 @@
 """EMORL at matched cost: each objective adapter trained on 1/K of a one-policy budget, against Uniform Weighted.
 
-    python bench/matched_cost.py --run runs/default [--modes hidden]
+    python bench/matched_cost.py --run runs/default [--modes hidden] [--set model.dtype=bfloat16]
 
 The equal-steps study trains each of the K adapters as long as one baseline policy, so EMORL consumes K times the
 prompts. The paper's claim is the other way round: comparable reward from fewer prompts. This trains a second set
@@ -33,6 +33,9 @@ def main() -> None:
     ap.add_argument("--run", required=True)
     ap.add_argument("--modes", default="hidden", help="search keys for the matched adapters, comma-separated")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra override for the matched run, e.g. model.dtype=bfloat16 to pin the dtype of a run "
+                         "made where `auto` meant another one (repeatable)")
     args = ap.parse_args()
 
     from emorl.config import load_config
@@ -46,7 +49,7 @@ def main() -> None:
     matched = run.parent / f"{run.name}-matched"
     modes = args.modes.split(",")
     overrides = [f"train.max_steps={steps}", "eval.methods=[emorl,singles]", f"search.modes=[{','.join(modes)}]",
-                 "front.enabled=false", "route.enabled=false"]
+                 "front.enabled=false", "route.enabled=false", *args.set]
     cmd = [str(Path(sys.executable).parent / "emorl"), "run", "--config", str(run / "config.yaml"),
            "--output", str(matched), "--no-progress", *overrides]
     print(" ".join(cmd), flush=True)
@@ -59,6 +62,14 @@ def main() -> None:
     if mine["prompts"] != full["prompts"] or mine["seeds"] != full["seeds"] or \
             mine.get("prompts_sha256") != full.get("prompts_sha256"):
         raise SystemExit("the matched run's evaluation is not on the run's units; they cannot be paired")
+    envs = {"run": _environment(run), "matched_run": _environment(matched)}
+    dtypes = {k: (e or {}).get("dtype") for k, e in envs.items()}
+    if None not in dtypes.values() and len(set(dtypes.values())) > 1:
+        raise SystemExit(f"the runs loaded their base in different dtypes ({dtypes}): pin the run's with "
+                         f"--set model.dtype={dtypes['run']}")
+    if dtypes["run"] is None:
+        print(f"note: {run}/stages.json records no environment, so its dtype cannot be checked; the matched run "
+              f"used {dtypes['matched_run']} (pin it with --set model.dtype=...)", file=sys.stderr)
     objectives = list(full["objectives"])
 
     def units(r: Path, res: dict, name: str) -> dict:
@@ -72,7 +83,8 @@ def main() -> None:
     refs = {"uniform": units(run, full, "uniform"), "emorl (equal steps)": units(run, full, "emorl")}
     metrics = ["mean_reward", *(f"score/{o}" for o in objectives)]
     out = {"run": str(run), "matched_run": str(matched), "k": k, "steps_per_adapter": steps,
-           "full_steps": cfg.train.max_steps, "wall_time_s": round(seconds, 1),
+           "full_steps": cfg.train.max_steps, "wall_time_s": round(seconds, 1), "overrides": args.set,
+           "environment": envs,
            "prompts_consumed": {"matched emorl (all adapters)": sum(
                p.get("prompts_consumed", 0) for p in _policies(matched).values()),
                "uniform": _policies(run).get("uniform", {}).get("prompts_consumed"),
@@ -88,6 +100,12 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
+
+
+def _environment(run: Path) -> dict | None:
+    """The machine and dtype a run was made with (``stages.json``'s ``environment``), or None if not recorded."""
+    path = run / "stages.json"
+    return json.loads(path.read_text()).get("environment") if path.exists() else None
 
 
 def _policies(run: Path) -> dict:

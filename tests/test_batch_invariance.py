@@ -1,5 +1,6 @@
 """A reply does not depend on what shares its batch: every (prompt, weights, settings) pair decoded in one batch of
-many gives the tokens it gives alone, in bfloat16 too (where one ulp of difference flips sampled tokens).
+many gives the tokens it gives alone, in bfloat16 too (where one ulp of difference flips sampled tokens; the tiny
+model's matrices pass on an AMX CPU too, SmolLM2's do not there: bench/RESULTS.md, "Batch invariance on an AMX CPU").
 
 Two things make it so (bench/RESULTS.md, "batch-invariant bfloat16"): prompts are left-padded to a multiple of 16
 with at least one pad (attention over padding is exact only at the same alignment, and a batch without padding

@@ -84,6 +84,8 @@ def test_front_stage_writes_files_and_figure(tmp_path, tiny_base, monkeypatch):
     assert len(hidden["points"]) == 8 + 1 and sum(p["searched"] for p in hidden["points"]) == 1  # lattice + search
     assert len(json.loads((folder / "params.json").read_text())["points"]) == 8  # no params search: lattice only
     assert all(len(p["units"]["short"]) == 4 * 2 for p in hidden["points"])  # 4 prompts x 2 seeds
+    # the machine and dtype that decoded each entry are recorded with its points and in front.json
+    assert hidden["environment"]["dtype"] == "float32" and saved["environment"]["hidden"] == hidden["environment"]
     ref = [out["reference"]["scores"][o] for o in ("short", "long")]
     for entry in ("hidden", "params"):
         pts = np.array([[p["scores"]["short"], p["scores"]["long"]]

@@ -4,6 +4,7 @@ search views are re-plotted from the points log, missing inputs are named."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -181,3 +182,21 @@ def test_a_stored_study_without_adapter_weights_still_lists_its_policies(tmp_pat
     got = collect_policies(tmp_path, ["reflection", "empathy"])
     assert list(got) == ["EMORL: reflection", "Uniform Weighted"]
     assert got["Uniform Weighted"]["objectives"] == ["reflection", "empathy"] and got["EMORL: reflection"]["steps"] == 8
+
+
+def test_without_a_hidden_search_no_search_points_are_claimed(tmp_path):
+    run, _ = fake_run(tmp_path, n=1)  # a greedy evaluation: the overlay would apply if a hidden search had run
+    shutil.rmtree(run / "search" / "hidden")
+    text = write_report(run).read_text()
+    assert json.loads((run / "results.json").read_text())["tradeoff_background"] is False
+    assert "No hidden-mixing search ran" in text and "grey points" not in text
+
+
+def test_front_table_keeps_small_hypervolumes_visible():
+    from emorl.report.tables import front_table
+
+    hidden = {"points": 27, "front": [0, 1], "hypervolume": 0.0038, "hypervolume_ci95": [1.7e-5, 0.0093]}
+    uniform = {"label": "Uniform Weighted", "fronts": {"hidden": {"verdict": "dominated"}}}
+    front = {"modes": {"hidden": hidden}, "one_policy": {"uniform": uniform}}
+    _, rows = front_table(front)
+    assert rows == [["hidden", "27", "2", "0.0038 [1.7e-05, 0.0093]", "Uniform Weighted"]]

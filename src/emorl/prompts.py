@@ -103,8 +103,9 @@ def encode_prompts(tokenizer: Any, texts: list[str], max_tokens: int, is_seq2seq
     prompt's left padding then has the same length modulo 16 in every batch (attention over left padding is exact
     only at that alignment: CPU attention reduces in 16-lane vectors), and at least one pad, so attention always
     takes the masked path (a batch without padding would drop the mask and take another kernel). A prompt then
-    decodes the same tokens whatever shares its batch — in bfloat16 too, where a one-ulp difference flips sampled
-    tokens (bench/RESULTS.md, "batch-invariant bfloat16")."""
+    decodes the same tokens whatever shares its batch — in bfloat16 too on a CPU without AMX, where a one-ulp
+    difference flips sampled tokens (bench/RESULTS.md, "Batch-invariant bfloat16"; AMX's bf16 kernels round by row
+    count, "Batch invariance on an AMX CPU")."""
     texts = fit_prompts(tokenizer, texts, max_tokens, is_seq2seq)
     side = tokenizer.padding_side
     tside = tokenizer.truncation_side

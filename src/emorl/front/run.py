@@ -147,6 +147,7 @@ def front_run(run_dir: str | Path, cfg: RunConfig | None = None, *, base: Any = 
 
             rewards = build_rewards(cfg.objectives, base)
         from emorl.ensemble.model import EnsembleModel
+        from emorl.models import environment
         from emorl.progress import Progress
 
         ens = EnsembleModel(base, dict(folders))
@@ -163,13 +164,14 @@ def front_run(run_dir: str | Path, cfg: RunConfig | None = None, *, base: Any = 
                 u = score_lattice(ens, p["points"], prompts, seeds, {o: rewards[o] for o in objectives},
                                   cfg.eval.generation, mode=p["mode"], anchor=p["anchor"],
                                   batch_points=fc.batch_points, progress=tick)
-                p["cached"] = _write_points(run, entry, p, names, objectives, u)
+                p["cached"] = _write_points(run, entry, p, names, objectives, u, environment(base))
     fronts = {e: p["cached"] for e, p in plans.items() if not e.startswith("sweep-")}
     one_policy = {m: _method_units(run, results, m, all_prompts, all_seeds, cfg)
                   for m, v in results["methods"].items() if v.get("kind") == "adapter"}
     analysis = analyse(results, fronts, ref_units, names, objectives, resamples=fc.resamples,
                        one_policy_units={m: u for m, u in one_policy.items() if u is not None})
-    analysis.update({"version": FRONT_VERSION, "split": results["split"], "prompts": len(prompts), "seeds": seeds,
+    analysis.update({"environment": {e: p["cached"].get("environment") for e, p in plans.items()},
+                     "version": FRONT_VERSION, "split": results["split"], "prompts": len(prompts), "seeds": seeds,
                      "step": fc.step, "w_max": fc.w_max, "generation": asdict(cfg.eval.generation)})
     if fc.linear:
         singles = [_method_units(run, results, f"single:{n}", all_prompts, all_seeds, cfg) for n in names]
@@ -246,7 +248,8 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _write_points(run: Path, entry: str, p: dict[str, Any], names: list[str], objectives: list[str],
-                  units: np.ndarray) -> dict[str, Any]:
+                  units: np.ndarray, env: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Store one entry's decoded points with their per-unit scores and the machine / dtype that decoded them."""
     rows = []
     units = np.round(units, 6)  # what is stored is what every number is computed from
     for i, w in enumerate(p["points"]):
@@ -255,7 +258,7 @@ def _write_points(run: Path, entry: str, p: dict[str, Any], names: list[str], ob
                      "scores": {o: float(units[i, :, j].mean()) for j, o in enumerate(objectives)},
                      "units": {o: units[i, :, j].tolist() for j, o in enumerate(objectives)}})
     data = {"version": FRONT_VERSION, "entry": entry, "mode": p["mode"], "anchor": p["anchor"],
-            "signature": p["signature"], "names": names, "objectives": objectives, "points": rows}
+            "signature": p["signature"], "names": names, "objectives": objectives, "environment": env, "points": rows}
     atomic_write_json(_file(run, entry), data)
     return data
 

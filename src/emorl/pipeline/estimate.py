@@ -1,5 +1,6 @@
 """The up-front time estimate of ``emorl run``: decoding speed probed on the loaded base, applied to every unit's
-budget (training steps, search points, evaluation decodes) as an upper bound."""
+budget (training steps, search points, evaluation decodes) in full. An estimate, not a bound: on another CPU
+the stages' shares move (bench/RESULTS.md, run 8)."""
 
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ def stream_width(key: str | None, anchor: str, k: int) -> tuple[int, bool]:
 
 
 def estimate(plan: Plan, speed: Speed) -> None:
-    """Fill ``estimate_s`` of every unit that must run, at the probed decoding speed, with budgets as upper bounds
+    """Fill ``estimate_s`` of every unit that must run, at the probed decoding speed, with budgets in full
     (replies at full length, training to max_steps, every search point decoded)."""
     from emorl.prompts import PAD_MULTIPLE
     from emorl.search.hierarchical import expected_evaluations

@@ -132,11 +132,22 @@ def _hidden_points(run: Path, objectives: list[str]) -> np.ndarray | None:
 def _decoded_alike(results: dict[str, Any], search: dict[str, dict[str, Any]]) -> bool:
     """Whether the evaluation decoded like the hidden search (both greedy, same length), so that the search's
     validation scores and the methods' test scores can share a plot."""
+    if "hidden" not in search:  # no hidden-mixing search: no points to draw
+        return False
     g = results.get("generation", {})
-    sg = search.get("hidden", {}).get("generation")
+    sg = search["hidden"].get("generation")
     if sg is None:
         return not g.get("do_sample", False)
     return not g.get("do_sample") and not sg.get("do_sample") and g.get("max_new_tokens") == sg.get("max_new_tokens")
+
+
+def _no_overlay(s: dict[str, Any]) -> str:
+    """Why the trade-off figure has no search points behind the methods."""
+    if "hidden" not in s["search"]:
+        return "No hidden-mixing search ran, so no search points are drawn behind the methods."
+    return ("The search's own trade-off view (`search_hidden_tradeoff.png`) is not overlaid: the overlay needs the "
+            "search and this evaluation both greedy and of the same length; here the search used "
+            f"{_how(s['search']['hidden'].get('generation'))} and the evaluation {_how(s['eval'].get('generation'))}.")
 
 
 def _how(g: dict[str, Any] | None) -> str:
@@ -314,10 +325,7 @@ def render_markdown(run: Path, s: dict[str, Any], tables: dict[str, tuple[list[s
                   "Each panel is a pair of objectives, with each method's test scores (error bars: std over seeds). "
                   + ("The grey points are the weight points the EMORL (hidden-mixing) search scored on validation "
                      "prompts, with their Pareto front." if s.get("tradeoff_background") else
-                     "The search's own trade-off view (`search_hidden_tradeoff.png`) is not overlaid: the overlay "
-                     "needs the search and this evaluation both greedy and of the same length; here the search used "
-                     f"{_how((s['search'].get('hidden') or {}).get('generation'))} and the evaluation "
-                     f"{_how(ev.get('generation'))}."), ""]
+                     _no_overlay(s)), ""]
     if "front" in tables:
         fr = s["front"]
         ref = ", ".join(f"{o} {v:.3f}" for o, v in fr["reference"]["scores"].items())

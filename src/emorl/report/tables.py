@@ -130,6 +130,11 @@ def stages_table(stages: dict[str, dict[str, Any]]) -> tuple[list[str], list[lis
     return columns, rows
 
 
+def _hv(x: float) -> str:
+    """A hypervolume: 4 decimals, or 2 significant digits below 0.001 (so a small positive one is not 0.0000)."""
+    return f"{x:.4f}" if x == 0 or abs(x) >= 1e-3 else f"{x:.1e}"
+
+
 def front_table(front: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Per mixing mode: lattice size, front size, hypervolume with its CI, and the one-policy methods its front
     dominates (from ``RUN/front/front.json``)."""
@@ -137,7 +142,7 @@ def front_table(front: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for entry, m in front["modes"].items():
         lo, hi = m["hypervolume_ci95"]
         dom = [p["label"] for p in front["one_policy"].values() if p["fronts"][entry]["verdict"] == "dominated"]
-        rows.append([entry, str(m["points"]), str(len(m["front"])), f"{m['hypervolume']:.4f} [{lo:.4f}, {hi:.4f}]",
+        rows.append([entry, str(m["points"]), str(len(m["front"])), f"{_hv(m['hypervolume'])} [{_hv(lo)}, {_hv(hi)}]",
                      ", ".join(dom) or "none"])
     return ["Mode", "Lattice points", "Front points", "Hypervolume [95% CI]", "Dominates"], rows
 
