@@ -38,10 +38,11 @@ class ModelConfig:
     device: str = _f("auto", "'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
         "float32", "Weights dtype. 'auto' = bfloat16 on a GPU that supports it and on a CPU with AVX512-BF16 but "
-        "no AMX (about 4x float32's matmul throughput, and replies stay batch-invariant), else float32: on an AMX "
-        "CPU bfloat16 decodes 1.7x faster but a reply changes with its batch (oneDNN's AMX kernels round by batch "
-        "size), so set 'bfloat16' there to trade that for speed. The LoRA parameters and their optimizer stay "
-        "float32 either way.")
+        "no AMX (about 4x float32's matmul throughput, and replies stayed batch-invariant on the VM measured; "
+        "bench/batch_invariance.py checks a machine), else float32. On an AMX CPU bfloat16 decodes 1.7x faster "
+        "(the whole default study is no faster), but a reply changes with its batch (oneDNN's AMX kernels round "
+        "by row count): set 'bfloat16' there to trade that for decoding speed. The LoRA parameters and their "
+        "optimizer stay float32 either way.")
     cache_dir: str | None = _f(None, "Where converted models are cached (default $EMORL_CACHE or ~/.cache/emorl).")
     system_prompt: str | None = _f(
         "You are a warm, supportive listener. Reply to the person in one or two sentences.",
