@@ -104,6 +104,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._busy = False
+        self._idle_since = 0.0  # when the last batch ended: a job that waited through it gets its window after
         self._cancel_inflight = False
         self._thread: threading.Thread | None = None
 
@@ -227,7 +228,10 @@ class Engine:
 
     def _take(self) -> list[Job] | None:
         """Wait for the next batch: the oldest job plus same-key jobs that arrive while jobs keep coming (gaps under
-        ``max_gap_s``), for at most ``max_wait_s`` after the oldest."""
+        ``max_gap_s``), for at most ``max_wait_s`` after the oldest. The window opens no earlier than the end of the
+        previous batch: a client whose reply ended early sends its next request while the batch still decodes, and
+        without this it would start a batch of one the moment the batch ends, ahead of the clients it finished with
+        (16 closed-loop clients then split 16, 1, 15; bench/RESULTS.md, "Serving run 9")."""
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
@@ -239,8 +243,9 @@ class Engine:
                     return []
                 first = self._queue[0]
                 same = [j for j in self._queue if j.key == first.key]
-                latest = max(j.submitted for j in same)
-                left = min(first.submitted + self.max_wait_s, latest + self.max_gap_s) - time.monotonic()
+                opened = max(first.submitted, self._idle_since)
+                latest = max(max(j.submitted for j in same), self._idle_since)
+                left = min(opened + self.max_wait_s, latest + self.max_gap_s) - time.monotonic()
                 if left <= 0 or self._rows(same) >= self.max_batch_rows or self._stopping:
                     break
                 self._cond.wait(left)
@@ -290,6 +295,7 @@ class Engine:
             finally:
                 with self._cond:
                     self._busy = False
+                    self._idle_since = time.monotonic()
 
     def _decode(self, batch: list[Job]) -> None:
         owner = [(j, c) for j in batch for c in range(len(j.pairs))]
