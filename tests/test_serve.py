@@ -301,39 +301,46 @@ def test_a_burst_shares_a_batch_while_requests_keep_coming(served: dict[str, Any
     assert burst(0.02) >= 2
 
 
-
 def test_a_request_that_waited_through_a_batch_gets_its_window_after_it(served: dict[str, Any]) -> None:
     """A request queued while a batch decodes, and one sent just after that batch ends (a closed-loop client whose
     reply finished with it), share the next batch: the window opens when the batch ends, not at the first one's
-    arrival (which is long past, beyond max_wait)."""
+    arrival (by then longer ago than max_wait). The first batch is held until the queued request is past its window."""
     engine = served["engine"]
     url = served["url"]
-    old_eos = engine.ens.eos
-    engine.ens.eos = []  # the long request decodes all its tokens
     assert _wait(lambda: engine.pending() == 0)
-    engine.max_wait_s, engine.max_gap_s = 0.3, 0.3
+    release, sizes = threading.Event(), []
+    decode = engine._decode
+
+    def held(batch: list[Any]) -> None:
+        sizes.append(len(batch))
+        if len(sizes) == 1:
+            release.wait(30)
+        decode(batch)
+
+    def long_then_next() -> None:
+        chat(url, body(max_tokens=2, seed=1))  # returns when the held batch ends
+        chat(url, body(max_tokens=2, seed=3))
+
+    engine._decode = held
+    engine.max_wait_s = engine.max_gap_s = 1.5
     try:
-        batches = engine.stats["batches"]
-        early = threading.Thread(target=chat, args=(url, body(max_tokens=2, seed=2)))
-
-        def long_then_next() -> None:
-            chat(url, body(max_tokens=400, temperature=1.0, seed=1))  # returns when its batch ends
-            chat(url, body(max_tokens=2, seed=3))
-
         closed = threading.Thread(target=long_then_next)
         closed.start()
-        assert _wait(lambda: engine._busy, 10)
-        t_busy = time.monotonic()
-        early.start()  # queued while the long batch decodes
+        assert _wait(lambda: len(sizes) == 1)
+        early = threading.Thread(target=chat, args=(url, body(max_tokens=2, seed=2)))
+        early.start()  # queued while the first batch decodes
+        assert _wait(lambda: len(engine._queue) == 1)
+        time.sleep(engine.max_wait_s + 0.2)  # its own window (from its arrival) is over
+        release.set()
         closed.join(60)
         early.join(60)
-        assert _wait(lambda: engine.pending() == 0)  # a reply is sent before its batch's stats are counted
-        assert time.monotonic() - t_busy > engine.max_wait_s, "the long batch must outlast the early one's max_wait"
-        assert engine.stats["batches"] - batches == 2, engine.stats  # the long one, then early + next together
-        assert engine.stats["last_batch"]["jobs"] == 2
+        assert _wait(lambda: engine.pending() == 0)
+        assert sizes == [1, 2]  # the held one, then early + next together (before: [1, 1, 1])
     finally:
+        release.set()
+        del engine._decode
         engine.max_wait_s = engine.max_gap_s = 0.005
-        engine.ens.eos = old_eos
+
 
 BAD = [
     ({"emorl": {"weights": [1, 2]}}, 400, "emorl.weights", "3 objectives"),

@@ -4,7 +4,8 @@
     EMORL_API_KEY=secret emorl serve --run runs/default --host 0.0.0.0 --port 8080
 
 Concurrent requests with different weights are decoded in one batch: the scheduler waits for others while they
-keep arriving (gaps under --max-gap-ms), at most --max-wait-ms after the oldest waiting request, up to
+keep arriving (gaps under --max-gap-ms), at most --max-wait-ms after the oldest waiting request's arrival or the
+end of the previous batch, whichever is later, up to
 --max-batch-rows backbone rows (requests x adapters).
 """
 
@@ -32,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-rows", type=int, default=96,
                    help="most backbone rows (requests x choices x adapters used) decoded in one batch")
     p.add_argument("--max-wait-ms", type=float, default=100.0,
-                   help="the longest the oldest waiting request waits for others to share its batch")
+                   help="the longest the oldest waiting request waits for others to share its batch (counted from its "
+                        "arrival, or from the end of the batch it waited through)")
     p.add_argument("--max-gap-ms", type=float, default=10.0,
                    help="a batch starts once no request has arrived for this long (a lone request waits this much)")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")

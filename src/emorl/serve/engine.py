@@ -4,14 +4,14 @@
 loaded as further adapters on the same model) and its rewards. Requests become :class:`Job` s (one
 :class:`~emorl.ensemble.pairs.PairSpec` per choice); the scheduler thread is the only one that touches the model.
 It takes the oldest waiting job and waits for others while they keep coming: the batch starts once no job has
-arrived for ``max_gap_ms``, at most ``max_wait_ms`` after the oldest job's arrival (or once ``max_batch_rows``
-backbone rows are taken; a burst of clients rarely arrives within one fixed short window). It decodes every
-job with the same batch key — the mixing mode, and whether the base stream is needed (base-anchored points not
-summing to 1, the base model itself) — in ONE
+arrived for ``max_gap_ms``, at most ``max_wait_ms`` after the oldest job's arrival or the end of the previous batch,
+whichever is later (or once ``max_batch_rows`` backbone rows are taken; a burst of clients rarely arrives within one
+fixed short window). It decodes every job with the same batch key — the mixing mode, and whether the base stream is
+needed (base-anchored points not summing to 1, the base model itself) — in ONE
 :func:`~emorl.ensemble.pairs.generate_pairs` call, whatever their weights, sampling settings, lengths and seeds.
-Jobs of another key go in the next batch. Finished pairs are reported at once (a short reply does not wait for
-the batch's longest); a cancelled job (client gone) is dropped before its batch starts, or ends at the next
-decoding step. Scoring jobs run on the same thread, between batches.
+Jobs of another key go in the next batch. Finished pairs are reported at once (a short reply does not wait for the
+batch's longest); a cancelled job (client gone) is dropped before its batch starts, or ends at the next decoding
+step. Scoring jobs run on the same thread, between batches.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._busy = False
-        self._idle_since = 0.0  # when the last batch ended: a job that waited through it gets its window after
+        self._idle_since = float("-inf")  # when the last batch ended: a job that waited through it waits from here
         self._cancel_inflight = False
         self._thread: threading.Thread | None = None
 
