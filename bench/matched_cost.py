@@ -104,8 +104,9 @@ def main() -> None:
 
 def _environment(run: Path) -> dict | None:
     """The machine and dtype a run was made with (``stages.json``'s ``environment``), or None if not recorded."""
-    path = run / "stages.json"
-    return json.loads(path.read_text()).get("environment") if path.exists() else None
+    from emorl.pipeline.plan import Stages
+
+    return Stages(run).data.get("environment")
 
 
 def _policies(run: Path) -> dict:

@@ -151,6 +151,7 @@ def front_run(run_dir: str | Path, cfg: RunConfig | None = None, *, base: Any = 
         from emorl.progress import Progress
 
         ens = EnsembleModel(base, dict(folders))
+        env = environment(base)
         with Progress(progress).run() as bars:
             for entry in todo:
                 p = plans[entry]
@@ -164,7 +165,7 @@ def front_run(run_dir: str | Path, cfg: RunConfig | None = None, *, base: Any = 
                 u = score_lattice(ens, p["points"], prompts, seeds, {o: rewards[o] for o in objectives},
                                   cfg.eval.generation, mode=p["mode"], anchor=p["anchor"],
                                   batch_points=fc.batch_points, progress=tick)
-                p["cached"] = _write_points(run, entry, p, names, objectives, u, environment(base))
+                p["cached"] = _write_points(run, entry, p, names, objectives, u, env)
     fronts = {e: p["cached"] for e, p in plans.items() if not e.startswith("sweep-")}
     one_policy = {m: _method_units(run, results, m, all_prompts, all_seeds, cfg)
                   for m, v in results["methods"].items() if v.get("kind") == "adapter"}

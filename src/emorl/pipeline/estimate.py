@@ -145,10 +145,12 @@ def estimate(plan: Plan, speed: Speed) -> None:
         rows = policies * t.batch_size * t.k
         tok = t.generation.max_new_tokens
         ra, rb = speed.rollout or (speed.a, speed.b + speed.prefill_token * prompt_len / tok)
-        step = (ROLLOUT_FACTOR * tok * (ra + rb * rows) + LOSS_FACTOR * speed.prefill_token * rows * (prompt_len + tok)
-                + speed.reward_s * rows * k_obj)
-        val_rows = policies * t.val_prompts * t.val_samples
-        val = ROLLOUT_FACTOR * tok * (ra + rb * val_rows) + speed.reward_s * val_rows * k_obj  # sampled like rollouts
+
+        def sampled(n: int) -> float:  # n rows sampled and scored as rollouts are (validation too)
+            return ROLLOUT_FACTOR * tok * (ra + rb * n) + speed.reward_s * n * k_obj
+
+        step = sampled(rows) + LOSS_FACTOR * speed.prefill_token * rows * (prompt_len + tok)
+        val = sampled(policies * t.val_prompts * t.val_samples)
         every = val_every(t, strategy)  # at step 0, every `every` steps, and the last step
         rounds = 1 + t.max_steps // every + (1 if t.max_steps % every else 0)
         return t.max_steps * step + rounds * val

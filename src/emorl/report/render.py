@@ -40,11 +40,13 @@ def collect_policies(run: Path, objectives: list[str]) -> dict[str, dict[str, An
     its ``emorl.json`` (written with the weights, atomically), so a stored study without the weights reports too."""
     from emorl.models import read_adapter_info
 
+    def policy(p: Path) -> bool:  # a dot-folder is a half-written or replaced copy (utils.atomic_folder)
+        return (p / "emorl.json").exists() and not p.name.startswith(".")
+
     folders: list[tuple[str, str, Path]] = []
     adir = run / "adapters"
     if adir.exists():
-        # a dot-folder is a half-written or replaced copy (utils.atomic_folder), not a policy
-        found = sorted(p.name for p in adir.iterdir() if (p / "emorl.json").exists() and not p.name.startswith("."))
+        found = sorted(p.name for p in adir.iterdir() if policy(p))
         for name in [o for o in objectives if o in found] + [n for n in found if n not in objectives]:
             folders.append((f"EMORL: {name}", "emorl", adir / name))
     bdir = run / "baselines"
@@ -53,7 +55,7 @@ def collect_policies(run: Path, objectives: list[str]) -> dict[str, dict[str, An
 
         order = list(LABELS)
         for p in sorted(bdir.iterdir(), key=lambda p: (order.index(p.name) if p.name in order else 99, p.name)):
-            if (p / "emorl.json").exists() and not p.name.startswith("."):
+            if policy(p):
                 folders.append((LABELS.get(p.name, p.name), p.name, p))
     out = {}
     for label, method, folder in folders:
