@@ -35,6 +35,7 @@ SUBCOMMANDS = {
     "route": "emorl.router.cli",
     "config": "emorl.cli_config",
     "serve": "emorl.serve.cli",
+    "judge": "emorl.judge.cli",
 }
 
 
