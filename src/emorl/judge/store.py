@@ -1,11 +1,12 @@
 """The blind A/B plan (which replies are compared, on which side) and the answers file, for ``emorl judge``.
 
 An item is one (pair of methods, prompt, seed) with the two methods' replies from ``RUN/eval/replies``. Prompts
-come from one seeded permutation shared by every pair (so ``--n`` takes a prefix and a larger ``--n`` keeps the
-earlier items); sides alternate in random blocks of two along it (balanced within one for any ``--n``); the order
-shown is a seeded shuffle. An item's id is a salted hash of everything it shows and its sides, so the page can
-hold it without learning the methods, and an answer names exactly what was judged. ``RUN/judge/plan.json`` keeps
-every item ever planned (id -> methods and sides), which maps the answers of an offline HTML file back.
+and their decoding seeds come from one seeded permutation shared by every pair (so ``--n`` takes a prefix and a
+larger ``--n`` keeps the earlier items); sides alternate in random blocks of two along it (balanced within one
+for any ``--n``); the order shown is a seeded shuffle. An item's id is a salted hash of everything it shows and
+its sides, so the page can hold it without learning the methods, and an answer names exactly what was judged.
+``RUN/judge/plan.json`` keeps every item ever planned (id -> methods and sides), which maps the answers of an
+offline HTML file back.
 """
 
 from __future__ import annotations
@@ -176,12 +177,13 @@ def build_items(run: str | Path, pairs: list[tuple[str, str]], n: int | None, se
                          f"give --n between 1 and {len(prompts)} (or evaluate more prompts: eval.prompts)")
     n = len(prompts) if n is None else n
     order = list(prompts)
-    random.Random(f"emorl-judge:{seed}:prompts").shuffle(order)  # one prefix for every pair
+    rng = random.Random(f"emorl-judge:{seed}:prompts")
+    rng.shuffle(order)  # one prefix for every pair
+    unit_seeds = [rng.choice(seeds) for _ in order]  # and one decoding seed per prompt: the same units everywhere
     salt = salt or read_plan(run)["salt"]
     items = []
     for a, b in pairs:
         rng = random.Random(f"emorl-judge:{seed}:{a}:{b}")
-        unit_seeds = [rng.choice(seeds) for _ in order]
         flips = [rng.random() < 0.5 for _ in range(0, len(order), 2)]
         for j, i in enumerate(order[:n]):
             left = a if (j % 2 == 0) != flips[j // 2] else b  # a left in one of each block of two

@@ -354,6 +354,9 @@ def render_markdown(run: Path, s: dict[str, Any], tables: dict[str, tuple[list[s
             lines += [f"Computed on {e['cpu']} ({e['device']}, {e['dtype']}, bf16 kernels: {e['bf16_kernels']}, "
                       f"{e['threads']} threads), torch {e['torch']}, transformers {e['transformers']}, peft "
                       f"{e['peft']}, Python {e['python']}.", ""]
+    from emorl.report.human import human_lines
+
+    lines += human_lines(run)  # the blind human A/B evaluation (RUN/judge/summary.json), when there is one
     lines += ["## Files", "", "`results.json` (every number above), `eval/results.json` (per-seed metrics), "
               "`eval/replies/<method>.jsonl` (every reply and its scores), `adapters/`, `baselines/`, "
               "`search/<mode>/`, `figures/`.", ""]

@@ -1,4 +1,4 @@
-// emorl judge's page: one blind item at a time. Served (/api/*) or offline (window.JUDGE_DATA, answers kept in
+// The blind A/B page: one item at a time. Served (/api/*) or offline (window.JUDGE_DATA, answers kept in
 // localStorage and downloaded as JSONL). The page never learns which method wrote which reply. No framework, no CDN.
 "use strict";
 const $ = (id) => document.getElementById(id);
@@ -21,7 +21,7 @@ const server = {
 };
 
 const offline = {
-  key: DATA ? "emorl-judge:" + DATA.plan + ":" + DATA.rater : "",
+  key: DATA ? "ab-judge:" + DATA.plan + ":" + DATA.rater : "",
   load() {
     try { return JSON.parse(localStorage.getItem(this.key) || "[]"); } catch (e) { return []; }
   },
@@ -53,7 +53,7 @@ const offline = {
   },
 };
 const backend = DATA ? offline : server;
-window.emorlJudge = { offline, state };
+window.abJudge = { offline, state };
 
 function status(text) { $("status").textContent = text; }
 
