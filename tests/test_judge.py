@@ -126,6 +126,8 @@ def test_summary_of_hand_made_answers() -> None:
     assert strong["pairs"][0]["criteria"]["overall"]["verdict"] == "b"  # 0-8: p = 2/256
     text = stats.format_summary(s)
     assert "emorl (A: EMORL) vs uniform (B: Uniform Weighted)" in text and "unresolved" in text
+    order = stats.summarise(rows + [answer("k", "soups", "base", {"overall": "a"})], order=[("soups", "base")])
+    assert [(p["a"], p["b"]) for p in order["pairs"]] == [("soups", "base"), ("emorl", "uniform")]  # as listed
     with pytest.raises(EmorlError, match="no answers"):
         stats.summarise([])
 
@@ -236,7 +238,7 @@ def test_offline_answers_import_through_the_plan(run: Path, tmp_path: Path) -> N
 
     pairs = [("emorl", "soups")]
     items = build_items(run, pairs, 4)
-    plan = record_plan(run, items, {"pairs": ["emorl:soups"]})
+    plan = record_plan(run, items, {"pairs": [["emorl", "soups"]]})
     assert read_plan(run)["salt"] == plan["salt"]
     data = page_data(items, ["overall"], "cy", plan["salt"])
     html = render_html(data)

@@ -114,7 +114,7 @@ def _loopback(host: str) -> bool:
 def score(run_dir: Path) -> int:
     from emorl.evaluate import LABELS, load_results
     from emorl.judge.stats import format_summary, summarise, write_summary
-    from emorl.judge.store import AnswerStore
+    from emorl.judge.store import AnswerStore, judge_dir, read_plan
 
     store = AnswerStore(run_dir)
     if not store.path.exists():
@@ -122,7 +122,10 @@ def score(run_dir: Path) -> int:
                          f"--run {run_dir} --pairs A:B`")
     results = load_results(run_dir) or {}
     labels = {m: v.get("label", LABELS.get(m, m)) for m, v in results.get("methods", {}).items()}
-    summary = summarise(store.read(), {**LABELS, **labels})
+    plan = judge_dir(run_dir) / "plan.json"
+    sessions = read_plan(run_dir).get("sessions", []) if plan.exists() else []
+    order = [(p[0], p[1]) for s in reversed(sessions) for p in s.get("pairs", [])]  # the latest --pairs first
+    summary = summarise(store.read(), {**LABELS, **labels}, order)
     path = write_summary(run_dir, summary)
     print(format_summary(summary))
     print(f"\nwrote {path} (`emorl report {run_dir}` includes it)")

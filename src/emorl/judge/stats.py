@@ -87,14 +87,20 @@ def tally(answers: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, dict
     return out
 
 
-def summarise(answers: list[dict[str, Any]], labels: dict[str, str] | None = None) -> dict[str, Any]:
+def summarise(answers: list[dict[str, Any]], labels: dict[str, str] | None = None,
+              order: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     """Every pair and criterion: counts, win rate of a among decided answers with its Wilson interval, the sign
-    test's p and Holm's adjusted p; the verdict says which side is preferred at Holm p < 0.05, else unresolved."""
+    test's p and Holm's adjusted p; the verdict says which side is preferred at Holm p < 0.05, else unresolved.
+    Pairs in ``order`` (as the user listed them) come first, the others as first answered."""
     answers = dedupe(answers)
     if not answers:
         raise EmorlError("no answers to score yet: judge some pairs first (`emorl judge --run RUN --pairs A:B`)")
     labels = labels or {}
     counts = tally(answers)
+    rank: dict[tuple[str, str], int] = {}
+    for p in order or []:
+        rank.setdefault(p, len(rank))
+    counts = dict(sorted(counts.items(), key=lambda kv: rank.get(kv[0], len(rank))))  # stable: first answered next
     rows = []
     for (a, b), per in counts.items():
         for crit, c in per.items():

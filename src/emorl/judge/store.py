@@ -308,5 +308,5 @@ def import_answers(run: str | Path, path: str | Path, rater: str | None = None) 
 
 
 def session_settings(pairs: list[tuple[str, str]], n: int, seed: int, rater: str, criteria: list[str]) -> dict:
-    return {"pairs": [f"{a}:{b}" for a, b in pairs], "n": n, "seed": seed, "rater": rater, "criteria": criteria}
+    return {"pairs": [[a, b] for a, b in pairs], "n": n, "seed": seed, "rater": rater, "criteria": criteria}
 
