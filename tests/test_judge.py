@@ -126,6 +126,14 @@ def test_summary_of_hand_made_answers() -> None:
     assert strong["pairs"][0]["criteria"]["overall"]["verdict"] == "b"  # 0-8: p = 2/256
     text = stats.format_summary(s)
     assert "emorl (A: EMORL) vs uniform (B: Uniform Weighted)" in text and "unresolved" in text
+    # two raters of the same prompts: each prompt counts once, for the side most of its answers preferred
+    votes = {0: ["a", "a"], 1: ["a", "b"], 2: ["b", "b"], 3: ["a", "tie"]}
+    both = [{**answer(f"p{i}{r}", "emorl", "soups", {"overall": v}, rater=r), "prompt_index": i}
+            for i, vs in votes.items() for r, v in zip(("ann", "bob"), vs, strict=True)]
+    c = stats.summarise(both)["pairs"][0]["criteria"]["overall"]
+    assert (c["wins"], c["ties"], c["losses"]) == (4, 1, 3)  # answers
+    assert c["prompts"] == {"wins": 2, "ties": 1, "losses": 1} and c["decided"] == 3  # prompts 0 and 3 / 1 / 2
+    assert c["p"] == pytest.approx(1.0) and c["win_rate"] == pytest.approx(2 / 3)  # 2 x (1 + 3) / 8, capped
     order = stats.summarise(rows + [answer("k", "soups", "base", {"overall": "a"})], order=[("soups", "base")])
     assert [(p["a"], p["b"]) for p in order["pairs"]] == [("soups", "base"), ("emorl", "uniform")]  # as listed
     with pytest.raises(EmorlError, match="no answers"):
@@ -278,7 +286,8 @@ def test_score_command_and_report_section(run: Path, capsys: pytest.CaptureFixtu
     o = summary["pairs"][0]["criteria"]["overall"]
     assert (o["wins"], o["losses"], o["p"]) == (10, 0, pytest.approx(2 / 1024))
     text = "\n".join(human_lines(run))
-    row = "| EMORL vs Uniform Weighted | overall | 10 | 0 | 0 | 1.00 [0.72, 1.00] | 0.002 | 0.002 | EMORL preferred |"
+    row = ("| EMORL vs Uniform Weighted | overall | 10/0/0 | 10/0/0 | 1.00 [0.72, 1.00] | 0.002 | 0.002 "
+           "| EMORL preferred |")
     assert row in text
     store.add(build_items(run, [("emorl", "base")], 1)[0], "ann", {"overall": "tie"}, ["overall"])
     assert "1 answer line(s) were added after this summary" in "\n".join(human_lines(run))

@@ -1,6 +1,7 @@
 """The statistics of a blind A/B evaluation: wins, ties and losses per pair and criterion, an exact two-sided sign
-test (ties dropped: under "no preference" each decided answer is a fair coin), a Wilson 95% interval for the win
-rate among decided answers, and Holm's correction over every test of the summary (many pairs x criteria).
+test over prompts (the independent unit; ties dropped: under "no preference" each decided prompt is a fair coin),
+a Wilson 95% interval for the win rate among decided prompts, and Holm's correction over every test of the
+summary (many pairs x criteria).
 """
 
 from __future__ import annotations
@@ -67,31 +68,32 @@ def dedupe(answers: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def tally(answers: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, dict[str, int]]]:
-    """(a, b) -> criterion -> {"wins", "ties", "losses"} counted for a. A pair asked both ways (b:a) is counted in
-    the orientation first seen."""
-    out: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
+def tally(answers: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
+    """(a, b) -> criterion -> {"wins", "ties", "losses"} over answers, counted for a, and "net": prompt -> wins
+    minus losses of that prompt's answers (several raters, or seeds, judge one prompt). A pair asked both ways
+    (b:a) is counted in the orientation first seen."""
+    out: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for r in answers:
         a, b = r["a"], r["b"]
         flip = (b, a) in out and (a, b) not in out
         key = (b, a) if flip else (a, b)
+        unit = r.get("prompt_index", r["item"])  # hand-made answers without one: each is its own unit
         per = out.setdefault(key, {})
         for crit, v in r["verdicts"].items():
-            c = per.setdefault(crit, {"wins": 0, "ties": 0, "losses": 0})
-            if v == "tie":
-                c["ties"] += 1
-            elif (v == "a") != flip:
-                c["wins"] += 1
-            else:
-                c["losses"] += 1
+            c = per.setdefault(crit, {"wins": 0, "ties": 0, "losses": 0, "net": {}})
+            step = 0 if v == "tie" else (1 if (v == "a") != flip else -1)
+            c[{0: "ties", 1: "wins", -1: "losses"}[step]] += 1
+            c["net"][unit] = c["net"].get(unit, 0) + step
     return out
 
 
 def summarise(answers: list[dict[str, Any]], labels: dict[str, str] | None = None,
               order: list[tuple[str, str]] | None = None) -> dict[str, Any]:
-    """Every pair and criterion: counts, win rate of a among decided answers with its Wilson interval, the sign
-    test's p and Holm's adjusted p; the verdict says which side is preferred at Holm p < 0.05, else unresolved.
-    Pairs in ``order`` (as the user listed them) come first, the others as first answered."""
+    """Every pair and criterion: counts over answers, and the test over prompts (the independent unit: a prompt
+    goes to the side most of its answers preferred, a tie when level; with one answer per prompt the two agree):
+    the win rate of a among decided prompts with its Wilson interval, the sign test's p and Holm's adjusted p; the
+    verdict says which side is preferred at Holm p < 0.05, else unresolved. Pairs in ``order`` (as the user listed
+    them) come first, the others as first answered."""
     answers = dedupe(answers)
     if not answers:
         raise EmorlError("no answers to score yet: judge some pairs first (`emorl judge --run RUN --pairs A:B`)")
@@ -104,14 +106,19 @@ def summarise(answers: list[dict[str, Any]], labels: dict[str, str] | None = Non
     rows = []
     for (a, b), per in counts.items():
         for crit, c in per.items():
-            decided = c["wins"] + c["losses"]
-            ci = wilson(c["wins"], decided)
-            rows.append({"a": a, "b": b, "criterion": crit, **c, "n": decided + c["ties"], "decided": decided,
-                         "win_rate": c["wins"] / decided if decided else None,
-                         "ci95": list(ci) if ci else None, "p": sign_test(c["wins"], c["losses"])})
+            nets = list(c["net"].values())
+            units = {"wins": sum(x > 0 for x in nets), "ties": sum(x == 0 for x in nets),
+                     "losses": sum(x < 0 for x in nets)}
+            decided = units["wins"] + units["losses"]
+            ci = wilson(units["wins"], decided)
+            rows.append({"a": a, "b": b, "criterion": crit, "wins": c["wins"], "ties": c["ties"],
+                         "losses": c["losses"], "n": c["wins"] + c["ties"] + c["losses"], "prompts": units,
+                         "decided": decided, "win_rate": units["wins"] / decided if decided else None,
+                         "ci95": list(ci) if ci else None, "p": sign_test(units["wins"], units["losses"])})
     for row, adj in zip(rows, holm([r["p"] for r in rows]), strict=True):
         row["p_holm"] = adj
-        row["verdict"] = ("a" if row["wins"] > row["losses"] else "b") if adj < ALPHA else "unresolved"
+        wins, losses = row["prompts"]["wins"], row["prompts"]["losses"]
+        row["verdict"] = ("a" if wins > losses else "b") if adj < ALPHA else "unresolved"
     pairs: list[dict[str, Any]] = []
     for a, b in counts:
         pairs.append({"a": a, "b": b, "label_a": labels.get(a, a), "label_b": labels.get(b, b),
@@ -119,8 +126,10 @@ def summarise(answers: list[dict[str, Any]], labels: dict[str, str] | None = Non
                                    for r in rows if (r["a"], r["b"]) == (a, b)}})
     return {"version": SUMMARY_VERSION, "scored": time.strftime("%Y-%m-%dT%H:%M:%S"), "answers": len(answers),
             "raters": sorted({str(r.get("rater")) for r in answers}), "level": LEVEL, "alpha": ALPHA,
-            "test": "exact two-sided sign test (binomial, p = 1/2), ties dropped; Holm-adjusted over all rows",
-            "interval": "Wilson score interval for the win rate of A among decided (non-tie) answers",
+            "unit": "prompt: the side most of its answers preferred (a tie when level)",
+            "test": "exact two-sided sign test (binomial, p = 1/2) over prompts, ties dropped; Holm-adjusted over "
+                    "all rows",
+            "interval": "Wilson score interval for the win rate of A among decided (non-tie) prompts",
             "pairs": pairs}
 
 
@@ -140,13 +149,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     for pair in summary["pairs"]:
         a, b = pair["a"], pair["b"]
         lines += ["", f"{a} (A: {pair['label_a']}) vs {b} (B: {pair['label_b']})",
-                  f"  {'criterion':<12} {'A wins':>6} {'ties':>5} {'B wins':>6}  {'A win rate [95% CI]':<22} "
+                  f"  {'criterion':<12} {'answers A/tie/B':>15} {'prompts A/tie/B':>15}  {'A win rate [95% CI]':<20} "
                   f"{'p':>7} {'Holm p':>7}  verdict"]
         for crit, r in pair["criteria"].items():
+            u = r["prompts"]
             rate = (f"{r['win_rate']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" if r["decided"] else "–")
             word = {"a": f"{a} preferred", "b": f"{b} preferred"}.get(r["verdict"], "unresolved")
-            lines.append(f"  {crit:<12} {r['wins']:>6} {r['ties']:>5} {r['losses']:>6}  {rate:<22} "
-                         f"{fmt_p(r['p']):>7} {fmt_p(r['p_holm']):>7}  {word}")
-    lines += ["", "Win rate: A's wins / (A's wins + B's wins), ties dropped; p: exact two-sided sign test; Holm p: "
-              "adjusted over every row; a verdict needs Holm p < 0.05."]
+            lines.append(f"  {crit:<12} {r['wins']:>5}/{r['ties']:>3}/{r['losses']:<5} {u['wins']:>5}/{u['ties']:>3}/"
+                         f"{u['losses']:<5}  {rate:<20} {fmt_p(r['p']):>7} {fmt_p(r['p_holm']):>7}  {word}")
+    lines += ["", "Each prompt counts once: for the side most of its answers preferred (a tie when level). Win rate: "
+              "A's prompts / decided prompts, ties dropped, with a Wilson 95% interval; p: exact two-sided sign test "
+              "over prompts; Holm p: adjusted over every row; a verdict needs Holm p < 0.05."]
     return "\n".join(lines)

@@ -15,16 +15,17 @@ def _p(p: float) -> str:
 
 
 def human_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    cols = ["Pair (A vs B)", "Criterion", "A wins", "Ties", "B wins", "A win rate [95% CI]", "Sign test p", "Holm p",
-            "Verdict"]
+    cols = ["Pair (A vs B)", "Criterion", "Answers A/tie/B", "Prompts A/tie/B", "A win rate [95% CI]", "Sign test p",
+            "Holm p", "Verdict"]
     rows = []
     for pair in summary.get("pairs", []):
         for crit, r in pair["criteria"].items():
+            u = r["prompts"]
             rate = f"{r['win_rate']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" if r.get("decided") else "–"
             word = {"a": f"{pair['label_a']} preferred", "b": f"{pair['label_b']} preferred"}.get(r["verdict"],
                                                                                                   "unresolved")
-            rows.append([f"{pair['label_a']} vs {pair['label_b']}", crit, str(r["wins"]), str(r["ties"]),
-                         str(r["losses"]), rate, _p(r["p"]), _p(r["p_holm"]), word])
+            rows.append([f"{pair['label_a']} vs {pair['label_b']}", crit, f"{r['wins']}/{r['ties']}/{r['losses']}",
+                         f"{u['wins']}/{u['ties']}/{u['losses']}", rate, _p(r["p"]), _p(r["p_holm"]), word])
     return cols, rows
 
 
@@ -46,9 +47,11 @@ def human_lines(run: str | Path) -> list[str]:
     lines = ["## Blind human A/B evaluation", "", markdown(*human_rows(summary)), "",
              f"{summary.get('answers', 0)} answers from {len(raters)} rater(s), scored {summary.get('scored', '?')}. "
              "People compared two methods' replies to the same prompt and seed without knowing which method wrote "
-             "which (random sides and order). *A win rate*: A's wins ÷ decided answers (ties dropped), with a Wilson "
-             "95% interval; *Sign test p*: exact two-sided binomial test of A's wins against B's; *Holm p*: adjusted "
-             "over every row of this table. A verdict needs Holm p < 0.05; otherwise the comparison is unresolved.",
+             "which (random sides and order). Each prompt counts once, for the side most of its answers preferred (a "
+             "tie when level), so several raters of one prompt do not count as independent evidence. *A win rate*: "
+             "A's prompts ÷ decided prompts (ties dropped), with a Wilson 95% interval; *Sign test p*: exact "
+             "two-sided binomial test of A's prompts against B's; *Holm p*: adjusted over every row of this table. "
+             "A verdict needs Holm p < 0.05; otherwise the comparison is unresolved.",
              ""]
     if given > summary.get("answers", 0):
         lines += [f"*{given - summary.get('answers', 0)} answer line(s) were added after this summary; run "
