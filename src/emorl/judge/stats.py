@@ -155,8 +155,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             u = r["prompts"]
             rate = (f"{r['win_rate']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" if r["decided"] else "–")
             word = {"a": f"{a} preferred", "b": f"{b} preferred"}.get(r["verdict"], "unresolved")
-            lines.append(f"  {crit:<12} {r['wins']:>5}/{r['ties']:>3}/{r['losses']:<5} {u['wins']:>5}/{u['ties']:>3}/"
-                         f"{u['losses']:<5}  {rate:<20} {fmt_p(r['p']):>7} {fmt_p(r['p_holm']):>7}  {word}")
+            given, units = f"{r['wins']}/{r['ties']}/{r['losses']}", f"{u['wins']}/{u['ties']}/{u['losses']}"
+            lines.append(f"  {crit:<12} {given:>15} {units:>15}  {rate:<20} {fmt_p(r['p']):>7} "
+                         f"{fmt_p(r['p_holm']):>7}  {word}")
     lines += ["", "Each prompt counts once: for the side most of its answers preferred (a tie when level). Win rate: "
               "A's prompts / decided prompts, ties dropped, with a Wilson 95% interval; p: exact two-sided sign test "
               "over prompts; Holm p: adjusted over every row; a verdict needs Holm p < 0.05."]
