@@ -261,6 +261,12 @@ def test_offline_answers_import_through_the_plan(run: Path, tmp_path: Path) -> N
     rows = AnswerStore(run).read()
     assert [r["verdicts"]["overall"] for r in rows] == [("a" if it.left == "emorl" else "b") for it in items[:3]]
     assert {r["rater"] for r in rows} == {"cy"} and {r["source"] for r in rows} == {"html"}
+    down.write_text(json.dumps({"item": items[3].id, "choices": {}}) + "\n")
+    with pytest.raises(EmorlError, match=r"answers.jsonl:1: no choices"):
+        import_answers(run, down)
+    down.write_text(json.dumps({"item": items[3].id, "choices": {"overall": "better"}}) + "\n")
+    with pytest.raises(EmorlError, match=r"answers.jsonl:1: .*one of left, tie, right"):
+        import_answers(run, down)
     down.write_text(json.dumps({"item": "0123456789abcdef", "choices": {"overall": "left"}}) + "\n")
     with pytest.raises(EmorlError, match=r"answers.jsonl:1: item '0123456789abcdef' is not in"):
         import_answers(run, down)
@@ -320,3 +326,25 @@ def test_api_sends_no_method_names(run: Path) -> None:
     bad = client.post("/api/answer", json={"item": items[0].id, "choices": {"overall": "left"}})
     assert bad.status_code == 400 and "one choice for each criterion" in bad.json()["error"]
     assert client.post("/api/answer", content=b"{not json").status_code == 400
+
+
+def test_offline_page_keeps_a_reply_that_looks_like_markup_as_text() -> None:
+    from emorl.judge.page import page_data, render_html
+    from emorl.judge.store import Item
+
+    evil = "</script><script>alert(1)</script><!-- x"
+    item = Item("0" * 16, "emorl", "base", 0, 0, "hi </SCRIPT> there", "emorl", evil, "fine")
+    html = render_html(page_data([item], ["overall"], "ann", "00" * 16))
+    assert "alert(1)</script>" not in html and "<!-- x" not in html  # cannot close the data's <script>
+    start = html.index("window.JUDGE_DATA = ") + len("window.JUDGE_DATA = ")
+    data = json.loads(html[start:html.index(";</script>", start)].replace("<\\/", "</").replace("<\\!--", "<!--"))
+    assert data["items"][0]["left"] == evil  # the text survives exactly
+
+
+def test_methods_evaluated_on_different_prompts_are_refused(run: Path) -> None:
+    path = run / "eval" / "replies" / "uniform.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    rows[3]["prompt"] = "another statement"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(EmorlError, match="evaluated on different prompts.*--methods emorl uniform --force"):
+        build_items(run, [("emorl", "uniform")], None)

@@ -183,6 +183,11 @@ def build_items(run: str | Path, pairs: list[tuple[str, str]], n: int | None, se
     salt = salt or read_plan(run)["salt"]
     items = []
     for a, b in pairs:
+        for s, i in ((s, i) for s in seeds for i in prompts):
+            if replies[a][(s, i)][0] != replies[b][(s, i)][0]:
+                raise EmorlError(f"{a!r} and {b!r} were evaluated on different prompts (seed {s}, prompt {i}: "
+                                 f"{replies[a][(s, i)][0][:40]!r} vs {replies[b][(s, i)][0][:40]!r}); evaluate them "
+                                 f"together: `emorl evaluate --run {run} --methods {a} {b} --force`")
         rng = random.Random(f"emorl-judge:{seed}:{a}:{b}")
         flips = [rng.random() < 0.5 for _ in range(0, len(order), 2)]
         for j, i in enumerate(order[:n]):
@@ -296,9 +301,12 @@ def import_answers(run: str | Path, path: str | Path, rater: str | None = None) 
         if item_id not in plan:
             raise EmorlError(f"{path}:{n}: item {item_id!r} is not in {plan_path(run)}; was the page written for "
                              f"another run (`emorl judge --run RUN --html FILE` writes one per run)?")
-        crit = list(row.get("choices") or {})
+        crit = list(row["choices"]) if isinstance(row.get("choices"), dict) else []
+        if not crit:
+            raise EmorlError(f"{path}:{n}: no choices in this answer (expected {{\"choices\": {{criterion: left|tie|"
+                             f"right}}}})")
         try:
-            check_choices(row.get("choices"), crit or ["?"])
+            check_choices(row["choices"], crit)
         except EmorlError as e:
             raise EmorlError(f"{path}:{n}: {e}") from e
         checked.append((item_id, rater or str(row.get("rater") or "rater"), row["choices"], crit))
