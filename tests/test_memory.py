@@ -108,3 +108,20 @@ def test_the_default_model_matches_its_known_shape() -> None:
     real = load_base(ModelConfig(device="cpu"))
     assert sum(p.numel() for p in real.model.parameters()) == known_shape("135M (SmolLM2-135M)").params
     assert run_config_shape(load_config("default")) == known_shape("135M (SmolLM2-135M)")
+
+
+def test_bench_memory_quick_mode_runs(tmp_path) -> None:
+    """bench/memory.py (run by bench/gpu.sh on a GPU) runs on the tiny model and reports where the models landed."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "memory.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "memory.py"
+    subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)], check=True, capture_output=True,
+                   timeout=300)
+    got = json.loads(out.read_text())
+    assert got["base"] == ["cpu/torch.float32"] and got["reward_models"]
+    assert got["estimate_gib"]["total"] == pytest.approx(sum(v for k, v in got["estimate_gib"].items() if k != "total"),
+                                                         abs=0.02)
