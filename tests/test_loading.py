@@ -122,3 +122,16 @@ def test_full_finetune_copy_is_in_the_runs_dtype_with_optimizer_state_to_match()
     state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
     assert {t.dtype for t in state} == {torch.bfloat16}
     assert sum(t.numel() for t in state) == 2 * sum(p.numel() for p in params.values())
+
+
+def test_a_full_finetune_that_cannot_fit_is_refused_before_loading() -> None:
+    from emorl.config import load_config
+    from emorl.memory import run_config_shape
+    from emorl.train.full import check_fits
+    from emorl.utils import EmorlError
+
+    cfg = load_config("tiny", ["model.dtype=bfloat16"])
+    need = 4 * run_config_shape(cfg).params * 2  # the copy, its gradients, AdamW's m and v, 2 bytes each
+    check_fits(cfg, need)  # just fits
+    with pytest.raises(EmorlError, match=r"lora\.full_finetune: .* needs .* in bfloat16.* model\.dtype=bfloat16"):
+        check_fits(cfg, need - 1)
