@@ -22,10 +22,26 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install 'emorl[ray]'")
-httpx = pytest.importorskip("httpx")
+from emorl.serve.replicas import REPLICA_HEADER, replica_app
+from emorl.utils import EmorlError
 
-from emorl.serve.replicas import REPLICA_HEADER  # noqa: E402
+
+def test_missing_ray_serve_names_the_install_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray.serve", None)  # from ray import serve -> ImportError
+    monkeypatch.setitem(sys.modules, "ray", None)
+    (tmp_path / "config.yaml").write_text("{}")
+    with pytest.raises(EmorlError, match=r"--replicas needs Ray Serve .*pip install 'emorl\[ray\]'"):
+        replica_app(tmp_path, 2)
+
+
+try:
+    import httpx
+    from ray import serve  # noqa: F401
+except ImportError as e:  # the tests below need Ray Serve; the one above runs without it
+    MISSING: str | None = f"{e.name} is not installed: pip install 'emorl[ray]' httpx"
+else:
+    MISSING = None
+needs_serve = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 
 STATEMENT = "I lost my job today and I feel awful."
 WEIGHTS = {"reflection": 1.0, "empathy": 0.5, "fluency": 0.2}
@@ -109,12 +125,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def chat(url: str, **kw: Any) -> httpx.Response:
+def chat(url: str, **kw: Any) -> Any:
     body = {"model": "emorl", "messages": [{"role": "user", "content": STATEMENT}],
             "emorl": {"weights": WEIGHTS, "anchor": "base"}, **SAMPLING, **kw}
     return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
 
 
+@needs_serve
 def test_both_replicas_answer_the_same_seeded_reply_as_emorl_generate(served: dict[str, Any]) -> None:
     url = served["url"]
     seen: dict[str, set[str]] = {}
@@ -139,6 +156,7 @@ def test_both_replicas_answer_the_same_seeded_reply_as_emorl_generate(served: di
     assert replies == {generated["response"]}
 
 
+@needs_serve
 def test_stream_page_and_routes_through_the_proxy(served: dict[str, Any]) -> None:
     url = served["url"]
     plain = chat(url).json()["choices"][0]["message"]["content"]
@@ -161,6 +179,7 @@ def test_stream_page_and_routes_through_the_proxy(served: dict[str, Any]) -> Non
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
 
 
+@needs_serve
 def test_ctrl_c_stops_serve_and_ray_leaving_no_process(served: dict[str, Any]) -> None:
     cli: Cli = served["cli"]
     assert processes_under(served["ray_tmp"])  # Ray's processes are found by their session folder while it runs
