@@ -87,11 +87,11 @@ def test_reward_models_load_onto_their_device_in_their_dtype(tiny_dir: str, monk
     enc_calls = record(monkeypatch, AutoModel)
     ppl = build_reward("ppl", {"type": "perplexity", "model": tiny_dir, "dtype": "bfloat16"})
     ppl.load()
-    assert lm_calls[-1]["dtype"] == torch.bfloat16 and lm_calls[-1]["device_map"] == {"": "cpu"}
+    assert lm_calls[-1]["dtype"] == torch.bfloat16 and lm_calls[-1]["device_map"] == {"": torch.device("cpu")}
     assert {p.dtype for p in ppl.model.parameters()} == {torch.bfloat16}
     refl = build_reward("reflection", {"type": "reflection"})
     refl.load()
-    assert enc_calls[-1]["dtype"] == torch.float32 and enc_calls[-1]["device_map"] == {"": "cpu"}
+    assert enc_calls[-1]["dtype"] == torch.float32 and enc_calls[-1]["device_map"] == {"": torch.device("cpu")}
     half = build_reward("reflection", {"type": "reflection", "dtype": "bfloat16"})
     half.load()
     assert half.encoder is not refl.encoder  # one shared encoder per (path, device, dtype)

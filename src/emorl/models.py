@@ -254,6 +254,8 @@ def _dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
 def load_kwargs(cfg: ModelConfig, device: torch.device) -> dict[str, Any]:
     """``from_pretrained`` arguments that put the weights straight on ``device`` in the requested dtype: on CUDA an
     8B model is read shard by shard into GPU memory, never whole into host RAM first (nor in float32 first)."""
+    if device.type == "cuda" and device.index is None:  # "cuda": the current device (the one Ray or the user set)
+        device = torch.device("cuda", torch.cuda.current_device())
     return {"dtype": _dtype(cfg, device), "device_map": {"": device}}
 
 

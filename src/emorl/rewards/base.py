@@ -274,7 +274,12 @@ def pick_dtype(opts: Options, base: Base | None, device: str) -> Any:
 def load_kwargs(device: str, dtype: Any) -> dict[str, Any]:
     """``from_pretrained`` arguments that load a reward model straight onto its device in its dtype (no float32
     copy in host RAM first)."""
-    return {"dtype": dtype, "device_map": {"": device}}
+    import torch
+
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:  # "cuda": the current device (the one Ray or the user set)
+        d = torch.device("cuda", torch.cuda.current_device())
+    return {"dtype": dtype, "device_map": {"": d}}
 
 
 def empty(responses: list[str]) -> np.ndarray:
