@@ -46,9 +46,9 @@ def main() -> None:
     out: dict = {"device": a.device, "dtype": a.dtype, "load_s": round(time.perf_counter() - t0, 2),
                  "base": sorted({f"{p.device.type}/{p.dtype}" for p in base.model.parameters()})}
     shape = run_config_shape(cfg)
-    k = len(cfg.objectives)
+    n = len(cfg.objectives)
     prompt_tokens = cfg.model.max_prompt_tokens
-    est = decoding(shape, dtype=a.dtype, adapters=k if a.run else 0, r=cfg.lora.r, streams=a.prompts * (k + 1),
+    est = decoding(shape, dtype=a.dtype, adapters=n if a.run else 0, r=cfg.lora.r, streams=a.prompts * (n + 1),
                    tokens=prompt_tokens + a.tokens)
     out["estimate_gib"] = est.gib()
     if cuda:
@@ -71,7 +71,7 @@ def main() -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        ens.generate(prompts, [1.0] * k, mode="hidden", max_new_tokens=a.tokens, do_sample=True, seed=0)
+        ens.generate(prompts, [1.0] * n, mode="hidden", max_new_tokens=a.tokens, do_sample=True, seed=0)
         out["decode_s"] = round(time.perf_counter() - t0, 2)
         if cuda:
             out["measured_decode_peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)

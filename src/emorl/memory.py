@@ -139,12 +139,12 @@ def for_run(cfg: RunConfig, s: Shape | None = None, dtype: str | None = None) ->
     each), one request decoded with the K adapters around the base (K + 1 streams) at the training lengths."""
     s = s or run_config_shape(cfg)
     dtype = dtype or (cfg.model.dtype if cfg.model.dtype != "auto" else "bfloat16")
-    k = len(cfg.objectives)
+    n = len(cfg.objectives)
     tokens = cfg.model.max_prompt_tokens + cfg.train.generation.max_new_tokens
     t = cfg.train
-    return {"training": training(s, dtype=dtype, policies=k, r=cfg.lora.r, rollout_rows=k * t.batch_size * t.k,
+    return {"training": training(s, dtype=dtype, policies=n, r=cfg.lora.r, rollout_rows=n * t.batch_size * t.k,
                                  micro_batch=t.micro_batch_size, tokens=tokens),
-            "decoding": decoding(s, dtype=dtype, adapters=k, r=cfg.lora.r, streams=k + 1, tokens=tokens)}
+            "decoding": decoding(s, dtype=dtype, adapters=n, r=cfg.lora.r, streams=n + 1, tokens=tokens)}
 
 
 # Published configs of the four sizes the docs tabulate (no download: the numbers are the hub's config.json's).
@@ -171,19 +171,19 @@ def known_shape(name: str, target_modules: list[str] | str = "all-linear") -> Sh
     return shape(AutoConfig.for_model(model_type, **kw), target_modules)
 
 
-def table(k: int = 3, r: int = 8, dtype: str = "bfloat16", batch: int = 16, replies: int = 3, micro_batch: int = 6,
-          tokens: int = 192, requests: int = 64) -> str:
+def table(adapters: int = 3, r: int = 8, dtype: str = "bfloat16", batch: int = 16, replies: int = 3,
+          micro_batch: int = 6, tokens: int = 192, requests: int = 64) -> str:
     """The Markdown table of docs/scale.md: per model size, training K LoRA adapters (batch × replies rollouts
     each), one full fine-tune baseline, and serving ``requests`` concurrent base-anchored K-adapter mixes."""
     rows = ["| model | parameters | weights | K=3 adapters (+grads, AdamW) | KV / token / stream | train K LoRA "
             "| train 1 full FT | serve 64 requests |", "|---|---|---|---|---|---|---|---|"]
     for name in KNOWN:
         s = known_shape(name)
-        lora = training(s, dtype=dtype, policies=k, r=r, rollout_rows=k * batch * replies, micro_batch=micro_batch,
-                        tokens=tokens)
+        lora = training(s, dtype=dtype, policies=adapters, r=r, rollout_rows=adapters * batch * replies,
+                        micro_batch=micro_batch, tokens=tokens)
         full = training(s, dtype=dtype, policies=1, r=r, rollout_rows=batch * replies, micro_batch=micro_batch,
                         tokens=tokens, full_finetune=True)
-        dec = decoding(s, dtype=dtype, adapters=k, r=r, streams=requests * (k + 1), tokens=tokens)
+        dec = decoding(s, dtype=dtype, adapters=adapters, r=r, streams=requests * (adapters + 1), tokens=tokens)
         kv = kv_bytes_per_token(s, dtype) / 1024
         rows.append(f"| {name} | {s.params / 1e9:.3f} B | {lora.parts['weights'] / GIB:.2f} GiB | "
                     f"{lora.parts['adapters_grads_adamw'] / GIB:.2f} GiB | {kv:.0f} KiB | {lora.total / GIB:.1f} GiB | "
