@@ -132,6 +132,9 @@ def test_a_full_finetune_that_cannot_fit_is_refused_before_loading() -> None:
 
     cfg = load_config("tiny", ["model.dtype=bfloat16"])
     need = 4 * run_config_shape(cfg).params * 2  # the copy, its gradients, AdamW's m and v, 2 bytes each
-    check_fits(cfg, need)  # just fits
+    check_fits(cfg, need, "bfloat16")  # just fits
     with pytest.raises(EmorlError, match=r"lora\.full_finetune: .* needs .* in bfloat16.* model\.dtype=bfloat16"):
-        check_fits(cfg, need - 1)
+        check_fits(cfg, need - 1, "bfloat16")
+    check_fits(cfg, 2 * need, "float32")  # float32 needs twice as much: just fits
+    with pytest.raises(EmorlError, match=r"in float32"):
+        check_fits(cfg, 2 * need - 1, "float32")

@@ -27,12 +27,11 @@ def wants_full(cfg: RunConfig, strategy: str) -> bool:
     return cfg.lora.full_finetune and strategy != "single"
 
 
-def check_fits(cfg: RunConfig, free_bytes: int) -> None:
+def check_fits(cfg: RunConfig, free_bytes: int, dtype: str) -> None:
     """Refuse a full fine-tune that cannot fit, before the copy is loaded: its weights, gradients and AdamW's two
-    moments (4 × the weights in ``model.dtype``) against the device's free memory."""
+    moments (4 × the weights in ``dtype``, the one ``model.dtype`` resolves to) against the device's free memory."""
     from emorl.memory import BYTES, GIB, run_config_shape
 
-    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else "bfloat16"
     need = 4 * run_config_shape(cfg).params * BYTES[dtype]
     if need > free_bytes:
         raise EmorlError(f"lora.full_finetune: a trainable copy of {cfg.model.name} needs {need / GIB:.1f} GiB "
@@ -44,11 +43,12 @@ def check_fits(cfg: RunConfig, free_bytes: int) -> None:
 def own_model(cfg: RunConfig) -> tuple[Any, dict[str, torch.nn.Parameter]]:
     """A second copy of the base and all its parameters (the policy's trainable weights), loaded straight onto the
     device in the run's dtype."""
-    from emorl.models import load_base
+    from emorl.models import load_base, load_kwargs
 
     device = resolve_device(cfg.model.device)
     if device.type == "cuda":
-        check_fits(cfg, torch.cuda.mem_get_info(device)[0])
+        dtype = str(load_kwargs(cfg.model, device)["dtype"]).removeprefix("torch.")
+        check_fits(cfg, torch.cuda.mem_get_info(device)[0], dtype)
     model = load_base(cfg.model).model
     return model, dict(model.named_parameters())
 
