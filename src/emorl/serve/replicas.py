@@ -29,7 +29,7 @@ log = logging.getLogger("emorl.serve")
 
 APP_NAME = "emorl"
 REPLICA_HEADER = "x-emorl-replica"
-# passed on to the replicas' processes when this process starts Ray (a joined cluster keeps its own environment)
+# passed on to the replicas' processes (a local Ray's workers inherit them anyway; a cluster's do not)
 ENV_KEYS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "EMORL_CACHE",
             "OMP_WAIT_POLICY")
 
