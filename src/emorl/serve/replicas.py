@@ -6,8 +6,9 @@ the OpenAI routes, streamed server-sent events, ``/v1/score`` and the page. Ray 
 the replica with the fewer requests in flight (it samples two), so per-step batching keeps working inside each
 replica. Every response names the replica that served it in the ``X-Emorl-Replica`` header.
 
->>> app = replica_app("runs/default", 2, engine_kwargs={"device": "cuda"}, num_gpus=1)
->>> serve.start(http_options={"host": "127.0.0.1", "port": 8000}); serve.run(app, name="emorl")
+>>> ray.init()
+>>> start(replica_app("runs/default", 2, engine_kwargs={"device": "cuda"}, num_gpus=1), "127.0.0.1", 8000)
+>>> stop(); ray.shutdown()
 
 A reply is a function of the request alone (its seed, weights and settings), not of the replica: every replica
 loads the same run, so the reply equals what one ``emorl serve`` (and ``emorl generate``) gives for it.
