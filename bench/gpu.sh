@@ -4,6 +4,8 @@
 # machine, or a venv carried to it: it installs nothing.
 #   1. ensemble decode / single adapter at B=16 (bench/decode.py: convex and base-anchored hidden mixing)
 #   2. serving at 1, 4, 16 and 64 concurrent clients (bench/serve.py) on a short default run trained here
+#   3. loading and memory (bench/memory.py): base and reward models on the GPU in bfloat16, emorl.memory's estimate
+#      beside the allocator's peak of a 16-request K-adapter decode
 # Untested on a GPU so far: no session has been lent one since it was written. Every step has its own timeout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +27,10 @@ timeout 300 "$PY" -m emorl.cli run --preset default --output "$RUN" train.max_st
 if [ -f "$RUN/search/hidden/best.json" ]; then
   timeout 240 "$PY" bench/serve.py --run "$RUN" --clients 1,4,16,64 --requests 64 --max-batch-rows 1024 \
     --output "$OUT/serve.json" > "$OUT/serve.txt" 2>&1 || echo "serve: rc=$?" >> "$OUT/serve.txt"
+fi
+if [ -f "$RUN/config.yaml" ]; then
+  timeout 180 "$PY" bench/memory.py --run "$RUN" --device cuda --dtype bfloat16 --prompts 16 --tokens 64 \
+    --json "$OUT/memory.json" > "$OUT/memory.txt" 2>&1 || echo "memory: rc=$?" >> "$OUT/memory.txt"
 fi
 rm -rf "$RUN/adapters" "$RUN/baselines"  # keep what comes back small
 tail -n 5 "$OUT"/*.txt

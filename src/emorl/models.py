@@ -251,6 +251,14 @@ def _dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
+def load_kwargs(cfg: ModelConfig, device: torch.device) -> dict[str, Any]:
+    """``from_pretrained`` arguments that put the weights straight on ``device`` in the requested dtype: on CUDA an
+    8B model is read shard by shard into GPU memory, never whole into host RAM first (nor in float32 first)."""
+    if device.type == "cuda" and device.index is None:  # "cuda": the current device (the one Ray or the user set)
+        device = torch.device("cuda", torch.cuda.current_device())
+    return {"dtype": _dtype(cfg, device), "device_map": {"": device}}
+
+
 def load_base(cfg: ModelConfig | None = None) -> Base:
     """Load the base model and tokenizer described by ``cfg`` (eval mode, on its device)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
@@ -277,11 +285,11 @@ def load_base(cfg: ModelConfig | None = None) -> Base:
         cls = AutoModelForSeq2SeqLM if is_s2s else AutoModelForCausalLM
         log.debug("loading %s from %s", name, path)
         tok = AutoTokenizer.from_pretrained(path)
-        model = cls.from_pretrained(path, dtype=_dtype(cfg, device))
+        model = cls.from_pretrained(path, **load_kwargs(cfg, device))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left" if not is_s2s else "right"
-    model.to(device=device, dtype=_dtype(cfg, device))
+    model.to(device=device, dtype=_dtype(cfg, device))  # a tiny model is built on the CPU; a loaded one is there
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

