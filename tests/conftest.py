@@ -11,7 +11,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `device: auto` is pinned to the CPU: many tests compare replies token for token (fast path = reference, one-hot
 # mix = one adapter, batched = alone), which holds exactly on CPU. CUDA kernels pick other reduction orders for
-# other batch shapes, so on a GPU those tests would need a tolerance (token agreement, docs/run.md); set
+# other batch shapes, so on a GPU those tests would need a tolerance (token agreement; README, "On a GPU"); set
 # EMORL_TEST_DEVICE=cuda to run the suite there anyway.
 if os.environ.get("EMORL_TEST_DEVICE", "cpu") == "cpu":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
