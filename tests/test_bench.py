@@ -1,6 +1,7 @@
 """Every benchmark script runs at every commit: its quick mode on the tiny random model (or a stored study), checked
 for running to the end and writing its outputs and figures. Timings are not checked (bench/RESULTS.md holds them).
-bench/serve*.py are tested with the serving tests; bench/executors.py's Ray path is tests/test_ray.py's."""
+bench/serve*.py are tested with the serving tests. Not run here: bench/executors.py (its Ray path is
+tests/test_ray.py's) and bench/matched_cost.py (a second whole study)."""
 
 from __future__ import annotations
 
@@ -94,3 +95,36 @@ def test_study_table_and_training_curves_on_a_stored_study(script, tmp_path):
     assert sum(line.startswith("| ") for line in out.splitlines()) == len(methods) + 1  # a header, a row per method
     script("plot_train_curves", str(STUDY), str(tmp_path / "curves.png"))
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_run_default_compares_a_stored_study(script):
+    out = script("run_default", "--run", str(STUDY))
+    assert "== against the paper" in out and "EMORL - Uniform mean reward: ours" in out
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """A finished study on the tiny model with the smallest budget (adapters on disk, unlike the stored ones)."""
+    from emorl.config import load_config
+    from emorl.pipeline import run_pipeline
+
+    run = tmp_path_factory.mktemp("bench") / "run"
+    cfg = load_config("tiny", ["train.max_steps=1", "search.iterations=1", "search.prompts=2", "search.reeval_top=2",
+                               "search.reeval_prompts=3", "search.modes=[hidden]", "eval.prompts=3",
+                               "eval.methods=[base, emorl, uniform]", "route.prompts=6", "route.step=0.5",
+                               "route.folds=2", "route.k=2"])
+    run_pipeline(cfg, run, progress=False)
+    return run
+
+
+def test_study_scripts_on_a_tiny_study(script, tiny_study, tmp_path):
+    out = script("mix_entropy", str(tiny_study), "--weights", "1,0.5,0", "--prompts", "2", "--tokens", "4")
+    assert out.count("mean entropy") == 2 + 3  # the mix, the uniform mix and each adapter alone
+    script("search_generalises", "--run", str(tiny_study), "--top", "3", "--prompts", "2",
+           "--out", str(tmp_path / "gen.json"))
+    gen = json.loads((tmp_path / "gen.json").read_text())
+    assert gen["table"] and "after_minus_before_on_test" in gen
+    script("router", "--out", str(tmp_path), "compare", "--run", str(tiny_study), "--prompts", "2")
+    assert "fit" in json.loads((tmp_path / "router_compare.json").read_text())
+    table = script("study_table", str(tiny_study))
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + 3  # header + base, emorl, uniform
