@@ -340,11 +340,11 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     return Path(path)
 
 
-# A method's colour is its family's, its marker its own, so methods stay apart in every figure and legend.
+# A method's colour is its family's, its marker its own, so methods stay apart in every figure and legend. Families:
+# the base, adapters mixed at decoding, one adapter alone, one policy trained on every reward, adapters merged in
+# parameters (soups), and anything else.
 FAMILY_COLOURS = {"base": "#7f7f7f", "mix": "#d62728", "single": "#ff7f0e", "one-policy": "#1f77b4",
                   "soups": "#9467bd", "other": "#17becf"}
-FAMILY_LABELS = {"mix": "adapters mixed at decoding", "single": "one adapter alone",
-                 "one-policy": "one policy, RL on all rewards", "soups": "adapters merged in parameters"}
 METHOD_STYLE = {"base": ("base", "X"), "emorl": ("mix", "*"), "emorl-convex": ("mix", "P"),
                 "emorl-routed": ("mix", "p"), "logits": ("mix", "v"), "probs": ("mix", "<"),
                 "uniform": ("one-policy", "s"), "dynaopt": ("one-policy", "D"), "gdpo": ("one-policy", "h"),
