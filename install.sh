@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install emorl into ./.venv (or the active virtualenv with EMORL_VENV=active).
-#   ./install.sh          the library and CLI
-#   ./install.sh dev      + test/lint tools (pytest, ruff), benchmark peers (trl) and emorl serve (+ its test clients)
+#   ./install.sh          the library and CLI, emorl serve included (FastAPI, uvicorn)
+#   ./install.sh dev      + test/lint tools (pytest, ruff), benchmark peers (trl), Ray, and emorl serve's test clients
 #   ./install.sh ray      + Ray
 # torch goes in FIRST, pinned to the CPU wheel 2.13.0: installed later (as a dependency) pip would pick a
 # multi-GB CUDA build. GPU users: install the CUDA torch of your choice first, then run with EMORL_TORCH=skip.
@@ -11,9 +11,9 @@ cd "$(dirname "$0")"
 extras="${1:-}"
 spec="."
 case "$extras" in
-  dev) spec=".[dev,bench,ray,serve,serve-test]" ;;
+  dev) spec=".[dev,bench,ray,serve-test]" ;;
   ray) spec=".[ray]" ;;
-  all) spec=".[dev,bench,ray,serve,serve-test]" ;;
+  all) spec=".[dev,bench,ray,serve-test]" ;;
   "") ;;
   *) echo "usage: ./install.sh [dev|ray|all]" >&2; exit 2 ;;
 esac

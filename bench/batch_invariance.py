@@ -3,6 +3,7 @@ test split, decoded as a batch of their own and inside a batch of all the prompt
 
     python bench/batch_invariance.py                                  # float32 and bfloat16, 16 of 100 prompts
     python bench/batch_invariance.py --dtypes bfloat16 --isa AVX512_CORE_BF16   # bf16 with AMX switched off
+    python bench/batch_invariance.py --quick --out DIR/b.json     # smoke run: float32, tiny random model, 4 prompts
 
 Why: ``model.dtype: auto`` picks bfloat16 on CPU only where its kernels keep replies batch-invariant (emorl serve's
 promise: a seed's reply is the same whatever shares its batch). On an AMX CPU, oneDNN's bf16 matmuls round
@@ -25,7 +26,7 @@ from pathlib import Path
 OUT = Path(__file__).parent / "results"
 
 
-def one(dtype: str, prompts: int, first: int, tokens: int) -> dict:
+def one(dtype: str, prompts: int, first: int, tokens: int, model: str | None = None) -> dict:
     """Decode in this process: the first ``first`` prompts alone, then all ``prompts``; count replies that differ."""
     import dataclasses
 
@@ -35,7 +36,7 @@ def one(dtype: str, prompts: int, first: int, tokens: int) -> dict:
     from emorl.models import environment, load_base
 
     cfg = load_config("default")  # the study's model settings (prompt length, system prompt) and data split
-    base = load_base(dataclasses.replace(cfg.model, dtype=dtype, device="cpu"))
+    base = load_base(dataclasses.replace(cfg.model, dtype=dtype, device="cpu", **({"name": model} if model else {})))
     texts = [r.prompt for r in load_splits(cfg.data).test[:prompts]]
     if len(texts) < first:
         raise SystemExit(f"--first {first} is more than the {len(texts)} prompts decoded")
@@ -64,16 +65,19 @@ def main() -> None:
     ap.add_argument("--first", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--out", default=str(OUT / "batch_invariance.json"))
+    ap.add_argument("--quick", action="store_true", help="smoke run: float32 on the tiny random model, 2 of 4 prompts")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # a child process: decode one dtype, print its JSON
     args = ap.parse_args()
+    if args.quick:
+        args.dtypes, args.prompts, args.first, args.tokens = "float32", 4, 2, 4
     if args.one:
-        print(json.dumps(one(args.one, args.prompts, args.first, args.tokens)))
+        print(json.dumps(one(args.one, args.prompts, args.first, args.tokens, "tiny-llama" if args.quick else None)))
         return
     env = os.environ | ({"ONEDNN_MAX_CPU_ISA": args.isa} if args.isa else {})
     rows = []
     for dtype in args.dtypes.split(","):
         cmd = [sys.executable, __file__, "--one", dtype, "--prompts", str(args.prompts), "--first", str(args.first),
-               "--tokens", str(args.tokens)]
+               "--tokens", str(args.tokens), *(["--quick"] if args.quick else [])]
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)  # the child's errors reach stderr
         if proc.returncode:
             raise SystemExit(f"{dtype}: the decoding process failed (exit {proc.returncode}); see above")

@@ -1,7 +1,8 @@
 """Data loading cost: the built-in task, and emorl's validating loaders next to plain stdlib parsing.
 
-Run: ``python bench/bench_data.py``. Prints medians over repeats and the ratio emorl / plain, measured side by
-side in this process (the plain version parses the same file with no validation and no line numbers).
+Run: ``python bench/bench_data.py`` (``--quick``: 200 rows, one repeat, a smoke run). Prints medians over repeats
+and the ratio emorl / plain, measured side by side in this process (the plain version parses the same file with no
+validation and no line numbers).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from pathlib import Path
 
 from emorl import data
 
+QUICK = "--quick" in sys.argv
 
-def median_time(fn, repeats: int = 5) -> float:
+
+def median_time(fn, repeats: int = 1 if QUICK else 5) -> float:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -38,12 +41,12 @@ def cold_default_records() -> float:
 
 def main() -> None:
     print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
-    cold = statistics.median(cold_default_records() for _ in range(3))
+    cold = statistics.median(cold_default_records() for _ in range(1 if QUICK else 3))
     n = len(data.default_records())
     print(f"default_records (cold, fresh process): median {cold:.3f} s for {n} records "
           f"({len(data.handwritten_records())} written + {n - len(data.handwritten_records())} chitchat)")
 
-    n_rows = 8000
+    n_rows = 200 if QUICK else 8000
     with tempfile.TemporaryDirectory() as d:
         p8k = Path(d) / "psych8k.json"
         items = [{"instruction": "If you are a counsellor, answer.", "input": f"I have been feeling low, day {i}.",

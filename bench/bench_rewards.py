@@ -9,6 +9,7 @@
 Replies are real: SmolLM2 greedy replies (up to 48 new tokens) to the first N built-in prompts.
 
     python bench/bench_rewards.py [--n 64] [--repeats 3]
+    python bench/bench_rewards.py --quick        # smoke run: 4 replies, 1 repeat, fluency on the tiny random model
 """
 
 from __future__ import annotations
@@ -50,15 +51,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 4 replies, 1 repeat, tiny random model")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.repeats = 4, 1
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+    from emorl.config import ModelConfig
     from emorl.data import default_records, encode_prompts, format_prompts
     from emorl.models import load_base
     from emorl.rewards import build_reward, build_rewards, score
 
     print(f"load average before: {os.getloadavg()[0]:.2f}")
-    base = load_base()
+    base = load_base(ModelConfig(name="tiny-llama", system_prompt=None) if args.quick else None)
     tok = base.tokenizer
     prompts = [r.prompt for r in default_records()[: args.n]]
     t = time.perf_counter()
@@ -138,6 +143,8 @@ def main() -> None:
         ratio = f"{tr / tm:.2f}x" if tr is not None else "–"
         print(f"| {name} | {tm * 1e3:.0f} ms | {ref} | {ratio} | {args.n / tm:.0f} | {note} |")
 
+    if args.quick:
+        return
     t_tr = import_time("from transformers import AutoModel")
     t_st = import_time("import sentence_transformers")
     print(f"\nfresh-process import: transformers AutoModel {t_tr:.2f} s, sentence_transformers {t_st:.2f} s")

@@ -14,7 +14,7 @@ in the hand-written loops).
   G=27 weight points ({0.1, 0.5, 0.9}^3) in one generate call vs 27 calls.
 
     python bench/decode.py                    # everything ((a) once in full: ~12 min on a 2-core CPU)
-    python bench/decode.py --quick            # B=4, 8 tokens, G=4: a smoke run of the script
+    python bench/decode.py --quick            # B=4, 8 tokens, G=4 on the tiny random model: a smoke run
 """
 
 from __future__ import annotations
@@ -54,12 +54,13 @@ PROMPTS = [
 WEIGHTS = [0.78, 0.5, 0.06]
 
 
-def build(n_adapters: int = 3) -> tuple[Any, Any, list[str]]:
+def build(n_adapters: int = 3, model: str | None = None) -> tuple[Any, Any, list[str]]:
     from emorl.config import LoraConfig, ModelConfig
     from emorl.ensemble import EnsembleModel
     from emorl.models import add_adapters, load_base
 
-    base = load_base(ModelConfig(system_prompt=None))  # None: the template's default system message (anchors)
+    # system_prompt None: the template's default system message (anchors)
+    base = load_base(ModelConfig(system_prompt=None, **({"name": model} if model else {})))
     names = [f"a{k}" for k in range(n_adapters)]
     for k, n in enumerate(names):
         torch.manual_seed(1000 + k)
@@ -162,13 +163,13 @@ def main() -> int:
     ap.add_argument("--reference-repeats", type=int, default=1, help="timed repeats of (a); 0 skips it")
     ap.add_argument("--points", type=int, default=27, help="weight points for the one-call vs G-calls test; 0 skips")
     ap.add_argument("--max-rows", type=int, default=None, help="EnsembleModel max_rows for the G-point call")
-    ap.add_argument("--quick", action="store_true", help="B=4, 8 tokens, G=4, 1 repeat (smoke test)")
+    ap.add_argument("--quick", action="store_true", help="B=4, 8 tokens, G=4, 1 repeat, tiny model (smoke test)")
     ap.add_argument("--json", help="also write the numbers to this JSON file")
     args = ap.parse_args()
     if args.quick:
         args.prompts, args.tokens, args.repeats, args.points = 4, 8, 1, 4
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    base, ens, names = build()
+    base, ens, names = build(model="tiny-llama" if args.quick else None)
     prompts = PROMPTS[: args.prompts]
     enc = encode(base, prompts)
     lens = enc["attention_mask"].sum(1)

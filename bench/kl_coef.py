@@ -27,7 +27,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--objective", default="empathy")
     ap.add_argument("--out", default="/tmp/emorl-bench-kl")
+    ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "kl_coef.json")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 steps at coefs 0 and 0.05, tiny random model")
     a = ap.parse_args()
+    if a.quick:
+        a.coefs, a.steps = "0,0.05", 2
 
     from emorl.config import load_config
     from emorl.models import load_base
@@ -41,7 +45,8 @@ def main() -> None:
         cfg = load_config("default", [
             f"train.objectives=[{a.objective}]", "train.strategy=single", f"train.max_steps={a.steps}",
             f"train.kl_coef={max(coef, 1e-9)}", "train.val_every=4", "train.val_prompts=16",
-            "train.checkpoint_every=1000", "train.convergence_threshold=0"])
+            "train.checkpoint_every=1000", "train.convergence_threshold=0", "front.sweep=[]",
+            *(["model.name=tiny-llama", "train.val_every=1", "train.val_prompts=2"] if a.quick else [])])
         if base is None:
             base = load_base(cfg.model)
             rewards = build_rewards(cfg.objectives, base)
@@ -63,8 +68,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['kl_coef']:>8} {r['start']:7.3f} {r['end']:7.3f} {r['gain']:+7.3f} {r['kl_last'] or 0:10.3f} "
               f"{r['fluency_start']:9.3f} {r['fluency_end']:8.3f}")
-    Path(__file__).parent.joinpath("results").mkdir(exist_ok=True)
-    Path(__file__).parent.joinpath("results", "kl_coef.json").write_text(json.dumps(rows, indent=1))
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
     python bench/router.py cost --model smollm2-135m-instruct --prompts 8     # time the lattice decode
     python bench/router.py compare --run runs/default                          # fit (if needed) + compare
     python bench/router.py synthetic                                           # no model: router vs oracle
+    python bench/router.py --out DIR cost --model tiny-llama --prompts 2       # smoke run on the tiny model
 
-Results go to bench/results/router_<what>.json.
+Results go to bench/results/router_<what>.json (``--out`` another folder).
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def synthetic(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=OUT, help="folder for router_<what>.json")
     sub = ap.add_subparsers(dest="what", required=True)
     c = sub.add_parser("cost")
     c.add_argument("--preset", default="default")
@@ -127,8 +129,8 @@ def main() -> None:
     sub.add_parser("synthetic")
     args = ap.parse_args()
     res = {"cost": cost, "compare": compare, "synthetic": synthetic}[args.what](args)
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"router_{args.what}.json").write_text(json.dumps(res, indent=1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"router_{args.what}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
 
 

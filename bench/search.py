@@ -13,6 +13,7 @@ decoded and decoder forward calls, side by side, and whether both return the sam
 
     python bench/search.py                       # both parts
     python bench/search.py --part real --prompts 4 --tokens 8
+    python bench/search.py --quick --out DIR     # smoke run: small grids, the real part on the tiny random model
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ def real_comparison(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(2)
     cfg = load_config("default", [f"search.generation.max_new_tokens={args.tokens}",
-                                  f"search.generation.min_new_tokens={args.tokens}"])
+                                  f"search.generation.min_new_tokens={args.tokens}",
+                                  *(["model.name=tiny-llama"] if args.quick else [])])
     run = build_run(Path(tempfile.mkdtemp(prefix="emorl-bench-search-")), cfg)
     ens = EnsembleModel.from_run(run)
     counter = ForwardCounter(ens)
@@ -219,10 +221,15 @@ def main() -> int:
     ap.add_argument("--batch-points", type=int, default=32, help="our search: points decoded together")
     ap.add_argument("--repeats", type=int, default=1, help="timed repeats of each search (median reported)")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
+    ap.add_argument("--quick", action="store_true", help="smoke run: grids <= 500 points, 2 rounds of 1 prompt x 2 "
+                                                         "tokens on the tiny random model")
+    ap.add_argument("--out", type=Path, default=HERE, help="folder for search_complexity.png")
     args = ap.parse_args()
+    if args.quick:
+        args.max_grid, args.iterations, args.prompts, args.tokens = 500, 2, 1, 2
     results: dict = {"load_avg_start": os.getloadavg()}
     if args.part in ("all", "complexity"):
-        results["complexity"] = complexity(args.max_grid, HERE / "search_complexity.png")
+        results["complexity"] = complexity(args.max_grid, args.out / "search_complexity.png")
     if args.part in ("all", "real"):
         results["real"] = real_comparison(args)
     results["load_avg_end"] = os.getloadavg()

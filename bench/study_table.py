@@ -1,4 +1,4 @@
-"""The README's study table, derived from a stored run's results.json (nothing typed by hand).
+"""The study table of docs/results.md, derived from a stored run's results.json (nothing typed by hand).
 
     python bench/study_table.py bench/results/default-run6
 

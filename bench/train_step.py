@@ -2,6 +2,7 @@
 
     python bench/train_step.py            # everything, each configuration in its own process (peak RSS)
     python bench/train_step.py --steps 4 --only ours
+    python bench/train_step.py --quick --out DIR   # smoke run: our step on the tiny random model, 2 steps
 
 Setup (issue 2 / anchor-measurements.md): SmolLM2-135M-Instruct fp32 on CPU, LoRA r=8 alpha=32 dropout 0.05 on
 q,k,v,o,gate,up,down; 8 prompts x k=3 replies x exactly 48 new tokens (min_new_tokens=48); step time = median of
@@ -27,6 +28,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 SYSTEM = "You are a warm, supportive listener. Reply to the person in one or two sentences."
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QUICK = ["model.name=tiny-llama", "train.generation.max_new_tokens=4", "train.generation.min_new_tokens=4"]
 
 
 def peak_rss_mib() -> float:
@@ -89,8 +91,8 @@ def _ours_cfg(objectives: list[str], batch: int, k: int, tokens: int, steps: int
         f"train.generation.max_new_tokens={tokens}", f"train.generation.min_new_tokens={tokens}",
         "train.generation.top_k=0", "train.val_every=1000", "train.val_prompts=1", "train.val_samples=1",
         "train.checkpoint_every=1000", f"train.micro_batch_size={micro}", "train.lr=1e-6",
-        "train.convergence_threshold=0", f"lora.target_modules=[{', '.join(TARGETS)}]",
-        f"model.system_prompt={json.dumps(SYSTEM)}", *extra])
+        "train.convergence_threshold=0", f"lora.target_modules=[{', '.join(TARGETS)}]", "front.sweep=[]",
+        f"model.system_prompt={json.dumps(SYSTEM)}", *extra, *(QUICK if "--quick" in sys.argv else [])])
 
 
 def run_ours(steps: int, micro: int) -> dict:
@@ -145,7 +147,8 @@ def run_k3(steps: int) -> dict:
 
 
 def _sub(kind: str, steps: int, micro: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--steps", str(steps), "--micro", str(micro)]
+    cmd = [sys.executable, __file__, "--child", kind, "--steps", str(steps), "--micro", str(micro),
+           *(["--quick"] if "--quick" in sys.argv else [])]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         sys.stderr.write(res.stderr[-4000:])
@@ -159,7 +162,11 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=6, help="our micro-batch (rows per forward/backward)")
     ap.add_argument("--only", choices=["trl", "ours", "k3"])
     ap.add_argument("--child")
+    ap.add_argument("--quick", action="store_true", help="smoke run: our step on the tiny random model, 2 steps")
+    ap.add_argument("--out", type=Path, default=HERE / "results", help="folder for train_step.json")
     a = ap.parse_args()
+    if a.quick:
+        a.steps, a.only = 2, a.only or "quick"
     if a.child:
         import torch
 
@@ -168,7 +175,7 @@ def main() -> None:
               "k3": lambda: run_k3(a.steps)}[a.child]
         print(json.dumps(fn()))
         return
-    kinds = [a.only] if a.only else ["ours", "trl", "k3"]
+    kinds = {None: ["ours", "trl", "k3"], "quick": ["ours"]}.get(a.only, [a.only])
     res = {}
     for k in kinds:
         t = time.perf_counter()
@@ -195,8 +202,8 @@ def main() -> None:
                   f"{r[key + '_wall_s'] / r['sequential_wall_s']:.2f}; rollouts {r[key + '_rollout_s']:.1f} s vs "
                   f"{r['sequential_rollout_s']:.1f} s")
     print(f"load average: {os.getloadavg()}")
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "train_step.json").write_text(json.dumps(res, indent=1))
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "train_step.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -207,15 +207,17 @@ def test_evaluate_run_writes_results_and_reuses_unchanged_methods(tmp_path, tiny
     assert emorl["training"]["prompts"] == 16 and set(emorl["training"]["per_adapter"]) == {"short", "long"}
     assert emorl["search"]["points"] == 9
     assert saved["methods"]["base"]["training"]["prompts"] == 0
-    for m in saved["methods"].values():
-        assert 0 <= m["summary"]["mean_reward"]["mean"] <= 1 and m["summary"]["mean_reward"]["n"] == 1
-        lo, hi = m["summary"]["mean_reward"]["ci95"]
-        assert lo <= m["summary"]["mean_reward"]["mean"] <= hi
-    # paired differences to EMORL and Uniform, recomputed by hand from the stored replies
+    # means, CIs and paired differences to EMORL and Uniform, recomputed by hand from the stored replies
     units = {}
     for name in ("base", "uniform", "emorl"):
         rows = [json.loads(x) for x in (run / "eval" / "replies" / f"{name}.jsonl").read_text().splitlines()]
         units[name] = np.array([np.mean(list(r["scores"].values())) for r in rows])
+        m = saved["methods"][name]["summary"]["mean_reward"]
+        assert m["n"] == 1 and m["mean"] == pytest.approx(units[name].mean())
+        # a percentile bootstrap over the 4 (prompt, seed) units: 2000 resamples drawn with seed 0, 2.5/97.5 %
+        draws = units[name][np.random.default_rng(0).integers(0, 4, size=(2000, 4))].mean(axis=1)
+        assert m["ci95"] == pytest.approx(list(np.quantile(draws, [0.025, 0.975])))
+        assert units[name].min() <= m["ci95"][0] and m["ci95"][1] <= units[name].max()
     d = saved["methods"]["base"]["differences"]
     assert set(d) == {"emorl", "uniform"} and set(saved["methods"]["emorl"]["differences"]) == {"uniform", "base"}
     gain = saved["methods"]["emorl"]["differences"]["base"]["mean_reward"]  # each method's gain over the base

@@ -59,3 +59,18 @@ def test_pareto_mask_matches_all_pairs_reference():
         vals = rng.integers(0, 6, size=(120, k)).astype(float)  # many ties and duplicates
         ref = np.array([not any(np.all(q >= p) and np.any(q > p) for q in vals) for p in vals])
         assert (pareto_mask(vals) == ref).all()
+
+
+def test_method_styles_one_colour_per_family_one_marker_per_method():
+    from emorl.search.plots import method_styles
+
+    names = ["base", "emorl", "emorl-convex", "uniform", "dynaopt", "gdpo", "soups", "soups-avg", "single:reflection",
+             "single:empathy", "single:fluency", "someone-else"]
+    st = method_styles(names)
+    assert len({marker for _, marker in st.values()}) == len(names)  # no two methods share a marker
+    colour = {n: c for n, (c, _) in st.items()}
+    assert colour["uniform"] == colour["dynaopt"] == colour["gdpo"]  # one-policy baselines: one family
+    assert colour["emorl"] == colour["emorl-convex"] and colour["soups"] == colour["soups-avg"]
+    assert colour["single:reflection"] == colour["single:fluency"]
+    families = {colour[n] for n in ("base", "emorl", "uniform", "soups", "single:empathy", "someone-else")}
+    assert len(families) == 6

@@ -11,18 +11,19 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from emorl.report.figures import _styles, save
+from emorl.search.plots import method_styles, save_figure
 from emorl.stats import pareto_front
 
-MODE_COLOURS = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#ff7f0e"]
+# the modes' fronts are lines: one colour each (the methods keep their family colours and own markers)
+MODE_COLOURS = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 
 
 def plot_fronts(analysis: dict[str, Any], modes: dict[str, dict[str, Any]], path: str | Path) -> Path:
     objectives = analysis["objectives"]
     pairs = list(itertools.combinations(range(len(objectives)), 2)) or [(0, 0)]
-    fig = Figure(figsize=(max(9.0, 5.2 * len(pairs)), 5.4))
+    fig = Figure(figsize=(max(9.0, 5.2 * len(pairs)), 5.4), layout="constrained")
     axes = [fig.add_subplot(1, len(pairs), i + 1) for i in range(len(pairs))]
-    styles = _styles(list(analysis["one_policy"]))
+    styles = method_styles(["base", *analysis["one_policy"]])
     ref = [analysis["reference"]["scores"][o] for o in objectives]
     for ax, (a, b) in zip(axes, pairs, strict=True):
         for c, (entry, data) in enumerate(modes.items()):
@@ -42,13 +43,13 @@ def plot_fronts(analysis: dict[str, Any], modes: dict[str, dict[str, Any]], path
             colour, marker = styles[name]
             ax.scatter([p["scores"][objectives[a]]], [p["scores"][objectives[b]]], s=70, marker=marker, color=colour,
                        edgecolors="black", linewidths=0.6, zorder=6, label=p["label"])
-        ax.scatter([ref[a]], [ref[b]], s=70, marker="X", color="#7f7f7f", zorder=6, label="Base model (reference)")
+        colour, marker = styles["base"]
+        ax.scatter([ref[a]], [ref[b]], s=70, marker=marker, color=colour, zorder=6, label="Base model (reference)")
         ax.set_xlabel(objectives[a])
         ax.set_ylabel(objectives[b])
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
     fig.suptitle(f"Pareto fronts per mixing mode ({analysis.get('split', 'test')} split; stars: searched points; "
                  "HV against the base model)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08 + 0.035 * (len(labels) // 4), 1, 0.95))
-    return save(fig, path)
+    return save_figure(fig, path)

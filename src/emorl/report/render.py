@@ -177,7 +177,8 @@ def make_figures(run: Path, results: dict[str, Any], policies: dict[str, dict[st
                for name, m in methods.items()]
     trade = [{"method": name, "label": m["label"],
               "mean": {o: m["summary"][f"score/{o}"]["mean"] for o in objectives},
-              "std": {o: m["summary"][f"score/{o}"]["std"] for o in objectives}} for name, m in methods.items()]
+              "std": {o: m["summary"][f"score/{o}"]["std"] for o in objectives},
+              "ci95": {o: m["summary"][f"score/{o}"].get("ci95") for o in objectives}} for name, m in methods.items()]
     out = [F.plot_training_curves(curves, fig_dir / "training_curves.png"),
            F.plot_results_scatter(scatter, fig_dir / "results_scatter.png"),
            F.plot_tradeoffs(objectives, trade, fig_dir / "tradeoffs.png", _hidden_points(run, objectives)
@@ -213,7 +214,8 @@ def _decoding(results: dict[str, Any]) -> str:
            else "greedy")
     seeds = results["seeds"]
     if g["do_sample"]:
-        seed_txt = f"{len(seeds)} seed{'s' * (len(seeds) != 1)} ({', '.join(map(str, seeds))}); mean ± std over seeds"
+        seed_txt = (f"{len(seeds)} seed{'s' * (len(seeds) != 1)} ({', '.join(map(str, seeds))}); each cell: mean "
+                    "[95% CI, paired bootstrap over prompts]")
     else:
         seed_txt = "one decode (greedy decoding does not depend on the seed, so there is no spread to report)"
     return f"{how}, up to {g['max_new_tokens']} new tokens, {seed_txt}"
@@ -324,7 +326,8 @@ def render_markdown(run: Path, s: dict[str, Any], tables: dict[str, tuple[list[s
                       ""]
     if "figures/tradeoffs.png" in figs:
         lines += ["## Trade-offs", "", "![per-objective trade-offs](figures/tradeoffs.png)", "",
-                  "Each panel is a pair of objectives, with each method's test scores (error bars: std over seeds). "
+                  "Each panel is a pair of objectives, with each method's test scores (error bars: 95% CIs, paired "
+                  "bootstrap over prompts). "
                   + ("The grey points are the weight points the EMORL (hidden-mixing) search scored on validation "
                      "prompts, with their Pareto front." if s.get("tradeoff_background") else
                      _no_overlay(s)), ""]

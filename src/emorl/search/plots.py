@@ -97,7 +97,7 @@ def plot_history(result: SearchResult, names: Sequence[str], path: str | Path) -
     else:
         _zoom_axes(ax2, result, names, rcolors, n_rounds)
     _title(fig, "Search history", result)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _zoom_plane(fig: Figure, ax: object, result: SearchResult, names: Sequence[str]) -> None:
@@ -196,7 +196,7 @@ def plot_landscape(result: SearchResult, names: Sequence[str], path: str | Path)
         ax.legend(loc="upper right")
         _colorbar(fig, ax, norm)
         _title(fig, "Parallel coordinates: one line per point, coloured by score", result)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _heatmap(fig: Figure, ax: object, result: SearchResult, names: Sequence[str], w: np.ndarray, s: np.ndarray,
@@ -269,7 +269,7 @@ def plot_tradeoff(result: SearchResult, path: str | Path) -> Path | None:
     _colorbar(fig, axes[len(pairs) - 1], norm)
     _title(fig, f"Trade-off between objectives ({int(front.sum())} of {len(pts)} points on the Pareto front)",
            result)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------- weights
@@ -291,7 +291,7 @@ def plot_weights(result: SearchResult, names: Sequence[str], path: str | Path, m
     sc = ", ".join(f"{k} {v:.3f}" for k, v in result.scores.items())
     fig.suptitle(f"Weights found{' (' + mode + ' mixing)' if mode else ''}: aggregate {result.aggregate:.4f}"
                  + (f"\n{sc}" if sc else ""), fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------ complexity
@@ -317,7 +317,7 @@ def plot_complexity(rows: Sequence[dict], path: str | Path) -> Path:
     ax.set_ylabel("weight points evaluated")
     ax.set_title("Hierarchical search O(3^d log N) vs full grid O(N^d)")
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_all(result: SearchResult, names: Sequence[str], folder: str | Path, mode: str = "") -> list[Path]:
@@ -330,8 +330,38 @@ def plot_all(result: SearchResult, names: Sequence[str], folder: str | Path, mod
     return [p for p in out if p is not None]
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+# ------------------------------------------------------------------- shared by every figure of the package
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """The one figure saver: PNG at 110 dpi, written atomically (a killed run leaves no half-written figure)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+# A method's colour is its family's, its marker its own, so methods stay apart in every figure and legend. Families:
+# the base, adapters mixed at decoding, one adapter alone, one policy trained on every reward, adapters merged in
+# parameters (soups), and anything else.
+FAMILY_COLOURS = {"base": "#7f7f7f", "mix": "#d62728", "single": "#ff7f0e", "one-policy": "#1f77b4",
+                  "soups": "#9467bd", "other": "#17becf"}
+METHOD_STYLE = {"base": ("base", "X"), "emorl": ("mix", "*"), "emorl-convex": ("mix", "P"),
+                "emorl-routed": ("mix", "p"), "logits": ("mix", "v"), "probs": ("mix", "<"),
+                "uniform": ("one-policy", "s"), "dynaopt": ("one-policy", "D"), "gdpo": ("one-policy", "h"),
+                "fixed": ("one-policy", "d"), "soups": ("soups", "^"), "soups-avg": ("soups", ">")}
+SPARE_MARKERS = "ov<dpH8>^sD1234"  # for single adapters and unknown methods, skipping markers already taken
+
+
+def method_styles(methods: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """(colour, marker) of every method in one figure: its family's colour, a marker no other method there has
+    (``single:<objective>`` adapters and unknown methods take the next marker no method of the figure uses)."""
+    taken = {METHOD_STYLE[m][1] for m in methods if m in METHOD_STYLE}
+    spare = iter([m for m in SPARE_MARKERS if m not in taken])
+    out: dict[str, tuple[str, str]] = {}
+    for m in methods:
+        if m in METHOD_STYLE:
+            family, marker = METHOD_STYLE[m]
+        else:
+            family, marker = "single" if m.startswith("single:") else "other", next(spare, "o")
+        out[m] = (FAMILY_COLOURS[family], marker)
+    return out
