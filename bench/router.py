@@ -56,11 +56,11 @@ def cost(args: argparse.Namespace) -> dict:
 
 
 def compare(args: argparse.Namespace) -> dict:
+    from emorl.config import load_run_config
     from emorl.models import load_base
     from emorl.rewards import build_rewards
     from emorl.router.compare import compare_run
     from emorl.router.run import fit_run
-    from emorl.search.runner import load_run_config
 
     cfg = load_run_config(args.run)
     base = load_base(cfg.model)
@@ -70,7 +70,7 @@ def compare(args: argparse.Namespace) -> dict:
     t_fit = time.perf_counter() - t0
     prompts = None
     if args.prompts:  # the first N of the evaluation's test prompts (the comparison decodes ~18 points per prompt)
-        from emorl.evaluate import eval_prompts
+        from emorl.methods import eval_prompts
 
         prompts = eval_prompts(cfg, "test")[:args.prompts]
     rep = compare_run(args.run, cfg, base=base, rewards=rewards, prompts=prompts)

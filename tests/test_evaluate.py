@@ -12,18 +12,8 @@ import torch
 
 from emorl.config import GenerationConfig, LoraConfig, ModelConfig, load_config
 from emorl.decoding import Decoder, plain_generation_config
-from emorl.evaluate import (
-    MethodSpec,
-    distinct_n,
-    diversity_reference,
-    eval_prompts,
-    evaluate_run,
-    mean_std,
-    reply_metrics,
-    resolve_methods,
-    summarise,
-    training_cost,
-)
+from emorl.evaluate import distinct_n, diversity_reference, evaluate_run, mean_std, reply_metrics, summarise
+from emorl.methods import MethodSpec, eval_prompts, resolve_methods, training_cost
 from emorl.models import AdapterInfo, add_adapters, load_base, save_adapter
 from emorl.utils import EmorlError, atomic_write_json
 
@@ -293,7 +283,7 @@ def test_generate_method_reproduces_the_evaluated_replies(tmp_path, tiny_base, c
     """`emorl generate --run RUN --method M --seed S` decodes M exactly as the evaluation did (its stored weights,
     mode and anchor; the run's eval.generation): the same replies as RUN/eval/replies/M.jsonl for seed S."""
     from emorl.cli import main
-    from emorl.evaluate import eval_prompts
+    from emorl.methods import eval_prompts
 
     cfg, run = make_run(tmp_path, tiny_base, search_modes=("hidden", "params-convex"))
     cfg.eval.seeds = [0, 5]

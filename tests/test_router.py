@@ -195,10 +195,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_tiny_end_to_end_route_generate_auto_and_evaluate(tiny_run: Path, tmp_path: Path) -> None:
     from emorl.cli import main
+    from emorl.config import load_run_config
     from emorl.evaluate import evaluate_run
     from emorl.router.compare import compare_run
     from emorl.router.run import fit_run
-    from emorl.search.runner import load_run_config
 
     cfg = load_run_config(tiny_run)
     router, meta = fit_run(tiny_run, cfg)
@@ -220,9 +220,9 @@ def test_tiny_end_to_end_route_generate_auto_and_evaluate(tiny_run: Path, tmp_pa
     replies = [json.loads(x) for x in (tiny_run / "eval" / "replies" / "emorl-routed.jsonl").read_text().splitlines()]
     prompts = [r["prompt"] for r in replies]
     assert len(replies) == 4
-    from emorl.decoding import generation_kwargs
+    from emorl.decoding import decode_routed, generation_kwargs
     from emorl.ensemble import EnsembleModel
-    from emorl.router import decode_routed, route
+    from emorl.router import route
 
     ens = EnsembleModel.from_run(tiny_run)
     w, _, _ = route(tiny_run, ens, prompts)  # the evaluation decodes exactly what the router picks

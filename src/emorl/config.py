@@ -560,3 +560,12 @@ def eval_overrides(args: Any) -> list[str]:
     if getattr(args, "sample", False):
         out.append("eval.generation.do_sample=true")
     return out
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The config a run folder was made with (``RUN/config.yaml``), with dotted ``overrides`` on top."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise EmorlError(f"{path} does not exist: --run must be a run folder made by `emorl train` (it holds "
+                         f"config.yaml and adapters/<objective>/)")
+    return load_config(str(path), overrides)

@@ -54,7 +54,8 @@ def searched_point(run: Path, key: str, names: list[str]) -> list[float] | None:
 
 def _inputs(run: Path, cfg: RunConfig) -> tuple[dict[str, Any], list[str], list[int], np.ndarray]:
     """The evaluation the front pairs with: its results, prompts, seeds and the base model's per-unit scores."""
-    from emorl.evaluate import decode_seeds, eval_prompts, load_results
+    from emorl.evaluate import load_results
+    from emorl.methods import decode_seeds, eval_prompts
 
     results = load_results(run)
     fix = f"`emorl evaluate --run {run}` (with `base` among the methods)"
@@ -102,8 +103,9 @@ def front_run(run_dir: str | Path, cfg: RunConfig | None = None, *, base: Any = 
               rewards: dict[str, Any] | None = None, progress: bool = True, force: bool = False,
               plot: bool = True) -> dict[str, Any]:
     """Decode (or reuse) every mode's lattice, analyse the fronts, write ``RUN/front/``; returns front.json."""
-    from emorl.evaluate import ensemble_objectives
-    from emorl.search.runner import adapter_folders, load_run_config
+    from emorl.config import load_run_config
+    from emorl.methods import ensemble_objectives
+    from emorl.search.runner import adapter_folders
     from emorl.search.store import adapter_identity
 
     run = Path(run_dir)

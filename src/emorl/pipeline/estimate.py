@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from emorl.evaluate import method_kind
+from emorl.methods import method_kind
 from emorl.pipeline.plan import Plan
 
 
@@ -189,7 +189,7 @@ def estimate(plan: Plan, speed: Speed) -> None:
         n = rc.prompts or 64
         s.estimate_s = len(rc.seeds) * (mix(pts, n, k_obj, True, g.max_new_tokens) + pts * n * speed.reward_s * k_obj)
     for s in plan.todo("evaluate"):
-        from emorl.evaluate import decode_seeds
+        from emorl.methods import decode_seeds
 
         seeds = len(decode_seeds(cfg))
         g = cfg.eval.generation
@@ -198,7 +198,7 @@ def estimate(plan: Plan, speed: Speed) -> None:
                   if method_kind(m)[0] in ("ensemble", "routed") else 1 for m in plan.methods]
         s.estimate_s = seeds * sum(mix(1, n, w, True, g.max_new_tokens) + n * speed.reward_s * k_obj for w in widths)
     for s in plan.todo("front"):
-        from emorl.evaluate import decode_seeds
+        from emorl.methods import decode_seeds
 
         fc, g = cfg.front, cfg.eval.generation
         lattice = (int(round(fc.w_max / fc.step)) + 1) ** k_obj

@@ -178,7 +178,7 @@ def plot_search_modes(histories: dict[str, list[float]], evaluations: dict[str, 
         return None
     fig = Figure(figsize=(7, 4.6), layout="constrained")
     ax = fig.subplots()
-    from emorl.evaluate import LABELS, MODE_METHOD
+    from emorl.methods import LABELS, MODE_METHOD
 
     for mode, h in histories.items():
         method = MODE_METHOD.get(mode, mode)

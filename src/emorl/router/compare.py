@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from emorl.decoding import groups
 from emorl.router.data import lattice
-from emorl.router.decode import groups
 from emorl.utils import atomic_write_json
 
 log = logging.getLogger("emorl.route")
@@ -94,7 +94,7 @@ def compare_run(run: str | Path, cfg: Any, *, base: Any = None, rewards: dict[st
                 figure: bool = True) -> dict[str, Any]:
     """Decode and score the four methods on the test split; write ``RUN/router/compare.json`` (+ the figure)."""
     from emorl.ensemble.model import EnsembleModel
-    from emorl.evaluate import decode_seeds, ensemble_objectives, eval_prompts
+    from emorl.methods import decode_seeds, ensemble_objectives, eval_prompts
     from emorl.router.decode import route
     from emorl.router.run import MODE
     from emorl.search.objective import aggregate_weights

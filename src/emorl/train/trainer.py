@@ -372,6 +372,24 @@ class Trainer:
         return not p.converged
 
     # ------------------------------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's JSON state for a checkpoint: the config signature, the time trained so far, and each
+        policy's counters (the tensors are saved beside it by :mod:`emorl.train.checkpoint`)."""
+        return {"signature": resume_mod.config_signature(self), "elapsed": time.time() - self._t0,
+                "policies": {p.name: p.state() for p in self.policies}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s output; refused if the config changed beyond RESUMABLE_CHANGES."""
+        resume_mod.check_signature(self, state["signature"])
+        for p in self.policies:
+            p.load_state(state["policies"][p.name])
+        self._t0 = time.time() - state["elapsed"]
+
+    @property
+    def stopped(self) -> bool:
+        """True once a stop was requested (Ctrl-C or :meth:`request_stop`)."""
+        return self._stop.is_set()
+
     def _checkpoint(self) -> None:
         resume_mod.write_checkpoint(self)
 

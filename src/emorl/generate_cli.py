@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, base, adapters, specs = _load(args)
     strict = not args.allow_plain_adapters
     if args.method:
-        from emorl.evaluate import any_adapter, resolve_methods
+        from emorl.methods import any_adapter, resolve_methods
 
         (method,) = resolve_methods(args.run, cfg, [args.method])  # clear error if its inputs are missing
         gen = _generation(args, cfg.eval.generation)
@@ -210,8 +210,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method:
         records = decoder.result(method, prompts, args.seed, **kw).records()
     elif auto:
-        from emorl.decoding import generation_kwargs
-        from emorl.router import decode_routed
+        from emorl.decoding import decode_routed, generation_kwargs
 
         texts, _ = decode_routed(ens, prompts, routed, mode="hidden", seed=args.seed, stop=args.stop,
                                  **generation_kwargs(gen))
