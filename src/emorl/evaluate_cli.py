@@ -32,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emorl.config import eval_overrides, load_run_config
+    from emorl.cli_common import eval_overrides
+    from emorl.config import load_run_config
     from emorl.evaluate import evaluate_run
     from emorl.pipeline import set_threads
     from emorl.utils import console

@@ -238,8 +238,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path]:
-    from emorl.cli_common import config_source
-    from emorl.config import eval_overrides, load_config
+    from emorl.cli_common import config_source, eval_overrides
+    from emorl.config import load_config
 
     overrides = [*args.overrides, *eval_overrides(args)]
     if getattr(args, "executor", None):
