@@ -139,7 +139,7 @@ def estimate(plan: Plan, speed: Speed) -> None:
         rows = points * prompts * width
         return DECODE_FACTOR * speed.gen(rows, tokens, prompt_len, prompts * width if shared else rows)
 
-    from emorl.train.trainer import val_every
+    from emorl.train.policy import val_every
 
     def training(policies: int, strategy: str) -> float:
         rows = policies * t.batch_size * t.k
