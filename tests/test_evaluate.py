@@ -296,12 +296,12 @@ def test_generate_method_reproduces_the_evaluated_replies(tmp_path, tiny_base, c
     for method in ("base", "emorl", "soups-avg", "uniform"):
         stored = [json.loads(x) for x in (run / "eval" / "replies" / f"{method}.jsonl").read_text().splitlines()]
         assert main(["generate", "--run", str(run), "--method", method, "--seed", "5", "--input", str(inp)]) == 0
-        got = [json.loads(x)["response"] for x in capsys.readouterr().out.splitlines()]
+        got = [json.loads(x)["reply"] for x in capsys.readouterr().out.splitlines()]
         assert got == [r["reply"] for r in stored if r["seed"] == 5], method
     out = tmp_path / "base.jsonl"  # written to a file too (the log line after it once crashed for --method)
     assert main(["generate", "--run", str(run), "--method", "base", "--seed", "5", "--input", str(inp),
                  "--output", str(out)]) == 0
-    assert [json.loads(x)["response"] for x in out.read_text().splitlines()] == [
+    assert [json.loads(x)["reply"] for x in out.read_text().splitlines()] == [
         json.loads(x)["reply"] for x in (run / "eval" / "replies" / "base.jsonl").read_text().splitlines()
         if json.loads(x)["seed"] == 5]
     assert len({tuple(json.loads(x)["reply"] for x in (run / "eval" / "replies" / f"{m}.jsonl").read_text()

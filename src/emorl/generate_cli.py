@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         texts, _ = decode_routed(ens, prompts, routed, mode="hidden", seed=args.seed, stop=args.stop,
                                  **generation_kwargs(gen))
         records = [{"prompt": p, "weights": dict(zip(ens.names, map(float, w), strict=True)), "mode": "hidden",
-                    "router": "fallback" if f else "routed", "response": t}
+                    "router": "fallback" if f else "routed", "reply": t}
                    for p, w, f, t in zip(prompts, routed, fallback, texts, strict=True)]
     else:
         records = decoder.generate(adapters, prompts, weights, args.mode, args.anchor, args.seed, **kw).records()
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         from emorl.rewards import score
 
         for name, rw in rewards.items():
-            values = score(rw, [r["prompt"] for r in records], [r["response"] for r in records])
+            values = score(rw, [r["prompt"] for r in records], [r["reply"] for r in records])
             for r, v in zip(records, values, strict=True):
                 r.setdefault("scores", {})[name] = round(float(v), 6)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)

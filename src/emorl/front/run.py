@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from emorl.config import RunConfig
-from emorl.front.lattice import lattice, score_lattice
+from emorl.front.lattice import box_lattice, score_lattice
 from emorl.stats import dominance, hypervolume_ci, hypervolume_difference, pareto_front
 from emorl.utils import EmorlError, atomic_write_json
 
@@ -122,7 +122,7 @@ def front_run(run_dir: str | Path, cfg: RunConfig | None = None, *, base: Any = 
         from emorl.decoding import parse_mix
 
         mode, anchor = parse_mix(entry, cfg.search.anchor)  # a search key: hidden, hidden-convex, params, ...
-        pts = lattice(len(names), fc.step, fc.w_max)
+        pts = box_lattice(len(names), fc.step, fc.w_max)
         searched = searched_point(run, entry, names)
         if searched is not None and not any(np.allclose(p, searched) for p in pts):
             pts = np.vstack([pts, searched])

@@ -6,11 +6,11 @@ the weights, fitted on lattice scores of training prompts. See docs/router.md.
 >>> weights, fallback, _ = route("runs/default", ens, prompts)   # B x K, one row per prompt
 """
 
-from emorl.router.data import lattice
+from emorl.router.data import simplex_lattice
 from emorl.router.decode import route, route_weights
 from emorl.router.fit import Router, fit_router
 from emorl.router.run import fit_run
 from emorl.router.store import ROUTER_VERSION, load_router, save_router
 
-__all__ = ["ROUTER_VERSION", "Router", "fit_router", "fit_run", "lattice", "load_router", "route", "route_weights",
-           "save_router"]
+__all__ = ["ROUTER_VERSION", "Router", "fit_router", "fit_run", "load_router", "route", "route_weights",
+           "save_router", "simplex_lattice"]
