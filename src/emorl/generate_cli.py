@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--names", help="--run: comma-separated objectives to mix, in weight order (default: all trained)")
     p.add_argument("--model", help="--adapters: base model (default: the one named in the adapters' emorl.json)")
     how = p.add_mutually_exclusive_group(required=True)
+    # "-1,0,0" is a weight vector, not an option: argparse takes only a plain negative number (-1, -.5) as a value
+    # by itself, so the weights' form is added (check_weights then says what is wrong with a negative weight)
+    p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.eE+-]*,[\d.,eE+-]*$")
     how.add_argument("--weights", action="append", metavar="W1,W2,...",
                      help="one weight per adapter, in order; repeat for several weight points (decoded in one batch); "
                           "'auto' (with --run): per-prompt weights from the run's router (`emorl route`)")
