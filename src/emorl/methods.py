@@ -25,9 +25,10 @@ from emorl.utils import EmorlError
 
 log = logging.getLogger("emorl.methods")
 
-# method name -> (kind, search key). kind: base | adapter (one-policy baseline) | ensemble (searched mix). The search
-# key names the mix (emorl.decoding.parse_mix): "hidden" follows search.anchor (default: base-anchored), "-convex"
-# is the sum-1 form. The evaluation decodes each mix exactly as its search scored it (mode and anchor of best.json).
+# method name -> (kind, search key). kind: base | adapter (one-policy baseline) | ensemble (searched mix) | routed
+# (per-prompt weights). The search key names the mix (emorl.decoding.parse_mix): "hidden" follows search.anchor
+# (default: base-anchored), "-convex" is the sum-1 form. The evaluation decodes each mix exactly as its search
+# scored it (mode and anchor of best.json).
 METHODS: dict[str, tuple[str, str | None]] = {
     "base": ("base", None),
     "uniform": ("adapter", None),
@@ -49,6 +50,7 @@ LABELS = {"base": "Base model", "uniform": "Uniform Weighted", "dynaopt": "DynaO
           "emorl-convex": "EMORL (convex mix)", "emorl-routed": "EMORL, routed weights"}
 MODE_METHOD = {key: name for name, (kind, key) in METHODS.items() if key}
 SINGLE = "single:"  # "single:<objective>": that objective's EMORL adapter alone; "singles" = one per objective
+
 
 @dataclass
 class MethodSpec:
@@ -72,6 +74,7 @@ class MethodSpec:
 
 
 def method_label(name: str) -> str:
+    """The name a report and the server show for a method."""
     return f"{name.removeprefix(SINGLE)} adapter alone" if name.startswith(SINGLE) else LABELS.get(name, name)
 
 
@@ -225,11 +228,13 @@ def training_cost(spec: MethodSpec) -> dict[str, Any]:
 
 
 def search_cost(spec: MethodSpec) -> dict[str, Any] | None:
+    """What the weight search behind a mix cost (from its best.json); None for methods without one."""
     if not spec.search:
         return None
     b = spec.search
     return {"mode": spec.mode, "wall_time_s": b.get("wall_time_s"), "points": b.get("points"),
             "decoded": b.get("decoded"), "aggregate": b.get("aggregate"), "scores": b.get("scores")}
+
 
 def any_adapter(run: Path, specs: Sequence[MethodSpec]) -> dict[str, Path] | None:
     """One adapter of the run (a method's, else any on disk), for decoding the base through the same engine."""
@@ -243,6 +248,7 @@ def any_adapter(run: Path, specs: Sequence[MethodSpec]) -> dict[str, Path] | Non
 
 
 def eval_prompts(cfg: RunConfig, split: str | None = None) -> list[str]:
+    """The prompts every method is decoded on: the first ``eval.prompts`` non-empty ones of ``split``."""
     from emorl.data import load_splits
 
     split = split or cfg.eval.split
