@@ -31,7 +31,7 @@ def cost(args: argparse.Namespace) -> dict:
     from emorl.ensemble import EnsembleModel
     from emorl.models import add_adapters, load_base
     from emorl.rewards import build_rewards
-    from emorl.router.data import decode_scores, lattice, training_prompts
+    from emorl.router.data import decode_scores, simplex_lattice, training_prompts
 
     cfg = load_config(args.preset, [f"model.name={args.model}"] if args.model else [])
     base = load_base(cfg.model)
@@ -44,7 +44,7 @@ def cost(args: argparse.Namespace) -> dict:
                 p.normal_(0.0, 0.02, generator=g)
     ens = EnsembleModel(base)
     rewards = build_rewards(cfg.objectives, base)
-    pts = np.vstack([lattice(len(names), cfg.route.step), np.full((1, len(names)), 1 / len(names))])
+    pts = np.vstack([simplex_lattice(len(names), cfg.route.step), np.full((1, len(names)), 1 / len(names))])
     prompts = training_prompts(cfg, "train", args.prompts)
     t0 = time.perf_counter()
     decode_scores(ens, prompts, pts, rewards, cfg.eval.generation, [0])
@@ -57,11 +57,11 @@ def cost(args: argparse.Namespace) -> dict:
 
 
 def compare(args: argparse.Namespace) -> dict:
+    from emorl.config import load_run_config
     from emorl.models import load_base
     from emorl.rewards import build_rewards
     from emorl.router.compare import compare_run
     from emorl.router.run import fit_run
-    from emorl.search.runner import load_run_config
 
     cfg = load_run_config(args.run)
     base = load_base(cfg.model)
@@ -71,7 +71,7 @@ def compare(args: argparse.Namespace) -> dict:
     t_fit = time.perf_counter() - t0
     prompts = None
     if args.prompts:  # the first N of the evaluation's test prompts (the comparison decodes ~18 points per prompt)
-        from emorl.evaluate import eval_prompts
+        from emorl.methods import eval_prompts
 
         prompts = eval_prompts(cfg, "test")[:args.prompts]
     rep = compare_run(args.run, cfg, base=base, rewards=rewards, prompts=prompts)
@@ -83,12 +83,12 @@ def synthetic(args: argparse.Namespace) -> dict:
     """Two prompt groups (embeddings around two directions) whose rewards peak at different weights; the router is
     fitted on 40 training prompts and compared on 40 test prompts with noisy per-seed scores."""
     from emorl.router.compare import summarise
-    from emorl.router.data import Block, RouterData, lattice
+    from emorl.router.data import Block, RouterData, simplex_lattice
     from emorl.router.fit import fit_router
 
     rng = np.random.default_rng(0)
     opt = np.array([[0.75, 0.25, 0.0], [0.0, 0.25, 0.75]])
-    pts = lattice(3, 0.25)
+    pts = simplex_lattice(3, 0.25)
 
     def prompts(n: int) -> tuple[np.ndarray, np.ndarray]:
         grp = np.arange(n) % 2

@@ -38,13 +38,15 @@ def main() -> None:
 
     from scipy.stats import spearmanr
 
+    from emorl.config import load_run_config
     from emorl.decoding import parse_mix
     from emorl.ensemble.model import EnsembleModel
-    from emorl.evaluate import decode_seeds, ensemble_objectives, eval_prompts, load_results
+    from emorl.evaluate import load_results
     from emorl.front.lattice import score_lattice
+    from emorl.methods import decode_seeds, ensemble_objectives, eval_prompts
     from emorl.models import load_base
     from emorl.rewards import build_rewards
-    from emorl.search.runner import adapter_folders, load_run_config
+    from emorl.search.runner import adapter_folders
     from emorl.stats import bootstrap_ci, paired_difference
 
     run = Path(args.run)

@@ -125,8 +125,8 @@ def test_prompt_padding_is_aligned_and_never_empty(bf16) -> None:
 def test_auto_dtype_is_bfloat16_only_where_replies_stay_batch_invariant(monkeypatch) -> None:
     """On an AMX CPU oneDNN picks its bf16 kernel by row count, so a reply changes with its batch: auto keeps float32
     there (bench/RESULTS.md, "Batch invariance on an AMX CPU"); AVX512-BF16 alone gets bfloat16."""
-    from emorl import models
     from emorl.config import ModelConfig
+    from emorl.models import hardware as models
 
     cpu = torch.device("cpu")
     for kernels, want in [("avx512", torch.bfloat16), ("amx", torch.float32), ("emulated", torch.float32)]:

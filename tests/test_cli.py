@@ -128,6 +128,81 @@ def test_plain_progress_prints_the_last_step_and_nothing_when_disabled(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_generate_reads_a_negative_weight_vector_as_weights_not_an_option():
+    """`--weights -1,0,0` reaches the weight check (which then names the negative weight) instead of argparse's
+    "expected one argument"; plain options still parse as options."""
+    from emorl.generate_cli import parse_weights
+
+    args = cli.build_parser().parse_args(["generate", "--run", "R", "--weights", "-1,0,0", "--weights", "-0.5,1e-3,2",
+                                          "--prompt", "x", "--seed", "-3"])
+    assert args.weights == ["-1,0,0", "-0.5,1e-3,2"] and args.seed == -3
+    assert parse_weights(args.weights) == [[-1.0, 0.0, 0.0], [-0.5, 0.001, 2.0]]
+    with pytest.raises(SystemExit):  # a real option after --weights is still an option, not a value
+        cli.build_parser().parse_args(["generate", "--run", "R", "--weights", "--prompt", "x"])
+
+
+def _console_handler(stream):
+    import logging
+
+    h = logging.StreamHandler(stream)
+    h.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.getLogger().addHandler(h)
+    return h
+
+
+def test_log_lines_print_above_rich_bars_not_through_them(monkeypatch):
+    """On a terminal the rich bars own the screen: a log line goes through their console (printed above the bars),
+    not straight to stderr in the middle of a bar; the handler's stream is restored afterwards."""
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from emorl import progress, utils
+
+    screen = io.StringIO()
+    monkeypatch.setattr(utils, "_CONSOLE", Console(file=screen, force_terminal=True, width=100))
+    err = sys.stderr
+    handler = _console_handler(err)
+    try:
+        bars = progress.Progress(True, plain=False)
+        with bars.run():
+            bars.add("train", 4)
+            assert handler.stream is not err  # routed through the live display while it runs
+            logging.getLogger("emorl.test").warning("a log line during the bars")
+            bars.update("train", 2, "")
+        assert handler.stream is err
+    finally:
+        logging.getLogger().removeHandler(handler)
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line).strip() for line in screen.getvalue().splitlines()]
+    # rich prints it on a line of its own, above the live region (no bar text on that line)
+    assert "WARNING a log line during the bars" in lines, lines
+
+
+def test_log_lines_go_through_tqdm_write_while_a_bar_is_open(monkeypatch):
+    """progress_bar on a terminal: while the bar is open the console handler is tqdm's (tqdm.write clears the bar,
+    prints the line, redraws the bar); the original handler is back after close()."""
+    import logging
+
+    from emorl.progress import progress_bar
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    handler = _console_handler(sys.stderr)
+    try:
+        bar = progress_bar(3, "decode")
+        routed = [h for h in logging.getLogger().handlers if type(h).__name__ == "_TqdmLoggingHandler"]
+        assert len(routed) == 1 and handler not in logging.getLogger().handlers
+        bar.update(1)
+        bar.close()
+        bar.close()  # closing twice (tqdm's __del__ closes too) restores once
+        assert handler in logging.getLogger().handlers
+        assert not [h for h in logging.getLogger().handlers if type(h).__name__ == "_TqdmLoggingHandler"]
+    finally:
+        logging.getLogger().removeHandler(handler)
+
+
 def test_third_party_warnings_go_to_the_log_file_not_the_console(tmp_path, capsys):
     import logging
     import warnings

@@ -150,5 +150,5 @@ def test_adapters_decode_with_the_prompt_format_they_were_trained_with(tmp_path:
     via_run = capsys.readouterr().out
     assert main(["generate", "--adapters", str(run / "adapters" / "reflection"), *common]) == 0
     via_adapters = capsys.readouterr().out
-    assert [json.loads(x)["response"] for x in via_run.splitlines()] == \
-        [json.loads(x)["response"] for x in via_adapters.splitlines()]
+    assert [json.loads(x)["reply"] for x in via_run.splitlines()] == \
+        [json.loads(x)["reply"] for x in via_adapters.splitlines()]

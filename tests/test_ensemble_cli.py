@@ -78,7 +78,7 @@ def test_cli_run_weights_points_and_scores(run_dir: Path, tmp_path: Path) -> Non
     assert rows[0]["weights"] == {"short": 1.0, "long": 0.5} and rows[0]["mode"] == "hidden"
     assert set(rows[0]["scores"]) == {"short", "long"} and all(0 <= v <= 1 for v in rows[0]["scores"].values())
     ref = EnsembleModel.from_run(run_dir).generate(PROMPTS, [[1, 0.5], [0, 1]], max_new_tokens=4)
-    assert [r["response"] for r in rows] == ref.texts[0] + ref.texts[1]
+    assert [r["reply"] for r in rows] == ref.texts[0] + ref.texts[1]
 
 
 def test_cli_adapters_input_file_and_sampling(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -12,18 +12,8 @@ import torch
 
 from emorl.config import GenerationConfig, LoraConfig, ModelConfig, load_config
 from emorl.decoding import Decoder, plain_generation_config
-from emorl.evaluate import (
-    MethodSpec,
-    distinct_n,
-    diversity_reference,
-    eval_prompts,
-    evaluate_run,
-    mean_std,
-    reply_metrics,
-    resolve_methods,
-    summarise,
-    training_cost,
-)
+from emorl.evaluate import distinct_n, diversity_reference, evaluate_run, mean_std, reply_metrics, summarise
+from emorl.methods import MethodSpec, eval_prompts, resolve_methods, training_cost
 from emorl.models import AdapterInfo, add_adapters, load_base, save_adapter
 from emorl.utils import EmorlError, atomic_write_json
 
@@ -295,7 +285,7 @@ def test_generate_method_reproduces_the_evaluated_replies(tmp_path, tiny_base, c
     """`emorl generate --run RUN --method M --seed S` decodes M exactly as the evaluation did (its stored weights,
     mode and anchor; the run's eval.generation): the same replies as RUN/eval/replies/M.jsonl for seed S."""
     from emorl.cli import main
-    from emorl.evaluate import eval_prompts
+    from emorl.methods import eval_prompts
 
     cfg, run = make_run(tmp_path, tiny_base, search_modes=("hidden", "params-convex"))
     cfg.eval.seeds = [0, 5]
@@ -308,12 +298,12 @@ def test_generate_method_reproduces_the_evaluated_replies(tmp_path, tiny_base, c
     for method in ("base", "emorl", "soups-avg", "uniform"):
         stored = [json.loads(x) for x in (run / "eval" / "replies" / f"{method}.jsonl").read_text().splitlines()]
         assert main(["generate", "--run", str(run), "--method", method, "--seed", "5", "--input", str(inp)]) == 0
-        got = [json.loads(x)["response"] for x in capsys.readouterr().out.splitlines()]
+        got = [json.loads(x)["reply"] for x in capsys.readouterr().out.splitlines()]
         assert got == [r["reply"] for r in stored if r["seed"] == 5], method
     out = tmp_path / "base.jsonl"  # written to a file too (the log line after it once crashed for --method)
     assert main(["generate", "--run", str(run), "--method", "base", "--seed", "5", "--input", str(inp),
                  "--output", str(out)]) == 0
-    assert [json.loads(x)["response"] for x in out.read_text().splitlines()] == [
+    assert [json.loads(x)["reply"] for x in out.read_text().splitlines()] == [
         json.loads(x)["reply"] for x in (run / "eval" / "replies" / "base.jsonl").read_text().splitlines()
         if json.loads(x)["seed"] == 5]
     assert len({tuple(json.loads(x)["reply"] for x in (run / "eval" / "replies" / f"{m}.jsonl").read_text()

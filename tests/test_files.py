@@ -109,7 +109,7 @@ def test_cut_checkpoint_file_is_a_clear_error(tmp_path, fname):
 
 
 def test_corrupt_model_cache_entry_is_rebuilt(tmp_path, caplog):
-    from emorl.models import _atomic_dir
+    from emorl.models.gguf import _atomic_dir
 
     builds = []
 

@@ -12,7 +12,7 @@ import torch
 from emorl.config import load_config
 from emorl.evaluate import evaluate_run
 from emorl.front import front_run
-from emorl.front.lattice import lattice, score_lattice
+from emorl.front.lattice import box_lattice, score_lattice
 from emorl.models import AdapterInfo, add_adapters, save_adapter
 from emorl.utils import EmorlError, atomic_write_json
 
@@ -100,9 +100,9 @@ def test_analyse_by_hand():
 
 
 def test_lattice_and_modes():
-    pts = lattice(2, 0.5, 1.0)
+    pts = box_lattice(2, 0.5, 1.0)
     assert pts.tolist() == [[0, 0.5], [0, 1], [0.5, 0], [0.5, 0.5], [0.5, 1], [1, 0], [1, 0.5], [1, 1]]
-    assert len(lattice(3, 0.25, 1.0)) == 5 ** 3 - 1
+    assert len(box_lattice(3, 0.25, 1.0)) == 5 ** 3 - 1
 
 
 def test_convex_lattice_points_share_a_ray_decode_anchored_ones_do_not():

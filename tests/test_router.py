@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from emorl.router.compare import paired_bootstrap, summarise, weights_figure
-from emorl.router.data import Block, RouterData, lattice, load_data, save_data, search_block
+from emorl.router.data import Block, RouterData, load_data, save_data, search_block, simplex_lattice
 from emorl.router.fit import fit_router
 from emorl.router.store import ROUTER_VERSION, load_router, save_router
 from emorl.utils import EmorlError
@@ -42,7 +42,7 @@ def synthetic(n: int = 40, seed: int = 0) -> tuple[RouterData, np.ndarray, np.nd
     rng = np.random.default_rng(seed)
     group = np.arange(n) % 2
     emb = prompts_of(group, rng)
-    pts = lattice(3, 0.25)
+    pts = simplex_lattice(3, 0.25)
     agg = true_score(pts, group) + rng.normal(0, 0.005, (n, len(pts)))  # (B, P)
     scores = np.repeat(agg.T[:, None, :, None], 3, axis=3)  # every objective = the aggregate
     data = RouterData(NAMES, NAMES, [Block([f"p{i}" for i in range(n)], pts, scores)])
@@ -50,11 +50,11 @@ def synthetic(n: int = 40, seed: int = 0) -> tuple[RouterData, np.ndarray, np.nd
 
 
 def test_lattice_points_are_the_simplex_grid() -> None:
-    assert lattice(2, 0.5).tolist() == [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
-    pts = lattice(3, 0.25)
+    assert simplex_lattice(2, 0.5).tolist() == [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
+    pts = simplex_lattice(3, 0.25)
     assert pts.shape == (15, 3) and np.allclose(pts.sum(1), 1) and len({tuple(p) for p in pts}) == 15
     with pytest.raises(EmorlError, match="1/step must be a whole number"):
-        lattice(3, 0.3)
+        simplex_lattice(3, 0.3)
 
 
 @pytest.mark.parametrize("method", ["knn", "ridge"])
@@ -160,7 +160,7 @@ def test_summarise_oracle_takes_each_prompts_best_point() -> None:
 
 def test_weights_figure_is_a_png(tmp_path: Path) -> None:
     data, emb, _ = synthetic(n=12)
-    w = lattice(3, 0.25)[:12]
+    w = simplex_lattice(3, 0.25)[:12]
     weights_figure(w, emb, NAMES, tmp_path / "w.png")
     assert (tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -195,10 +195,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_tiny_end_to_end_route_generate_auto_and_evaluate(tiny_run: Path, tmp_path: Path) -> None:
     from emorl.cli import main
+    from emorl.config import load_run_config
     from emorl.evaluate import evaluate_run
     from emorl.router.compare import compare_run
     from emorl.router.run import fit_run
-    from emorl.search.runner import load_run_config
 
     cfg = load_run_config(tiny_run)
     router, meta = fit_run(tiny_run, cfg)
@@ -220,9 +220,9 @@ def test_tiny_end_to_end_route_generate_auto_and_evaluate(tiny_run: Path, tmp_pa
     replies = [json.loads(x) for x in (tiny_run / "eval" / "replies" / "emorl-routed.jsonl").read_text().splitlines()]
     prompts = [r["prompt"] for r in replies]
     assert len(replies) == 4
-    from emorl.decoding import generation_kwargs
+    from emorl.decoding import decode_routed, generation_kwargs
     from emorl.ensemble import EnsembleModel
-    from emorl.router import decode_routed, route
+    from emorl.router import route
 
     ens = EnsembleModel.from_run(tiny_run)
     w, _, _ = route(tiny_run, ens, prompts)  # the evaluation decodes exactly what the router picks
@@ -234,7 +234,7 @@ def test_tiny_end_to_end_route_generate_auto_and_evaluate(tiny_run: Path, tmp_pa
     r = rep["results"]["mean_reward"]
     # no search in this run: the global vector is the lattice point best on average over the training prompts
     assert rep["global_weights"] == router.global_weights.tolist() and rep["global_source"] != "search"
-    assert router.global_weights.tolist() in lattice(2, 0.5).tolist()
+    assert router.global_weights.tolist() in simplex_lattice(2, 0.5).tolist()
     assert r["oracle"]["mean"] >= max(r["global"]["mean"], r["uniform"]["mean"]) - 1e-12
     assert rep["pairs"] == 3 and len(rep["weights"]) == 3 and (tiny_run / "router" / "compare.json").exists()
 

@@ -136,7 +136,7 @@ def test_params_mode_decodes_base_at_zero_and_cli(run_dir, capsys):
     those of the evaluated base for that seed (one decoding path). Sampled, so the seed matters."""
     from emorl.cli import main
     from emorl.decoding import Decoder
-    from emorl.evaluate import MethodSpec
+    from emorl.methods import MethodSpec
     from emorl.rewards import build_rewards, score
 
     rc = main(["search", "--run", str(run_dir), "--mode", "params", "--iterations", "1", "--no-plots",

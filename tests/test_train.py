@@ -12,7 +12,8 @@ from emorl.config import ModelConfig, load_config
 from emorl.data import Record
 from emorl.models import load_adapters, load_base, read_adapter_info
 from emorl.rewards import RewardError
-from emorl.train.trainer import Trainer, coefficient_of_variation_converged
+from emorl.train.policy import coefficient_of_variation_converged
+from emorl.train.trainer import Trainer
 from emorl.utils import EmorlError
 
 

@@ -26,7 +26,7 @@ from emorl.utils import EmorlError
 # subcommand name -> module with add_parser(); each must import cheaply (no torch: `emorl --help` stays fast)
 SUBCOMMANDS = {
     "train": "emorl.train.cli",
-    "generate": "emorl.ensemble.cli",
+    "generate": "emorl.generate_cli",
     "search": "emorl.search.cli",
     "evaluate": "emorl.evaluate_cli",
     "run": "emorl.pipeline",
@@ -37,19 +37,6 @@ SUBCOMMANDS = {
     "serve": "emorl.serve.cli",
     "judge": "emorl.judge.cli",
 }
-
-
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    """--config/--preset and trailing key=value overrides, shared by every stage command."""
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--config", help="YAML config file")
-    g.add_argument("--preset", help="built-in preset: default, tiny, paper-t5-pair")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted config overrides, e.g. train.lr=3e-4 train.max_steps=50")
-
-
-def config_source(args: argparse.Namespace) -> str | None:
-    return args.config or args.preset
 
 
 _MARKUP = [(re.compile(r"``(.+?)``", re.S), r"\1"), (re.compile(r":[a-z]+:`~?(.+?)`"), r"\1"),

@@ -8,7 +8,7 @@ from emorl.config import describe, load_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from emorl.cli import add_config_args
+    from emorl.cli_common import add_config_args
 
     p = sub.add_parser("config", help="show the resolved config (or all keys with --keys)")
     add_config_args(p)
@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emorl.cli import config_source
+    from emorl.cli_common import config_source
 
     if args.keys:
         for key, default, help_ in describe():

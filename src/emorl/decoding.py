@@ -6,6 +6,8 @@ same wherever they are made. What it owns:
 
 * the prompt format (the base's chat template, system prompt and ``max_prompt_tokens``; an adapter folder records
   the ones it was trained with, :func:`prompt_config`),
+* per-prompt weights (:func:`decode_routed`: a routed method's rows, computed by the router above this layer and
+  handed down in :attr:`emorl.methods.MethodSpec.row_weights`),
 * the EOS ids (:func:`emorl.models.eos_ids`) and the common random numbers (:mod:`emorl.sampling`),
 * each mode's weight rule (:func:`~emorl.ensemble.decoder.weight_rule`: ``anchor="base"`` or the convex
   ``"none"``), and the base model as the anchored point w = 0 (the LoRA bank's zero slot),
@@ -19,11 +21,18 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from emorl.config import GenerationConfig
+from emorl.utils import EmorlError
 
-__all__ = ["Decoder", "decode_with", "generation_kwargs", "parse_mix", "plain_generation_config", "prompt_config"]
+if TYPE_CHECKING:
+    from emorl.methods import MethodSpec
+
+__all__ = ["Decoder", "decode_routed", "decode_with", "generation_kwargs", "groups", "parse_mix",
+           "plain_generation_config", "prompt_config"]
 
 
 def generation_kwargs(gen: GenerationConfig) -> dict[str, Any]:
@@ -58,15 +67,32 @@ def prompt_config(folder: str | Path) -> dict[str, Any]:
     return dict(read_adapter_info(folder).prompt or {})
 
 
-class Method(Protocol):
-    """What :meth:`Decoder.decode` needs of a method (e.g. :class:`emorl.evaluate.MethodSpec`)."""
+def groups(weights: np.ndarray, decimals: int = 9) -> list[tuple[np.ndarray, list[int]]]:
+    """[(weight vector, prompt indices)] for the distinct rows of ``weights``, in order of first appearance."""
+    out: dict[tuple[float, ...], list[int]] = {}
+    for i, w in enumerate(np.round(np.asarray(weights, dtype=np.float64), decimals)):
+        out.setdefault(tuple(w.tolist()), []).append(i)
+    return [(np.array(k), v) for k, v in out.items()]
 
-    name: str
-    kind: str  # base | adapter | ensemble
-    mode: str | None
-    anchor: str
-    adapters: dict[str, Path]
-    weights: list[float] | None
+
+def decode_routed(ens: Any, prompts: list[str], weights: Any, *, mode: str = "hidden", seed: int = 0,
+                  anchor: str = "none", **gen: Any) -> tuple[list[str], list[int]]:
+    """Replies and token counts, in prompt order, each prompt decoded with its own row of ``weights`` (B×K).
+
+    Prompts that share their row are decoded together in one ``generate``, so a group's replies are exactly what
+    ``generate`` gives for those prompts and that point (sampling draws its uniforms by a prompt's position in the
+    call: within its group). A router's rows lie on the simplex, where the convex and base-anchored rules agree."""
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (len(prompts), ens.k):
+        raise EmorlError(f"per-prompt weights: expected shape ({len(prompts)}, {ens.k}), got {weights.shape}")
+    texts: list[str] = [""] * len(prompts)
+    lengths = [0] * len(prompts)
+    for w, idx in groups(weights):
+        res = ens.generate([prompts[i] for i in idx], w, mode=mode, seed=seed, anchor=anchor, **gen)
+        for j, i in enumerate(idx):
+            texts[i] = res.texts[j]
+            lengths[i] = int(res.lengths[j])
+    return texts, lengths
 
 
 class Decoder:
@@ -101,12 +127,10 @@ class Decoder:
         return self.ensemble(adapters).generate(list(prompts), weights, mode=mode, anchor=anchor, seed=seed,
                                                 **(generation_kwargs(self.gen) | kw))
 
-    def result(self, spec: Method, prompts: Sequence[str], seed: int, **kw: Any) -> Any:
+    def result(self, spec: MethodSpec, prompts: Sequence[str], seed: int, **kw: Any) -> Any:
         """The :class:`~emorl.ensemble.GenerationResult` of one method for one seed (not for routed methods, whose
         prompts each have their own weights: use :meth:`decode`)."""
         if spec.kind == "routed":
-            from emorl.utils import EmorlError
-
             raise EmorlError(f"{spec.name}: a routed method picks weights per prompt; decode it with "
                              f"`emorl generate --run RUN --weights auto`")
         if spec.kind == "base":
@@ -115,15 +139,15 @@ class Decoder:
         return self.generate(spec.adapters, prompts, spec.weights, spec.mode or "hidden",
                              getattr(spec, "anchor", "base"), seed, **kw)
 
-    def decode(self, spec: Method, prompts: Sequence[str], seed: int) -> tuple[list[str], list[int]]:
-        """Replies and their token counts of one method for one seed."""
-        if spec.kind == "routed":  # per-prompt weights from the run's router (emorl.router)
-            from emorl.router import decode_routed, route
-
-            ens = self.ensemble(spec.adapters)
-            weights, _, _ = route(spec.router, ens, list(prompts))
-            return decode_routed(ens, list(prompts), weights, mode=spec.mode or "hidden", seed=seed,
-                                 **generation_kwargs(self.gen))
+    def decode(self, spec: MethodSpec, prompts: Sequence[str], seed: int) -> tuple[list[str], list[int]]:
+        """Replies and their token counts of one method for one seed (a routed method: with its per-prompt
+        ``row_weights``, which the caller sets from the router)."""
+        if spec.kind == "routed":
+            if spec.row_weights is None:
+                raise EmorlError(f"{spec.name}: no per-prompt weights; the caller routes the prompts first "
+                                 f"(emorl.evaluate.with_routes)")
+            return decode_routed(self.ensemble(spec.adapters), list(prompts), spec.row_weights,
+                                 mode=spec.mode or "hidden", seed=seed, **generation_kwargs(self.gen))
         res = self.result(spec, prompts, seed)
         return list(res.texts), [int(x) for x in res.lengths.tolist()]
 
@@ -154,7 +178,6 @@ CONVEX_SUFFIX = "-convex"
 def parse_mix(key: str, default_anchor: str = "base") -> tuple[str, str]:
     """(mode, anchor) of a search key such as ``hidden``, ``hidden-convex``, ``params``, ``params-convex``."""
     from emorl.ensemble.decoder import MODES, weight_rule
-    from emorl.utils import EmorlError
 
     mode, anchor = (key.removesuffix(CONVEX_SUFFIX), "none") if key.endswith(CONVEX_SUFFIX) else (key, default_anchor)
     if mode not in MODES:

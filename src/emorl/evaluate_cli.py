@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from emorl.evaluate import METHODS
+    from emorl.methods import METHODS
 
     p = sub.add_parser("evaluate", help="evaluate the base, EMORL and the baselines on the test split",
                        description="Decode every method on the same prompts with the same decoding settings and "
@@ -32,10 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emorl.config import eval_overrides
+    from emorl.cli_common import eval_overrides
+    from emorl.config import load_run_config
     from emorl.evaluate import evaluate_run
     from emorl.pipeline import set_threads
-    from emorl.search.runner import load_run_config
     from emorl.utils import console
 
     set_threads(args.threads)

@@ -1,6 +1,9 @@
 """Progress bars for long work (training, search, decoding, evaluation): rich bars on a terminal, a plain line every
 N seconds where stdout is not one (CI logs, ``| tee``). A module of its own so every stage can use it without
-importing the trainer."""
+importing the trainer.
+
+While bars are drawn, console log lines go through the bars' own writer (rich's console, ``tqdm.write``), which
+prints them above the bars: a log line never splits a bar."""
 
 from __future__ import annotations
 
@@ -41,6 +44,8 @@ class Progress:
                     if t["printed_at"] != t["completed"]:
                         self._print_line(name)
             return
+        import sys
+
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.progress import Progress as RichProgress
 
@@ -50,9 +55,12 @@ class Progress:
             TextColumn("[bold]{task.fields[name]:>12}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console(),
             transient=False)
-        with self._p:
-            yield self
-        self._p = None
+        consoles = (sys.stdout, sys.stderr)
+        try:
+            with self._p, logs_through(sys.stderr, consoles):  # rich's live display swapped stderr for its proxy
+                yield self
+        finally:
+            self._p = None
 
     def add(self, name: str, total: int, completed: int = 0) -> None:
         if not self.enabled:
@@ -116,14 +124,52 @@ class PlainBar:
             self._p._print_line(self.desc)
 
 
+@contextlib.contextmanager
+def logs_through(stream: Any, consoles: tuple[Any, ...]) -> Iterator[None]:
+    """Inside the block, the root logger's console handlers (plain stream handlers writing to one of ``consoles``)
+    write to ``stream`` instead: rich's proxy, which prints a line above the live bars. Restored on exit."""
+    import logging
+
+    if stream in consoles:  # not redirected (no live display): nothing to route
+        yield
+        return
+    swapped = [(h, h.stream) for h in logging.getLogger().handlers
+               if type(h) is logging.StreamHandler and h.stream in consoles]
+    for h, _ in swapped:
+        h.setStream(stream)
+    try:
+        yield
+    finally:
+        for h, old in swapped:
+            h.setStream(old)
+
+
 def progress_bar(total: int, desc: str, unit: str = "it") -> Any:
-    """tqdm on a terminal, :class:`PlainBar` lines where stdout is not one (CI logs, ``| tee``)."""
+    """tqdm on a terminal (log lines go through ``tqdm.write`` while it is open: tqdm's
+    ``logging_redirect_tqdm``), :class:`PlainBar` lines where stdout is not one (CI logs, ``| tee``)."""
     import sys
 
     if sys.stdout.isatty():
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
-        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+        class LoggingBar(tqdm):  # type: ignore[misc,valid-type]
+            """A tqdm bar that routes console log lines above itself from creation to :meth:`close`."""
+
+            def __init__(self, *args: Any, **kw: Any) -> None:
+                self._redirect: Any = logging_redirect_tqdm(tqdm_class=tqdm)
+                self._redirect.__enter__()
+                super().__init__(*args, **kw)
+
+            def close(self) -> None:
+                try:
+                    super().close()
+                finally:
+                    redirect, self._redirect = getattr(self, "_redirect", None), None
+                    if redirect is not None:
+                        redirect.__exit__(None, None, None)
+
+        return LoggingBar(total=total, desc=desc, unit=unit, dynamic_ncols=True)
     return PlainBar(total, desc, unit)
 
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from emorl.ensemble.model import EnsembleModel
     from emorl.lora_bank import LoraBank, lora_bank, lora_layers
 
-# imported on first use, so `emorl generate --help` (emorl.ensemble.cli) does not wait for torch
+# imported on first use, so `emorl generate --help` (emorl.generate_cli) does not wait for torch
 _LAZY = {"ANCHORS": "emorl.ensemble.decoder", "MODES": "emorl.ensemble.decoder",
          "GenerationResult": "emorl.ensemble.decoder", "check_weights": "emorl.ensemble.decoder",
          "is_scale_invariant": "emorl.ensemble.decoder", "weight_rule": "emorl.ensemble.decoder",

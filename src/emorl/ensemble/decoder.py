@@ -133,7 +133,7 @@ class GenerationResult:
     def records(self) -> list[dict[str, Any]]:
         """One dict per (point, prompt): prompt, weights, mode, response — the rows of ``emorl generate``."""
         return [{"prompt": p, "weights": dict(zip(self.names, map(float, self.weights[g]), strict=True)),
-                 "mode": self.mode, "anchor": self.anchor, "response": self.all_texts[g][b]}
+                 "mode": self.mode, "anchor": self.anchor, "reply": self.all_texts[g][b]}
                 for g in range(len(self.all_texts)) for b, p in enumerate(self.prompts)]
 
 

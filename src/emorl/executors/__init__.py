@@ -13,49 +13,14 @@ reproducible per adapter whichever others train beside it, and a weight point de
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
+
+from emorl.executors.base import KINDS, Decoded, Executor, TrainJob
 
 if TYPE_CHECKING:
     from emorl.config import RunConfig
-    from emorl.evaluate import MethodSpec
     from emorl.executors.local import Resources
-
-KINDS = ("local", "ray")
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    """``strategy`` ``single``: train one adapter per objective in ``objectives``; a baseline strategy (``uniform``,
-    ``dynaopt``, ``fixed``): one policy on all the run's objectives."""
-
-    strategy: str
-    objectives: tuple[str, ...]
-
-
-# (seed, replies, reply lengths in tokens, decode seconds) for one method and seed
-Decoded = tuple[int, list[str], list[int], float]
-
-
-class Executor(Protocol):
-    name: str
-    res: Resources  # the driver's model, rewards and data (the driver scores evaluation replies)
-
-    def train(self, jobs: list[TrainJob], *, resume: bool, progress: bool) -> None:
-        """Train every job into the run folder; finished adapters are skipped, ``resume`` continues checkpoints."""
-
-    def search_objective(self, mode: str, names: list[str], prompts: list[str], seeds: list[int] | None = None
-                         ) -> Any:
-        """A search objective (``objective(points) -> [Score]``, ``.degenerate()``) over the run's adapters."""
-
-    def decode_methods(self, specs: list[MethodSpec], prompts: list[str], seeds: list[int]
-                       ) -> Iterator[tuple[MethodSpec, list[Decoded]]]:
-        """Each method's replies for every seed, method by method (in any order)."""
-
-    def close(self) -> None:
-        """Release workers (and a Ray instance this executor started)."""
 
 
 def make_executor(cfg: RunConfig, run: Path, res: Resources | None = None) -> Executor:

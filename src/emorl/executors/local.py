@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from emorl.config import RunConfig
-from emorl.executors import Decoded, TrainJob
+from emorl.executors.base import Decoded, TrainJob
 
 
 class Resources:
@@ -72,7 +72,7 @@ class LocalExecutor:
             trainer = Trainer(job_config(self.cfg, job), self.run, base=self.res.base, rewards=self.res.rewards,
                               splits=self.res.splits, progress=progress, strategies=strategies)
             trainer.train(resume=resume)
-            if trainer._stop.is_set():
+            if trainer.stopped:
                 raise KeyboardInterrupt
 
     def search_objective(self, mode: str, names: list[str], prompts: list[str], seeds: list[int] | None = None
@@ -88,7 +88,7 @@ class LocalExecutor:
     def decode_methods(self, specs: list[Any], prompts: list[str], seeds: list[int]
                        ) -> Iterator[tuple[Any, list[Decoded]]]:
         from emorl.decoding import Decoder, decode_with
-        from emorl.evaluate import any_adapter
+        from emorl.methods import any_adapter
 
         yield from decode_with(Decoder(self.res.base, self.cfg.eval.generation, any_adapter(self.run, specs)))(
             specs, prompts, seeds)

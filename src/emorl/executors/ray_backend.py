@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from emorl.config import RunConfig
-from emorl.executors import Decoded, TrainJob
+from emorl.executors.base import Decoded, TrainJob
 from emorl.executors.files import Files, pack, replace_folder, unpack
 from emorl.executors.local import Resources, job_config
 from emorl.utils import EmorlError, atomic_write_bytes
@@ -129,7 +129,7 @@ def train_task(cfg_dict: dict[str, Any], strategy: str, objective: str | None, k
         trainer.callbacks.append(push)
         trainer.train(resume=bool(start))
         out = f"adapters/{objective}" if strategy == "single" else f"baselines/{strategy}"
-        if trainer._stop.is_set() or not _finished(run / out):  # never hand back an unfinished adapter
+        if trainer.stopped or not _finished(run / out):  # never hand back an unfinished adapter
             raise RuntimeError(f"training job {key} stopped before it finished")
         return pack(run, [out, f"curves/{trainer.tag}.json", f"logs/{trainer.tag}.jsonl"])
 
@@ -371,7 +371,7 @@ class RayExecutor:
 
     def decode_methods(self, specs: list[Any], prompts: list[str], seeds: list[int]
                        ) -> Iterator[tuple[Any, list[Decoded]]]:
-        from emorl.evaluate import any_adapter
+        from emorl.methods import any_adapter
 
         ray = self.ray
         workers = self._pool()

@@ -23,8 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from emorl.config import load_run_config
     from emorl.front import front_run
-    from emorl.search.runner import load_run_config
 
     run_dir = Path(args.run)
     cfg = load_run_config(run_dir, args.overrides)

@@ -18,7 +18,7 @@ import numpy as np
 from emorl.config import GenerationConfig
 
 
-def lattice(k: int, step: float, w_max: float) -> np.ndarray:
+def box_lattice(k: int, step: float, w_max: float) -> np.ndarray:
     """Every point of {0, step, ..., w_max}^K except the origin, in lexicographic order."""
     n = int(round(w_max / step))
     axis = [round(i * step, 10) for i in range(n + 1)]

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from emorl.config import RunConfig
-from emorl.front.lattice import lattice, score_lattice
+from emorl.front.lattice import box_lattice, score_lattice
 from emorl.stats import dominance, hypervolume_ci, hypervolume_difference, pareto_front
 from emorl.utils import EmorlError, atomic_write_json
 
@@ -54,7 +54,8 @@ def searched_point(run: Path, key: str, names: list[str]) -> list[float] | None:
 
 def _inputs(run: Path, cfg: RunConfig) -> tuple[dict[str, Any], list[str], list[int], np.ndarray]:
     """The evaluation the front pairs with: its results, prompts, seeds and the base model's per-unit scores."""
-    from emorl.evaluate import decode_seeds, eval_prompts, load_results
+    from emorl.evaluate import load_results
+    from emorl.methods import decode_seeds, eval_prompts
 
     results = load_results(run)
     fix = f"`emorl evaluate --run {run}` (with `base` among the methods)"
@@ -102,8 +103,9 @@ def front_run(run_dir: str | Path, cfg: RunConfig | None = None, *, base: Any = 
               rewards: dict[str, Any] | None = None, progress: bool = True, force: bool = False,
               plot: bool = True) -> dict[str, Any]:
     """Decode (or reuse) every mode's lattice, analyse the fronts, write ``RUN/front/``; returns front.json."""
-    from emorl.evaluate import ensemble_objectives
-    from emorl.search.runner import adapter_folders, load_run_config
+    from emorl.config import load_run_config
+    from emorl.methods import ensemble_objectives
+    from emorl.search.runner import adapter_folders
     from emorl.search.store import adapter_identity
 
     run = Path(run_dir)
@@ -120,7 +122,7 @@ def front_run(run_dir: str | Path, cfg: RunConfig | None = None, *, base: Any = 
         from emorl.decoding import parse_mix
 
         mode, anchor = parse_mix(entry, cfg.search.anchor)  # a search key: hidden, hidden-convex, params, ...
-        pts = lattice(len(names), fc.step, fc.w_max)
+        pts = box_lattice(len(names), fc.step, fc.w_max)
         searched = searched_point(run, entry, names)
         if searched is not None and not any(np.allclose(p, searched) for p in pts):
             pts = np.vstack([pts, searched])

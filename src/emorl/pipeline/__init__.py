@@ -215,7 +215,7 @@ def _print_table(run: Path) -> None:
 # ------------------------------------------------------------------------------------------- CLI
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from emorl.cli import add_config_args
+    from emorl.cli_common import add_config_args
 
     p = sub.add_parser("run", help="the whole study: train, baselines, search, evaluate, report",
                        description="The whole study in one command: train the K objective adapters (EMORL) and the "
@@ -238,8 +238,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path]:
-    from emorl.cli import config_source
-    from emorl.config import eval_overrides, load_config
+    from emorl.cli_common import config_source, eval_overrides
+    from emorl.config import load_config
 
     overrides = [*args.overrides, *eval_overrides(args)]
     if getattr(args, "executor", None):

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from emorl.evaluate import method_kind
+from emorl.methods import method_kind
 from emorl.pipeline.plan import Plan
 
 
@@ -139,7 +139,7 @@ def estimate(plan: Plan, speed: Speed) -> None:
         rows = points * prompts * width
         return DECODE_FACTOR * speed.gen(rows, tokens, prompt_len, prompts * width if shared else rows)
 
-    from emorl.train.trainer import val_every
+    from emorl.train.policy import val_every
 
     def training(policies: int, strategy: str) -> float:
         rows = policies * t.batch_size * t.k
@@ -189,7 +189,7 @@ def estimate(plan: Plan, speed: Speed) -> None:
         n = rc.prompts or 64
         s.estimate_s = len(rc.seeds) * (mix(pts, n, k_obj, True, g.max_new_tokens) + pts * n * speed.reward_s * k_obj)
     for s in plan.todo("evaluate"):
-        from emorl.evaluate import decode_seeds
+        from emorl.methods import decode_seeds
 
         seeds = len(decode_seeds(cfg))
         g = cfg.eval.generation
@@ -198,7 +198,7 @@ def estimate(plan: Plan, speed: Speed) -> None:
                   if method_kind(m)[0] in ("ensemble", "routed") else 1 for m in plan.methods]
         s.estimate_s = seeds * sum(mix(1, n, w, True, g.max_new_tokens) + n * speed.reward_s * k_obj for w in widths)
     for s in plan.todo("front"):
-        from emorl.evaluate import decode_seeds
+        from emorl.methods import decode_seeds
 
         fc, g = cfg.front, cfg.eval.generation
         lattice = (int(round(fc.w_max / fc.step)) + 1) ** k_obj

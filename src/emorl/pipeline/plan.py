@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from emorl.config import RunConfig
-from emorl.evaluate import ensemble_objectives, expand_methods, method_kind
+from emorl.methods import ensemble_objectives, expand_methods, method_kind
 from emorl.utils import EmorlError, atomic_write_json
 
 log = logging.getLogger("emorl.run")
@@ -255,7 +255,8 @@ def file_hash(path: Path) -> str | None:
 
 
 def _eval_current(cfg: RunConfig, run: Path, methods: list[str]) -> bool:
-    from emorl.evaluate import decode_seeds, eval_prompts, load_results, method_signature, resolve_methods
+    from emorl.evaluate import load_results, method_signature
+    from emorl.methods import decode_seeds, eval_prompts, resolve_methods
 
     try:
         old = load_results(run)

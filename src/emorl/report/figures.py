@@ -136,7 +136,7 @@ def plot_search_modes(histories: dict[str, list[float]], evaluations: dict[str, 
         return None
     fig = Figure(figsize=(7, 4.6), layout="constrained")
     ax = fig.subplots()
-    from emorl.evaluate import LABELS, MODE_METHOD
+    from emorl.methods import LABELS, MODE_METHOD
 
     styles = method_styles([MODE_METHOD.get(mode, mode) for mode in histories])
     for mode, h in histories.items():

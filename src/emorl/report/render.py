@@ -51,7 +51,7 @@ def collect_policies(run: Path, objectives: list[str]) -> dict[str, dict[str, An
             folders.append((f"EMORL: {name}", "emorl", adir / name))
     bdir = run / "baselines"
     if bdir.exists():
-        from emorl.evaluate import LABELS
+        from emorl.methods import LABELS
 
         order = list(LABELS)
         for p in sorted(bdir.iterdir(), key=lambda p: (order.index(p.name) if p.name in order else 99, p.name)):
@@ -189,7 +189,7 @@ def make_figures(run: Path, results: dict[str, Any], policies: dict[str, dict[st
 
 
 def _used_weights(results: dict[str, Any]) -> dict[str, dict[str, float]]:
-    from emorl.evaluate import MODE_METHOD
+    from emorl.methods import MODE_METHOD
 
     return {mode: results["methods"][m]["weights"] for mode, m in MODE_METHOD.items()
             if results["methods"].get(m, {}).get("weights")}

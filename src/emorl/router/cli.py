@@ -25,8 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from emorl.config import load_run_config
     from emorl.router.run import fit_run
-    from emorl.search.runner import load_run_config
 
     overrides = list(args.overrides)
     for flag, key in [("method", "route.method"), ("step", "route.step"), ("prompts", "route.prompts")]:

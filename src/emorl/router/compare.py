@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from emorl.router.data import lattice
-from emorl.router.decode import groups
+from emorl.decoding import groups
+from emorl.router.data import simplex_lattice
 from emorl.utils import atomic_write_json
 
 log = logging.getLogger("emorl.route")
@@ -94,7 +94,7 @@ def compare_run(run: str | Path, cfg: Any, *, base: Any = None, rewards: dict[st
                 figure: bool = True) -> dict[str, Any]:
     """Decode and score the four methods on the test split; write ``RUN/router/compare.json`` (+ the figure)."""
     from emorl.ensemble.model import EnsembleModel
-    from emorl.evaluate import decode_seeds, ensemble_objectives, eval_prompts
+    from emorl.methods import decode_seeds, ensemble_objectives, eval_prompts
     from emorl.router.decode import route
     from emorl.router.run import MODE
     from emorl.search.objective import aggregate_weights
@@ -114,7 +114,7 @@ def compare_run(run: str | Path, cfg: Any, *, base: Any = None, rewards: dict[st
     prompts = prompts or eval_prompts(cfg, "test")
     seeds = seeds or decode_seeds(cfg)
     w, far, meta = route(run, ens, prompts)
-    lat = lattice(len(names), cfg.route.step)
+    lat = simplex_lattice(len(names), cfg.route.step)
     glob = np.asarray(meta["global_weights"], dtype=np.float64)  # the search's best, else the best lattice point
     extra = np.vstack([glob[None], np.full((1, len(names)), 1 / len(names)), lat])
     table = score_table(ens, prompts, w, extra, rewards, cfg.eval.generation, seeds, MODE)

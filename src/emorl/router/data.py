@@ -55,7 +55,7 @@ class RouterData:
         return self.blocks[0]
 
 
-def lattice(k: int, step: float) -> np.ndarray:
+def simplex_lattice(k: int, step: float) -> np.ndarray:
     """Every point of the K-simplex whose coordinates are multiples of ``step`` (rows sum to 1), in a fixed order."""
     n = round(1 / step)
     if k < 1 or not 0 < step <= 1 or abs(n * step - 1) > 1e-9:
@@ -150,7 +150,7 @@ def collect(run: str | Path, cfg: Any, ens: Any, rewards: dict[str, Any], *, spl
     prompts = prompts or training_prompts(cfg, split, rc.prompts)
     names, objectives = list(ens.names), list(rewards)
     best = search_best(run, SEARCH_KEY) if rc.use_search else None
-    points = with_point(lattice(len(names), rc.step), best)
+    points = with_point(simplex_lattice(len(names), rc.step), best)
     t0 = time.perf_counter()
     scores = decode_scores(ens, prompts, points, rewards, cfg.eval.generation, list(rc.seeds), mode)
     seconds = time.perf_counter() - t0

@@ -53,7 +53,7 @@ def _jsonable(d: Any) -> Any:
 def fit_run(run: str | Path, cfg: Any, *, base: Any = None, rewards: dict[str, Any] | None = None, ens: Any = None,
             fresh: bool = False) -> tuple[Router, dict[str, Any]]:
     """Fit and store the router of ``run``; returns it and its stored metadata."""
-    from emorl.evaluate import ensemble_objectives
+    from emorl.methods import ensemble_objectives
     from emorl.search.objective import aggregate_weights
 
     run = Path(run)

@@ -33,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emorl.search.runner import load_run_config, search_run
+    from emorl.config import load_run_config
+    from emorl.search.runner import search_run
 
     overrides = list(args.overrides)
     for flag, key in [("iterations", "search.iterations"), ("prompts", "search.prompts"),

@@ -25,26 +25,20 @@ from matplotlib.patches import Rectangle
 
 from emorl.search.evaluator import PointRecord
 from emorl.search.hierarchical import SearchResult
+from emorl.stats import pareto_front
 from emorl.utils import atomic_write_bytes
 
 CMAP = "viridis"
 
 
 def pareto_mask(values: np.ndarray) -> np.ndarray:
-    """True for the rows not dominated by another row (higher is better in every column).
-
-    Rows are visited in descending lexicographic order, so any dominator of a row comes before it and, by
-    transitivity, a dominator on the front exists; each row is compared with the front only."""
+    """True for the rows not dominated by another row (higher is better in every column): the figures' mask over
+    :func:`emorl.stats.pareto_front`, which keeps one of equal rows; its copies are on the front too."""
     values = np.asarray(values, dtype=float)
-    order = np.lexsort(values.T[::-1])[::-1]
-    front: list[int] = []
-    mask = np.zeros(len(values), dtype=bool)
-    for i in order:
-        v = values[i]
-        if not any(np.all(values[j] >= v) and np.any(values[j] > v) for j in front):
-            front.append(i)
-            mask[i] = True
-    return mask
+    if len(values) == 0:
+        return np.zeros(0, dtype=bool)
+    kept = values[pareto_front(values)]
+    return (values[:, None, :] == kept[None, :, :]).all(axis=-1).any(axis=-1)
 
 
 def _finite(points: Sequence[PointRecord]) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from emorl.config import RunConfig, load_config
+from emorl.config import RunConfig, load_run_config
 from emorl.search.baselines import grid_search, random_search
 from emorl.search.hierarchical import SearchResult, check_search_args, hierarchical_search
 from emorl.search.objective import aggregate_weights, build_objective, is_scale_invariant, search_seeds
@@ -25,14 +25,6 @@ from emorl.utils import EmorlError
 log = logging.getLogger(__name__)
 
 METHODS = ("hierarchical", "grid", "random")
-
-
-def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise EmorlError(f"{path} does not exist: --run must be a run folder made by `emorl train` (it holds "
-                         f"config.yaml and adapters/<objective>/)")
-    return load_config(str(path), overrides)
 
 
 def adapter_folders(run_dir: str | Path, cfg: RunConfig, names: list[str] | None = None) -> dict[str, Path]:

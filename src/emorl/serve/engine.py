@@ -132,7 +132,7 @@ class Engine:
     def _methods(self, baselines: list[str]) -> dict[str, Method]:
         """Every method of ``emorl evaluate`` this run can serve, named as there."""
         from emorl.decoding import parse_mix
-        from emorl.evaluate import METHODS, SINGLE, method_label
+        from emorl.methods import METHODS, SINGLE, method_label
 
         out = {}
         for name, (kind, key) in METHODS.items():
@@ -149,7 +149,7 @@ class Engine:
     def _searched(self) -> dict[str, dict[str, Any]]:
         """search key -> {mode, anchor, weights, aggregate, scores} of RUN/search/<key>/best.json, for the searches
         that match these adapters (checked as ``emorl evaluate`` does)."""
-        from emorl.evaluate import resolve_methods
+        from emorl.methods import resolve_methods
 
         out = {}
         for name, m in self.methods.items():

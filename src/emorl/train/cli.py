@@ -12,7 +12,7 @@ log = logging.getLogger("emorl.train")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from emorl.cli import add_config_args
+    from emorl.cli_common import add_config_args
 
     p = sub.add_parser("train", help="train one LoRA adapter per objective (or a baseline) with k-SCST",
                        description=__doc__)
@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def resolve_run(args: argparse.Namespace) -> tuple[object, Path]:
     """Config + run folder from --run / --config / --preset / --output and the overrides."""
-    from emorl.cli import config_source
+    from emorl.cli_common import config_source
     from emorl.config import load_config
 
     overrides = list(args.overrides)
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                     f"up to {t.max_steps} steps, validation every {t.val_every} steps on {t.val_prompts} prompts")
     trainer = Trainer(cfg, run_dir, progress=not args.no_progress, force=args.force)
     infos = trainer.train(resume=args.resume)
-    if not infos and trainer._stop.is_set():
+    if not infos and trainer.stopped:
         return 130
     for name, info in infos.items():
         first, last = (info.curve[0]["value"], info.curve[-1]["value"]) if info.curve else (float("nan"),) * 2

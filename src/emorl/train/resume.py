@@ -7,7 +7,6 @@ The tensors and RNG states go through :mod:`emorl.train.checkpoint`; this module
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING, Any
 
 from emorl.train.checkpoint import load_checkpoint, save_checkpoint
@@ -30,11 +29,19 @@ def config_signature(tr: Trainer) -> dict[str, Any]:
         "objectives": {o: tr.cfg.objectives[o] for o in tr.objectives}}
 
 
+def check_signature(tr: Trainer, old: dict[str, Any]) -> None:
+    """Refuse a checkpoint written under other settings (beyond :data:`RESUMABLE_CHANGES`), naming them."""
+    sig = config_signature(tr)
+    diff = sorted(f"{s}.{k}" for s in sig for k in set(sig[s]) | set(old.get(s, {}))
+                  if isinstance(sig[s], dict) and sig[s].get(k) != old.get(s, {}).get(k))
+    if diff:
+        raise EmorlError(f"cannot resume from {tr.ckpt_dir}: the config changed in {', '.join(diff)}. Restore "
+                         f"those values, or train into a new run folder")
+
+
 def write_checkpoint(tr: Trainer) -> None:
-    state = {"signature": config_signature(tr), "elapsed": time.time() - tr._t0,
-             "policies": {p.name: p.state() for p in tr.policies}}
     save_checkpoint(tr.ckpt_dir, params={p.name: p.params for p in tr.policies},
-                    optimizers={p.name: p.optimizer for p in tr.policies}, state=state)
+                    optimizers={p.name: p.optimizer for p in tr.policies}, state=tr.state_dict())
 
 
 def resume(tr: Trainer) -> bool:
@@ -44,15 +51,6 @@ def resume(tr: Trainer) -> bool:
         return False
     state = load_checkpoint(tr.ckpt_dir, params={p.name: p.params for p in tr.policies},
                             optimizers={p.name: p.optimizer for p in tr.policies})
-    sig = config_signature(tr)
-    old = state["signature"]
-    diff = sorted(f"{s}.{k}" for s in sig for k in set(sig[s]) | set(old.get(s, {}))
-                  if isinstance(sig[s], dict) and sig[s].get(k) != old.get(s, {}).get(k))
-    if diff:
-        raise EmorlError(f"cannot resume from {tr.ckpt_dir}: the config changed in {', '.join(diff)}. Restore "
-                         f"those values, or train into a new run folder")
-    for p in tr.policies:
-        p.load_state(state["policies"][p.name])
-    tr._t0 = time.time() - state["elapsed"]
+    tr.load_state_dict(state)
     log.info("resumed from %s at step %s", tr.ckpt_dir, {p.name: p.step for p in tr.policies})
     return True

@@ -15,14 +15,12 @@ Run folder: ``adapters/<objective>/`` (single) or ``baselines/<strategy>/`` (pef
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +29,14 @@ import torch
 
 from emorl.config import RunConfig
 from emorl.models import AdapterInfo, Base, add_adapters
-from emorl.sampling import seeded_rng, stable_seed
+from emorl.sampling import stable_seed
 from emorl.train import full as full_ft
 from emorl.train import resume as resume_mod
-from emorl.train.kscst import (
-    gdpo_advantages,
-    group_advantages,
-    joint_policy_gradient_step,
-    policy_gradient_step,
-    transform_rewards,
-)
 from emorl.train.monitor import MetricsLogger, Progress
+from emorl.train.policy import Policy, coefficient_of_variation_converged, val_every
 from emorl.train.rollout import Rollout, prompt_width, sample_rollouts
-from emorl.train.strategies import Weighting, make_weighting
+from emorl.train.strategies import make_weighting
+from emorl.train.update import PolicyUpdates
 from emorl.utils import EmorlError, atomic_write_json, set_seed
 
 log = logging.getLogger("emorl.train")
@@ -51,57 +44,7 @@ log = logging.getLogger("emorl.train")
 RESUMABLE_CHANGES = resume_mod.RESUMABLE_CHANGES  # re-exported: config keys a resume may change
 
 
-@dataclass
-class Policy:
-    """One trainable adapter and its bookkeeping (all JSON-serialisable except weighting/optimizer/params)."""
-
-    name: str
-    index: int
-    objectives: list[str]
-    weighting: Weighting
-    params: dict[str, torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    output: Path
-    model: Any = None  # full fine-tuning: the policy's own copy of the base (None: a LoRA adapter on the base)
-    strategy: str = "single"
-    step: int = 0
-    prompts: int = 0
-    epoch: int = 0
-    pos: int = 0
-    active_time: float = 0.0
-    curve: list[dict[str, Any]] = field(default_factory=list)
-    converged: bool = False
-    done: bool = False
-    stop_reason: str = ""
-
-    def state(self) -> dict[str, Any]:
-        keys = ("step", "prompts", "epoch", "pos", "active_time", "curve", "converged", "done", "stop_reason")
-        return {k: getattr(self, k) for k in keys} | {"weighting": self.weighting.state_dict()}
-
-    def load_state(self, st: dict[str, Any]) -> None:
-        for k, v in st.items():
-            if k == "weighting":
-                self.weighting.load_state_dict(v)
-            else:
-                setattr(self, k, v)
-
-
-def val_every(t: Any, strategy: str) -> int:
-    """Steps between validations: DynaOpt's round length where set (its weights follow validation), else
-    ``train.val_every`` (a curve only)."""
-    return (t.dynaopt_val_every or t.val_every) if strategy == "dynaopt" else t.val_every
-
-
-def coefficient_of_variation_converged(values: list[float], window: int, threshold: float) -> bool:
-    """The paper's rule: std/mean (population std) of the last ``window`` validation means below ``threshold``."""
-    if threshold <= 0 or len(values) < window:
-        return False
-    v = np.asarray(values[-window:], dtype=float)
-    mean = v.mean()
-    return bool(mean > 0 and v.std() / mean < threshold)
-
-
-class Trainer:
+class Trainer(PolicyUpdates):
     """Train the policies of one strategy into ``run_dir``. Pass ``base``/``rewards``/``splits`` to reuse them."""
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, base: Base | None = None,
@@ -222,100 +165,7 @@ class Trainer:
                 p.epoch, p.pos = p.epoch + 1, 0
         return out
 
-    # ------------------------------------------------------------------------------------------ scoring
-    def _score(self, objectives: list[str], prompts: list[str], replies: list[str]) -> np.ndarray:
-        from emorl.rewards import score
-
-        return np.stack([score(self.rewards[o], prompts, replies) for o in objectives], axis=1)
-
-    # ------------------------------------------------------------------------------------------ steps
-    def _advantages(self, p: Policy, ro: Rollout) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
-        """Score one policy's replies -> (scores (n, J), λ, rewards (n,), k-SCST advantages)."""
-        t = self.cfg.train
-        scores = self._score(p.objectives, ro.prompts_per_reply, ro.texts)
-        p.weighting.before_step()  # once per training step: DynaOpt opens its round here
-        lam = p.weighting.weights()
-        rewards = transform_rewards(scores, lam, t.reward_transform, t.clip_min, t.clip_max)
-        if getattr(p.weighting, "per_reward_advantages", False):  # GDPO: normalise each reward, then sum
-            per = np.stack([transform_rewards(scores[:, j], np.ones(1), t.reward_transform, t.clip_min, t.clip_max)
-                            for j in range(scores.shape[1])], axis=1)
-            adv = gdpo_advantages(torch.tensor(per, dtype=torch.float32, device=self.base.device), ro.batch.k)
-            return scores, lam, rewards, adv
-        adv = group_advantages(torch.tensor(rewards, dtype=torch.float32, device=self.base.device), ro.batch.k)
-        return scores, lam, rewards, adv
-
-    def _update(self, p: Policy, ro: Rollout, metrics: MetricsLogger) -> None:
-        """Score, then one optimizer step of one policy (its own forward/backward)."""
-        t = self.cfg.train
-        scores, lam, rewards, adv = self._advantages(p, ro)
-        model, reference = full_ft.policy_model(self.base, p.name, p.model)
-        for q in p.params.values():
-            q.requires_grad_(True)
-        model.train()
-        try:
-            with self._autocast(), seeded_rng(stable_seed(t.seed, p.name, p.step, "update"), self.base.device):
-                stats = policy_gradient_step(
-                    model, ro.batch, adv, is_seq2seq=self.base.is_seq2seq, micro_batch_rows=t.micro_batch_size,
-                    decoder_start_id=getattr(self.base.model.config, "decoder_start_token_id", None),
-                    kl_coef=t.kl_coef, reference=reference)
-            self._optimizer_step(p, stats, scores, lam, rewards, ro, metrics)
-        finally:
-            p.optimizer.zero_grad(set_to_none=True)
-            model.eval()
-
-    def _autocast(self) -> Any:
-        """bf16 autocast for the update on CUDA (train.autocast); a no-op on CPU."""
-        on = self.cfg.train.autocast and self.base.device.type == "cuda"
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if on else contextlib.nullcontext()
-
-    def _joint_ok(self, active: list[Policy]) -> bool:
-        """The K adapters' updates can share one forward/backward (LoRA bank) — see train.joint_update."""
-        t = self.cfg.train
-        return (t.joint_update and len(active) > 1 and not self.base.is_seq2seq and t.kl_coef == 0
-                and all(p.model is None for p in active))
-
-    def _joint_update(self, active: list[Policy], ros: list[Rollout], metrics: MetricsLogger) -> None:
-        """Score every policy, then one forward/backward over all their rows, then each optimizer steps."""
-        t = self.cfg.train
-        model = self.base.model
-        parts = [self._advantages(p, ro) for p, ro in zip(active, ros, strict=True)]
-        for p in active:
-            for q in p.params.values():
-                q.requires_grad_(True)
-        model.train()
-        seed = stable_seed(t.seed, active[0].step, "joint-update", *[p.name for p in active])
-        try:
-            with self._autocast(), seeded_rng(seed, self.base.device):
-                stats = joint_policy_gradient_step(model, [ro.batch for ro in ros], [a[3] for a in parts],
-                                                   [p.name for p in active], micro_batch_rows=t.micro_batch_size)
-            for p, ro, st, (scores, lam, rewards, _) in zip(active, ros, stats, parts, strict=True):
-                self._optimizer_step(p, st, scores, lam, rewards, ro, metrics)
-        finally:
-            for p in active:
-                p.optimizer.zero_grad(set_to_none=True)
-            model.eval()
-
-    def _optimizer_step(self, p: Policy, stats: dict[str, float], scores: np.ndarray, lam: np.ndarray,
-                        rewards: np.ndarray, ro: Rollout, metrics: MetricsLogger) -> None:
-        t = self.cfg.train
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(p.params.values()), t.max_grad_norm)
-        p.optimizer.step()
-        p.step += 1
-        p.prompts += ro.batch.prompt_ids.shape[0]
-        if p.step % t.log_every == 0:
-            pre = f"{p.name}/" if len(self.policies) > 1 else ""
-            rec: dict[str, Any] = {"policy": p.name, "step": p.step, "prompts": p.prompts,
-                                   "time": time.time() - self._t0, f"{pre}loss": stats["loss"],
-                                   f"{pre}grad_norm": float(grad_norm), f"{pre}reward/mean": float(rewards.mean())}
-            if "kl" in stats:
-                rec[f"{pre}kl"] = stats["kl"]
-            for j, o in enumerate(p.objectives):
-                rec[f"{pre}rewards/{o}/mean"] = float(scores[:, j].mean())
-                rec[f"{pre}weights/{o}"] = float(lam[j])
-            rec[f"{pre}completions/mean_length"] = float(ro.batch.completion_mask.sum(1).mean())
-            metrics.log(rec, p.step)
-        self._last_reward[p.name] = float(scores.mean())
-
+    # ------------------------------------------------------------------------------------------ rollouts
     def _rollouts(self, groups: list[tuple[Policy, list[str]]], k: int, purpose: str = "train",
                   gen: Any = None) -> list[Rollout]:
         """LoRA policies share one batched generation; a fully fine-tuned policy generates with its own model.
@@ -372,6 +222,24 @@ class Trainer:
         return not p.converged
 
     # ------------------------------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's JSON state for a checkpoint: the config signature, the time trained so far, and each
+        policy's counters (the tensors are saved beside it by :mod:`emorl.train.checkpoint`)."""
+        return {"signature": resume_mod.config_signature(self), "elapsed": time.time() - self._t0,
+                "policies": {p.name: p.state() for p in self.policies}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s output; refused if the config changed beyond RESUMABLE_CHANGES."""
+        resume_mod.check_signature(self, state["signature"])
+        for p in self.policies:
+            p.load_state(state["policies"][p.name])
+        self._t0 = time.time() - state["elapsed"]
+
+    @property
+    def stopped(self) -> bool:
+        """True once a stop was requested (Ctrl-C or :meth:`request_stop`)."""
+        return self._stop.is_set()
+
     def _checkpoint(self) -> None:
         resume_mod.write_checkpoint(self)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--names", help="--run: comma-separated objectives to mix, in weight order (default: all trained)")
     p.add_argument("--model", help="--adapters: base model (default: the one named in the adapters' emorl.json)")
     how = p.add_mutually_exclusive_group(required=True)
+    # "-1,0,0" is a weight vector, not an option: argparse takes only a plain negative number (-1, -.5) as a value
+    # by itself, so the weights' form is added (check_weights then says what is wrong with a negative weight)
+    p._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-[\d.eE+-]*,[\d.,eE+-]*$")
     how.add_argument("--weights", action="append", metavar="W1,W2,...",
                      help="one weight per adapter, in order; repeat for several weight points (decoded in one batch); "
                           "'auto' (with --run): per-prompt weights from the run's router (`emorl route`)")
@@ -180,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, base, adapters, specs = _load(args)
     strict = not args.allow_plain_adapters
     if args.method:
-        from emorl.evaluate import any_adapter, resolve_methods
+        from emorl.methods import any_adapter, resolve_methods
 
         (method,) = resolve_methods(args.run, cfg, [args.method])  # clear error if its inputs are missing
         gen = _generation(args, cfg.eval.generation)
@@ -210,13 +214,12 @@ def run(args: argparse.Namespace) -> int:
     if args.method:
         records = decoder.result(method, prompts, args.seed, **kw).records()
     elif auto:
-        from emorl.decoding import generation_kwargs
-        from emorl.router import decode_routed
+        from emorl.decoding import decode_routed, generation_kwargs
 
         texts, _ = decode_routed(ens, prompts, routed, mode="hidden", seed=args.seed, stop=args.stop,
                                  **generation_kwargs(gen))
         records = [{"prompt": p, "weights": dict(zip(ens.names, map(float, w), strict=True)), "mode": "hidden",
-                    "router": "fallback" if f else "routed", "response": t}
+                    "router": "fallback" if f else "routed", "reply": t}
                    for p, w, f, t in zip(prompts, routed, fallback, texts, strict=True)]
     else:
         records = decoder.generate(adapters, prompts, weights, args.mode, args.anchor, args.seed, **kw).records()
@@ -224,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         from emorl.rewards import score
 
         for name, rw in rewards.items():
-            values = score(rw, [r["prompt"] for r in records], [r["response"] for r in records])
+            values = score(rw, [r["prompt"] for r in records], [r["reply"] for r in records])
             for r, v in zip(records, values, strict=True):
                 r.setdefault("scores", {})[name] = round(float(v), 6)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
