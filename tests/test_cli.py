@@ -11,7 +11,7 @@ import pytest
 import emorl.cli as cli
 
 HEAVY = ("torch", "transformers", "peft", "matplotlib", "safetensors")
-VERBS = ["train", "generate", "search", "evaluate", "run", "report", "front", "route", "serve", "config"]
+VERBS = ["train", "generate", "search", "evaluate", "run", "report", "front", "route", "serve", "config", "judge"]
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:

@@ -112,9 +112,10 @@ def _loopback(host: str) -> bool:
 
 
 def score(run_dir: Path) -> int:
-    from emorl.evaluate import LABELS, load_results
+    from emorl.evaluate import load_results
     from emorl.judge.stats import format_summary, summarise, write_summary
     from emorl.judge.store import AnswerStore, judge_dir, read_plan
+    from emorl.methods import LABELS
 
     store = AnswerStore(run_dir)
     if not store.path.exists():
