@@ -269,3 +269,41 @@ def test_a_1000_token_prompt_fits_the_default_models_context(served: dict[str, A
     prompt, _, n_tok = parse_messages([{"role": "user", "content": statement}], fake, 256)
     assert n_tok > 1000 and statement.strip() in prompt
     assert engine.ens.base.config.max_prompt_tokens < 1000  # the training setting would have refused it
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(served: dict[str, Any]) -> None:
+    """A prompt of several chunks does not stall a running reply: decode steps run between its chunks."""
+    engine, url = served["engine"], served["url"]
+    runner = engine._step.runner
+    calls: list[str] = []
+    chunk, step = runner.prefill_chunk, runner.step
+    runner.prefill_chunk = lambda pf, n: (calls.append(f"prefill{pf.rows}"), chunk(pf, n))[1]
+    runner.step = lambda batch: (calls.append("step"), step(batch))[1]
+    old = engine.prefill_chunk
+    engine.prefill_chunk = 16
+    first = threading.Event()
+
+    def running() -> None:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=120,
+                          json=body(max_tokens=200, temperature=0, stream=True,
+                                    emorl={"weights": [1, 0, 0], "anchor": "none"})) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i == 2:
+                    first.set()
+
+    try:
+        with no_eos(engine), Gate(engine):
+            t = threading.Thread(target=running)
+            t.start()
+            assert first.wait(60)
+            calls.clear()
+            long = chat(url, body(max_tokens=4, temperature=0, emorl={"weights": [0, 1, 0], "anchor": "none"},
+                                  messages=[{"role": "user", "content": "I keep thinking about it. " * 12}]))
+            assert long.status_code == 200 and long.json()["usage"]["prompt_tokens"] > 64
+            t.join(120)
+    finally:
+        runner.prefill_chunk, runner.step = chunk, step
+        engine.prefill_chunk = old
+    pre = [i for i, c in enumerate(calls) if c.startswith("prefill")]
+    assert len(pre) >= 4  # > 64 prompt tokens in chunks of 16
+    assert all("step" in calls[a + 1:b] for a, b in zip(pre, pre[1:], strict=False))  # a decode step between chunks
