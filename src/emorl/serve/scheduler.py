@@ -112,6 +112,7 @@ class StepScheduler:
             except Exception as ex:  # a failed step fails its requests, never the server
                 log.exception("decode step failed")
                 jobs = {id(s.job): s.job for b in (self.running, self.prefill) if b is not None for s in b.seqs}
+                jobs.update({id(j): j for j in admit})
                 for j in jobs.values():
                     j.emit(("error", f"decoding failed: {type(ex).__name__}: {ex}", None))
                 self.running = self.prefill = None
