@@ -188,6 +188,40 @@ def head_of_line(url: str, objectives: list[str], temperature: float) -> dict[st
             "long_tokens": out["long"]["tokens"]}
 
 
+def agreement(url: str, engine: Any, n: int, max_tokens: int) -> dict[str, Any]:
+    """Greedy replies of ``n`` requests sent at once (each its own Dirichlet weights, base-anchored hidden mix)
+    against ``EnsembleModel.generate`` of the same points (one call per statement, all its points together)."""
+    import httpx
+
+    objectives = engine.objectives
+    rng = np.random.default_rng(7)
+    reqs = [(j % len(STATEMENTS), [float(x) for x in rng.dirichlet(np.ones(len(objectives)))]) for j in range(n)]
+    got: dict[int, str] = {}
+
+    def send(j: int) -> None:
+        s, w = reqs[j]
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=None, json={
+            "model": "emorl", "messages": [{"role": "user", "content": STATEMENTS[s]}], "max_tokens": max_tokens,
+            "temperature": 0, "emorl": {"weights": w, "anchor": "base"}})
+        got[j] = r.json()["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=send, args=(j,)) for j in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    served_s = time.perf_counter() - t0
+    while engine.pending():
+        time.sleep(0.05)
+    same = 0
+    for s in sorted({s for s, _ in reqs}):
+        js = [j for j, (sj, _) in enumerate(reqs) if sj == s]
+        ref = engine.ens.generate([STATEMENTS[s]], [reqs[j][1] for j in js], max_new_tokens=max_tokens)
+        same += sum(got[j] == ref.all_texts[g][0] for g, j in enumerate(js))
+    return {"requests": n, "max_tokens": max_tokens, "identical": same, "served_seconds": round(served_s, 1)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True)
@@ -203,6 +237,8 @@ def main() -> int:
     ap.add_argument("--slo-tpot", type=float, default=0.25)
     ap.add_argument("--max-batch-rows", type=int, default=256)
     ap.add_argument("--no-head-of-line", action="store_true")
+    ap.add_argument("--agreement", type=int, default=0,
+                    help="also send this many greedy requests at once (step scheduler) and compare with generate")
     ap.add_argument("--device", help="cpu, cuda, ... (default: the run config's)")
     ap.add_argument("--output", help="write the results as JSON here")
     args = ap.parse_args()
@@ -231,6 +267,9 @@ def main() -> int:
                                 args.max_seconds, args.drain_seconds)
                 per["rates"][str(rate)] = summarise(run, args.slo_ttft, args.slo_tpot)
                 print(sched, rate, per["rates"][str(rate)], flush=True)
+            if args.agreement and sched == "step":
+                per["agreement"] = agreement(srv.url, srv.engine, args.agreement, 16)
+                print(sched, "agreement", per["agreement"], flush=True)
             per["stats"] = {k: v for k, v in srv.engine.stats.items() if not isinstance(v, dict)}
         finally:
             srv.stop()
