@@ -249,6 +249,9 @@ def test_conversations_drop_the_oldest_turns_first(served: dict[str, Any]) -> No
         assert e.value.param == "messages"
     finally:
         engine.prompt_limit = old
+    models = httpx.get(f"{served['url']}/v1/models").json()["data"]
+    assert all("trained on single client statements" in m["emorl"]["note"] for m in models)
+    assert "single client statements" in httpx.get(f"{served['url']}/v1/objectives").json()["note"]
 
 
 def test_a_1000_token_prompt_fits_the_default_models_context(served: dict[str, Any]) -> None:
