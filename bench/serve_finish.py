@@ -43,7 +43,7 @@ def main() -> int:
                     top_k=gen.top_k, top_p=gen.top_p, seed=cfg.eval.seeds[0])
     weights = [float(best["weights"][n]) for n in ens.names]
     methods = {"emorl": (weights, best.get("anchor", "base")), "base": ([0.0] * len(ens.names), "base")}
-    lengths = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+    lengths = [8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 640, 768, 1024]
     out: dict[str, object] = {"prompts": len(prompts), "max_tokens": args.max_tokens, "settings": settings,
                               "weights": dict(zip(ens.names, weights, strict=True))}
     for name, (w, anchor) in methods.items():
