@@ -37,10 +37,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "arrival, or from the end of the batch it waited through)")
     p.add_argument("--max-gap-ms", type=float, default=10.0,
                    help="a batch starts once no request has arrived for this long (a lone request waits this much)")
-    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int,
-                   help="max_tokens of a request that names none (default: 256, where >= 95%% of the default run's "
-                        "replies end with EOS; docs/serve.md)")
+                   help="max_tokens of a request that names none (default: 384, where >= 95%% of the default run's "
+                        "replies ended with EOS; docs/serve.md)")
     p.add_argument("--max-prompt-tokens", type=int,
                    help="lower the prompt limit (default: the model's context minus the request's max_tokens)")
     p.add_argument("--scheduler", choices=("step", "window"), default="step",

@@ -38,9 +38,9 @@ from emorl.utils import EmorlError
 log = logging.getLogger("emorl.serve")
 
 BASELINES = ("uniform", "dynaopt", "gdpo", "fixed")
-# serving's default reply length: the smallest that lets >= 95% of the default run's replies end with EOS (measured
-# on its test split; docs/serve.md, "Replies that finish")
-DEFAULT_MAX_TOKENS = 256
+# serving's default reply length: the smallest at which >= 95% of the default run's replies (EMORL's searched weights
+# and the base, test split) ended with EOS: 384 (23 of 24 each; bench/RESULTS.md, "Replies that finish")
+DEFAULT_MAX_TOKENS = 384
 
 
 class Overloaded(EmorlError):
@@ -89,7 +89,7 @@ class Engine:
     """The loaded run and its scheduler (start with :meth:`start`, stop with :meth:`close`)."""
 
     def __init__(self, run: str | Path, *, max_batch_rows: int = 96, max_wait_ms: float = 100.0,
-                 max_gap_ms: float = 10.0, max_tokens: int = 512, device: str | None = None, base: Any = None,
+                 max_gap_ms: float = 10.0, max_tokens: int = 1024, device: str | None = None, base: Any = None,
                  scheduler: str = "step", kv_budget_mb: float | None = None, max_queue: int = 256,
                  prefill_chunk: int = 256, max_prompt_tokens: int | None = None,
                  default_max_tokens: int | None = None) -> None:
