@@ -14,8 +14,7 @@ its tokenizer (the event loop parses requests with a tokenizer of its own). Two 
   are taken). Jobs with the same batch key — the mixing mode, and whether the base stream is needed — decode in
   ONE :func:`~emorl.ensemble.pairs.generate_pairs` call to the end of the batch's longest reply.
 
-Either way finished replies are reported at once and a cancelled job (client gone) is dropped before it starts,
-or ends at the next decoding step. The waiting queue is bounded (:class:`Overloaded`: HTTP 429).
+Finished replies are reported at once; a cancelled job is dropped before it starts or ends at the next step.
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ class Overloaded(EmorlError):
 
 
 class TooLarge(EmorlError):
-    """One request's worst case does not fit the KV budget even alone."""
+    """One request's worst case does not fit the KV budget even alone (HTTP 400)."""
 
 
 @dataclass
@@ -144,7 +143,6 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- run contents
 
-
     def route(self, statement: str) -> list[float]:
         """The router's weights for one client statement (``"weights": "auto"``), computed on the worker (the
         router loads there once, under a lock). Blocks: from the event loop use :meth:`route_async`."""
@@ -171,7 +169,7 @@ class Engine:
         self.prompt_limit = self.context - 1  # a request's own limit: the context minus its max_tokens
         if max_prompt_tokens is not None:
             if max_prompt_tokens < 8:
-                raise EmorlError("--max-prompt-tokens must be >= 8")
+                raise EmorlError(f"--max-prompt-tokens {max_prompt_tokens}: give at least 8")
             self.prompt_limit = min(self.prompt_limit, max_prompt_tokens)
         self.default_max_tokens = min(default_max_tokens or DEFAULT_MAX_TOKENS, self.max_tokens)
 
