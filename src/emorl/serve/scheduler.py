@@ -118,6 +118,8 @@ class StepScheduler:
                 self.running = self.prefill = None
                 self.runner.release()
             with e._cond:
+                if not (self.running or self.prefill):
+                    self.runner.release()  # before pending() reads 0: the model is plain again when idle
                 e._busy = bool(self.running or self.prefill)
                 e.stats["kv_bytes_reserved"] = self.reserved()
 
