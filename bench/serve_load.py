@@ -222,6 +222,44 @@ def agreement(url: str, engine: Any, n: int, max_tokens: int) -> dict[str, Any]:
     return {"requests": n, "max_tokens": max_tokens, "identical": same, "served_seconds": round(served_s, 1)}
 
 
+def flood(url: str, engine: Any, n: int, seconds: float, objectives: list[str]) -> dict[str, Any]:
+    """``n`` plain requests spread evenly over ``seconds``: how many are served and how many answered 429, and the
+    process's peak memory against the KV budget."""
+    import resource
+
+    import httpx
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    reqs = workload(n, objectives, 5, 0.0, 1.0)
+    codes: list[int] = []
+    lock = threading.Lock()
+
+    def send(req: dict[str, Any]) -> None:
+        body = {**req, "stream": False}
+        body.pop("stream_options")
+        try:
+            code = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=None).status_code
+        except httpx.HTTPError:
+            code = -1
+        with lock:
+            codes.append(code)
+
+    threads = []
+    t0 = time.perf_counter()
+    for j, req in enumerate(reqs):
+        time.sleep(max(0.0, t0 + j * seconds / n - time.perf_counter()))
+        threads.append(threading.Thread(target=send, args=(req,), daemon=True))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    return {"requests": n, "over_s": seconds, "served": codes.count(200), "429": codes.count(429),
+            "other": len(codes) - codes.count(200) - codes.count(429), "max_queue": engine.max_queue,
+            "kv_budget_mb": round(engine.kv_budget / 2**20, 1),
+            "max_kv_reserved_mb": round(engine.stats["max_kv_bytes_reserved"] / 2**20, 1),
+            "peak_rss_mb_before": round(rss0), "seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_mb_after": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True)
@@ -239,6 +277,11 @@ def main() -> int:
     ap.add_argument("--no-head-of-line", action="store_true")
     ap.add_argument("--agreement", type=int, default=0,
                     help="also send this many greedy requests at once (step scheduler) and compare with generate")
+    ap.add_argument("--flood", type=int, default=0, help="also send this many plain requests in --flood-seconds "
+                    "(step scheduler, --max-queue, --kv-budget-mb) and count the served and the 429s")
+    ap.add_argument("--flood-seconds", type=float, default=10.0)
+    ap.add_argument("--max-queue", type=int, default=4096)
+    ap.add_argument("--kv-budget-mb", type=float)
     ap.add_argument("--device", help="cpu, cuda, ... (default: the run config's)")
     ap.add_argument("--output", help="write the results as JSON here")
     args = ap.parse_args()
@@ -267,6 +310,12 @@ def main() -> int:
                                 args.max_seconds, args.drain_seconds)
                 per["rates"][str(rate)] = summarise(run, args.slo_ttft, args.slo_tpot)
                 print(sched, rate, per["rates"][str(rate)], flush=True)
+            if args.flood and sched == "step":
+                srv.engine.max_queue = args.max_queue
+                if args.kv_budget_mb:
+                    srv.engine.kv_budget = int(args.kv_budget_mb * 2**20)
+                per["flood"] = flood(srv.url, srv.engine, args.flood, args.flood_seconds, objectives)
+                print(sched, "flood", per["flood"], flush=True)
             if args.agreement and sched == "step":
                 per["agreement"] = agreement(srv.url, srv.engine, args.agreement, 16)
                 print(sched, "agreement", per["agreement"], flush=True)

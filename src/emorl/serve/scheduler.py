@@ -55,7 +55,8 @@ class StepScheduler:
         self.running: RunningBatch | None = None
         self.prefill: Prefill | None = None
         st = engine.stats
-        for key in ("steps", "prefills", "max_running_rows", "max_running_jobs", "kv_bytes_reserved"):
+        for key in ("steps", "prefills", "max_running_rows", "max_running_jobs", "kv_bytes_reserved",
+                    "max_kv_bytes_reserved"):
             st.setdefault(key, 0)
 
     # ------------------------------------------------------------------------------------------- budget
@@ -64,23 +65,26 @@ class StepScheduler:
         coef, _ = streams(job.key, list(job.pairs[0].weights), self.k_all)
         return coef.shape[0] * len(job.pairs)
 
+    @staticmethod
+    def job_width(job: Any) -> int:
+        return -(-(job.prompt_tokens + 1) // 16) * 16  # encode_prompts' padded width
+
     def job_worst_len(self, job: Any) -> int:
-        width = -(-(job.prompt_tokens + 1) // 16) * 16
-        return width + max(p.max_new_tokens for p in job.pairs)
+        return self.job_width(job) + max(p.max_new_tokens for p in job.pairs)
 
     def reserved(self, extra: list[Any] = ()) -> int:
         """KV bytes the running batch, the prefill and ``extra`` waiting jobs may reach: every row padded to the
         longest worst case."""
-        rows, worst = 0, 0
+        rows, worst, now = 0, 0, 0  # now: the running batch's length, which a joining reply is padded to
         if self.running is not None:
-            rows += self.running.n_rows
-            worst = max(worst, max(s.worst_len(self.running.length) for s in self.running.seqs))
+            rows, now = self.running.n_rows, self.running.length
+            worst = max(s.worst_len(now) for s in self.running.seqs)
         if self.prefill is not None:
             rows += sum(s.rows for s in self.prefill.seqs)
-            worst = max(worst, max(s.worst_len(s.prompt_width) for s in self.prefill.seqs))
+            worst = max(worst, max(s.worst_len(max(now, s.prompt_width)) for s in self.prefill.seqs))
         for j in extra:
             rows += self.job_rows(j)
-            worst = max(worst, self.job_worst_len(j))
+            worst = max(worst, self.job_worst_len(j) + max(0, now - self.job_width(j)))
         return rows * worst * self.kv_per_row_token
 
     def fits_alone(self, job: Any) -> bool:
@@ -122,6 +126,7 @@ class StepScheduler:
                     self.runner.release()  # before pending() reads 0: the model is plain again when idle
                 e._busy = bool(self.running or self.prefill)
                 e.stats["kv_bytes_reserved"] = self.reserved()
+                e.stats["max_kv_bytes_reserved"] = max(e.stats["max_kv_bytes_reserved"], e.stats["kv_bytes_reserved"])
 
     def _admit(self) -> list[Any]:
         """Oldest waiting jobs whose worst case fits the budget next to what runs (first come, first served)."""
