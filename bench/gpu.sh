@@ -6,6 +6,7 @@
 #   2. serving at 1, 4, 16 and 64 concurrent clients (bench/serve.py) on a short default run trained here
 #   3. loading and memory (bench/memory.py): base and reward models on the GPU in bfloat16, emorl.memory's estimate
 #      beside the allocator's peak of a 16-request K-adapter decode
+#   4. open-loop load, at most 64 requests in flight, step and window schedulers side by side (bench/serve_load.py)
 # Untested on a GPU so far: no session has been lent one since it was written. Every step has its own timeout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,9 @@ timeout 300 "$PY" -m emorl.cli run --preset default --output "$RUN" train.max_st
 if [ -f "$RUN/search/hidden/best.json" ]; then
   timeout 240 "$PY" bench/serve.py --run "$RUN" --clients 1,4,16,64 --requests 64 --max-batch-rows 1024 \
     --output "$OUT/serve.json" > "$OUT/serve.txt" 2>&1 || echo "serve: rc=$?" >> "$OUT/serve.txt"
+  timeout 240 "$PY" bench/serve_load.py --run "$RUN" --rates 4,16 --requests 128 --clients 64 --max-seconds 20 \
+    --drain-seconds 20 --max-batch-rows 1024 --device cuda --output "$OUT/serve_load.json" > "$OUT/serve_load.txt" \
+    2>&1 || echo "serve_load: rc=$?" >> "$OUT/serve_load.txt"
 fi
 if [ -f "$RUN/config.yaml" ]; then
   timeout 180 "$PY" bench/memory.py --run "$RUN" --device cuda --dtype bfloat16 --prompts 16 --tokens 64 \

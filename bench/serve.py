@@ -33,14 +33,14 @@ STATEMENTS = ["I lost my job today and I don't know how to tell my family.", "My
               "I feel like nothing I do at work matters.", "I moved to a new city and I know no one."]
 
 
-def start_server(run: str, max_wait_ms: float, max_gap_ms: float, max_batch_rows: int, max_tokens: int
-                 ) -> tuple[Any, Any, str]:
+def start_server(run: str, max_wait_ms: float, max_gap_ms: float, max_batch_rows: int, max_tokens: int,
+                 scheduler: str = "step") -> tuple[Any, Any, str]:
     import uvicorn
 
     from emorl.serve import Engine, create_app
 
     engine = Engine(run, max_wait_ms=max_wait_ms, max_gap_ms=max_gap_ms, max_batch_rows=max_batch_rows,
-                    max_tokens=max(max_tokens, 64))
+                    max_tokens=max(max_tokens, 64), scheduler=scheduler)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -130,6 +130,7 @@ def main() -> int:
     ap.add_argument("--anchor", choices=["base", "none"], default="base",
                     help="weight rule of every request (base: the base stream joins the batch, weights used as "
                          "given; none: convex)")
+    ap.add_argument("--scheduler", choices=["step", "window"], default="step", help="emorl serve --scheduler")
     ap.add_argument("--max-wait-ms", type=float, default=100.0)
     ap.add_argument("--max-gap-ms", type=float, default=10.0)
     ap.add_argument("--max-batch-rows", type=int, default=256)
@@ -140,7 +141,7 @@ def main() -> int:
 
     torch.set_num_threads(int(os.environ.get("EMORL_THREADS", str(torch.get_num_threads()))))
     engine, server, url = start_server(args.run, args.max_wait_ms, args.max_gap_ms, args.max_batch_rows,
-                                       args.max_tokens)
+                                       args.max_tokens, args.scheduler)
     objectives = engine.objectives
     temperature = args.temperature if args.temperature is not None else engine.cfg.eval.generation.temperature
     levels = [int(c) for c in args.clients.split(",")]
@@ -159,10 +160,11 @@ def main() -> int:
         for c in levels:
             reqs = requests_for(args.requests, c, weights, objectives, args.max_tokens, temperature, args.anchor)
             idle()
-            b0 = engine.stats["batches"]
+            b0, s0 = engine.stats["batches"], engine.stats.get("steps", 0)
             together = send_all(url, reqs, c)
             idle()  # replies go out before the batch's stats are updated
             batches, last = engine.stats["batches"] - b0, dict(engine.stats["last_batch"] or {})
+            steps = engine.stats.get("steps", 0) - s0
             alone = send_all(url, reqs, 1)
             same = together["replies"] == alone["replies"]
             rows.append({"clients": c, "requests": len(reqs), "max_tokens": args.max_tokens,
@@ -170,11 +172,12 @@ def main() -> int:
                          "one_at_a_time": {k: v for k, v in alone.items() if k != "replies"},
                          "speedup": together["requests_per_s"] / alone["requests_per_s"],
                          "p95_over_lone": together["p95_s"] / alone["p50_s"], "identical_replies": same,
-                         "batches": batches, "last_batch": last})
+                         "batches": batches, "last_batch": last, "steps": steps,
+                         "max_running_jobs": engine.stats.get("max_running_jobs")})
             print(f"clients={c}: {together['requests_per_s']:.2f} req/s ({together['tokens_per_s']:.0f} tok/s) vs "
                   f"{alone['requests_per_s']:.2f} one at a time -> x{rows[-1]['speedup']:.2f}; p50 "
                   f"{together['p50_s']:.2f} s p95 {together['p95_s']:.2f} s (lone {alone['p50_s']:.2f} s); "
-                  f"identical replies: {same}; {batches} batches, the last {last}", flush=True)
+                  f"identical replies: {same}; {batches} batches (window), {steps} steps (step)", flush=True)
         if args.screenshot:
             screenshot(url, args.screenshot)
     finally:

@@ -97,12 +97,23 @@ class Server:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     run = make_run(tmp_path_factory.mktemp("serve"))
-    engine = Engine(run, max_batch_rows=64, max_wait_ms=5, max_tokens=4096)
+    engine = Engine(run, max_batch_rows=64, max_wait_ms=5, max_tokens=400)
     open_server = Server(create_app(engine))
     keyed = Server(create_app(engine, api_key=KEY, max_body_bytes=64 * 1024, manage_engine=False))
     yield {"run": run, "engine": engine, "url": open_server.url, "key_url": keyed.url}
     keyed.stop()
     open_server.stop()
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def served_window(served: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The first design (--scheduler window) on the same run: the batching-window tests."""
+    engine = Engine(served["run"], max_batch_rows=64, max_wait_ms=5, max_tokens=400, scheduler="window",
+                    base=served["engine"].ens.base)  # one model: the tests use one engine at a time
+    server = Server(create_app(engine))
+    yield {"run": served["run"], "engine": engine, "url": server.url}
+    server.stop()
     engine.close()
 
 
@@ -233,9 +244,10 @@ def test_stream_and_n_choices(served: dict[str, Any]) -> None:
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 21
 
 
-def test_concurrent_requests_share_one_batch_and_match_generate(served: dict[str, Any]) -> None:
+def test_concurrent_requests_share_one_batch_and_match_generate(served_window: dict[str, Any]) -> None:
     """4 requests with different weights, sampling settings, lengths and seeds decode in one batch, and each reply
     is what generate gives for that request alone."""
+    served = served_window
     engine = served["engine"]
     convex = "none"
     reqs = [({"weights": [0.8, 0.5, 0.1], "anchor": convex}, dict(max_tokens=6, temperature=0.7, seed=1),
@@ -275,9 +287,10 @@ def test_concurrent_requests_share_one_batch_and_match_generate(served: dict[str
         assert replies[i]["choices"][0]["message"]["content"] == ref, i
 
 
-def test_a_burst_shares_a_batch_while_requests_keep_coming(served: dict[str, Any]) -> None:
+def test_a_burst_shares_a_batch_while_requests_keep_coming(served_window: dict[str, Any]) -> None:
     """Requests 0.15 s apart join one batch while the gap rule keeps the window open (gaps under max_gap), however
     long the burst; with a gap shorter than their spacing, the first starts alone."""
+    served = served_window
     engine = served["engine"]
 
     def burst(gap_s: float) -> int:
@@ -301,10 +314,11 @@ def test_a_burst_shares_a_batch_while_requests_keep_coming(served: dict[str, Any
     assert burst(0.02) >= 2
 
 
-def test_a_request_that_waited_through_a_batch_gets_its_window_after_it(served: dict[str, Any]) -> None:
+def test_a_request_that_waited_through_a_batch_gets_its_window_after_it(served_window: dict[str, Any]) -> None:
     """A request queued while a batch decodes, and one sent just after that batch ends (a closed-loop client whose
     reply finished with it), share the next batch: the window opens when the batch ends, not at the first one's
     arrival (by then longer ago than max_wait). The first batch is held until the queued request is past its window."""
+    served = served_window
     engine = served["engine"]
     url = served["url"]
     assert _wait(lambda: engine.pending() == 0)
@@ -358,7 +372,7 @@ BAD = [
     ({"model": "uniform", "emorl": {"weights": [1, 0, 0]}}, 400, "emorl.weights", "one trained policy"),
     ({"model": "gpt-4"}, 404, "model", "not served by this run"),
     ({"model": None}, 400, "model", "required"),
-    ({"max_tokens": 5000}, 400, "max_tokens", "--max-tokens"),
+    ({"max_tokens": 500}, 400, "max_tokens", "--max-tokens"),
     ({"max_tokens": 0}, 400, "max_tokens", "out of range"),
     ({"temperature": 3}, 400, "temperature", "out of range"),
     ({"top_p": 0}, 400, "top_p", "out of range"),
@@ -370,7 +384,7 @@ BAD = [
     ({"messages": []}, 400, "messages", "non-empty list"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages", "user message"),
     ({"messages": [{"role": "user", "content": 3}]}, 400, "messages[0].content", "expected a string"),
-    ({"messages": [{"role": "user", "content": "word " * 200}]}, 400, "messages", "model.max_prompt_tokens"),
+    ({"messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages", "the model's context of 512"),
 ]
 
 
@@ -458,12 +472,66 @@ def _wait(cond: Any, seconds: float = 10.0) -> bool:
 
 
 def test_disconnected_requests_are_cancelled(served: dict[str, Any]) -> None:
+    """Step scheduler: a client that hangs up (streamed or plain) frees its rows at the next step; one that leaves
+    while it waits is dropped before it starts."""
+    engine = served["engine"]
+    url = served["url"]
+    runner = engine._step.runner
+    step, gate = runner.step, threading.Event()
+
+    def slow(batch: Any) -> None:  # every step waits a little (or until released): the reply cannot end first
+        gate.wait(0.01)
+        step(batch)
+
+    old_eos = engine.ens.eos
+    engine.ens.eos = []
+    runner.step = slow
+    try:
+        long = body(max_tokens=400, temperature=1.0, seed=1)
+        st = engine.stats
+        c0 = st["cancelled"]
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**long, "stream": True}, timeout=30) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 6:
+                    break
+        assert _wait(lambda: st["cancelled"] == c0 + 1 and engine.pending() == 0), st
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=long, timeout=1.0)
+        assert _wait(lambda: st["cancelled"] == c0 + 2 and engine.pending() == 0), st
+        # waiting while the decode thread is inside a step: gone before it starts
+        blocked = threading.Event()
+
+        def held(batch: Any) -> None:
+            blocked.set()
+            gate.wait(30)
+            step(batch)
+
+        runner.step = held
+        first = threading.Thread(target=lambda: chat(url, {**long, "max_tokens": 3}))
+        first.start()
+        assert blocked.wait(30)
+        d0 = st["dropped_before_start"]
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=long, timeout=0.5)
+        gate.set()
+        first.join(30)
+        assert _wait(lambda: st["dropped_before_start"] == d0 + 1 and engine.pending() == 0), st
+    finally:
+        gate.set()
+        runner.step = step
+        engine.ens.eos = old_eos
+    ok = chat(url, body(max_tokens=3, temperature=0))  # the server still serves
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_disconnected_requests_are_cancelled_window(served_window: dict[str, Any]) -> None:
+    served = served_window
     engine = served["engine"]
     url = served["url"]
     old_eos = engine.ens.eos
-    engine.ens.eos = []  # no early end: 4000 tokens would take far longer than the waits below
+    engine.ens.eos = []  # no early end: 400 tokens take far longer than a hang-up takes to notice
     try:
-        long = body(max_tokens=4000, temperature=1.0, seed=1)
+        long = body(max_tokens=400, temperature=1.0, seed=1)
         st = engine.stats
         c0 = st["cancelled"]
         # streamed: read a few chunks, hang up; the job ends at the next step
@@ -500,7 +568,7 @@ def test_cli_serves_and_stops_cleanly_on_ctrl_c(served: dict[str, Any]) -> None:
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     cmd = [sys.executable, "-m", "emorl.cli", "serve", "--run", str(served["run"]), "--port", str(port),
-           "--max-tokens", "4000", "--grace-s", "1"]
+           "--max-tokens", "400", "--grace-s", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -510,7 +578,7 @@ def test_cli_serves_and_stops_cleanly_on_ctrl_c(served: dict[str, Any]) -> None:
         def stream() -> None:
             try:
                 with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
-                                  json=body(max_tokens=4000, temperature=1.0, seed=1, stream=True)) as r:
+                                  json=body(max_tokens=400, temperature=1.0, seed=1, stream=True)) as r:
                     got.extend(r.iter_lines())
             except httpx.HTTPError as e:
                 got.append(f"closed: {type(e).__name__}")
@@ -559,8 +627,9 @@ def test_stop_strings_cut_plain_and_streamed_replies(served: dict[str, Any]) -> 
     assert [c["choices"][0]["finish_reason"] for c in events[1:-1]][-1] == "stop"
 
 
-def test_base_anchored_requests_and_the_base_share_one_batch(served: dict[str, Any]) -> None:
+def test_base_anchored_requests_and_the_base_share_one_batch(served_window: dict[str, Any]) -> None:
     """Base-anchored points not summing to 1 and the base model itself need the base stream: one batch for all."""
+    served = served_window
     engine = served["engine"]
     reqs = [body(emorl={"weights": [0.8, 0.5, 0.1]}, max_tokens=5, temperature=0.8, seed=3),
             body(emorl={"weights": [0, 1, 2]}, max_tokens=4, temperature=0),
@@ -599,8 +668,8 @@ def test_auto_weights_follow_the_router(served: dict[str, Any]) -> None:
     cfg = load_config(str(run / "config.yaml"), ["route.prompts=6", "route.step=0.5"])
     assert _wait(lambda: engine.pending() == 0)
     fit_run(run, cfg, base=engine.ens.base, ens=engine.ens)
-    engine._router = None
-    r = chat(url, body(emorl={"weights": "auto"}, seed=3, temperature=1.0))
+    engine.worker.forget_router()
+    r = chat(url, body(emorl={"weights": "auto"}, seed=3, temperature=1.0, max_tokens=8))
     assert r.status_code == 200, r.text
     chosen = r.json()["emorl"]["weights"]
     w = [chosen[n] for n in NAMES]

@@ -1,5 +1,6 @@
 """The page of ``emorl serve`` in a real browser (headless Chromium from the system, driven by selenium): it loads
-the run's objectives, a slider moves by keyboard, Generate streams a reply and the score bars fill.
+the run's objectives, a slider moves by keyboard, Generate streams a reply, the page says why the reply stopped and
+how long it is, and the score bars fill.
 
 Skips where no Chromium/chromedriver is installed (Debian: ``apt-get install chromium chromium-driver``; ``.ci/run``
 installs them). ``EMORL_SERVE_SCREENSHOT=path.png`` also saves a screenshot of the page after the reply."""
@@ -83,6 +84,9 @@ def test_page_steers_generates_and_scores(page: dict[str, Any]) -> None:
     engine = page["engine"]
     ref = engine.ens.generate(["My cat is sick."], [0.5, 0.35, 1.0], anchor="base", max_new_tokens=6).texts[0]
     assert reply == ref.strip()
+    # why it stopped and how long it is: 6 tokens, cut at max_tokens (the tiny model does not end by itself)
+    finish = d.find_element(By.ID, "finish").text
+    assert finish.startswith("6 tokens") and "finish_reason: length" in finish, finish
     values = [d.find_element(By.ID, f"s-{o}").text for o in ("short", "long", "fluency")]
     assert all(v != "–" and 0 <= float(v) <= 1 for v in values)
     width = d.find_element(By.ID, "b-short").get_attribute("style")

@@ -143,11 +143,13 @@ class PairRows:
 def generate_pairs(ens: Any, names: Sequence[str], mode: str, pairs: Sequence[PairSpec], *, anchored: bool = False,
                    on_token: Callable[[int, int], None] | None = None,
                    on_finish: Callable[[int, PairResult], None] | None = None,
-                   cancelled: Callable[[int], bool] | None = None) -> list[PairResult]:
+                   cancelled: Callable[[int], bool] | None = None,
+                   max_prompt_tokens: int | None = None) -> list[PairResult]:
     """Decode ``pairs`` in one batch of mode ``mode``; ``names``: the adapters (loaded on ``ens.model``) that each
     pair's ``weights`` refer to, in order (already under their weight rule: convex points rescaled to sum 1).
     Adapters no pair uses are left out of the batch (as ``generate`` does). ``anchored``: add the base stream, mixed
-    as (1 - sum w) h_0 + sum w_k h_k (a point w = 0 is the base model); not for ``params``."""
+    as (1 - sum w) h_0 + sum w_k h_k (a point w = 0 is the base model); not for ``params``. ``max_prompt_tokens``:
+    the prompt limit (default: the model config's, the training setting)."""
     from emorl.data import encode_prompts
 
     if mode not in MODES:
@@ -173,7 +175,8 @@ def generate_pairs(ens: Any, names: Sequence[str], mode: str, pairs: Sequence[Pa
     k = len(bank_names)
     texts = list(dict.fromkeys(p.text for p in pairs))  # pairs of one prompt share its prefill rows
     b_idx = torch.tensor([texts.index(p.text) for p in pairs], dtype=torch.long, device=dev)
-    enc = encode_prompts(ens.tokenizer, texts, ens.base.config.max_prompt_tokens, ens.base.is_seq2seq, dev)
+    limit = max_prompt_tokens or ens.base.config.max_prompt_tokens
+    enc = encode_prompts(ens.tokenizer, texts, limit, ens.base.is_seq2seq, dev)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     t_max = max(p.max_new_tokens for p in pairs)
     u = None

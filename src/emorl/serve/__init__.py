@@ -11,10 +11,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["ApiError", "Engine", "Job", "Method", "create_app"]
+__all__ = ["ApiError", "Engine", "Job", "ServedModel", "create_app"]
 
 # imported on first use, so `emorl serve --help` (emorl.serve.cli) does not wait for torch
-_LAZY = {"Engine": "emorl.serve.engine", "Job": "emorl.serve.engine", "Method": "emorl.serve.engine",
+_LAZY = {"Engine": "emorl.serve.engine", "Job": "emorl.serve.engine", "ServedModel": "emorl.serve.engine",
          "ApiError": "emorl.serve.protocol"}
 
 

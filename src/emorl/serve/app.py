@@ -4,7 +4,10 @@ Routes: ``POST /v1/chat/completions`` (OpenAI's, plain or ``stream: true`` serve
 ``POST /v1/score``, ``GET /v1/objectives``, ``GET /health``, and the web page (``GET /``, files in ``static/``).
 Every error is OpenAI's ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status naming the field;
 an unexpected failure is a 500 in the same shape without a traceback (it goes to the server log). With an API key
-every route but ``/health`` and the page's static files needs ``Authorization: Bearer KEY``.
+every route but ``/health`` and the page's static files needs ``Authorization: Bearer KEY`` (compared in constant
+time). JSON routes take ``Content-Type: application/json`` only (415 otherwise): a browser sends a cross-origin
+"simple" POST (text/plain, form data) without a preflight, so any page a user visits could otherwise drive a local
+server; no CORS headers are sent, so browsers keep other origins' scripts from reading replies.
 """
 
 from __future__ import annotations
@@ -25,13 +28,25 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from emorl.serve.engine import Engine, Job
-from emorl.serve.protocol import ApiError, ChatRequest, chunk, completion, new_id, parse_chat, parse_score, usage
+from emorl.serve.engine import Engine, Job, Overloaded, TooLarge
+from emorl.serve.protocol import (
+    ApiError,
+    ChatRequest,
+    chunk,
+    completion,
+    last_user,
+    new_id,
+    parse_chat,
+    parse_score,
+    usage,
+)
 from emorl.utils import EmorlError
 
 log = logging.getLogger("emorl.serve")
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/health", "/", "/static/")
+TRAINED_ON = ("the adapters were trained on single client statements; earlier turns of a conversation go through the "
+              "chat template, but replies to them are outside what was trained")
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 1 << 20,
@@ -49,8 +64,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def error(e: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
+        if e.retry_after is not None:
+            headers["Retry-After"] = str(e.retry_after)
+        return JSONResponse(e.body(), status_code=e.status, headers=headers or None)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -87,6 +104,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         return await call_next(request)
 
     async def read_json(request: Request) -> Any:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(415, f"Content-Type is {ctype or 'missing'!r}; send the JSON body with 'Content-Type: "
+                                "application/json'", None, "unsupported_media_type")
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > max_body_bytes:
             raise ApiError(413, f"the request body is {size} bytes; the limit is {max_body_bytes}", None,
@@ -103,7 +124,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             raise ApiError(400, f"the request body is not valid JSON ({e}); send a JSON object with "
                                 "'Content-Type: application/json'", None, "invalid_json") from e
 
-    def submit(key: str, pairs: list[Any], score: Any = None, stream: bool = False) -> tuple[Job, asyncio.Queue]:
+    def submit(key: str, pairs: list[Any], stream: bool = False, prompt_tokens: int = 0) -> tuple[Job, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -111,9 +132,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
             with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown)
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        job = Job(key, pairs, emit, score=score, stream=stream)
+        job = Job(key, pairs, emit, stream=stream, prompt_tokens=prompt_tokens)
         try:
             engine.submit(job)
+        except Overloaded as e:
+            raise ApiError(429, str(e), None, "rate_limit_exceeded", "rate_limit_error", retry_after=e.retry_after) \
+                from e
+        except TooLarge as e:
+            raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from e
         except EmorlError as e:
             raise ApiError(503, str(e), None, "shutting_down", "server_error") from e
         return job, queue
@@ -155,7 +181,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         now = int(time.time())
         return {"object": "list", "data": [
             {"id": m.name, "object": "model", "created": now, "owned_by": "emorl",
-             "emorl": {"kind": m.kind, "mode": m.mode, "anchor": m.anchor, "label": m.label,
+             "emorl": {"kind": m.kind, "mode": m.mode, "anchor": m.anchor, "label": m.label, "note": TRAINED_ON,
                        "searched": any(s["method"] == m.name for s in engine.searched.values())}}
             for m in engine.methods.values()]}
 
@@ -165,28 +191,31 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         return {"objectives": engine.objectives, "adapters": engine.adapters, "searched": engine.searched,
                 "methods": [{"id": m.name, "kind": m.kind, "mode": m.mode, "anchor": m.anchor, "label": m.label}
                             for m in engine.methods.values()],
-                "generation": {"max_tokens": min(gen.max_new_tokens, engine.max_tokens), "do_sample": gen.do_sample,
+                "generation": {"max_tokens": engine.default_max_tokens, "do_sample": gen.do_sample,
                                "temperature": gen.temperature, "top_k": gen.top_k, "top_p": gen.top_p},
-                "max_tokens": engine.max_tokens, **engine.front_data()}
+                "max_tokens": engine.max_tokens, "max_prompt_tokens": engine.prompt_limit, "note": TRAINED_ON,
+                **engine.front_data()}
 
     @app.post("/v1/score")
     async def score(request: Request) -> dict[str, Any]:
         statements, replies = parse_score(await read_json(request))
-        job, queue = submit("score", [], (statements, replies))
-        events = await collect(request, job, queue)
-        err = [e for e in events if e[0] == "error"]
-        if err:
-            raise ApiError(503 if "shutting down" in err[0][1] else 500, err[0][1], None, "scoring_failed",
-                           "server_error")
-        scores = next(e[1] for e in events if e[0] == "scores")
+        try:
+            scores = await asyncio.wrap_future(engine.score_async(statements, replies))
+        except RuntimeError as e:  # the worker is shut down
+            raise ApiError(503, f"the server is shutting down ({e})", None, "shutting_down", "server_error") from e
         return {"object": "emorl.scores", "objectives": engine.objectives,
                 "scores": [{o: scores[o][i] for o in engine.objectives} for i in range(len(statements))]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        req = parse_chat(await read_json(request), engine)
+        raw = await read_json(request)
+        routed = None
+        ext = raw.get("emorl") if isinstance(raw, dict) else None
+        if isinstance(ext, dict) and ext.get("weights") == "auto" and last_user(raw):
+            routed = await engine.route_async(str(last_user(raw)))  # on the worker, never on the event loop
+        req = parse_chat(raw, engine, routed)
         cid = new_id()
-        job, queue = submit(req.key, req.pairs, stream=req.stream)
+        job, queue = submit(req.key, req.pairs, stream=req.stream, prompt_tokens=req.prompt_tokens)
         if req.stream:
             return StreamingResponse(sse(req, cid, job, queue), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -204,7 +233,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     async def sse(req: ChatRequest, cid: str, job: Job, queue: asyncio.Queue) -> AsyncIterator[str]:
         """OpenAI's chunk stream: a role delta per choice, content deltas, a finish chunk each, [DONE]."""
         created = int(time.time())
-        tok = engine.ens.tokenizer
+        tok = engine.request_tokenizer  # the event loop's own tokenizer (the decode thread has another)
         n = len(req.pairs)
         texts = [StreamText(tok, list(req.pairs[c].stop)) for c in range(n)]
         done_tokens = 0

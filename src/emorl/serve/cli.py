@@ -3,10 +3,10 @@
     emorl serve --run runs/default                      # http://127.0.0.1:8000/
     EMORL_API_KEY=secret emorl serve --run runs/default --host 0.0.0.0 --port 8080
 
-Concurrent requests with different weights are decoded in one batch: the scheduler waits for others while they
-keep arriving (gaps under --max-gap-ms), at most --max-wait-ms after the oldest waiting request's arrival or the
-end of the previous batch, whichever is later, up to
---max-batch-rows backbone rows (requests x adapters).
+Concurrent requests with different weights share one batch. --scheduler step (default): every decode step admits
+waiting requests (prefilled in chunks of --prefill-chunk positions, while their worst case fits --kv-budget-mb) and
+retires finished ones. --scheduler window (the first design): a batch forms while requests keep arriving (gaps
+under --max-gap-ms, at most --max-wait-ms after the oldest) and decodes to its longest reply's end.
 """
 
 from __future__ import annotations
@@ -37,7 +37,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "arrival, or from the end of the batch it waited through)")
     p.add_argument("--max-gap-ms", type=float, default=10.0,
                    help="a batch starts once no request has arrived for this long (a lone request waits this much)")
-    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--default-max-tokens", type=int,
+                   help="max_tokens of a request that names none (default: 384, where >= 95%% of the default run's "
+                        "replies ended with EOS; docs/serve.md)")
+    p.add_argument("--max-prompt-tokens", type=int,
+                   help="lower the prompt limit (default: the model's context minus the request's max_tokens)")
+    p.add_argument("--scheduler", choices=("step", "window"), default="step",
+                   help="step: admit and retire requests at every decode step (default); window: the first design")
+    p.add_argument("--kv-budget-mb", type=float,
+                   help="KV-cache byte budget; a request is admitted when its worst case fits (default: a quarter "
+                        "of the free memory, printed at start)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="most waiting requests; more are answered 429 with Retry-After")
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt positions prefilled per step (decode steps of running replies go in between)")
     p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body, in KiB")
     p.add_argument("--grace-s", type=float, default=5.0,
                    help="after Ctrl-C / SIGTERM, how long in-flight requests may finish before they are cancelled")
@@ -74,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
         log.warning("binding %s without an API key: anyone who can reach this port can use the model. Set "
                     "--api-key (or EMORL_API_KEY) and put a TLS reverse proxy in front", args.host)
     engine_kwargs = dict(max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, max_gap_ms=args.max_gap_ms,
-                         max_tokens=args.max_tokens, device=args.device)
+                         max_tokens=args.max_tokens, device=args.device, scheduler=args.scheduler,
+                         kv_budget_mb=args.kv_budget_mb, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                         max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens)
     app_kwargs = dict(api_key=key, max_body_bytes=args.max_body_kb * 1024)
     if args.replicas:
         from emorl.serve.replicas import serve_replicas
@@ -87,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"emorl serve: {args.run} ({', '.join(engine.objectives)}) at http://{host}:{args.port}/ "
           f"(API: http://{host}:{args.port}/v1{', API key required' if key else ''}); Ctrl-C stops", flush=True)
+    print(f"emorl serve: scheduler {engine.scheduler}, KV budget {engine.kv_budget / 2**20:.0f} MiB, prompts up to "
+          f"{engine.prompt_limit} tokens, replies up to {engine.max_tokens} (default {engine.default_max_tokens})",
+          flush=True)
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                     timeout_graceful_shutdown=args.grace_s + 5), engine, args.grace_s)
     server.run()

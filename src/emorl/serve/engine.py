@@ -1,21 +1,25 @@
-"""The model side of ``emorl serve``: one run loaded once, and a scheduler thread that batches requests.
+"""The model side of ``emorl serve``: one run loaded once, a decode thread that batches requests, and a side
+worker (:mod:`emorl.serve.worker`) for ``/v1/score`` and the router.
 
-:class:`Engine` loads the run's base, its K objective adapters, its one-policy baselines (``RUN/baselines/*``,
-loaded as further adapters on the same model) and its rewards. Requests become :class:`Job` s (one
-:class:`~emorl.ensemble.pairs.PairSpec` per choice); the scheduler thread is the only one that touches the model.
-It takes the oldest waiting job and waits for others while they keep coming: the batch starts once no job has
-arrived for ``max_gap_ms``, at most ``max_wait_ms`` after the oldest job's arrival or the end of the previous batch,
-whichever is later (or once ``max_batch_rows`` backbone rows are taken; a burst of clients rarely arrives within one
-fixed short window). It decodes every job with the same batch key — the mixing mode, and whether the base stream is
-needed (base-anchored points not summing to 1, the base model itself) — in ONE
-:func:`~emorl.ensemble.pairs.generate_pairs` call, whatever their weights, sampling settings, lengths and seeds.
-Jobs of another key go in the next batch. Finished pairs are reported at once (a short reply does not wait for the
-batch's longest); a cancelled job (client gone) is dropped before its batch starts, or ends at the next decoding
-step. Scoring jobs run on the same thread, between batches.
+:class:`Engine` loads the run's base, its K objective adapters and its one-policy baselines (``RUN/baselines/*``,
+loaded as further adapters on the same model). Requests become :class:`Job` s (one
+:class:`~emorl.ensemble.pairs.PairSpec` per choice); the decode thread is the only one that touches the model and
+its tokenizer (the event loop parses requests with a tokenizer of its own). Two schedulers:
+
+* ``step`` (default; :mod:`emorl.serve.scheduler`): iteration-level batching — every decode step admits waiting
+  requests (within a KV byte budget, prefilled in chunks) and retires finished ones; every mode shares one batch.
+* ``window`` (the first design, kept for the benchmark): the oldest waiting job plus others that arrive while jobs
+  keep coming form a batch once no job has arrived for ``max_gap_ms``, at most ``max_wait_ms`` after the oldest
+  job's arrival or the end of the previous batch, whichever is later (or once ``max_batch_rows`` backbone rows
+  are taken). Jobs with the same batch key — the mixing mode, and whether the base stream is needed — decode in
+  ONE :func:`~emorl.ensemble.pairs.generate_pairs` call to the end of the batch's longest reply.
+
+Finished replies are reported at once; a cancelled job is dropped before it starts or ends at the next step.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
@@ -26,15 +30,32 @@ from pathlib import Path
 from typing import Any
 
 from emorl.ensemble.pairs import PairResult, PairSpec, generate_pairs
+from emorl.serve.batch import default_kv_budget
+from emorl.serve.worker import Worker, route_error
 from emorl.utils import EmorlError
 
 log = logging.getLogger("emorl.serve")
 
 BASELINES = ("uniform", "dynaopt", "gdpo", "fixed")
+# serving's default reply length: the smallest at which >= 95% of the default run's replies (EMORL's searched weights
+# and the base, test split) ended with EOS: 384 (23 of 24 each; bench/RESULTS.md, "Replies that finish")
+DEFAULT_MAX_TOKENS = 384
+
+
+class Overloaded(EmorlError):
+    """The waiting queue is full: answer 429 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TooLarge(EmorlError):
+    """One request's worst case does not fit the KV budget even alone (HTTP 400)."""
 
 
 @dataclass
-class Method:
+class ServedModel:
     """A servable ``model`` name: a mix of the K objective adapters, one trained policy, or the base."""
 
     name: str
@@ -57,27 +78,33 @@ class Job:
     rows: int = 1
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
-    score: tuple[list[str], list[str]] | None = None  # a scoring job: (prompts, replies)
     stream: bool = False  # report every token (else only finished choices)
     results: list[PairResult | None] = field(default_factory=list)
+    prompt_tokens: int = 0  # the prompt's length in tokens (chat template included): the KV budget's worst case
+    finished: float | None = None
 
 
 class Engine:
     """The loaded run and its scheduler (start with :meth:`start`, stop with :meth:`close`)."""
 
     def __init__(self, run: str | Path, *, max_batch_rows: int = 96, max_wait_ms: float = 100.0,
-                 max_gap_ms: float = 10.0, max_tokens: int = 512, device: str | None = None, base: Any = None
-                 ) -> None:
+                 max_gap_ms: float = 10.0, max_tokens: int = 1024, device: str | None = None, base: Any = None,
+                 scheduler: str = "step", kv_budget_mb: float | None = None, max_queue: int = 256,
+                 prefill_chunk: int = 256, max_prompt_tokens: int | None = None,
+                 default_max_tokens: int | None = None) -> None:
         from emorl.config import load_config
         from emorl.ensemble import EnsembleModel
         from emorl.models import check_same_base, load_adapters, load_base, read_adapter_info
-        from emorl.rewards import build_rewards
 
         self.run = Path(run)
         if not (self.run / "config.yaml").exists():
             raise EmorlError(f"--run {run}: no config.yaml there (is it a run folder made by `emorl train`?)")
         if max_batch_rows < 1 or max_wait_ms < 0 or max_gap_ms < 0 or max_tokens < 1:
             raise EmorlError("--max-batch-rows and --max-tokens must be >= 1, --max-wait-ms and --max-gap-ms >= 0")
+        if scheduler not in ("step", "window"):
+            raise EmorlError(f"--scheduler {scheduler!r}: choose 'step' (per decode step) or 'window'")
+        if max_queue < 1 or prefill_chunk < 1 or (kv_budget_mb is not None and kv_budget_mb <= 0):
+            raise EmorlError("--max-queue and --prefill-chunk must be >= 1, --kv-budget-mb > 0")
         self.cfg = load_config(self.run / "config.yaml")
         if device:
             self.cfg.model.device = device
@@ -91,13 +118,19 @@ class Engine:
             if (folder / "adapter_model.safetensors").exists():
                 check_same_base(self.ens.base, read_adapter_info(folder), folder)
                 extra[b] = folder
-        if extra:
-            load_adapters(self.ens.base, extra)
+        loaded = set(getattr(self.ens.base.model, "peft_config", {}))  # a base shared with another engine
+        if any(b not in loaded for b in extra):
+            load_adapters(self.ens.base, {b: f for b, f in extra.items() if b not in loaded})
         self.adapters: list[str] = self.objectives + list(extra)  # the weight order of every PairSpec
         self.methods = self._methods(list(extra))
         self.searched = self._searched()
-        self.rewards = build_rewards({o: self.cfg.objectives[o] for o in self.objectives}, self.ens.base)
         self.ens.verify_head()
+        self._limits(max_prompt_tokens, default_max_tokens)
+        self.scheduler = "window" if self.ens.base.is_seq2seq else scheduler  # step: causal backbones only
+        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        self.kv_budget = int(kv_budget_mb * 2**20) if kv_budget_mb else default_kv_budget(self.ens.device)
+        self.request_tokenizer = copy.deepcopy(self.ens.tokenizer)  # the event loop's own (parse_chat, streaming)
+        self.worker = Worker(self.run, self.cfg, self.objectives, str(self.ens.device))
         self.stats: dict[str, Any] = {"batches": 0, "jobs": 0, "pairs": 0, "cancelled": 0, "dropped_before_start": 0,
                                       "last_batch": None, "max_batch_jobs": 0}
         self._queue: list[Job] = []
@@ -110,26 +143,37 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- run contents
 
-
     def route(self, statement: str) -> list[float]:
-        """The router's weights for one client statement (``"weights": "auto"``); the router is loaded once and
-        checked against this run's adapters."""
-        from emorl.serve.protocol import ApiError
+        """The router's weights for one client statement (``"weights": "auto"``), computed on the worker (the
+        router loads there once, under a lock). Blocks: from the event loop use :meth:`route_async`."""
+        try:
+            return self.worker.route(statement).result()
+        except EmorlError as e:
+            raise route_error(e) from e
 
-        if getattr(self, "_router", None) is None:
-            from emorl.router.store import load_router, router_dir, run_adapters
-            from emorl.utils import EmorlError
+    async def route_async(self, statement: str) -> list[float]:
+        import asyncio
 
-            try:
-                self._router = load_router(router_dir(self.run), run_adapters(self.run, self.objectives))[0]
-            except EmorlError as e:
-                raise ApiError(400, f"emorl.weights: \"auto\" needs the run's router ({e})", "emorl.weights",
-                               "router_unavailable") from e
-        from emorl.router.store import embed
+        try:
+            return await asyncio.wrap_future(self.worker.route(statement))
+        except EmorlError as e:
+            raise route_error(e) from e
 
-        w, _ = self._router.predict(embed([statement], str(self.ens.device)))
-        return [float(x) for x in w[0]]
-    def _methods(self, baselines: list[str]) -> dict[str, Method]:
+    def _limits(self, max_prompt_tokens: int | None, default_max_tokens: int | None) -> None:
+        """The prompt limit: the model's context minus ``max_tokens`` (``--max-prompt-tokens`` may lower it), not
+        the training setting; and the default reply length."""
+        lm = self.ens.stream.decoder.config
+        self.context = int(getattr(lm, "max_position_embeddings", None) or getattr(lm, "n_positions", None) or 2048)
+        if self.max_tokens >= self.context:
+            self.max_tokens = self.context // 2
+        self.prompt_limit = self.context - 1  # a request's own limit: the context minus its max_tokens
+        if max_prompt_tokens is not None:
+            if max_prompt_tokens < 8:
+                raise EmorlError(f"--max-prompt-tokens {max_prompt_tokens}: give at least 8")
+            self.prompt_limit = min(self.prompt_limit, max_prompt_tokens)
+        self.default_max_tokens = min(default_max_tokens or DEFAULT_MAX_TOKENS, self.max_tokens)
+
+    def _methods(self, baselines: list[str]) -> dict[str, ServedModel]:
         """Every method of ``emorl evaluate`` this run can serve, named as there."""
         from emorl.decoding import parse_mix
         from emorl.methods import METHODS, SINGLE, method_label
@@ -138,12 +182,13 @@ class Engine:
         for name, (kind, key) in METHODS.items():
             if kind == "ensemble":
                 mode, anchor = parse_mix(str(key), self.cfg.search.anchor)
-                out[name] = Method(name, "mix", mode, anchor, label=method_label(name), free=name == "emorl")
+                out[name] = ServedModel(name, "mix", mode, anchor, label=method_label(name), free=name == "emorl")
         for b in baselines:
-            out[b] = Method(b, "adapter", "hidden", "base", b, method_label(b))
+            out[b] = ServedModel(b, "adapter", "hidden", "base", b, method_label(b))
         for o in self.objectives:
-            out[f"{SINGLE}{o}"] = Method(f"{SINGLE}{o}", "adapter", "hidden", "base", o, method_label(f"{SINGLE}{o}"))
-        out["base"] = Method("base", "base", "hidden", "base", label=method_label("base"))
+            name = f"{SINGLE}{o}"
+            out[name] = ServedModel(name, "adapter", "hidden", "base", o, method_label(name))
+        out["base"] = ServedModel("base", "base", "hidden", "base", label=method_label("base"))
         return out
 
     def _searched(self) -> dict[str, dict[str, Any]]:
@@ -189,15 +234,40 @@ class Engine:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="emorl-serve-scheduler", daemon=True)
+            if self.scheduler == "step":
+                from emorl.serve.scheduler import StepScheduler
+
+                self._step = StepScheduler(self)
+                target = self._step.run
+            else:
+                target = self._loop
+            log.info("scheduler %s; KV budget %.0f MiB; prompts up to %d tokens, replies up to %d (default %d)",
+                     self.scheduler, self.kv_budget / 2**20, self.prompt_limit, self.max_tokens,
+                     self.default_max_tokens)
+            self._thread = threading.Thread(target=target, name="emorl-serve-scheduler", daemon=True)
             self._thread.start()
 
     def submit(self, job: Job) -> None:
+        """Queue a job; raises :class:`Overloaded` when the queue is full, :class:`TooLarge` when its worst case
+        cannot fit the KV budget even alone (step scheduler)."""
+        step = getattr(self, "_step", None)
+        if step is not None and not step.fits_alone(job):
+            need = step.job_rows(job) * step.job_worst_len(job) * step.kv_per_row_token
+            raise TooLarge(f"this request may need {need / 2**20:.1f} MiB of KV cache (prompt + max_tokens for "
+                           f"{step.job_rows(job)} rows), over the server's budget of {self.kv_budget / 2**20:.1f} "
+                           "MiB (--kv-budget-mb); lower max_tokens or n")
         with self._cond:
             if self._stopping:
                 raise EmorlError("the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise Overloaded(f"the server is full: {len(self._queue)} requests wait (--max-queue "
+                                 f"{self.max_queue}); retry later", retry_after=1)
             self._queue.append(job)
             self._cond.notify_all()
+
+    def score_async(self, statements: list[str], replies: list[str]) -> Any:
+        """Future of {objective: [score per pair]}, computed on the side worker (off the decode path)."""
+        return self.worker.score(statements, replies)
 
     def cancel(self, job: Job) -> None:
         """The client is gone: drop the job if it waits (at once), or end its rows at the next decoding step."""
@@ -225,6 +295,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self.worker.close()
 
     def _take(self) -> list[Job] | None:
         """Wait for the next batch: the oldest job plus same-key jobs that arrive while jobs keep coming (gaps under
@@ -270,7 +341,7 @@ class Engine:
     def _rows(self, jobs: list[Job]) -> int:
         """Backbone rows a batch of these jobs takes: pairs x adapters used by any of them (params: pairs)."""
         pairs = [p for j in jobs for p in j.pairs]
-        if not pairs or jobs[0].key in ("params", "score"):
+        if not pairs or jobs[0].key == "params":
             return max(1, len(pairs))
         used = {i for p in pairs for i, w in enumerate(p.weights) if w > 0}
         return len(pairs) * (len(used) + (1 if jobs[0].key.endswith("+base") else 0))
@@ -283,11 +354,7 @@ class Engine:
             if not batch:
                 continue
             try:
-                if batch[0].key == "score":
-                    for j in batch:
-                        self._score(j)
-                else:
-                    self._decode(batch)
+                self._decode(batch)
             except Exception as e:  # a failed batch fails its requests, never the server
                 log.exception("batch of %d requests failed", len(batch))
                 for j in batch:
@@ -323,7 +390,8 @@ class Engine:
 
         key = batch[0].key
         generate_pairs(self.ens, self.adapters, key.removesuffix("+base"), pairs, anchored=key.endswith("+base"),
-                       on_token=on_token, on_finish=on_finish, cancelled=cancelled)
+                       on_token=on_token, on_finish=on_finish, cancelled=cancelled,
+                       max_prompt_tokens=self.prompt_limit)
         st = self.stats
         st["batches"] += 1
         st["jobs"] += len(batch)
@@ -331,12 +399,3 @@ class Engine:
         st["max_batch_jobs"] = max(st["max_batch_jobs"], len(batch))
         st["last_batch"] = {"key": key, "jobs": len(batch), "pairs": len(pairs), "rows": self._rows(batch),
                             "seconds": round(time.perf_counter() - t0, 4)}
-
-    def _score(self, job: Job) -> None:
-        from emorl.rewards import score
-
-        assert job.score is not None
-        prompts, replies = job.score
-        out = {name: score(rw, prompts, replies).tolist() for name, rw in self.rewards.items()}
-        job.emit(("scores", out, None))
-        job.emit(("done", None, None))

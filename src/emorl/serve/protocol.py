@@ -35,9 +35,10 @@ class ApiError(Exception):
     """A client error: HTTP ``status`` and OpenAI's error object (message, type, param, code)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
+                 kind: str = "invalid_request_error", retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -132,9 +133,75 @@ class ChatRequest:
         return {"mode": self.mode, "anchor": self.anchor, "weights": self.weights, "seed": self.seed}
 
 
-def parse_chat(body: Any, engine: Any) -> ChatRequest:
-    """Validate a /v1/chat/completions body against the run (``engine``); raises :class:`ApiError`."""
+def last_user(body: Any) -> str | None:
+    """The last user message's text, if the body has one (the router's input for ``"weights": "auto"``)."""
+    msgs = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(msgs, list):
+        return None
+    for m in reversed(msgs):
+        if isinstance(m, dict) and m.get("role") == "user":
+            try:
+                return _text(m.get("content"), "messages")
+            except ApiError:
+                return None
+    return None
+
+
+def parse_messages(msgs: Any, engine: Any, max_tokens: int) -> tuple[str, str, int]:
+    """The whole conversation through the chat template: (model input text, last user message, its tokens).
+
+    The system prompt is the request's (``system`` / ``developer``), else the run's. Turns are kept in order;
+    while the prompt is over the limit (the model's context minus ``max_tokens``, or ``--max-prompt-tokens``) the
+    oldest turns are dropped first — never the system prompt nor the last user message. A single user message
+    gives exactly the text ``emorl generate`` decodes for that statement."""
     from emorl.data import format_prompts
+
+    if not isinstance(msgs, list) or not msgs:
+        raise bad("messages", "required: a non-empty list of {\"role\": ..., \"content\": ...} objects")
+    system = engine.ens.base.config.system_prompt
+    turns: list[dict[str, str]] = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise bad(f"messages[{i}]", f"expected an object with a role in {', '.join(ROLES)} and a content")
+        text = _text(m.get("content"), f"messages[{i}].content")
+        if m["role"] in ("system", "developer"):
+            system = text
+        elif m["role"] in ("user", "assistant"):  # tool turns carry no text the model was trained on: left out
+            turns.append({"role": m["role"], "content": text})
+    last = max((i for i, t in enumerate(turns) if t["role"] == "user"), default=None)
+    if last is None or not turns[last]["content"].strip():
+        raise bad("messages", "needs a user message with non-empty content (the client statement)")
+    turns = turns[: last + 1]
+    statement = turns[-1]["content"]
+    tok = engine.request_tokenizer
+    s2s = engine.ens.base.is_seq2seq
+    limit = min(engine.prompt_limit, engine.context - max_tokens)
+
+    def render(ts: list[dict[str, str]]) -> str:
+        if len(ts) == 1 or s2s or not getattr(tok, "chat_template", None):
+            return format_prompts(tok, [ts[-1]["content"]], s2s, system)[0]
+        head = [{"role": "system", "content": system}] if system else []
+        return tok.apply_chat_template(head + ts, tokenize=False, add_generation_prompt=True)
+
+    while True:
+        prompt = render(turns)
+        n_tok = len(tok(prompt, add_special_tokens=s2s)["input_ids"])
+        if n_tok <= limit or len(turns) == 1:
+            break
+        turns = turns[1:]  # the oldest turn goes first
+        while len(turns) > 1 and turns[0]["role"] != "user":
+            turns = turns[1:]
+    if n_tok > limit:
+        raise bad("messages", f"the prompt is {n_tok} tokens (chat template and system prompt included); this server "
+                              f"accepts at most {limit} with max_tokens {max_tokens} (the model's context of "
+                              f"{engine.context} minus max_tokens, or --max-prompt-tokens). Shorten the last "
+                              "message or lower max_tokens")
+    return prompt, statement, n_tok
+
+
+def parse_chat(body: Any, engine: Any, routed_weights: list[float] | None = None) -> ChatRequest:
+    """Validate a /v1/chat/completions body against the run (``engine``); raises :class:`ApiError`.
+    ``routed_weights``: the router's weights for ``"weights": "auto"`` (computed on the engine's worker)."""
     from emorl.ensemble.decoder import ANCHORS, MODES, weight_rule
 
     if not isinstance(body, dict):
@@ -156,29 +223,12 @@ def parse_chat(body: Any, engine: Any) -> ChatRequest:
     if unknown:
         raise bad("emorl", f"unknown field(s) {unknown}; known: weights, mode, anchor, top_k")
 
-    # the statement: the last user message; the system prompt: the request's, else the run's
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise bad("messages", "required: a non-empty list of {\"role\": ..., \"content\": ...} objects")
-    statement, system = None, engine.ens.base.config.system_prompt
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise bad(f"messages[{i}]", f"expected an object with a role in {', '.join(ROLES)} and a content")
-        text = _text(m.get("content"), f"messages[{i}].content")
-        if m["role"] == "user":
-            statement = text
-        elif m["role"] in ("system", "developer"):
-            system = text
-    if statement is None or not statement.strip():
-        raise bad("messages", "needs a user message with non-empty content (the client statement)")
-    tok = engine.ens.tokenizer
-    s2s = engine.ens.base.is_seq2seq
-    prompt = format_prompts(tok, [statement], s2s, system)[0]
-    n_tok = len(tok(prompt, add_special_tokens=s2s)["input_ids"])
-    limit = engine.ens.base.config.max_prompt_tokens
-    if n_tok > limit:
-        raise bad("messages", f"the prompt is {n_tok} tokens (chat template included); this run accepts at most "
-                              f"{limit} (model.max_prompt_tokens). Shorten the statement or system prompt")
+    # reply length first: the prompt may take the model's context minus it
+    n = _int(body, "n", 1, MAX_N) or 1
+    max_tokens = _int(body, "max_completion_tokens", 1, engine.max_tokens, " (this server's --max-tokens)")
+    max_tokens = max_tokens or _int(body, "max_tokens", 1, engine.max_tokens, " (this server's --max-tokens)")
+    max_tokens = max_tokens or engine.default_max_tokens
+    prompt, statement, n_tok = parse_messages(body.get("messages"), engine, max_tokens)
 
     # weights and mode
     gen = engine.cfg.eval.generation
@@ -202,7 +252,9 @@ def parse_chat(body: Any, engine: Any) -> ChatRequest:
             anchor = "none"
         rule = weight_rule(mode, anchor)
         if routed:
-            weights = engine.route(statement)
+            if routed_weights is None:
+                raise bad("emorl.weights", "\"auto\" needs the router's weights (computed by the server first)")
+            weights = list(routed_weights)
         elif ext.get("weights") is not None:
             weights = parse_weights(ext["weights"], engine.objectives, allow_zero=rule == "anchored")
         else:
@@ -227,10 +279,6 @@ def parse_chat(body: Any, engine: Any) -> ChatRequest:
         key = "hidden+base" if method.kind == "base" else "hidden"
 
     # sampling settings: the request's, else the run's evaluation settings
-    n = _int(body, "n", 1, MAX_N) or 1
-    max_tokens = _int(body, "max_completion_tokens", 1, engine.max_tokens, " (this server's --max-tokens)")
-    max_tokens = max_tokens or _int(body, "max_tokens", 1, engine.max_tokens, " (this server's --max-tokens)")
-    max_tokens = max_tokens or min(gen.max_new_tokens, engine.max_tokens)
     temperature = _number(body, "temperature", 0.0, 2.0)
     top_p = _number(body, "top_p", 0.0, 1.0, lo_open=True)
     top_k = _int(ext, "top_k", 0, 1_000_000)

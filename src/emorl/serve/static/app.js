@@ -37,7 +37,8 @@ function build(info) {
   state.info = info;
   const objs = info.objectives;
   $("run-info").textContent = `${objs.length} objectives: ${objs.join(", ")}` +
-    (Object.keys(info.searched).length ? ` · searched: ${Object.keys(info.searched).join(", ")}` : "");
+    (Object.keys(info.searched).length ? ` · searched: ${Object.keys(info.searched).join(", ")}` : "") +
+    (info.note ? ` · note: ${info.note}` : "");
   const model = $("model");
   model.innerHTML = "";
   for (const m of info.methods) model.add(new Option(`${m.id} — ${m.label}`, m.id));
@@ -169,23 +170,33 @@ function showScores(sc) {
   drawFront();
 }
 
+// why a reply stopped, in words (OpenAI's finish_reason: stop = EOS or a stop string, length = max_tokens)
+function finishText(reason, tokens) {
+  const n = tokens === null ? "" : `${tokens} tokens · `;
+  if (reason === "stop") return `${n}ended by the model (finish_reason: stop)`;
+  if (reason === "length") return `${n}cut at max_tokens (finish_reason: length): raise max tokens for the rest`;
+  if (reason === "cancelled") return `${n}cancelled`;
+  return n;
+}
+
 async function generate() {
   if (state.abort) return;
   const prompt = $("prompt").value.trim();
   if (!prompt) { $("status").textContent = "write a statement first"; return; }
   const model = $("model").value, mode = $("mode").value;
   const body = { model, messages: [{ role: "user", content: prompt }], stream: true,
+    stream_options: { include_usage: true },
     max_tokens: parseInt($("max-tokens").value, 10), temperature: parseFloat($("temperature").value),
     seed: parseInt($("seed").value, 10) };
   const m = state.info.methods.find((x) => x.id === model);
   if (m && m.kind === "mix") {
     body.emorl = { weights: weights(), ...(model === "emorl" ? { mode, anchor: $("anchor").value } : {}) };
   }
-  $("reply").textContent = ""; showScores(null);
+  $("reply").textContent = ""; $("finish").textContent = ""; showScores(null);
   $("status").textContent = "generating…"; $("status").className = "muted";
   $("generate").disabled = true; $("stop").disabled = false;
   state.abort = new AbortController();
-  let text = "";
+  let text = "", finish = null, tokens = null;
   try {
     const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body),
       signal: state.abort.signal });
@@ -202,9 +213,16 @@ async function generate() {
         if (line === "[DONE]") continue;
         const ev = JSON.parse(line);
         if (ev.error) throw new Error(ev.error.message);
-        for (const c of ev.choices || []) if (c.delta && c.delta.content) { text += c.delta.content; $("reply").textContent = text; }
+        for (const c of ev.choices || []) {
+          if (c.delta && c.delta.content) { text += c.delta.content; $("reply").textContent = text; }
+          if (c.finish_reason) finish = c.finish_reason;
+        }
+        if (ev.usage) tokens = ev.usage.completion_tokens;
       }
     }
+    $("finish").textContent = finishText(finish, tokens);
+    if (finish === "length") $("finish").className = "warn";
+    else $("finish").className = "muted";
     $("status").textContent = "scoring…";
     const sc = await api("/v1/score", { pairs: [{ statement: prompt, reply: text }] });
     showScores(sc.scores[0]);

@@ -1,0 +1,332 @@
+"""Open-loop load test of ``emorl serve`` in the field's terms (modelled on ``vllm bench serve``), both schedulers
+side by side in one run on one machine, loopback only.
+
+    python bench/serve_load.py --run runs/default                                # rates 0.25, 0.5 req/s
+    python bench/serve_load.py --run runs/default --rates 0.5,1,2 --requests 64 --burstiness 0.5
+    python bench/serve_load.py --run runs/default --rates 4,8 --clients 64       # a GPU (bench/gpu.sh)
+
+For each scheduler (``--schedulers step,window``: the same model, one in-process server at a time) and each rate,
+``--requests`` requests arrive open-loop (gamma inter-arrival times with shape ``--burstiness``; 1 = Poisson),
+each with its own weight vector (Dirichlet over the objectives, base-anchored hidden mix of model ``emorl``), its
+own seed, sampled at the run's temperature, and a mixed length: 70% draw ``max_tokens`` from 24-64, 30% from
+128-256 (``--long-share``). ``--clients`` caps the requests in flight (vLLM's ``--max-concurrency``). Each rate
+stops sending after ``--max-seconds`` and cancels what is still running ``--drain-seconds`` later: bounded in count
+and time. Reported per rate: TTFT, TPOT (time per output token after the first), end-to-end latency (p50/p95/p99),
+request and output-token throughput, and goodput (requests/s meeting TTFT <= ``--slo-ttft`` and TPOT <=
+``--slo-tpot``, DistServe's definition). Then the head-of-line scenario: one 256-token request, and 0.5 s later
+four 8-token requests; their time to first token against a lone 8-token request's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STATEMENTS = ["I lost my job today and I don't know how to tell my family.", "My cat is sick and the vet is expensive.",
+              "Nobody calls me anymore and the evenings are long.", "I failed the exam again.",
+              "My sister and I had a huge fight.", "I can't sleep before my presentation.",
+              "I feel like nothing I do at work matters.", "I moved to a new city and I know no one."]
+
+
+class InProcess:
+    """One engine + uvicorn on a free loopback port, stopped by :meth:`stop`."""
+
+    def __init__(self, run: str, scheduler: str, base: Any, max_tokens: int, max_batch_rows: int) -> None:
+        import uvicorn
+
+        from emorl.serve import Engine, create_app
+
+        self.engine = Engine(run, scheduler=scheduler, base=base, max_tokens=max_tokens,
+                             max_batch_rows=max_batch_rows, max_queue=4096)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.engine), host="127.0.0.1", port=port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+        self.engine.close()
+
+
+def one_request(url: str, req: dict[str, Any], stop_at: float) -> dict[str, Any]:
+    """Stream one request; times from its send: first content token, end; tokens from the usage chunk."""
+    import httpx
+
+    t0 = time.perf_counter()
+    first, tokens, finish, error = None, 0, None, None
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=req, timeout=None) as r:
+            if r.status_code != 200:
+                r.read()
+                return {"error": f"{r.status_code}: {r.text[:200]}", "e2e": time.perf_counter() - t0}
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                ev = json.loads(line[6:])
+                for c in ev.get("choices") or []:
+                    if first is None and c.get("delta", {}).get("content"):
+                        first = time.perf_counter() - t0
+                    finish = c.get("finish_reason") or finish
+                if ev.get("usage"):
+                    tokens = ev["usage"]["completion_tokens"]
+                if time.perf_counter() > stop_at:
+                    error = "cancelled at the time bound"
+                    break
+    except httpx.HTTPError as e:
+        error = f"{type(e).__name__}: {e}"
+    e2e = time.perf_counter() - t0
+    return {"ttft": first, "e2e": e2e, "tokens": tokens, "finish": finish, "error": error,
+            "tpot": (e2e - first) / (tokens - 1) if first is not None and tokens > 1 else None}
+
+
+def workload(n: int, objectives: list[str], seed: int, long_share: float, temperature: float) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for j in range(n):
+        w = rng.dirichlet(np.ones(len(objectives)))
+        long = rng.random() < long_share
+        max_tokens = int(rng.integers(128, 257) if long else rng.integers(24, 65))
+        out.append({"model": "emorl", "messages": [{"role": "user", "content": STATEMENTS[j % len(STATEMENTS)]}],
+                    "max_tokens": max_tokens, "temperature": temperature, "seed": j, "stream": True,
+                    "stream_options": {"include_usage": True},
+                    "emorl": {"weights": dict(zip(objectives, map(float, w), strict=True)), "anchor": "base"}})
+    return out
+
+
+def open_loop(url: str, reqs: list[dict], rate: float, burstiness: float, clients: int, seed: int,
+              max_seconds: float, drain_seconds: float) -> dict[str, Any]:
+    """Send ``reqs`` at gamma-distributed arrival times (mean 1/rate), at most ``clients`` in flight."""
+    rng = np.random.default_rng(seed + 1)
+    gaps = rng.gamma(burstiness, 1.0 / (rate * burstiness), size=len(reqs))
+    results: list[dict[str, Any]] = []
+    slots = threading.Semaphore(clients)
+    lock = threading.Lock()
+    t_start = time.perf_counter()
+    stop_at = t_start + max_seconds + drain_seconds
+    threads = []
+
+    def go(req: dict[str, Any]) -> None:
+        try:
+            res = one_request(url, req, stop_at)
+        finally:
+            slots.release()
+        with lock:
+            results.append({**res, "max_tokens": req["max_tokens"]})
+
+    t_next = t_start
+    for req, gap in zip(reqs, gaps, strict=True):
+        t_next += gap
+        if t_next - t_start > max_seconds:
+            break
+        time.sleep(max(0.0, t_next - time.perf_counter()))
+        slots.acquire()
+        threads.append(threading.Thread(target=go, args=(req,), daemon=True))
+        threads[-1].start()
+    for t in threads:
+        t.join(max(0.0, stop_at - time.perf_counter()) + 30)
+    return {"sent": len(threads), "seconds": time.perf_counter() - t_start, "results": results}
+
+
+def summarise(run: dict[str, Any], slo_ttft: float, slo_tpot: float) -> dict[str, Any]:
+    ok = [r for r in run["results"] if r.get("error") is None and r.get("ttft") is not None]
+
+    def pct(key: str) -> dict[str, float | None]:
+        vals = [r[key] for r in ok if r.get(key) is not None]
+        if not vals:
+            return {"p50": None, "p95": None, "p99": None}
+        return {f"p{q}": round(float(np.percentile(vals, q)), 3) for q in (50, 95, 99)}
+
+    good = [r for r in ok if r["ttft"] <= slo_ttft and (r["tpot"] is None or r["tpot"] <= slo_tpot)]
+    secs = run["seconds"]
+    return {"sent": run["sent"], "completed": len(ok), "failed": len(run["results"]) - len(ok),
+            "seconds": round(secs, 1), "ttft": pct("ttft"), "tpot": pct("tpot"), "e2e": pct("e2e"),
+            "req_per_s": round(len(ok) / secs, 3), "tok_per_s": round(sum(r["tokens"] for r in ok) / secs, 2),
+            "goodput": round(len(good) / secs, 3), "eos_share": round(
+                sum(r["finish"] == "stop" for r in ok) / max(1, len(ok)), 3)}
+
+
+def head_of_line(url: str, objectives: list[str], temperature: float) -> dict[str, Any]:
+    """A lone 8-token request's TTFT; then one 256-token request and, 0.5 s later, four 8-token ones."""
+    w = {o: 1.0 / len(objectives) for o in objectives}
+
+    def req(max_tokens: int, seed: int) -> dict[str, Any]:
+        return {"model": "emorl", "messages": [{"role": "user", "content": STATEMENTS[seed % 8]}],
+                "max_tokens": max_tokens, "temperature": temperature, "seed": seed, "stream": True,
+                "stream_options": {"include_usage": True}, "emorl": {"weights": w, "anchor": "base"}}
+
+    far = time.perf_counter() + 3600
+    lone = one_request(url, req(8, 1), far)
+    out: dict[str, Any] = {}
+    long_t = threading.Thread(target=lambda: out.__setitem__("long", one_request(url, req(256, 0), far)))
+    long_t.start()
+    time.sleep(0.5)
+    shorts: list[dict[str, Any]] = []
+    ts = [threading.Thread(target=lambda s=s: shorts.append(one_request(url, req(8, s), far))) for s in range(2, 6)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    long_t.join()
+    worst = max(s["ttft"] or float("inf") for s in shorts)
+    return {"lone_ttft": round(lone["ttft"], 3), "short_ttft_max": round(worst, 3),
+            "ratio": round(worst / lone["ttft"], 2), "long_e2e": round(out["long"]["e2e"], 2),
+            "long_tokens": out["long"]["tokens"]}
+
+
+def agreement(url: str, engine: Any, n: int, max_tokens: int) -> dict[str, Any]:
+    """Greedy replies of ``n`` requests sent at once (each its own Dirichlet weights, base-anchored hidden mix)
+    against ``EnsembleModel.generate`` of the same points (one call per statement, all its points together)."""
+    import httpx
+
+    objectives = engine.objectives
+    rng = np.random.default_rng(7)
+    reqs = [(j % len(STATEMENTS), [float(x) for x in rng.dirichlet(np.ones(len(objectives)))]) for j in range(n)]
+    got: dict[int, str] = {}
+
+    def send(j: int) -> None:
+        s, w = reqs[j]
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=None, json={
+            "model": "emorl", "messages": [{"role": "user", "content": STATEMENTS[s]}], "max_tokens": max_tokens,
+            "temperature": 0, "emorl": {"weights": w, "anchor": "base"}})
+        got[j] = r.json()["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=send, args=(j,)) for j in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    served_s = time.perf_counter() - t0
+    while engine.pending():
+        time.sleep(0.05)
+    same = 0
+    for s in sorted({s for s, _ in reqs}):
+        js = [j for j, (sj, _) in enumerate(reqs) if sj == s]
+        ref = engine.ens.generate([STATEMENTS[s]], [reqs[j][1] for j in js], max_new_tokens=max_tokens)
+        same += sum(got[j] == ref.all_texts[g][0] for g, j in enumerate(js))
+    return {"requests": n, "max_tokens": max_tokens, "identical": same, "served_seconds": round(served_s, 1)}
+
+
+def flood(url: str, engine: Any, n: int, seconds: float, objectives: list[str]) -> dict[str, Any]:
+    """``n`` plain requests spread evenly over ``seconds``: how many are served and how many answered 429, and the
+    process's peak memory against the KV budget."""
+    import resource
+
+    import httpx
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    reqs = workload(n, objectives, 5, 0.0, 1.0)
+    codes: list[int] = []
+    lock = threading.Lock()
+
+    def send(req: dict[str, Any]) -> None:
+        body = {**req, "stream": False}
+        body.pop("stream_options")
+        try:
+            code = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=None).status_code
+        except httpx.HTTPError:
+            code = -1
+        with lock:
+            codes.append(code)
+
+    threads = []
+    t0 = time.perf_counter()
+    for j, req in enumerate(reqs):
+        time.sleep(max(0.0, t0 + j * seconds / n - time.perf_counter()))
+        threads.append(threading.Thread(target=send, args=(req,), daemon=True))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    return {"requests": n, "over_s": seconds, "served": codes.count(200), "429": codes.count(429),
+            "other": len(codes) - codes.count(200) - codes.count(429), "max_queue": engine.max_queue,
+            "kv_budget_mb": round(engine.kv_budget / 2**20, 1),
+            "max_kv_reserved_mb": round(engine.stats["max_kv_bytes_reserved"] / 2**20, 1),
+            "peak_rss_mb_before": round(rss0), "seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_mb_after": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--schedulers", default="step,window")
+    ap.add_argument("--rates", default="0.25,0.5", help="request rates (req/s), comma-separated")
+    ap.add_argument("--requests", type=int, default=16, help="requests per rate (at most)")
+    ap.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps (1 = Poisson)")
+    ap.add_argument("--clients", type=int, default=64, help="most requests in flight")
+    ap.add_argument("--long-share", type=float, default=0.3)
+    ap.add_argument("--max-seconds", type=float, default=60.0, help="stop sending after this long (per rate)")
+    ap.add_argument("--drain-seconds", type=float, default=60.0, help="then cancel what still runs after this long")
+    ap.add_argument("--slo-ttft", type=float, default=2.0)
+    ap.add_argument("--slo-tpot", type=float, default=0.25)
+    ap.add_argument("--max-batch-rows", type=int, default=256)
+    ap.add_argument("--no-head-of-line", action="store_true")
+    ap.add_argument("--agreement", type=int, default=0,
+                    help="also send this many greedy requests at once (step scheduler) and compare with generate")
+    ap.add_argument("--flood", type=int, default=0, help="also send this many plain requests in --flood-seconds "
+                    "(step scheduler, --max-queue, --kv-budget-mb) and count the served and the 429s")
+    ap.add_argument("--flood-seconds", type=float, default=10.0)
+    ap.add_argument("--max-queue", type=int, default=4096)
+    ap.add_argument("--kv-budget-mb", type=float)
+    ap.add_argument("--device", help="cpu, cuda, ... (default: the run config's)")
+    ap.add_argument("--output", help="write the results as JSON here")
+    args = ap.parse_args()
+
+    from emorl.config import load_config
+    from emorl.models import load_base
+
+    cfg = load_config(Path(args.run) / "config.yaml")
+    if args.device:
+        cfg.model.device = args.device
+    base = load_base(cfg.model)
+    temperature = cfg.eval.generation.temperature
+    results: dict[str, Any] = {"args": vars(args), "schedulers": {}}
+    for sched in args.schedulers.split(","):
+        srv = InProcess(args.run, sched, base, 512, args.max_batch_rows)
+        objectives = srv.engine.objectives
+        per: dict[str, Any] = {"rates": {}}
+        try:
+            one_request(srv.url, workload(1, objectives, 99, 0.0, temperature)[0], time.perf_counter() + 600)  # warm
+            if not args.no_head_of_line:
+                per["head_of_line"] = head_of_line(srv.url, objectives, temperature)
+                print(sched, "head of line", per["head_of_line"], flush=True)
+            for rate in map(float, args.rates.split(",")):
+                reqs = workload(args.requests, objectives, int(rate * 1000), args.long_share, temperature)
+                run = open_loop(srv.url, reqs, rate, args.burstiness, args.clients, int(rate * 1000),
+                                args.max_seconds, args.drain_seconds)
+                per["rates"][str(rate)] = summarise(run, args.slo_ttft, args.slo_tpot)
+                print(sched, rate, per["rates"][str(rate)], flush=True)
+            if args.flood and sched == "step":
+                srv.engine.max_queue = args.max_queue
+                if args.kv_budget_mb:
+                    srv.engine.kv_budget = int(args.kv_budget_mb * 2**20)
+                per["flood"] = flood(srv.url, srv.engine, args.flood, args.flood_seconds, objectives)
+                print(sched, "flood", per["flood"], flush=True)
+            if args.agreement and sched == "step":
+                per["agreement"] = agreement(srv.url, srv.engine, args.agreement, 16)
+                print(sched, "agreement", per["agreement"], flush=True)
+            per["stats"] = {k: v for k, v in srv.engine.stats.items() if not isinstance(v, dict)}
+        finally:
+            srv.stop()
+        results["schedulers"][sched] = per
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The running batch of the step scheduler: TGI's first-generation ``CausalLMBatch`` over the ensemble's rows.
+
+A reply in flight is a :class:`Seq`. It owns one backbone row per *stream*: each adapter it mixes (one-hot LoRA
+coefficients), the base stream for base-anchored mixes (coefficients 0), or one row with its weights as LoRA
+coefficients (``params``: W0 + sum_k w_k ΔW_k; a one-policy model or the base: one row). Rows of every mode sit in
+one :class:`RunningBatch` — a dataclass of tensors (left-padded attention mask, positions, per-layer KV, per-row
+LoRA coefficients, last hidden states) with :meth:`~RunningBatch.filter` (retire finished or cancelled replies at
+the next step) and :meth:`~RunningBatch.concatenate` (join a freshly prefilled batch, KV left-padded to a common
+length). Why not paged KV: on a CPU with tens of rows the copy on join/retire is small next to the forward, and a
+padded cache keeps the model's own attention code (``research/serving-anchors.md``: TGI's 2023 design).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from emorl.ensemble.pairs import PairSpec
+
+PAD_ALIGN = 16  # left padding is trimmed in multiples of this (emorl.prompts.PAD_MULTIPLE: attention alignment)
+
+
+@dataclass
+class Seq:
+    """One reply being decoded: its request's settings (``spec``), its streams and its sampling state."""
+
+    job: Any  # the emorl.serve.engine.Job it answers
+    choice: int  # its index among the job's choices (n > 1)
+    spec: PairSpec
+    mode: str  # hidden | logits | probs | params
+    coef: torch.Tensor  # (S, K_all) LoRA coefficients of its S rows
+    mix: torch.Tensor  # (S,) float32 mixing weights of its rows' outputs (1.0 for a one-row reply)
+    u: torch.Tensor | None  # (max_new_tokens,) uniforms when sampled
+    prompt_width: int = 0
+    tokens: list[int] = field(default_factory=list)
+    finish: str | None = None  # stop | length | cancelled
+
+    @property
+    def rows(self) -> int:
+        return int(self.coef.shape[0])
+
+    def worst_len(self, now: int) -> int:
+        """KV positions this reply may still need from a batch of length ``now``: its remaining tokens on top."""
+        return now + self.spec.max_new_tokens - len(self.tokens)
+
+
+def _layers(cache: Any) -> list[Any]:
+    return list(cache.layers)
+
+
+def _pad_left(t: torch.Tensor, extra: int, dim: int) -> torch.Tensor:
+    if extra <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+@dataclass
+class RunningBatch:
+    """Rows of several replies, seq-contiguous (reply i owns ``seqs[i].rows`` consecutive rows)."""
+
+    seqs: list[Seq]
+    cache: Any  # transformers DynamicCache: keys/values (rows, heads, L, d) per layer
+    mask: torch.Tensor  # (rows, L) long, left-padded
+    pos: torch.Tensor  # (rows,) position of the next token
+    coef: torch.Tensor  # (rows, K_all) LoRA coefficients
+    h: torch.Tensor  # (rows, H) last hidden states
+
+    @property
+    def length(self) -> int:
+        return int(self.mask.shape[1])
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.mask.shape[0])
+
+    def offsets(self) -> list[int]:
+        out, o = [], 0
+        for s in self.seqs:
+            out.append(o)
+            o += s.rows
+        return out
+
+    def select_seqs(self, keep: list[int]) -> RunningBatch:
+        """A batch of replies ``keep`` (indices into ``seqs``, any order, repeats allowed: n > 1 choices fork one
+        prefill), sharing nothing with this one."""
+        offs = self.offsets()
+        idx = torch.tensor([offs[i] + r for i in keep for r in range(self.seqs[i].rows)], dtype=torch.long,
+                           device=self.mask.device)
+        cache = type(self.cache)()
+        for li, layer in enumerate(_layers(self.cache)):
+            cache.update(layer.keys.index_select(0, idx), layer.values.index_select(0, idx), li)
+        return RunningBatch([self.seqs[i] for i in keep], cache, self.mask.index_select(0, idx),
+                            self.pos.index_select(0, idx), self.coef.index_select(0, idx), self.h.index_select(0, idx))
+
+    def filter(self, alive: list[Seq]) -> RunningBatch | None:
+        """TGI's ``filter``: keep the rows of ``alive`` replies; trim left padding no row needs any more (in whole
+        :data:`PAD_ALIGN` blocks). None when nothing is left."""
+        keep = [i for i, s in enumerate(self.seqs) if any(s is a for a in alive)]
+        if not keep:
+            return None
+        if len(keep) == len(self.seqs):
+            return self
+        out = self.select_seqs(keep)
+        free = int((out.mask.cumsum(1) == 0).sum(1).min())  # leading columns masked in every row
+        cut = free - free % PAD_ALIGN
+        if cut > 0:
+            out.mask = out.mask[:, cut:]
+            for layer in _layers(out.cache):
+                layer.keys, layer.values = layer.keys[:, :, cut:].contiguous(), layer.values[:, :, cut:].contiguous()
+        return out
+
+    def concatenate(self, other: RunningBatch) -> RunningBatch:
+        """TGI's ``concatenate``: one batch of both, the shorter one's KV and mask left-padded to the longer."""
+        length = max(self.length, other.length)
+        parts = [(b, length - b.length) for b in (self, other)]
+        cache = type(self.cache)()
+        for li, (la, lb) in enumerate(zip(_layers(self.cache), _layers(other.cache), strict=True)):
+            k = torch.cat([_pad_left(la.keys, parts[0][1], 2), _pad_left(lb.keys, parts[1][1], 2)])
+            v = torch.cat([_pad_left(la.values, parts[0][1], 2), _pad_left(lb.values, parts[1][1], 2)])
+            cache.update(k, v, li)
+        mask = torch.cat([_pad_left(b.mask, e, 1) for b, e in parts])
+        return RunningBatch(self.seqs + other.seqs, cache, mask, torch.cat([self.pos, other.pos]),
+                            torch.cat([self.coef, other.coef]), torch.cat([self.h, other.h]))
+
+
+def kv_bytes_per_row_token(model_config: Any, dtype: torch.dtype) -> int:
+    """KV bytes one backbone row takes per cached position: keys and values of every layer."""
+    cfg = model_config
+    layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 1))
+    heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    return 2 * layers * kv * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def default_kv_budget(device: torch.device) -> int:
+    """Default KV byte budget: a quarter of the free accelerator memory, or of the available RAM on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.25 * free)
+    try:
+        with open("/proc/meminfo") as f:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f if ":" in ln}
+        return int(0.25 * info.get("MemAvailable", 4 << 30))
+    except OSError:
+        return 1 << 30

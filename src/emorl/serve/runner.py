@@ -1,0 +1,221 @@
+"""The model runner of the step scheduler (vLLM v1's ``ModelRunner`` role): it executes what the scheduler decided
+— a chunk of a prefill, or one decode step of a :class:`~emorl.serve.batch.RunningBatch` — and turns each reply's
+rows into its next token. It owns the model, the LoRA bank and the tokenizer of the decode thread; only that
+thread calls it.
+
+Every row carries its LoRA coefficients (:meth:`emorl.lora_bank.LoraBank.set_row_weights`), so rows of hidden,
+logits and probs mixes, parameter mixes, single adapters and the base run in ONE forward. A reply's next-token
+scores are its mode's rule over its rows, as :func:`emorl.ensemble.decoder.mix_scores` computes them
+(``(1 - sum w) x_0 + sum w_k x_k`` for anchored points, in float32), then transformers' warpers and
+:func:`emorl.sampling.choose` with the reply's own uniforms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from emorl.lora_bank import lora_bank, safe_rows
+from emorl.models import output_cache, position_ids
+from emorl.sampling import choose
+from emorl.serve.batch import RunningBatch, Seq
+
+
+def _expand(idx: torch.Tensor, *ts: torch.Tensor) -> list[torch.Tensor]:
+    return [t.index_select(0, idx) for t in ts]
+
+
+class Prefill:
+    """A group of new replies being prefilled, ``chunk`` positions per step (a long prompt does not stall the
+    running batch: the scheduler runs a decode step between chunks)."""
+
+    def __init__(self, seqs: list[Seq], ids: torch.Tensor, mask: torch.Tensor, fork: list[int]) -> None:
+        self.seqs, self.ids, self.mask, self.fork = seqs, ids, mask, fork  # fork: seq -> its prefill row group
+        self.done = 0  # positions prefilled so far
+        self.cache: Any = None
+        self.h: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.ids.shape[0])
+
+
+class Runner:
+    """Executes prefill chunks and decode steps for the scheduler (see the module docstring)."""
+
+    def __init__(self, ens: Any, adapters: list[str]) -> None:
+        self.ens = ens
+        self.adapters = adapters
+        self.decoder = ens.stream.decoder
+        self.kw = ens.stream.kw
+        self._stack = contextlib.ExitStack()
+        self.bank: Any = None
+        self._stops: dict[tuple[str, ...], Any] = {}
+
+    # ------------------------------------------------------------------------------------------- the bank
+
+    def hold(self) -> None:
+        """Enter the LoRA bank (kept while there is work: entering stacks every adapter's A and B)."""
+        if self.bank is None:
+            self.bank = self._stack.enter_context(lora_bank(self.ens.model, self.adapters))
+
+    def release(self) -> None:
+        """Leave the bank when idle, so the model is plain again (``EnsembleModel.generate`` may use it)."""
+        if self.bank is not None:
+            self._stack.close()
+            self.bank = None
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, coef: torch.Tensor,
+                 cache: Any) -> tuple[torch.Tensor, Any]:
+        self.bank.set_row_weights(coef)
+        kwargs = {self.kw: cache} if cache is not None else {}
+        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs)
+        return out.last_hidden_state[:, -1], output_cache(out)
+
+    # ------------------------------------------------------------------------------------------- execution
+
+    def prefill_chunk(self, pf: Prefill, chunk: int) -> bool:
+        """Prefill the next ``chunk`` positions of ``pf``; True once the prompt is done."""
+        coef = torch.cat([s.coef for s in self._firsts(pf)])
+        end = min(pf.ids.shape[1], pf.done + chunk)
+        pos = position_ids(pf.mask)[:, pf.done:end]
+        with torch.inference_mode():
+            pf.h, pf.cache = self._forward(pf.ids[:, pf.done:end], pf.mask[:, :end], pos, coef, pf.cache)
+        pf.done = end
+        return end == pf.ids.shape[1]
+
+    @staticmethod
+    def _firsts(pf: Prefill) -> list[Seq]:
+        """One reply per prefill row group (choices of one request share their prompt's prefill)."""
+        seen: dict[int, Seq] = {}
+        for s, g in zip(pf.seqs, pf.fork, strict=True):
+            seen.setdefault(g, s)
+        return [seen[g] for g in sorted(seen)]
+
+    def finish_prefill(self, pf: Prefill) -> RunningBatch:
+        """The prefilled rows as a running batch, one row group per reply (choices forked from their prompt's)."""
+        firsts = self._firsts(pf)
+        assert pf.h is not None
+        pre = RunningBatch(firsts, pf.cache, pf.mask, position_ids(pf.mask)[:, -1] + 1,
+                           torch.cat([s.coef for s in firsts]), pf.h)
+        out = pre.select_seqs(pf.fork)
+        out.seqs = list(pf.seqs)
+        return out
+
+    def step(self, batch: RunningBatch) -> None:
+        """One decode step: feed every reply's last token through its rows. A batch of an unsafe row count
+        (:func:`safe_rows`) runs with its last row repeated, so its rows round as they would alone."""
+        feed = torch.tensor([s.tokens[-1] for s in batch.seqs for _ in range(s.rows)], dtype=torch.long,
+                            device=batch.mask.device)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(batch.n_rows, 1)], dim=1)
+        n, padded = batch.n_rows, safe_rows(batch.n_rows)
+        mask, pos, coef, cache = batch.mask, batch.pos, batch.coef, batch.cache
+        if padded > n:
+            idx = torch.cat([torch.arange(n), torch.full((padded - n,), n - 1)]).to(mask.device)
+            feed, mask, pos, coef = _expand(idx, feed, mask, pos, coef)
+            cache = type(batch.cache)()
+            for li, layer in enumerate(batch.cache.layers):
+                cache.update(layer.keys.index_select(0, idx), layer.values.index_select(0, idx), li)
+        with torch.inference_mode():
+            h, cache = self._forward(feed[:, None], mask, pos[:, None], coef, cache)
+        if padded > n:
+            h = h[:n]
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:n], layer.values[:n]
+        batch.h, batch.cache = h, cache
+        batch.pos = batch.pos + 1
+
+    # ------------------------------------------------------------------------------------------- tokens
+
+    def next_tokens(self, seqs: list[Seq], h: torch.Tensor) -> list[int]:
+        """Each reply's next token from its rows' hidden states ``h`` (seq-contiguous rows)."""
+        with torch.inference_mode():
+            scores = self.scores(seqs, h)
+            scores = self.warp(seqs, scores)
+            t = [len(s.tokens) for s in seqs]
+            u = None
+            if any(s.u is not None for s in seqs):
+                u = torch.tensor([float(s.u[i]) if s.u is not None else 0.5 for s, i in zip(seqs, t, strict=True)],
+                                 dtype=torch.float32, device=scores.device)
+            return choose(scores, u).tolist()
+
+    def scores(self, seqs: list[Seq], h: torch.Tensor) -> torch.Tensor:
+        """Mixed next-token scores (replies, V), by each reply's mode over its rows."""
+        dev = h.device
+
+        def head(x: torch.Tensor) -> torch.Tensor:  # the LM head over a safe row count (see safe_rows)
+            n = x.shape[0]
+            return self.ens.head(x if safe_rows(n) == n else torch.cat([x, x[-1:].expand(safe_rows(n) - n, -1)]))[:n]
+
+        s_max = max(s.rows for s in seqs)
+        idx = torch.zeros(len(seqs), s_max, dtype=torch.long, device=dev)
+        wt = torch.zeros(len(seqs), s_max, dtype=torch.float32, device=dev)
+        o = 0
+        for i, s in enumerate(seqs):
+            idx[i, : s.rows] = torch.arange(o, o + s.rows, device=dev)
+            idx[i, s.rows:] = o
+            wt[i, : s.rows] = s.mix
+            o += s.rows
+        out: torch.Tensor | None = None
+        groups: dict[str, list[int]] = {}
+        for i, s in enumerate(seqs):
+            groups.setdefault("hidden" if s.mode in ("hidden", "params") else s.mode, []).append(i)
+        for mode, members in groups.items():
+            m = torch.tensor(members, dtype=torch.long, device=dev)
+            if mode == "hidden":  # params rows have one row of weight 1: head(h) exactly
+                sc = head((h[idx[m]].to(torch.float32) * wt[m][:, :, None]).sum(1))
+            else:
+                ls = torch.log_softmax(head(h), dim=-1)[idx[m]]  # (a, S, V)
+                w = wt[m][:, :, None]
+                sc = (ls * w).sum(1) if mode == "logits" else torch.logsumexp(ls + torch.log(w), dim=1)
+            if out is None:
+                out = sc.new_empty(len(seqs), sc.shape[-1])
+            out[m] = sc
+        assert out is not None
+        return out
+
+    def warp(self, seqs: list[Seq], scores: torch.Tensor) -> torch.Tensor:
+        """transformers' warpers per reply setting (temperature, top-k, top-p: ``generate``'s order); greedy
+        replies among sampled ones get a one-hot distribution at their argmax (``choose`` returns it)."""
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        sc = scores.clone()
+        dummy = torch.zeros(len(seqs), 1, dtype=torch.long, device=sc.device)
+        steps = ((lambda p: p.temperature if p.do_sample and p.temperature != 1.0 else None, TemperatureLogitsWarper),
+                 (lambda p: p.top_k if p.do_sample and p.top_k else None, TopKLogitsWarper),
+                 (lambda p: p.top_p if p.do_sample and p.top_p < 1.0 else None, TopPLogitsWarper))
+        for value, warper in steps:
+            groups: dict[Any, list[int]] = {}
+            for i, s in enumerate(seqs):
+                v = value(s.spec)
+                if v is not None:
+                    groups.setdefault(v, []).append(i)
+            for v, members in groups.items():
+                pos = torch.tensor(members, dtype=torch.long, device=sc.device)
+                sc[pos] = warper(v)(dummy[pos], sc[pos])
+        if any(s.u is not None for s in seqs):
+            greedy = [i for i, s in enumerate(seqs) if s.u is None]
+            if greedy:
+                g = torch.tensor(greedy, dtype=torch.long, device=sc.device)
+                top = sc[g].argmax(-1)
+                sc[g] = torch.full_like(sc[g], float("-inf")).scatter_(1, top[:, None], 0.0)
+        return sc
+
+    def ended(self, seq: Seq) -> str | None:
+        """Why ``seq`` ends after its last token (stop: EOS or a stop string; length), or None."""
+        if seq.tokens[-1] in self.ens.eos:
+            return "stop"
+        if seq.spec.stop:
+            stops = tuple(seq.spec.stop)
+            if stops not in self._stops:
+                from transformers import StopStringCriteria
+
+                self._stops[stops] = StopStringCriteria(self.ens.tokenizer, list(stops))
+            if bool(self._stops[stops](torch.tensor([seq.tokens]), None)[0]):
+                return "stop"
+        return "length" if len(seq.tokens) >= seq.spec.max_new_tokens else None
+
+    def text(self, seq: Seq) -> str:
+        return self.ens._text(torch.tensor(seq.tokens), list(seq.spec.stop))

@@ -1,0 +1,219 @@
+"""The step scheduler of ``emorl serve`` (iteration-level batching, as Orca, vLLM and TGI do): vLLM v1's loop
+``schedule → execute → update`` over one running batch.
+
+Every iteration: (1) drop waiting requests whose client is gone; (2) admit waiting requests, oldest first, into a
+prefill group while the KV byte budget holds their worst case (prompt + ``max_tokens`` for every row, the batch's
+left padding included); (3) run ONE decode step of the running batch, if any — decodes go first; (4) run one
+chunk of the prefill (``prefill_chunk`` positions), and once the prompt is done sample each new reply's first
+token and concatenate its rows into the running batch; (5) report tokens, finish replies (EOS, stop string,
+length, cancelled) and filter their rows out. A short request that arrives while a long one decodes starts at
+the next iteration instead of waiting for the long one to end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from emorl.ensemble.pairs import PairResult
+from emorl.sampling import uniforms
+from emorl.serve.batch import RunningBatch, Seq, kv_bytes_per_row_token
+from emorl.serve.runner import Prefill, Runner
+
+log = logging.getLogger("emorl.serve")
+
+
+def streams(key: str, weights: list[float], k_all: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reply's rows: (S, K_all) LoRA coefficients and (S,) float32 output weights. Mixes: one row per adapter
+    with w > 0 (one-hot), then the base row (coefficients 0) when anchored, weighted 1 - sum w; params: one row
+    whose coefficients are the weights; a one-policy model or the base: one row."""
+    mode = key.removesuffix("+base")
+    if mode == "params":
+        return torch.tensor([weights], dtype=torch.float32), torch.ones(1, dtype=torch.float32)
+    used = [i for i, w in enumerate(weights) if w > 0]
+    coef = torch.zeros(len(used) + (1 if key.endswith("+base") else 0), k_all)
+    for r, i in enumerate(used):
+        coef[r, i] = 1.0
+    mix = torch.tensor([weights[i] for i in used], dtype=torch.float32)
+    if key.endswith("+base"):
+        mix = torch.cat([mix, 1.0 - mix.sum(0, keepdim=True)])
+    return coef, mix
+
+
+class StepScheduler:
+    """The step loop over an :class:`~emorl.serve.engine.Engine`'s queue (run on its decode thread)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.e = engine
+        self.runner = Runner(engine.ens, engine.adapters)
+        self.k_all = len(engine.adapters)
+        self.kv_per_row_token = kv_bytes_per_row_token(engine.ens.stream.decoder.config,
+                                                       next(engine.ens.model.parameters()).dtype)
+        self.running: RunningBatch | None = None
+        self.prefill: Prefill | None = None
+        st = engine.stats
+        for key in ("steps", "prefills", "max_running_rows", "max_running_jobs", "kv_bytes_reserved",
+                    "max_kv_bytes_reserved"):
+            st.setdefault(key, 0)
+
+    # ------------------------------------------------------------------------------------------- budget
+
+    def job_rows(self, job: Any) -> int:
+        coef, _ = streams(job.key, list(job.pairs[0].weights), self.k_all)
+        return coef.shape[0] * len(job.pairs)
+
+    @staticmethod
+    def job_width(job: Any) -> int:
+        return -(-(job.prompt_tokens + 1) // 16) * 16  # encode_prompts' padded width
+
+    def job_worst_len(self, job: Any) -> int:
+        return self.job_width(job) + max(p.max_new_tokens for p in job.pairs)
+
+    def reserved(self, extra: list[Any] = ()) -> int:
+        """KV bytes the running batch, the prefill and ``extra`` waiting jobs may reach: every row padded to the
+        longest worst case."""
+        rows, worst, now = 0, 0, 0  # now: the running batch's length, which a joining reply is padded to
+        if self.running is not None:
+            rows, now = self.running.n_rows, self.running.length
+            worst = max(s.worst_len(now) for s in self.running.seqs)
+        if self.prefill is not None:
+            rows += sum(s.rows for s in self.prefill.seqs)
+            worst = max(worst, max(s.worst_len(max(now, s.prompt_width)) for s in self.prefill.seqs))
+        for j in extra:
+            rows += self.job_rows(j)
+            worst = max(worst, self.job_worst_len(j) + max(0, now - self.job_width(j)))
+        return rows * worst * self.kv_per_row_token
+
+    def fits_alone(self, job: Any) -> bool:
+        return self.job_rows(job) * self.job_worst_len(job) * self.kv_per_row_token <= self.e.kv_budget
+
+    # ------------------------------------------------------------------------------------------- loop
+
+    def run(self) -> None:
+        e = self.e
+        while True:
+            with e._cond:
+                while not (e._queue or self.running or self.prefill) and not e._stopping:
+                    self.runner.release()
+                    e._cond.wait()
+                if e._stopping and not (self.running or self.prefill):
+                    self.runner.release()
+                    return
+                e._drop_cancelled()
+                admit = self._admit() if self.prefill is None else []
+                e._busy = bool(self.running or self.prefill or admit)
+            try:
+                self.runner.hold()
+                if admit:
+                    self._start_prefill(admit)
+                if self.running is not None:
+                    self._decode()
+                if self.prefill is not None:
+                    self._prefill_step()
+            except Exception as ex:  # a failed step fails its requests, never the server
+                log.exception("decode step failed")
+                jobs = {id(s.job): s.job for b in (self.running, self.prefill) if b is not None for s in b.seqs}
+                jobs.update({id(j): j for j in admit})
+                for j in jobs.values():
+                    j.emit(("error", f"decoding failed: {type(ex).__name__}: {ex}", None))
+                self.running = self.prefill = None
+                self.runner.release()
+            with e._cond:
+                if not (self.running or self.prefill):
+                    self.runner.release()  # before pending() reads 0: the model is plain again when idle
+                e._busy = bool(self.running or self.prefill)
+                e.stats["kv_bytes_reserved"] = self.reserved()
+                e.stats["max_kv_bytes_reserved"] = max(e.stats["max_kv_bytes_reserved"], e.stats["kv_bytes_reserved"])
+
+    def _admit(self) -> list[Any]:
+        """Oldest waiting jobs whose worst case fits the budget next to what runs (first come, first served)."""
+        e = self.e
+        taken: list[Any] = []
+        for job in e._queue:
+            if taken and sum(self.job_rows(j) for j in taken) + self.job_rows(job) > e.max_batch_rows:
+                break
+            if self.reserved(taken + [job]) > e.kv_budget and (self.running or self.prefill or taken):
+                break
+            taken.append(job)
+        e._queue = e._queue[len(taken):]
+        return taken
+
+    def _start_prefill(self, jobs: list[Any]) -> None:
+        from emorl.data import encode_prompts
+
+        ens = self.e.ens
+        dev = ens.device
+        texts = [j.pairs[0].text for j in jobs]
+        enc = encode_prompts(ens.tokenizer, texts, self.e.prompt_limit, False, dev)
+        seqs, fork, rows = [], [], []
+        for g, job in enumerate(jobs):
+            job.results = [None] * len(job.pairs)
+            coef, mix = streams(job.key, list(job.pairs[0].weights), self.k_all)
+            rows += [g] * coef.shape[0]
+            for c, p in enumerate(job.pairs):
+                u = uniforms(int(p.seed), p.row + 1, p.max_new_tokens)[p.row] if p.do_sample else None
+                seqs.append(Seq(job, c, p, job.key.removesuffix("+base"), coef.to(dev), mix.to(dev), u,
+                                prompt_width=int(enc["input_ids"].shape[1])))
+                fork.append(g)
+        idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        self.prefill = Prefill(seqs, enc["input_ids"][idx], enc["attention_mask"][idx], fork)
+        self.e.stats["jobs"] += len(jobs)
+        self.e.stats["pairs"] += len(seqs)
+
+    def _prefill_step(self) -> None:
+        pf = self.prefill
+        assert pf is not None
+        if not self.runner.prefill_chunk(pf, self.e.prefill_chunk):
+            return
+        self.prefill = None
+        self.e.stats["prefills"] += 1
+        batch = self.runner.finish_prefill(pf)
+        alive = self._advance(batch.seqs, batch.h)
+        batch = batch.filter(alive)
+        if batch is not None:
+            self.running = batch if self.running is None else self.running.concatenate(batch)
+        self._note()
+
+    def _decode(self) -> None:
+        batch = self.running
+        assert batch is not None
+        self.runner.step(batch)
+        self.e.stats["steps"] += 1
+        alive = self._advance(batch.seqs, batch.h)
+        self.running = batch.filter(alive)
+        self._note()
+
+    def _note(self) -> None:
+        st = self.e.stats
+        if self.running is not None:
+            st["max_running_rows"] = max(st["max_running_rows"], self.running.n_rows)
+            st["max_running_jobs"] = max(st["max_running_jobs"], len({id(s.job) for s in self.running.seqs}))
+
+    def _advance(self, seqs: list[Seq], h: torch.Tensor) -> list[Seq]:
+        """Sample each reply's next token, report it, finish the replies that end; returns those still alive."""
+        e = self.e
+        tokens = self.runner.next_tokens(seqs, h)
+        alive = []
+        for s, tok in zip(seqs, tokens, strict=True):
+            s.tokens.append(tok)
+            if s.job.stream:
+                s.job.emit(("token", s.choice, tok))
+            reason = self.runner.ended(s)
+            if reason is None and (s.job.cancelled.is_set() or e._cancel_inflight):
+                reason = "cancelled"
+            if reason is None:
+                alive.append(s)
+                continue
+            s.finish = reason
+            res = PairResult(list(s.tokens), self.runner.text(s), reason)
+            s.job.results[s.choice] = res
+            s.job.emit(("finish", s.choice, res))
+            if all(r is not None for r in s.job.results):
+                if any(r.finish_reason == "cancelled" for r in s.job.results):
+                    e.stats["cancelled"] += 1
+                s.job.finished = time.monotonic()
+                s.job.emit(("done", None, None))
+        return alive
