@@ -7,7 +7,7 @@ same wherever they are made. What it owns:
 * the prompt format (the base's chat template, system prompt and ``max_prompt_tokens``; an adapter folder records
   the ones it was trained with, :func:`prompt_config`),
 * the EOS ids (:func:`emorl.models.eos_ids`) and the common random numbers (:mod:`emorl.sampling`),
-* each mode's weight rule (:func:`~emorl.ensemble.decoder.weight_rule`: ``anchor="base"`` or the convex
+* each mode's weight rule (:func:`~emorl.ensemble.mixing.weight_rule`: ``anchor="base"`` or the convex
   ``"none"``), and the base model as the anchored point w = 0 (the LoRA bank's zero slot),
 * one set of logits processors: only temperature / top-k / top-p (and ``min_new_tokens``). A model's own
   ``generation_config`` (repetition penalty, no-repeat n-grams, ...) is never applied, here or in the training
@@ -153,7 +153,7 @@ CONVEX_SUFFIX = "-convex"
 
 def parse_mix(key: str, default_anchor: str = "base") -> tuple[str, str]:
     """(mode, anchor) of a search key such as ``hidden``, ``hidden-convex``, ``params``, ``params-convex``."""
-    from emorl.ensemble.decoder import MODES, weight_rule
+    from emorl.ensemble.mixing import MODES, weight_rule
     from emorl.utils import EmorlError
 
     mode, anchor = (key.removesuffix(CONVEX_SUFFIX), "none") if key.endswith(CONVEX_SUFFIX) else (key, default_anchor)

@@ -19,19 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from emorl.ensemble.decoder import (
-    MODES,
-    DecodeSpec,
-    GenerationResult,
-    Head,
-    Stream,
-    cache_bytes_per_row_token,
-    check_weights,
-    decode_chunk,
-    default_budget,
-    derive_chunking,
-    weight_rule,
-)
+from emorl.ensemble.chunk import DecodeSpec, decode_chunk, default_budget, derive_chunking
+from emorl.ensemble.kv import cache_bytes_per_row_token
+from emorl.ensemble.mixing import MODES, check_weights, weight_rule
+from emorl.ensemble.result import GenerationResult
+from emorl.ensemble.streams import Head, Stream
 from emorl.lora_bank import BASE_SLOT, lora_bank
 from emorl.sampling import uniforms
 from emorl.utils import EmorlError
@@ -175,7 +167,7 @@ class EnsembleModel:
         (``formatted=True``: already model input text). All K adapters see the same prefix at every step; a row
         ends at EOS or a ``stop`` string and is padded afterwards. Greedy by default; ``do_sample`` with
         ``temperature``/``top_k``/``top_p`` (transformers' warpers) and ``seed``. ``anchor`` is the weight rule
-        (:func:`~emorl.ensemble.decoder.weight_rule`): ``"base"`` mixes each adapter's shift of the base at strength
+        (:func:`~emorl.ensemble.mixing.weight_rule`): ``"base"`` mixes each adapter's shift of the base at strength
         w_k (w = 0 decodes the base), ``"none"`` rescales every point to sum 1 (the convex mix; parameter average
         for ``params``). Work is chunked so one chunk's
         KV cache fits ``memory_budget_gb`` (default: 4 GiB on CPU, half the free GPU memory) or ``max_rows``."""

@@ -3,7 +3,7 @@
 :meth:`EnsembleModel.generate` decodes G weight points x B prompts with one set of sampling settings. A server
 batches requests that each bring their own prompt, weights, temperature / top-k / top-p, length, stop strings and
 seed. :func:`generate_pairs` decodes such a list of pairs through the same engine (the same prefill, lora bank,
-mixing rule and :func:`~emorl.ensemble.decoder.decode_chunk`), with per-pair hooks (:class:`PairRows`):
+mixing rule and :func:`~emorl.ensemble.chunk.decode_chunk`), with per-pair hooks (:class:`PairRows`):
 
 * sampling warpers applied per row: rows are grouped by setting and each group goes through transformers' own
   ``TemperatureLogitsWarper`` / ``TopKLogitsWarper`` / ``TopPLogitsWarper`` (in ``generate``'s order), so a row
@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from emorl.ensemble.decoder import MODES, DecodeSpec, Stream, decode_chunk
+from emorl.ensemble.chunk import DecodeSpec, decode_chunk
+from emorl.ensemble.mixing import MODES
+from emorl.ensemble.streams import Stream
 from emorl.lora_bank import BASE_SLOT, lora_bank
 from emorl.sampling import uniforms
 from emorl.utils import EmorlError

@@ -135,7 +135,7 @@ class ChatRequest:
 def parse_chat(body: Any, engine: Any) -> ChatRequest:
     """Validate a /v1/chat/completions body against the run (``engine``); raises :class:`ApiError`."""
     from emorl.data import format_prompts
-    from emorl.ensemble.decoder import ANCHORS, MODES, weight_rule
+    from emorl.ensemble.mixing import ANCHORS, MODES, weight_rule
 
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
