@@ -63,6 +63,11 @@ class LoraConfig:
     dropout: float = _f(0.05, "Dropout on the LoRA input during training (off while sampling).")
     target_modules: list[str] | str = _f("all-linear", "Module names to adapt, or 'all-linear' (every linear "
                                          "layer except the LM head, as in the paper).")
+    layers: list[int] | str = _f("all", "Decoder layers that carry the adapters: 'all', 'top:N' (the top N), "
+                                  "'top:P/Q' (the top fraction, e.g. top:1/3) or a list of indices (0 = next to the "
+                                  "embeddings; seq2seq: decoder blocks, no encoder adapter). The ensemble runs the "
+                                  "layers below the lowest adapted one once for all adapters, and training stops its "
+                                  "backward pass there.")
     full_finetune: bool = _f(False, "Baselines only: train all weights instead of a LoRA adapter.")
 
 
@@ -497,6 +502,9 @@ def validate(cfg: RunConfig) -> None:
                         ("train.generation.max_new_tokens", t.generation.max_new_tokens, 1)]:
         if v < lo:
             raise EmorlError(f"{name} must be >= {lo}, got {v}")
+    from emorl.layer_spec import check_layer_spec
+
+    check_layer_spec(cfg.lora.layers)
     if t.k < 2 and t.strategy in ("single", "uniform", "fixed", "dynaopt", "gdpo"):
         raise EmorlError("train.k must be >= 2: k-SCST's baseline is the mean of the k replies of a prompt")
     if not 0 < t.clip_min < t.clip_max <= 1:
