@@ -95,8 +95,13 @@ def peft_layer_kwargs(spec: Any, target_modules: list[str] | str, lm: Any) -> di
             raise EmorlError(f"{FIELD}: lora.target_modules={target_modules!r} is a regular expression, which peft "
                              "cannot combine with chosen layers; give target_modules as a list of names or "
                              "'all-linear'")
+        from peft.tuners.lora import LoraLayer
+
+        # a linear layer that adapters already wrap counts as the linear it wraps (its insides do not)
+        inside = {id(sub) for mod in stack.modules() if isinstance(mod, LoraLayer) for sub in mod.modules()
+                  if sub is not mod}
         target_modules = sorted({name.rsplit(".", 1)[-1] for name, mod in stack.named_modules()
-                                 if isinstance(mod, torch.nn.Linear)})
+                                 if id(mod) not in inside and (isinstance(mod, torch.nn.Linear | LoraLayer))})
     return {"target_modules": list(target_modules), "layers_to_transform": layers, "layers_pattern": path}
 
 

@@ -77,13 +77,12 @@ def decode_chunk(stream: Stream, head: Head, bank: Any, spec: DecodeSpec, h0: to
     procs = spec.processors(dev) if spec.rows is None else None
     eos = torch.tensor(spec.eos, dtype=torch.long, device=dev)
     grp = group0.clone()
-    alive = torch.ones(n, dtype=torch.bool, device=dev)
+    act = torch.arange(n, device=dev)  # the pairs still decoding
     m = h0.shape[0] // kk
     w_rows = w_pairs[grp] if params else None  # params: the bank's weights, one row per group (= pair)
     h = h0
-    rows_done = 0
+    rows_done = syncs = 0
     for t in range(t_max):
-        act = alive.nonzero()[:, 0]
         g_act = grp[act]
         sc = mix_scores(spec.mode, h, kk, g_act, w_pairs[act], head, spec.anchored)
         if spec.output_scores:
@@ -98,43 +97,51 @@ def decode_chunk(stream: Stream, head: Head, bank: Any, spec: DecodeSpec, h0: to
             ended |= spec.stop_criteria(out[act, : t + 1], None).to(dev)
         if spec.rows is not None:
             ended = spec.rows.ended(t, act, nxt, ended)
-        lengths[act[ended]] = t + 1
-        alive[act[ended]] = False
+        lengths[act] = torch.where(ended, t + 1, lengths[act])
         rows_done += kk * m
         if progress is not None:
             progress.update(1)
-        if t == t_max - 1 or not bool(alive.any()):
+        if t == t_max - 1:
+            break
+        # regroup: pairs of one group that chose the same token stay together (params: one group per pair, in
+        # order). Ended pairs get a key above every group's, so they sort last and drop out.
+        cont = ~ended
+        vocab = sc.shape[-1]
+        key = torch.where(cont, g_act * vocab + nxt, m * vocab)
+        uniq, inv = torch.unique(key, return_inverse=True)  # host sync 1: the number of distinct keys
+        parent, tok = uniq // vocab, uniq % vocab
+        distinct = 1 + (parent[1:] != parent[:-1]).sum()  # parents are sorted: distinct groups still decoding
+        n_alive, n_distinct, any_ended = torch.stack([cont.sum(), distinct, ended.any()]).tolist()  # host sync 2
+        syncs += 2
+        if n_alive == 0:
             if progress is not None:
                 progress.update(t_max - 1 - t)
             break
-        cont = ~ended
-        act, g_act, nxt = act[cont], g_act[cont], nxt[cont]
-        # regroup: pairs of one group that chose the same token stay together (params: one group per pair)
-        if params:
-            parent, tok, inv = g_act, nxt, torch.arange(len(act), device=dev)
-        else:
-            key = g_act * sc.shape[-1] + nxt
-            uniq, inv = torch.unique(key, return_inverse=True)
-            parent, tok = uniq // sc.shape[-1], uniq % sc.shape[-1]
-        split = len(parent) > int(torch.unique(parent).numel())
-        if not split and (m - len(parent)) * 4 < m:  # only a few groups died: keep the layout, feed them pads
+        n_keep = uniq.shape[0] - int(any_ended)  # the ended pairs' key is the last one
+        n_distinct -= int(any_ended)
+        parent, tok = parent[:n_keep], tok[:n_keep]
+        pos = torch.nonzero_static(cont, size=n_alive)[:, 0] if n_alive < len(act) else None
+        if pos is not None:
+            act, inv = act[pos], inv[pos]
+        split = n_keep > n_distinct
+        if not split and (m - n_keep) * 4 < m:  # only a few groups died: keep the layout, feed them pads
             feed = torch.full((m,), spec.pad, dtype=torch.long, device=dev)
             feed[parent] = tok
-            grp[act] = g_act
         else:  # new layout: gather the surviving / splitting groups' cache rows
-            sel = (parent[None, :] + m * torch.arange(kk, device=dev)[:, None]).reshape(-1)
-            state = stream.select(state, sel)
+            state = stream.select(state, parent)
             if stats is not None:
                 stats["regroups"] = stats.get("regroups", 0) + 1
             grp[act] = inv
-            m, feed = len(parent), tok
+            m, feed = n_keep, tok
             if params:
                 w_rows = w_rows[parent]
                 bank.set_weights(w_rows)
-        h = stream.step(feed.repeat(kk), state)
+        h = stream.step(feed, state)
     if stats is not None:
         stats["row_steps"] = stats.get("row_steps", 0) + rows_done
         stats["row_steps_unshared"] = stats.get("row_steps_unshared", 0) + int(kk * lengths.sum())
+        stats["host_syncs"] = stats.get("host_syncs", 0) + syncs  # the loop's own reads of device values
+        stats["steps"] = stats.get("steps", 0) + t + 1
     return out, lengths, scores_out
 
 

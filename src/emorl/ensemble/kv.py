@@ -64,31 +64,33 @@ def _buffered_layer_class() -> type:
 _BUFFERED: type | None = None
 
 
-def fork_cache(cache: Any, idx: torch.Tensor, capacity: int | None = None) -> Any:
+def fork_cache(cache: Any, idx: torch.Tensor, capacity: int | None = None,
+               trunk: tuple[int, torch.Tensor] = (0, torch.empty(0))) -> Any:
     """A new cache holding rows ``idx`` of ``cache`` (which is left untouched). With ``capacity``, plain
-    ``DynamicLayer`` layers become preallocated buffers of that many positions (no per-step copy)."""
+    ``DynamicLayer`` layers become preallocated buffers of that many positions (no per-step copy).
+    ``trunk`` = (L, groups): the first L layers are a shared trunk holding one row per group; they take rows
+    ``groups`` instead."""
     global _BUFFERED
     from transformers import EncoderDecoderCache
     from transformers.cache_utils import DynamicLayer
 
     if isinstance(cache, EncoderDecoderCache):
-        return EncoderDecoderCache(fork_cache(cache.self_attention_cache, idx, capacity),
-                                   fork_cache(cache.cross_attention_cache, idx))
-    new = copy.copy(cache)
+        return EncoderDecoderCache(fork_cache(cache.self_attention_cache, idx, capacity, trunk),
+                                   fork_cache(cache.cross_attention_cache, idx, None, trunk))
     if capacity is not None:
         _BUFFERED = _BUFFERED or _buffered_layer_class()
-        layers = []
-        for layer in cache.layers:
-            if type(layer) in (DynamicLayer, _BUFFERED) and layer.is_initialized and layer.keys.numel():
-                layers.append(_BUFFERED(layer.keys[idx], layer.values[idx], capacity))
-            else:
-                layer = copy.copy(layer)
-                layer.batch_select_indices(idx)
-                layers.append(layer)
-        new.layers = layers
-        return new
-    new.layers = [copy.copy(layer) for layer in cache.layers]
-    new.batch_select_indices(idx)
+    new = copy.copy(cache)
+    layers = []
+    for i, layer in enumerate(cache.layers):
+        rows = trunk[1] if i < trunk[0] else idx
+        if capacity is not None and type(layer) in (DynamicLayer, _BUFFERED) and layer.is_initialized \
+                and layer.keys.numel():
+            layers.append(_BUFFERED(layer.keys[rows], layer.values[rows], capacity))
+        else:
+            layer = copy.copy(layer)
+            layer.batch_select_indices(rows)
+            layers.append(layer)
+    new.layers = layers
     return new
 
 
