@@ -134,7 +134,7 @@ class EnsembleModel:
         layers below the lowest one any of them adapts (0 when ``share_trunk`` is off)."""
         from emorl.layer_spec import trunk_depth
 
-        return trunk_depth(self.lm, list(names)) if self.share_trunk else 0
+        return trunk_depth(self.lm, list(names)) if self.share_trunk and len(self.stream.layers) else 0
 
     # ------------------------------------------------------------------------------------------------ checks
 

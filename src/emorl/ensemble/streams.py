@@ -14,6 +14,7 @@ import torch
 from emorl.ensemble.kv import fork_cache
 from emorl.lora_bank import MIN_GEMM_ROWS, pad_rows
 from emorl.models import cache_kwarg, output_cache, position_ids
+from emorl.utils import EmorlError
 
 
 class Head:
@@ -63,7 +64,8 @@ def cpu_row_padding(layers: Any) -> Iterator[None]:
     from peft.tuners.lora import LoraLayer
 
     mods = list(layers.modules())
-    if not mods or next(layers.parameters()).device.type != "cpu":
+    first = next(layers.parameters(), None)
+    if first is None or first.device.type != "cpu":
         yield
         return
     inside_lora = {id(sub) for m in mods if isinstance(m, LoraLayer) for sub in m.modules()}
@@ -130,7 +132,10 @@ class Stream:
         self.encoder = lm.get_encoder() if is_seq2seq else None
         self.kw = cache_kwarg(self.decoder)
         self.decoder_start = decoder_start
-        self.layers = layer_stack(lm)[1]
+        try:
+            self.layers = layer_stack(lm)[1]
+        except EmorlError:  # no list of decoder layers found: no shared trunk (every stream runs every layer)
+            self.layers = torch.nn.ModuleList()
 
     def _fan(self, st: dict[str, Any], m: int) -> Any:
         if not st["trunk"]:
