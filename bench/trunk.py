@@ -65,10 +65,11 @@ def point(ens: Any, depth: str, w: list[float]) -> list[float]:
     return [w[int(n[-1])] if n.startswith(depth) else 0.0 for n in ens.names]
 
 
-def decode_bench(ens: Any, prompts: list[str], tokens: int, repeats: int, no_trunk: bool) -> dict[str, Any]:
+def decode_bench(ens: Any, prompts: list[str], tokens: int, repeats: int, no_trunk: bool,
+                 depths: list[str]) -> dict[str, Any]:
     kw = {"max_new_tokens": tokens, "min_new_tokens": tokens, "do_sample": True, "top_k": 50, "seed": 0}
     runs: dict[str, Any] = {}
-    for depth in DEPTHS:
+    for depth in depths:
         runs[f"mix-{depth}"] = lambda d=depth: ens.generate(prompts, point(ens, d, WEIGHTS), **kw)
         runs[f"single-{depth}"] = lambda d=depth: ens.generate(prompts, point(ens, d, [1.0, 0.0, 0.0]), **kw)
     if no_trunk:
@@ -79,7 +80,7 @@ def decode_bench(ens: Any, prompts: list[str], tokens: int, repeats: int, no_tru
             finally:
                 ens.share_trunk = True
         runs["mix-top-no-trunk"] = every_layer
-    ens.generate(prompts[:2], point(ens, "full", WEIGHTS), max_new_tokens=2)  # warm-up, untimed
+    ens.generate(prompts[:2], point(ens, depths[0], WEIGHTS), max_new_tokens=2)  # warm-up, untimed
     times: dict[str, list[float]] = {k: [] for k in runs}
     trunk: dict[str, int] = {}
     for _ in range(repeats):
@@ -91,8 +92,9 @@ def decode_bench(ens: Any, prompts: list[str], tokens: int, repeats: int, no_tru
     med = {k: statistics.median(v) for k, v in times.items()}
     out: dict[str, Any] = {"times": times, "median": med, "trunk_layers": trunk,
                            "tokens_per_s": {k: len(prompts) * tokens / v for k, v in med.items()}}
-    out["mix/single"] = {d: med[f"mix-{d}"] / med[f"single-{d}"] for d in DEPTHS}
-    out["mix-top/single-full"] = med["mix-top"] / med["single-full"]
+    out["mix/single"] = {d: med[f"mix-{d}"] / med[f"single-{d}"] for d in depths}
+    if "full" in depths and "top" in depths:
+        out["mix-top/single-full"] = med["mix-top"] / med["single-full"]
     if no_trunk:
         out["no-trunk/trunk"] = med["mix-top-no-trunk"] / med["mix-top"]
     return out
@@ -147,6 +149,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=24, help="new tokens per reply (the evaluation's 24)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--train-steps", type=int, default=3, help="timed loss steps per depth; 0 skips training")
+    ap.add_argument("--depths", default="full,top", help="adapter depths to decode: full, top or both")
     ap.add_argument("--no-trunk", action="store_true", help="also time the top-third mix without the shared trunk")
     ap.add_argument("--quick", action="store_true", help="tiny model, B=4, 4 tokens, 1 repeat (smoke test)")
     ap.add_argument("--json", help="also write the numbers to this JSON file")
@@ -165,14 +168,15 @@ def main() -> int:
     print(f"# {res['machine']}; commit {res['commit']}; load average at start {res['load_start']}")
     statements = [r.prompt for r in default_records()]
     for b in [int(x) for x in args.batches.split(",")]:
-        r = decode_bench(ens, statements[:b], args.tokens, args.repeats, args.no_trunk)
+        r = decode_bench(ens, statements[:b], args.tokens, args.repeats, args.no_trunk, args.depths.split(","))
         res[f"decode B={b}"] = r
         print(f"decode B={b}, {args.tokens} tokens: medians " + ", ".join(f"{k} {v:.2f} s" for k, v in
                                                                           r["median"].items()))
-        print(f"  mix/single: full depth {r['mix/single']['full']:.2f}, top third {r['mix/single']['top']:.2f} "
-              f"(trunk {r['trunk_layers']['mix-top']} layers); top-third mix / full-depth single "
-              f"{r['mix-top/single-full']:.2f}" + (f"; no trunk / trunk {r['no-trunk/trunk']:.2f}"
-                                                   if args.no_trunk else ""))
+        print("  mix/single: " + ", ".join(f"{d} {v:.2f}" for d, v in r["mix/single"].items())
+              + f" (trunk layers {r['trunk_layers']})"
+              + (f"; top-third mix / full-depth single {r['mix-top/single-full']:.2f}"
+                 if "mix-top/single-full" in r else "")
+              + (f"; no trunk / trunk {r['no-trunk/trunk']:.2f}" if args.no_trunk else ""))
     if args.train_steps:
         r = train_bench(base, args.train_steps, 8, 3, 48 if not args.quick else 8)
         res["train"] = r
