@@ -250,3 +250,14 @@ def test_training_keeps_no_graph_below_the_lowest_adapted_layer(layers: str, gra
     assert [needs_grad[i] for i in range(4)] == graph
     grads = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}  # (A's are 0 while B starts at 0)
     assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads.values())
+
+
+def test_a_seq2seq_adapter_on_the_encoder_leaves_no_trunk() -> None:
+    """Cross-attention reads the encoder's output, which an encoder adapter changes per stream: no layer is shared."""
+    base = load_base(ModelConfig(name="tiny-t5", system_prompt=None, tiny_layers=4))
+    add_adapters(base, ["p"], LoraConfig(layers="top:1"))
+    add_adapters(base, ["q"], LoraConfig())  # all: encoder and decoder
+    lm = base.model.get_base_model()
+    assert adapted_layers(lm, "p") == [3] and adapted_layers(lm, "q") is None
+    ens = EnsembleModel(base, None, require_metadata=False)
+    assert ens.trunk(["p"]) == 3 and ens.trunk(["p", "q"]) == 0
