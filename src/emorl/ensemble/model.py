@@ -209,7 +209,7 @@ class EnsembleModel:
         if anchored:
             names.append(BASE_SLOT)
         k = len(names)
-        trunk = self.trunk(names) if mode != "params" else 0
+        trunk = self.trunk(names) if mode != "params" and k > 1 else 0  # one stream: nothing to share
         spec = DecodeSpec(mode, max_new_tokens, min(min_new_tokens, max_new_tokens), do_sample, temperature, top_k,
                           top_p, self.eos, self.pad, stop_criteria, output_scores, anchored)
         u_all = None
