@@ -140,3 +140,47 @@ def test_pad_rows() -> None:
     assert pad_rows(x, 0).shape == (MIN_GEMM_ROWS, 3) and pad_rows(x, 0)[2:].abs().sum() == 0
     assert pad_rows(torch.ones(5, 3), 0).shape == (5, 3)
     assert pad_rows(torch.ones(2, 1, 3), 1).shape == (2, MIN_GEMM_ROWS, 3)
+
+
+@pytest.fixture(scope="module")
+def bf16_trunk() -> tuple[EnsembleModel, list[str]]:
+    """Adapters on the top layer only: the ensemble runs layer 0 once per prompt (the shared trunk), where a lone
+    pair's decode step is one row through plain (LoRA-free) linear layers."""
+    cfg = load_config("tiny", ["lora.layers=top:1"])
+    cfg.model.dtype = "bfloat16"
+    cfg.model.device = "cpu"
+    base = load_base(cfg.model)
+    model = add_adapters(base, NAMES, cfg.lora)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.3, generator=g)
+    rng = random.Random(1)
+    statements = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 30))) for _ in range(12)]
+    texts = [str(t) for t in format_prompts(base.tokenizer, statements, False, base.config.system_prompt)]
+    ens = EnsembleModel(base, None, require_metadata=False)
+    assert ens.trunk(NAMES) == 1
+    return ens, texts
+
+
+@pytest.mark.parametrize(("mode", "anchored"), [("hidden", True), ("logits", True)])
+def test_pairs_over_a_shared_trunk_decode_the_same_tokens_alone_and_in_a_batch(bf16_trunk, mode: str,
+                                                                                anchored: bool) -> None:
+    ens, texts = bf16_trunk
+    pairs = _pairs(texts, anchored, seed=5)
+    batch = generate_pairs(ens, NAMES, mode, pairs, anchored=anchored)
+    differ = [i for i, p in enumerate(pairs)
+              if generate_pairs(ens, NAMES, mode, [p], anchored=anchored)[0].token_ids != batch[i].token_ids]
+    assert differ == [], f"{len(differ)} of {len(pairs)} pairs changed with their batch: {differ}"
+
+
+def test_cpu_kernel_workarounds_stay_off_other_devices(bf16) -> None:
+    """Row padding and prompt alignment are CPU kernel workarounds: on another device (``meta`` stands in for a
+    GPU here: shapes without data) a batch is as wide as its longest prompt and a lone row stays one row."""
+    ens, texts = bf16
+    assert pad_rows(torch.ones(2, 3, device="meta"), 0).shape == (2, 3)
+    enc = encode_prompts(ens.tokenizer, texts[:3], 96, False, device="meta")
+    longest = max(len(ens.tokenizer(t)["input_ids"]) for t in texts[:3])
+    assert enc["input_ids"].shape[1] == longest
+    assert encode_prompts(ens.tokenizer, texts[:3], 96, False)["input_ids"].shape[1] % PAD_MULTIPLE == 0

@@ -9,7 +9,7 @@ same wherever they are made. What it owns:
 * per-prompt weights (:func:`decode_routed`: a routed method's rows, computed by the router above this layer and
   handed down in :attr:`emorl.methods.MethodSpec.row_weights`),
 * the EOS ids (:func:`emorl.models.eos_ids`) and the common random numbers (:mod:`emorl.sampling`),
-* each mode's weight rule (:func:`~emorl.ensemble.decoder.weight_rule`: ``anchor="base"`` or the convex
+* each mode's weight rule (:func:`~emorl.ensemble.mixing.weight_rule`: ``anchor="base"`` or the convex
   ``"none"``), and the base model as the anchored point w = 0 (the LoRA bank's zero slot),
 * one set of logits processors: only temperature / top-k / top-p (and ``min_new_tokens``). A model's own
   ``generation_config`` (repetition penalty, no-repeat n-grams, ...) is never applied, here or in the training
@@ -177,7 +177,7 @@ CONVEX_SUFFIX = "-convex"
 
 def parse_mix(key: str, default_anchor: str = "base") -> tuple[str, str]:
     """(mode, anchor) of a search key such as ``hidden``, ``hidden-convex``, ``params``, ``params-convex``."""
-    from emorl.ensemble.decoder import MODES, weight_rule
+    from emorl.ensemble.mixing import MODES, weight_rule
 
     mode, anchor = (key.removesuffix(CONVEX_SUFFIX), "none") if key.endswith(CONVEX_SUFFIX) else (key, default_anchor)
     if mode not in MODES:

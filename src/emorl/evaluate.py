@@ -208,7 +208,7 @@ def same_as_hidden(specs: Sequence[MethodSpec], base: Any) -> dict[str, str]:
     """Logit-mixing methods with the weights and anchor of a hidden-mixing method in ``specs`` -> that method, when
     the LM head is linear (no soft-capping): log-softmax differs from the logits by a per-row constant, so
     ``sum w_k log p_k`` and ``head(sum w_k h_k)`` (anchored alike) sample the same tokens."""
-    from emorl.ensemble.decoder import Head
+    from emorl.ensemble.streams import Head
 
     lm = base.model.get_base_model() if hasattr(base.model, "get_base_model") else base.model
     if Head(lm, base.is_seq2seq).softcap:

@@ -50,13 +50,15 @@ BASE_SLOT = "__base__"
 # request's decode step (one row per adapter) would differ from the same row in a batch. Matmuls of fewer rows are
 # padded with zero rows to this many: every row then goes through the same kernel whatever its batch (exact: the
 # padding rows are dropped; they cost nothing measurable at these sizes).
+# A CPU-only workaround: GPU kernels are not chosen this way, and there the padding would only cost.
 MIN_GEMM_ROWS = 4
 
 
 def pad_rows(x: torch.Tensor, dim: int, rows: int = MIN_GEMM_ROWS) -> torch.Tensor:
-    """``x`` with zero rows appended along ``dim`` up to ``rows`` (unchanged if it has as many already)."""
+    """``x`` with zero rows appended along ``dim`` up to ``rows`` (unchanged if it has as many already, or if it is
+    not on the CPU: the padding is a CPU kernel workaround)."""
     extra = rows - x.shape[dim]
-    if extra <= 0:
+    if extra <= 0 or x.device.type != "cpu":
         return x
     shape = list(x.shape)
     shape[dim] = extra
@@ -268,7 +270,7 @@ def _bank_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     for key in ("alora_offsets",):
         kwargs.pop(key, None)
     n_rows = x.numel() // x.shape[-1]
-    if 0 < n_rows < MIN_GEMM_ROWS:  # the kernel of a full batch (see MIN_GEMM_ROWS)
+    if 0 < n_rows < MIN_GEMM_ROWS and x.device.type == "cpu":  # the kernel of a full batch (see MIN_GEMM_ROWS)
         flat = pad_rows(x.reshape(n_rows, x.shape[-1]), 0)
         result = self.base_layer(flat, *args, **kwargs)[:n_rows].reshape(*x.shape[:-1], -1)
     else:

@@ -99,8 +99,8 @@ def encode_prompts(tokenizer: Any, texts: list[str], max_tokens: int, is_seq2seq
     template alone is too long is truncated from the left.
     ``pad_to``: pad to at least this width (a width that does not depend on the batch's other prompts).
 
-    A causal batch's width is rounded up to a multiple of :data:`PAD_MULTIPLE` above its longest prompt: a
-    prompt's left padding then has the same length modulo 16 in every batch (attention over left padding is exact
+    On the CPU a causal batch's width is rounded up to a multiple of :data:`PAD_MULTIPLE` above its longest prompt:
+    a prompt's left padding then has the same length modulo 16 in every batch (attention over left padding is exact
     only at that alignment: CPU attention reduces in 16-lane vectors), and at least one pad, so attention always
     takes the masked path (a batch without padding would drop the mask and take another kernel). A prompt then
     decodes the same tokens whatever shares its batch — in bfloat16 too on a CPU without AMX, where a one-ulp
@@ -118,7 +118,9 @@ def encode_prompts(tokenizer: Any, texts: list[str], max_tokens: int, is_seq2seq
         tokenizer.padding_side, tokenizer.truncation_side = side, tside
     out = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     width = max(pad_to or 0, out["input_ids"].shape[1])
-    if not is_seq2seq:  # right padding (seq2seq) keeps every prompt at position 0: nothing to align
+    # right padding (seq2seq) keeps every prompt at position 0: nothing to align; and the alignment is a CPU kernel
+    # workaround (GPU attention kernels are not chosen by it): elsewhere a batch is as wide as its longest prompt
+    if not is_seq2seq and torch.device(device).type == "cpu":
         # >= 1 pad in every row (attention always takes a mask); an aligned pad_to (a width this function returned
         # before) is kept as it is
         longest = out["input_ids"].shape[1]

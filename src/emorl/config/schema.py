@@ -59,6 +59,11 @@ class LoraConfig:
     dropout: float = _f(0.05, "Dropout on the LoRA input during training (off while sampling).")
     target_modules: list[str] | str = _f("all-linear", "Module names to adapt, or 'all-linear' (every linear "
                                          "layer except the LM head, as in the paper).")
+    layers: list[int] | str = _f("all", "Decoder layers that carry the adapters: 'all', 'top:N' (the top N), "
+                                  "'top:P/Q' (the top fraction, e.g. top:1/3) or a list of indices (0 = next to the "
+                                  "embeddings; seq2seq: decoder blocks, no encoder adapter). The ensemble runs the "
+                                  "layers below the lowest adapted one once for all adapters, and training stops its "
+                                  "backward pass there.")
     full_finetune: bool = _f(False, "Baselines only: train all weights instead of a LoRA adapter.")
 
 

@@ -34,6 +34,9 @@ def validate(cfg: RunConfig) -> None:
                         ("train.generation.max_new_tokens", t.generation.max_new_tokens, 1)]:
         if v < lo:
             raise EmorlError(f"{name} must be >= {lo}, got {v}")
+    from emorl.layer_spec import check_layer_spec
+
+    check_layer_spec(cfg.lora.layers)
     if t.k < 2 and t.strategy in ("single", "uniform", "fixed", "dynaopt", "gdpo"):
         raise EmorlError("train.k must be >= 2: k-SCST's baseline is the mean of the k replies of a prompt")
     if not 0 < t.clip_min < t.clip_max <= 1:

@@ -11,21 +11,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from emorl.ensemble.decoder import (
-        ANCHORS,
-        MODES,
-        GenerationResult,
-        check_weights,
-        is_scale_invariant,
-        weight_rule,
-    )
+    from emorl.ensemble.mixing import ANCHORS, MODES, check_weights, is_scale_invariant, weight_rule
     from emorl.ensemble.model import EnsembleModel
+    from emorl.ensemble.result import GenerationResult
     from emorl.lora_bank import LoraBank, lora_bank, lora_layers
 
 # imported on first use, so `emorl generate --help` (emorl.generate_cli) does not wait for torch
-_LAZY = {"ANCHORS": "emorl.ensemble.decoder", "MODES": "emorl.ensemble.decoder",
-         "GenerationResult": "emorl.ensemble.decoder", "check_weights": "emorl.ensemble.decoder",
-         "is_scale_invariant": "emorl.ensemble.decoder", "weight_rule": "emorl.ensemble.decoder",
+_LAZY = {"ANCHORS": "emorl.ensemble.mixing", "MODES": "emorl.ensemble.mixing",
+         "GenerationResult": "emorl.ensemble.result", "check_weights": "emorl.ensemble.mixing",
+         "is_scale_invariant": "emorl.ensemble.mixing", "weight_rule": "emorl.ensemble.mixing",
          "LoraBank": "emorl.lora_bank", "lora_bank": "emorl.lora_bank", "lora_layers": "emorl.lora_bank",
          "EnsembleModel": "emorl.ensemble.model"}
 

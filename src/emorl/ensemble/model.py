@@ -19,19 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from emorl.ensemble.decoder import (
-    MODES,
-    DecodeSpec,
-    GenerationResult,
-    Head,
-    Stream,
-    cache_bytes_per_row_token,
-    check_weights,
-    decode_chunk,
-    default_budget,
-    derive_chunking,
-    weight_rule,
-)
+from emorl.ensemble.chunk import DecodeSpec, decode_chunk, default_budget, derive_chunking
+from emorl.ensemble.kv import cache_bytes_per_row_token
+from emorl.ensemble.mixing import MODES, check_weights, weight_rule
+from emorl.ensemble.result import GenerationResult
+from emorl.ensemble.streams import Head, Stream, cpu_row_padding
 from emorl.lora_bank import BASE_SLOT, lora_bank
 from emorl.sampling import uniforms
 from emorl.utils import EmorlError
@@ -103,6 +95,9 @@ class EnsembleModel:
         self._verified = False
         self.preallocate = True  # KV caches as preallocated buffers (no per-step torch.cat of the whole cache)
         self._kv_per_token = 0.0  # KV-cache bytes per row and position, measured by verify_head
+        # run the decoder layers below the lowest adapted one once per row group, not once per stream (exact: no
+        # adapter acts there); False runs every stream through every layer (the reference the tests compare with)
+        self.share_trunk = True
 
     @classmethod
     def from_run(cls, run_dir: str | Path, names: list[str] | None = None, base: Any | None = None,
@@ -133,6 +128,13 @@ class EnsembleModel:
     @property
     def device(self) -> torch.device:
         return self.base.device
+
+    def trunk(self, names: list[str]) -> int:
+        """How many decoder layers the streams of adapters ``names`` (+ the base slot) share at the bottom: the
+        layers below the lowest one any of them adapts (0 when ``share_trunk`` is off)."""
+        from emorl.layer_spec import trunk_depth
+
+        return trunk_depth(self.lm, list(names)) if self.share_trunk and len(self.stream.layers) else 0
 
     # ------------------------------------------------------------------------------------------------ checks
 
@@ -175,7 +177,7 @@ class EnsembleModel:
         (``formatted=True``: already model input text). All K adapters see the same prefix at every step; a row
         ends at EOS or a ``stop`` string and is padded afterwards. Greedy by default; ``do_sample`` with
         ``temperature``/``top_k``/``top_p`` (transformers' warpers) and ``seed``. ``anchor`` is the weight rule
-        (:func:`~emorl.ensemble.decoder.weight_rule`): ``"base"`` mixes each adapter's shift of the base at strength
+        (:func:`~emorl.ensemble.mixing.weight_rule`): ``"base"`` mixes each adapter's shift of the base at strength
         w_k (w = 0 decodes the base), ``"none"`` rescales every point to sum 1 (the convex mix; parameter average
         for ``params``). Work is chunked so one chunk's
         KV cache fits ``memory_budget_gb`` (default: 4 GiB on CPU, half the free GPU memory) or ``max_rows``."""
@@ -207,6 +209,7 @@ class EnsembleModel:
         if anchored:
             names.append(BASE_SLOT)
         k = len(names)
+        trunk = self.trunk(names) if mode != "params" and k > 1 else 0  # one stream: nothing to share
         spec = DecodeSpec(mode, max_new_tokens, min(min_new_tokens, max_new_tokens), do_sample, temperature, top_k,
                           top_p, self.eos, self.pad, stop_criteria, output_scores, anchored)
         u_all = None
@@ -227,8 +230,9 @@ class EnsembleModel:
             from emorl.progress import progress_bar
 
             pbar = progress_bar(len(plan) * max_new_tokens, f"emorl generate ({mode})", unit="step")
-        stats: dict[str, Any] = {"chunks": len(plan), "rows_per_chunk": 0}
-        with torch.inference_mode(), lora_bank(self.model, names, w_used[:1] if mode == "params" else None) as bank:
+        stats: dict[str, Any] = {"chunks": len(plan), "rows_per_chunk": 0, "trunk_layers": trunk}
+        with torch.inference_mode(), cpu_row_padding(self.stream.layers), \
+                lora_bank(self.model, names, w_used[:1] if mode == "params" else None) as bank:
             prefill: tuple[torch.Tensor, Any, Any] | None = None
             for g_idx, b_idx in plan:
                 w_pairs = w_used[g_idx]
@@ -243,10 +247,10 @@ class EnsembleModel:
                     block = torch.unique(b_idx)
                     if prefill is None or not torch.equal(prefill[0], block):
                         prefill = None  # free the previous block's cache first
-                        h_blk, st_blk = self.stream.prefill(ids[block].repeat(k, 1), mask[block].repeat(k, 1))
+                        h_blk, st_blk = self.stream.prefill(ids[block], mask[block], k, trunk)
                         prefill = (block, h_blk, st_blk)
                     _, h0, st_blk = prefill
-                    state = Stream.select(st_blk, torch.arange(h0.shape[0], device=self.device), cap)
+                    state = Stream.select(st_blk, torch.arange(len(block), device=self.device), cap)
                     group0 = torch.searchsorted(block, b_idx)  # pairs of one prompt share rows until they diverge
                 stats["rows_per_chunk"] = max(stats["rows_per_chunk"], len(g_idx) * (1 if mode == "params" else k))
                 u = None if u_all is None else u_all[g_idx, b_idx]

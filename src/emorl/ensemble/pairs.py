@@ -3,7 +3,7 @@
 :meth:`EnsembleModel.generate` decodes G weight points x B prompts with one set of sampling settings. A server
 batches requests that each bring their own prompt, weights, temperature / top-k / top-p, length, stop strings and
 seed. :func:`generate_pairs` decodes such a list of pairs through the same engine (the same prefill, lora bank,
-mixing rule and :func:`~emorl.ensemble.decoder.decode_chunk`), with per-pair hooks (:class:`PairRows`):
+mixing rule and :func:`~emorl.ensemble.chunk.decode_chunk`), with per-pair hooks (:class:`PairRows`):
 
 * sampling warpers applied per row: rows are grouped by setting and each group goes through transformers' own
   ``TemperatureLogitsWarper`` / ``TopKLogitsWarper`` / ``TopPLogitsWarper`` (in ``generate``'s order), so a row
@@ -31,7 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from emorl.ensemble.decoder import MODES, DecodeSpec, Stream, decode_chunk
+from emorl.ensemble.chunk import DecodeSpec, decode_chunk
+from emorl.ensemble.mixing import MODES
+from emorl.ensemble.streams import Stream, cpu_row_padding
 from emorl.lora_bank import BASE_SLOT, lora_bank
 from emorl.sampling import uniforms
 from emorl.utils import EmorlError
@@ -190,7 +192,8 @@ def generate_pairs(ens: Any, names: Sequence[str], mode: str, pairs: Sequence[Pa
     spec = DecodeSpec(mode, t_max, 0, u is not None, 1.0, 0, 1.0, ens.eos, ens.pad, anchored=anchored, rows=rows)
     cap = ((1 if ens.base.is_seq2seq else ids.shape[1]) + t_max) if ens.preallocate else None
     params = mode == "params"
-    with torch.inference_mode(), lora_bank(ens.model, bank_names, w_used[:1] if params else None) as bank:
+    with torch.inference_mode(), cpu_row_padding(ens.stream.layers), \
+            lora_bank(ens.model, bank_names, w_used[:1] if params else None) as bank:
         if params:  # one stream per pair with its merged weights (no prefill shared across weights)
             bank.set_weights(w_used)
             h0, state = ens.stream.prefill(ids[b_idx], mask[b_idx])
@@ -198,8 +201,8 @@ def generate_pairs(ens: Any, names: Sequence[str], mode: str, pairs: Sequence[Pa
             if cap is not None:
                 state = Stream.select(state, group0, cap)
         else:  # K adapter rows per distinct prompt, prefilled once
-            h0, st = ens.stream.prefill(ids.repeat(k, 1), mask.repeat(k, 1))
-            state = Stream.select(st, torch.arange(h0.shape[0], device=dev), cap)
+            h0, st = ens.stream.prefill(ids, mask, k, ens.trunk(bank_names))
+            state = Stream.select(st, torch.arange(ids.shape[0], device=dev), cap)
             group0 = b_idx
         decode_chunk(ens.stream, ens.head, bank, spec, h0, state, group0, w_used, k, u)
     missing = [i for i, r in enumerate(rows.results) if r is None]

@@ -47,10 +47,10 @@ def score_lattice(ensemble: Any, points: np.ndarray, prompts: Sequence[str], see
                   batch_points: int = 16, progress: Any = None) -> np.ndarray:
     """Per-unit scores (points, seeds × prompts, objectives) of every lattice point, units in (seed, prompt) order.
 
-    ``anchor`` is the weight rule (emorl.ensemble.decoder.weight_rule): a convex mix decodes w / sum(w), so points on
+    ``anchor`` is the weight rule (emorl.ensemble.mixing.weight_rule): a convex mix decodes w / sum(w), so points on
     one ray share a decode."""
     from emorl.decoding import generation_kwargs
-    from emorl.ensemble.decoder import is_scale_invariant
+    from emorl.ensemble.mixing import is_scale_invariant
     from emorl.rewards import score
 
     groups = decode_groups(points, is_scale_invariant(mode, anchor))

@@ -21,12 +21,19 @@ from emorl.utils import (
 )
 
 
-def peft_lora_config(cfg: LoraConfig, is_seq2seq: bool) -> Any:
+def peft_lora_config(cfg: LoraConfig, is_seq2seq: bool, lm: Any = None) -> Any:
+    """peft's LoraConfig for ``cfg``; ``lm`` (the transformers model) resolves ``lora.layers`` (an error naming it
+    if it does not fit the model's depth)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType
 
-    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
-                          target_modules=cfg.target_modules,
+    from emorl.layer_spec import peft_layer_kwargs
+
+    layers = getattr(cfg, "layers", "all")
+    if lm is None and layers != "all":
+        raise EmorlError("peft_lora_config: lora.layers needs the model (pass lm=) to resolve its layers")
+    kw = peft_layer_kwargs(layers, cfg.target_modules, lm) if lm is not None else {"target_modules": cfg.target_modules}
+    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none", **kw,
                           task_type=TaskType.SEQ_2_SEQ_LM if is_seq2seq else TaskType.CAUSAL_LM)
 
 
@@ -39,8 +46,8 @@ def add_adapters(base: Base, names: list[str], cfg: LoraConfig, seed: int = 0) -
 
     from emorl.sampling import seeded_rng, stable_seed
 
-    pcfg = peft_lora_config(cfg, base.is_seq2seq)
     model = base.model
+    pcfg = peft_lora_config(cfg, base.is_seq2seq, model.get_base_model() if isinstance(model, PeftModel) else model)
     for n in names:
         with seeded_rng(stable_seed(seed, n, "lora-init"), base.device):
             if isinstance(model, PeftModel):

@@ -7,6 +7,7 @@ a model, so every check happens before any long work starts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emorl.config import RunConfig
+from emorl.config import LoraConfig, RunConfig
 from emorl.methods import ensemble_objectives, expand_methods, method_kind
 from emorl.utils import EmorlError, atomic_write_json
 
@@ -79,7 +80,9 @@ def adapter_matches(cfg: RunConfig, folder: Path, objectives: list[str]) -> str 
         return f"trained on objectives {info.objectives}, the run now has {objectives}"
     if info.base.get("name") != cfg.model.name:
         return f"trained on model {info.base.get('name')!r}, the run uses {cfg.model.name!r}"
-    diffs = [f"lora.{k}" for k in d["lora"] if info.extra.get("lora", {}).get(k) != d["lora"][k]]
+    # an option added since the adapter was trained (absent from its record) had its default's behaviour
+    old_lora = {**dataclasses.asdict(LoraConfig()), **info.extra.get("lora", {})}
+    diffs = [f"lora.{k}" for k in d["lora"] if old_lora.get(k) != d["lora"][k]]
     old_train = _train_settings(info.extra.get("train", {}))
     new_train = _train_settings(d["train"])
     diffs += [f"train.{k}" for k in sorted(old_train) if old_train[k] != new_train.get(k)]  # new options: see changed

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from emorl.config import GenerationConfig
-from emorl.ensemble.decoder import MODES
+from emorl.ensemble.mixing import MODES
 from emorl.search.evaluator import Score
 from emorl.utils import EmorlError
 
@@ -22,7 +22,7 @@ def is_scale_invariant(mode: str, anchor: str = "base") -> bool:
     """Convex mixes (``anchor="none"``, and ``probs``) decode w / sum(w): only the direction counts, greedy or
     sampled (every point draws the same random numbers), so the search scores each direction once. Anchored mixes
     use w as given (its scale is each adapter's strength)."""
-    from emorl.ensemble.decoder import is_scale_invariant as rule
+    from emorl.ensemble.mixing import is_scale_invariant as rule
 
     return rule(mode, anchor)
 

@@ -202,7 +202,7 @@ def parse_messages(msgs: Any, engine: Any, max_tokens: int) -> tuple[str, str, i
 def parse_chat(body: Any, engine: Any, routed_weights: list[float] | None = None) -> ChatRequest:
     """Validate a /v1/chat/completions body against the run (``engine``); raises :class:`ApiError`.
     ``routed_weights``: the router's weights for ``"weights": "auto"`` (computed on the engine's worker)."""
-    from emorl.ensemble.decoder import ANCHORS, MODES, weight_rule
+    from emorl.ensemble.mixing import ANCHORS, MODES, weight_rule
 
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")

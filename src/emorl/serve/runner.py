@@ -5,7 +5,7 @@ thread calls it.
 
 Every row carries its LoRA coefficients (:meth:`emorl.lora_bank.LoraBank.set_row_weights`), so rows of hidden,
 logits and probs mixes, parameter mixes, single adapters and the base run in ONE forward. A reply's next-token
-scores are its mode's rule over its rows, as :func:`emorl.ensemble.decoder.mix_scores` computes them
+scores are its mode's rule over its rows, as :func:`emorl.ensemble.mixing.mix_scores` computes them
 (``(1 - sum w) x_0 + sum w_k x_k`` for anchored points, in float32), then transformers' warpers and
 :func:`emorl.sampling.choose` with the reply's own uniforms.
 """

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from emorl.config import RunConfig
+from emorl.layer_spec import recorded_layers
 from emorl.models import AdapterInfo, Base, add_adapters
 from emorl.sampling import stable_seed
 from emorl.train import full as full_ft
@@ -253,6 +254,7 @@ class Trainer(PolicyUpdates):
             base=self.base.identity, steps=p.step, prompts_consumed=p.prompts, wall_time_s=round(p.active_time, 2),
             converged=p.converged, curve=p.curve, prompt=self.base.prompt_format,
             extra={"finished": finished, "stop_reason": p.stop_reason, "lora": self.cfg.to_dict()["lora"],
+                   "layers": recorded_layers(self.base.model, p.name),
                    "train": {**self.cfg.to_dict()["train"], "strategy": p.strategy},
                    "weights_log": getattr(p.weighting, "log", None)})
         full_ft.save_policy(self.base, p.name, p.model, p.output, info)

@@ -1,0 +1,48 @@
+"""What a decode returns: G weight points x B prompts of replies, token ids and lengths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class GenerationResult:
+    """Decoded replies for G weight points × B prompts.
+
+    ``texts`` / ``token_ids`` / ``lengths`` drop the point axis when ``weights`` was one vector. Token ids are
+    right-padded with the pad id after a row's end (EOS is kept; a matched stop string's tokens are kept in the
+    ids but cut from the text)."""
+
+    prompts: list[str]
+    names: list[str]
+    mode: str
+    weights: np.ndarray  # (G, K) as used (after normalisation)
+    all_texts: list[list[str]]  # G × B
+    all_token_ids: torch.Tensor  # (G, B, T) long, pad after a row's end
+    all_lengths: torch.Tensor  # (G, B) generated tokens per row, EOS included
+    single: bool = False
+    scores: torch.Tensor | None = None  # (G, B, T, V) mixed scores before sampling warpers, if requested
+    stats: dict[str, Any] = field(default_factory=dict)
+    anchor: str = "base"  # the weight rule applied: "base" (anchored) or "none" (convex; weights as rescaled)
+
+    @property
+    def texts(self) -> list[str] | list[list[str]]:
+        return self.all_texts[0] if self.single else self.all_texts
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        return self.all_token_ids[0] if self.single else self.all_token_ids
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.all_lengths[0] if self.single else self.all_lengths
+
+    def records(self) -> list[dict[str, Any]]:
+        """One dict per (point, prompt): prompt, weights, mode, reply — the rows of ``emorl generate``."""
+        return [{"prompt": p, "weights": dict(zip(self.names, map(float, self.weights[g]), strict=True)),
+                 "mode": self.mode, "anchor": self.anchor, "reply": self.all_texts[g][b]}
+                for g in range(len(self.all_texts)) for b, p in enumerate(self.prompts)]
