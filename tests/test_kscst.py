@@ -13,6 +13,7 @@ from emorl.train.kscst import (
     RolloutBatch,
     causal_token_logprobs,
     completion_mask,
+    gdpo_advantages,
     group_advantages,
     kscst_loss,
     policy_gradient_step,
@@ -289,3 +290,22 @@ def test_joint_update_gives_each_adapter_its_own_gradient(tiny_base):
     assert separate.keys() == joint.keys() and any(".xb." in k for k in joint)
     for k in separate:
         torch.testing.assert_close(joint[k], separate[k], atol=1e-6, rtol=1e-5)
+
+
+def test_gdpo_equals_the_three_published_steps():
+    """GDPO (Liu et al., 2026) on a hand-made batch of 2 prompts × k=3 replies × 2 rewards, step by step in numpy:
+    (1) z-score each reward within its prompt's k (unbiased std), (2) sum over rewards, (3) z-score over the batch."""
+    r = np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 3.0],  # prompt A
+                  [5.0, 1.0], [5.0, 2.0], [8.0, 3.0]])  # prompt B
+    eps = 1e-4
+    step1 = np.empty_like(r)
+    for g in (slice(0, 3), slice(3, 6)):
+        step1[g] = (r[g] - r[g].mean(0)) / (r[g].std(0, ddof=1) + eps)
+    step2 = step1.sum(1)
+    step3 = (step2 - step2.mean()) / (step2.std(ddof=1) + eps)
+    # by hand: prompt A reward 1 -> (-1, 0, 1), reward 2 -> (-1/√3, -1/√3, 2/√3) (std √3), ...
+    np.testing.assert_allclose(step1[:3, 0], [-1, 0, 1], atol=1e-3)
+    np.testing.assert_allclose(step1[:3, 1], np.array([-1, -1, 2]) / np.sqrt(3), atol=1e-3)
+    out = gdpo_advantages(torch.tensor(r, dtype=torch.float64), k=3, eps=eps)
+    np.testing.assert_allclose(out.numpy(), step3, rtol=1e-9, atol=1e-12)
+    assert float(out.std()) == pytest.approx(1.0, abs=1e-3)  # one scale whatever the number of rewards

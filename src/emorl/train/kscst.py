@@ -56,16 +56,19 @@ def group_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def gdpo_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
-    """GDPO (Liu et al., 2026): per-reward group-normalised advantages, summed over the J rewards.
+    """GDPO (Liu et al., 2026): per-reward group-normalised advantages, summed, then normalised over the batch.
 
-    ``rewards`` is (n, J), rows grouped k by k per prompt. Per objective j: (r_j − mean of the prompt's k) /
-    (std of the k + eps), std unbiased as in TRL's GRPO; then the sum over j (TRL's
-    ``multi_objective_aggregation="normalize_then_sum"``). Normalising each reward before summing keeps every
-    objective's within-prompt ranking, where normalising the sum lets the reward with the widest spread decide."""
+    ``rewards`` is (n, J), rows grouped k by k per prompt. (1) per objective j: (r_j − mean of the prompt's k) /
+    (std of the k + eps), std unbiased as in TRL's GRPO; (2) the sum over j (TRL's
+    ``multi_objective_aggregation="normalize_then_sum"``); (3) that sum minus its batch mean, over its batch std
+    + eps. Step 1 keeps every objective's within-prompt ranking (normalising the sum would let the widest reward
+    decide); step 3 keeps the advantage's scale independent of J, like the other policies' at one learning rate."""
     n, j = rewards.shape
     r = rewards.reshape(-1, k, j)
     std = r.std(dim=1, keepdim=True) if k > 1 else torch.zeros_like(r[:, :1])
-    return ((r - r.mean(dim=1, keepdim=True)) / (std + eps)).sum(dim=2).reshape(n)
+    summed = ((r - r.mean(dim=1, keepdim=True)) / (std + eps)).sum(dim=2).reshape(n)
+    spread = summed.std() if n > 1 else summed.new_zeros(())
+    return (summed - summed.mean()) / (spread + eps)
 
 
 # ------------------------------------------------------------------------------------------ rollout tensors
