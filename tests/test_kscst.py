@@ -140,8 +140,8 @@ def test_kl_term_k3_is_zero_at_reference_and_pinned_elsewhere():
     assert st["kl"] == pytest.approx(0.8248125, abs=1e-6)
     assert float(loss) == pytest.approx(0.1 * 0.8248125, abs=1e-6)
     loss.backward()
-    # d/dlogp 0.1·(e^Δ − Δ − 1) = 0.1·(1 − e^Δ): (0.0393469, −0.1718282), 0 on the masked token
-    torch.testing.assert_close(logp.grad, torch.tensor([[0.0393469, -0.1718282, 0.0]]), atol=1e-6, rtol=0)
+    # gradient of KL(π‖π_ref): 0.1 · Σ_{s≥t} (logp − ref)_s = 0.1 · (0.5 − 1.0, −1.0) = (−0.05, −0.1), 0 masked
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.05, -0.1, 0.0]]), atol=1e-6, rtol=0)
     assert ref.grad is None  # the reference is detached
 
 
@@ -309,3 +309,30 @@ def test_gdpo_equals_the_three_published_steps():
     out = gdpo_advantages(torch.tensor(r, dtype=torch.float64), k=3, eps=eps)
     np.testing.assert_allclose(out.numpy(), step3, rtol=1e-9, atol=1e-12)
     assert float(out.std()) == pytest.approx(1.0, abs=1e-3)  # one scale whatever the number of rewards
+
+
+def test_kl_gradient_is_that_of_exact_kl_policy_to_reference():
+    """Two-token replies over a 3-token vocabulary: the expected value and gradient of the KL term (over all 9
+    replies, weighted by π) equal the exact KL(π‖π_ref) and its autograd gradient (not KL(π_ref‖π)'s)."""
+    g = torch.Generator().manual_seed(0)
+    th1 = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)  # π(y1)
+    th2 = torch.randn(3, 3, generator=g, dtype=torch.float64, requires_grad=True)  # π(y2 | y1)
+    r1, r2 = torch.randn(3, generator=g, dtype=torch.float64), torch.randn(3, 3, generator=g, dtype=torch.float64)
+    lp1, lp2 = torch.log_softmax(th1, -1), torch.log_softmax(th2, -1)
+    q1, q2 = torch.log_softmax(r1, -1), torch.log_softmax(r2, -1)
+    p1, p2 = lp1.exp(), lp2.exp()
+    exact = (p1 * (lp1 - q1)).sum() + (p1 * (p2 * (lp2 - q2)).sum(1)).sum()
+    want = torch.autograd.grad(exact, [th1, th2], retain_graph=True)
+    expected, value = torch.zeros((), dtype=torch.float64), 0.0
+    for a in range(3):
+        for b in range(3):
+            logp = torch.stack([lp1[a], lp2[a, b]])[None]
+            ref = torch.stack([q1[a], q2[a, b]])[None]
+            loss, st = kscst_loss(logp, torch.ones(1, 2), torch.zeros(1), 1, ref_logp=ref, kl_coef=1.0)
+            weight = float(p1[a] * p2[a, b])
+            expected = expected + weight * loss
+            value += weight * st["kl"]
+    got = torch.autograd.grad(expected, [th1, th2])
+    assert value == pytest.approx(float(exact), rel=1e-9)
+    for gw, gg in zip(want, got, strict=True):
+        torch.testing.assert_close(gg, gw, atol=1e-10, rtol=1e-8)

@@ -176,19 +176,25 @@ def kscst_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
     """REINFORCE with the k-sample mean baseline over one micro-batch.
 
     ``n_total`` is the number of samples in the whole batch, so summing micro-batch losses gives the batch mean.
-    KL: the k3 estimator exp(Δ) − Δ − 1 with Δ = log π_ref − log π per reply token (non-negative, unbiased for
-    KL(π‖π_ref), gradient through log π), summed over the reply like the log-probs."""
-    mask = mask.to(logp.dtype)
-    seq_logp = (logp * mask).sum(-1)
+    KL to the reference, KL(π‖π_ref) of the whole reply, value and gradient alike: the value is the k3 estimator
+    exp(Δ) − Δ − 1 with Δ = log π_ref − log π per reply token (non-negative, unbiased), summed over the reply; the
+    gradient is the score-function gradient of that KL, Σ_t ∇log π(y_t) · Σ_{s≥t} (log π − log π_ref)(y_s) (a
+    token's own log-ratio and those it leads to; unbiased). Differentiating k3 itself would give the gradient of
+    KL(π_ref‖π) instead (its expectation is −Σ π_ref ∇log π)."""
+    keep = mask.bool()
+    logp = torch.where(keep, logp, 0.0)  # positions after EOS may hold −inf under a top-k/top-p warp
+    seq_logp = logp.sum(-1)
     pg = -(advantages.to(logp.dtype) * seq_logp).sum() / n_total
     stats = {"pg_loss": float(pg.detach())}
     loss = pg
     if ref_logp is not None and kl_coef > 0:
-        delta = ref_logp.detach() - logp
-        kl = ((torch.exp(delta) - delta - 1) * mask).sum(-1)
-        kl_term = kl_coef * kl.sum() / n_total
-        loss = loss + kl_term
-        stats["kl"] = float(kl.detach().sum()) / n_total
+        delta = torch.where(keep, ref_logp.detach() - logp.detach(), 0.0)
+        value = (torch.exp(delta) - delta - 1).sum(-1)
+        to_go = (-delta).flip(-1).cumsum(-1).flip(-1)  # Σ_{s≥t} log π/π_ref
+        surrogate = (to_go * logp).sum(-1)
+        kl = value + surrogate - surrogate.detach()  # the value of k3, the gradient of KL(π‖π_ref)
+        loss = loss + kl_coef * kl.sum() / n_total
+        stats["kl"] = float(value.sum()) / n_total
     return loss, stats
 
 
