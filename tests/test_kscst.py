@@ -11,12 +11,15 @@ from emorl.data import encode_prompts, format_prompts
 from emorl.models import add_adapters
 from emorl.train.kscst import (
     RolloutBatch,
+    Warp,
+    _gather_logprobs,
     causal_token_logprobs,
     completion_mask,
     gdpo_advantages,
     group_advantages,
     kscst_loss,
     policy_gradient_step,
+    sampling_warp,
     seq2seq_token_logprobs,
     transform_rewards,
 )
@@ -309,6 +312,49 @@ def test_gdpo_equals_the_three_published_steps():
     out = gdpo_advantages(torch.tensor(r, dtype=torch.float64), k=3, eps=eps)
     np.testing.assert_allclose(out.numpy(), step3, rtol=1e-9, atol=1e-12)
     assert float(out.std()) == pytest.approx(1.0, abs=1e-3)  # one scale whatever the number of rewards
+
+
+def test_loss_scores_the_temperature_and_top_k_warped_distribution(tiny_base):
+    """The rollouts sample from softmax(logits / T) restricted to top-k: the loss's log-probs are those of that
+    distribution (T = 0.5, top-k 5), not of the raw policy, and the loss is −mean A · Σ_t log π_warped."""
+    m = _adapted(tiny_base)
+    texts = format_prompts(tiny_base.tokenizer, ["I feel sad.", "Work is awful today."], False)
+    enc = encode_prompts(tiny_base.tokenizer, texts, 64, False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = m.generate(**enc, do_sample=True, temperature=0.5, top_k=5, max_new_tokens=5, num_return_sequences=2,
+                         pad_token_id=tiny_base.tokenizer.pad_token_id)
+    comp = out[:, enc["input_ids"].shape[1]:]
+    batch = RolloutBatch(enc["input_ids"], enc["attention_mask"], comp,
+                         completion_mask(comp, [tiny_base.tokenizer.eos_token_id]), 2)
+    ids = torch.cat([enc["input_ids"].repeat_interleave(2, 0), comp], 1)
+    mask = torch.cat([enc["attention_mask"].repeat_interleave(2, 0), torch.ones_like(comp)], 1)
+    with torch.no_grad():
+        logits = m(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+        logits = logits[:, enc["input_ids"].shape[1] - 1:-1].float() / 0.5
+        kth = logits.topk(5, dim=-1).values[..., -1:]
+        want = torch.log_softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
+        want = want.gather(-1, comp[..., None])[..., 0]
+        got = causal_token_logprobs(m, batch, warp=Warp(0.5, top_k=5))
+        raw = causal_token_logprobs(m, batch)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (got - raw).abs().max() > 0.1  # the raw policy is a different distribution
+    adv = torch.tensor([0.5, -0.5, 1.0, -1.0])
+    for n, p in m.named_parameters():
+        p.requires_grad_("lora_" in n)
+    stats = policy_gradient_step(m, batch, adv, is_seq2seq=False, micro_batch_rows=4, warp=Warp(0.5, top_k=5))
+    cm = batch.completion_mask
+    assert stats["loss"] == pytest.approx(float(-(adv * (want * cm).sum(1)).sum() / 4), rel=1e-4, abs=1e-5)
+
+
+def test_warp_keeps_the_sampled_token_in_the_support():
+    """A sampled id that the update's forward ranks outside top-k (dropout) keeps a finite log-prob."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    lp = _gather_logprobs(logits, torch.tensor([3]), Warp(1.0, top_k=2))
+    assert torch.isfinite(lp).all()
+    want = torch.log_softmax(torch.tensor([3.0, 2.0, 0.0]), -1)[2]  # support = top-2 plus the sampled id
+    assert float(lp) == pytest.approx(float(want), abs=1e-6)
+    assert sampling_warp(1.0, 0, 1.0) is None and sampling_warp(0.5, 50, 1.0) == Warp(0.5, 50, 1.0)
 
 
 def test_kl_gradient_is_that_of_exact_kl_policy_to_reference():
