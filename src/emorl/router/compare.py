@@ -3,9 +3,9 @@ per-prompt oracle (the best lattice point of each test prompt, chosen with the t
 
 Every method is decoded inside the router's groups of prompts (one multi-point ``generate`` per group and seed:
 router, global, uniform and every lattice point), so all methods share their random numbers prompt by prompt.
-Confidence intervals: a paired bootstrap over (prompt, seed) pairs. Writes ``RUN/router/compare.json`` and
-``RUN/router/weights.png`` (the router's weights over the test prompts on the simplex, coloured by prompt
-cluster).
+Confidence intervals: a paired bootstrap that resamples prompts, each with all its seeds. Writes
+``RUN/router/compare.json`` and ``RUN/router/weights.png`` (the router's weights over the test prompts on the
+simplex, coloured by prompt cluster).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 
 from emorl.router.data import lattice
 from emorl.router.decode import groups
+from emorl.stats import draws, resampled_means
 from emorl.utils import atomic_write_json
 
 log = logging.getLogger("emorl.route")
@@ -25,12 +26,13 @@ METHODS = ("router", "global", "uniform", "oracle")
 
 
 def paired_bootstrap(values: dict[str, np.ndarray], *, reps: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """Mean and 95% percentile CI of each method and of each difference, resampling the same (prompt, seed) pairs
-    for every method (``values[m]``: one value per pair). Small and private: the lead may swap in metrics'."""
+    """Mean and 95% percentile CI of each method and of each difference, resampling the same prompts for every
+    method, each prompt with all its seeds (``values[m]``: (seeds, prompts), one value per pair)."""
     names = list(values)
-    x = np.stack([np.asarray(values[m], dtype=np.float64).ravel() for m in names])  # (M, N)
-    idx = np.random.default_rng(seed).integers(0, x.shape[1], size=(reps, x.shape[1]))
-    boot = x[:, idx].mean(-1)  # (M, reps)
+    shape = np.shape(values[names[0]])
+    x = np.stack([np.asarray(values[m], dtype=np.float64).ravel() for m in names])  # (M, N), (seed, prompt) order
+    prompts = np.tile(np.arange(shape[-1]), int(np.prod(shape[:-1])))
+    boot = resampled_means(x, draws(x.shape[1], reps, seed, prompts))  # (M, reps)
 
     def ci(row: np.ndarray, point: float) -> dict[str, float]:
         lo, hi = np.percentile(row, [2.5, 97.5])
