@@ -244,13 +244,12 @@ def policy_gradient_step(model: Any, batch: RolloutBatch, advantages: torch.Tens
 
     ``reference``: a factory of a context manager that yields the frozen reference model (for a LoRA policy: the
     same model with its adapter disabled) — used for the KL term only when ``kl_coef > 0``. ``warp``: the rollouts'
-    sampling warpers; the policy's log-probs are those of the warped distribution, the reference's are scaled by
-    the same temperature (its full support keeps the KL finite)."""
+    sampling warpers; the policy's and the reference's log-probs are those of their distributions under the same
+    warpers (the KL between what each would sample; the sampled token is kept in both supports, so it is finite)."""
     k = batch.k
     n_prompts = batch.prompt_ids.shape[0]
     n_total = n_prompts * k
     per_mb = max(1, micro_batch_rows // k)
-    ref_warp = Warp(warp.temperature) if warp is not None and warp.temperature != 1.0 else None
     totals: dict[str, float] = {"loss": 0.0}
     for s in range(0, n_prompts, per_mb):
         mb = batch.slice_prompts(s, min(n_prompts, s + per_mb))
@@ -258,7 +257,7 @@ def policy_gradient_step(model: Any, batch: RolloutBatch, advantages: torch.Tens
         ref = None
         if kl_coef > 0 and reference is not None:
             with torch.no_grad(), reference() as ref_model:
-                ref = token_logprobs(ref_model, mb, is_seq2seq, decoder_start_id, share_prompt, ref_warp)
+                ref = token_logprobs(ref_model, mb, is_seq2seq, decoder_start_id, share_prompt, warp)
         logp = token_logprobs(model, mb, is_seq2seq, decoder_start_id, share_prompt, warp)
         loss, stats = kscst_loss(logp, mb.completion_mask, adv, n_total, ref, kl_coef)
         loss.backward()
