@@ -24,9 +24,9 @@ def groups(weights: np.ndarray, decimals: int = 9) -> list[tuple[np.ndarray, lis
 
 
 def decode_routed(ens: Any, prompts: list[str], weights: np.ndarray, *, mode: str = "hidden", seed: int = 0,
-                  anchor: str = "none", **gen: Any) -> tuple[list[str], list[int]]:
-    """Replies and token counts, in prompt order, each prompt decoded with its own row of ``weights`` (B×K). The
-    router's weights lie on the simplex, where the convex and base-anchored rules agree."""
+                  anchor: str = "base", **gen: Any) -> tuple[list[str], list[int]]:
+    """Replies and token counts, in prompt order, each prompt decoded with its own row of ``weights`` (B×K), by the
+    router's rule: base-anchored (its points lie in the anchored search's box)."""
     weights = np.asarray(weights, dtype=np.float64)
     if weights.shape != (len(prompts), ens.k):
         raise EmorlError(f"per-prompt weights: expected shape ({len(prompts)}, {ens.k}), got {weights.shape}")

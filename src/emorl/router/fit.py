@@ -8,10 +8,12 @@ Two predictors over the training prompts' unit-norm embeddings E and their per-p
 ``method="auto"`` keeps the one with the higher cross-validated reward (``folds`` folds over the lattice prompts,
 seeded); a knn prediction off the lattice is scored as its nearest lattice point (L1), which the fit records.
 
+The weights are base-anchored points of the box [0, w_max]^K (a mean of such points stays in the box).
+
 **Fallback rule**: with d(x) = 1 − max cosine between x and the training prompts, a prompt with d(x) > τ gets the
 global weights, where τ is the ``fallback_percentile`` (95) percentile of every training prompt's distance to its
-nearest *other* training prompt. The global weights are the search's best point where given, else the lattice
-point with the best mean score over the training prompts.
+nearest *other* training prompt. The global weights are the anchored search's best point (the EMORL weights)
+where given, else the lattice point with the best mean score over the training prompts.
 """
 
 from __future__ import annotations
