@@ -122,8 +122,9 @@ def test_close_tensors_states_the_tolerance(tmp_path):
     from safetensors.torch import save_file
 
     for name, delta in (("a", 0.0), ("b", 0.01), ("c", 0.03)):
-        (tmp_path / name).mkdir()
-        save_file({"w": torch.tensor([1.0, -0.5]) + torch.tensor([delta, 0.0])}, tmp_path / name / "x.safetensors")
+        (tmp_path / name / "adapter").mkdir(parents=True)
+        save_file({"w": torch.tensor([1.0, -0.5]) + torch.tensor([delta, 0.0])},
+                  tmp_path / name / "adapter" / "x.safetensors")
     assert close_tensors(tmp_path / "a", tmp_path / "a")
     assert not close_tensors(tmp_path / "a", tmp_path / "b")  # within 2% of max |w| = 1: close, not identical
     with pytest.raises(AssertionError):
