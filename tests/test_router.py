@@ -120,6 +120,23 @@ def test_auto_choice_cross_validation_and_determinism() -> None:
         fit_router(data, [emb], EQUAL, method="forest")
 
 
+def test_auto_chooses_the_global_weights_when_per_prompt_choices_lose_held_out() -> None:
+    """Every prompt has the same optimum and the per-prompt scores are mostly noise: a per-prompt choice fits the
+    noise, one global point does better held out, so auto routes every prompt to the global weights."""
+    rng = np.random.default_rng(0)
+    n, pts = 40, lattice(3, 0.25)
+    emb = prompts_of(np.arange(n) % 2, rng)
+    agg = true_score(pts, np.zeros(n, int)) + rng.normal(0, 0.3, (n, len(pts)))
+    data = RouterData(NAMES, NAMES, [Block([f"p{i}" for i in range(n)], pts, np.repeat(agg.T[:, None, :, None], 3, 3))])
+    given = np.array([0.5, 0.25, 0.25])
+    r = fit_router(data, [emb], EQUAL, method="auto", seed=0, global_weights=given)
+    cv = r.info["cv"]
+    assert cv["global"] > max(cv["knn"], cv["ridge"]) and r.method == "global"
+    w, _ = r.predict(prompts_of(np.arange(6) % 2, rng))
+    assert np.array_equal(w, np.repeat(given[None], 6, axis=0))
+    assert fit_router(data, [emb], EQUAL, method="ridge", seed=0).method == "ridge"  # asked for: kept
+
+
 def test_a_far_prompt_falls_back_to_the_global_weights() -> None:
     data, emb, _ = synthetic()
     given = np.array([0.2, 0.3, 0.5])
