@@ -230,6 +230,21 @@ def test_evaluate_run_writes_results_and_reuses_unchanged_methods(tmp_path, tiny
     assert calls == ["base", "uniform"] and list(res["methods"]) == ["base", "uniform"]
 
 
+def test_evaluating_a_method_added_later_keeps_the_old_results(tmp_path, tiny_base):
+    """`emorl evaluate --methods NEW` on an evaluated run (e.g. after `emorl train --strategy gdpo`): the old methods'
+    results stay as they were and the new one is added (it raised KeyError: the merge looked the new name up among
+    the old results)."""
+    cfg, run = make_run(tmp_path, tiny_base, search_modes=("hidden",))
+    first = evaluate_run(run, cfg, ["base", "uniform"], base=tiny_base, progress=False)
+    res = evaluate_run(run, cfg, ["emorl"], base=tiny_base, progress=False, keep_others=True)
+    assert list(res["methods"]) == ["emorl", "base", "uniform"]
+    saved = json.loads((run / "eval" / "results.json").read_text())
+    assert list(saved["methods"]) == ["emorl", "base", "uniform"]
+    for name in ("base", "uniform"):
+        assert saved["methods"][name]["per_seed"] == first["methods"][name]["per_seed"]
+    assert set(saved["methods"]["emorl"]["differences"]) == {"uniform", "base"}
+
+
 def test_sampled_seeds_give_a_spread_and_greedy_decodes_once(tmp_path, tiny_base):
     cfg, run = make_run(tmp_path, tiny_base)
     cfg.eval.generation.do_sample = False

@@ -11,11 +11,15 @@ from emorl.data import encode_prompts, format_prompts
 from emorl.models import add_adapters
 from emorl.train.kscst import (
     RolloutBatch,
+    Warp,
+    _gather_logprobs,
     causal_token_logprobs,
     completion_mask,
+    gdpo_advantages,
     group_advantages,
     kscst_loss,
     policy_gradient_step,
+    sampling_warp,
     seq2seq_token_logprobs,
     transform_rewards,
 )
@@ -139,8 +143,8 @@ def test_kl_term_k3_is_zero_at_reference_and_pinned_elsewhere():
     assert st["kl"] == pytest.approx(0.8248125, abs=1e-6)
     assert float(loss) == pytest.approx(0.1 * 0.8248125, abs=1e-6)
     loss.backward()
-    # d/dlogp 0.1·(e^Δ − Δ − 1) = 0.1·(1 − e^Δ): (0.0393469, −0.1718282), 0 on the masked token
-    torch.testing.assert_close(logp.grad, torch.tensor([[0.0393469, -0.1718282, 0.0]]), atol=1e-6, rtol=0)
+    # gradient of KL(π‖π_ref): 0.1 · Σ_{s≥t} (logp − ref)_s = 0.1 · (0.5 − 1.0, −1.0) = (−0.05, −0.1), 0 masked
+    torch.testing.assert_close(logp.grad, torch.tensor([[-0.05, -0.1, 0.0]]), atol=1e-6, rtol=0)
     assert ref.grad is None  # the reference is detached
 
 
@@ -289,3 +293,92 @@ def test_joint_update_gives_each_adapter_its_own_gradient(tiny_base):
     assert separate.keys() == joint.keys() and any(".xb." in k for k in joint)
     for k in separate:
         torch.testing.assert_close(joint[k], separate[k], atol=1e-6, rtol=1e-5)
+
+
+def test_gdpo_equals_the_three_published_steps():
+    """GDPO (Liu et al., 2026) on a hand-made batch of 2 prompts × k=3 replies × 2 rewards, step by step in numpy:
+    (1) z-score each reward within its prompt's k (unbiased std), (2) sum over rewards, (3) z-score over the batch."""
+    r = np.array([[1.0, 0.0], [2.0, 0.0], [3.0, 3.0],  # prompt A
+                  [5.0, 1.0], [5.0, 2.0], [8.0, 3.0]])  # prompt B
+    eps = 1e-4
+    step1 = np.empty_like(r)
+    for g in (slice(0, 3), slice(3, 6)):
+        step1[g] = (r[g] - r[g].mean(0)) / (r[g].std(0, ddof=1) + eps)
+    step2 = step1.sum(1)
+    step3 = (step2 - step2.mean()) / (step2.std(ddof=1) + eps)
+    # by hand: prompt A reward 1 -> (-1, 0, 1), reward 2 -> (-1/√3, -1/√3, 2/√3) (std √3), ...
+    np.testing.assert_allclose(step1[:3, 0], [-1, 0, 1], atol=1e-3)
+    np.testing.assert_allclose(step1[:3, 1], np.array([-1, -1, 2]) / np.sqrt(3), atol=1e-3)
+    out = gdpo_advantages(torch.tensor(r, dtype=torch.float64), k=3, eps=eps)
+    np.testing.assert_allclose(out.numpy(), step3, rtol=1e-9, atol=1e-12)
+    assert float(out.std()) == pytest.approx(1.0, abs=1e-3)  # one scale whatever the number of rewards
+
+
+def test_loss_scores_the_temperature_and_top_k_warped_distribution(tiny_base):
+    """The rollouts sample from softmax(logits / T) restricted to top-k: the loss's log-probs are those of that
+    distribution (T = 0.5, top-k 5), not of the raw policy, and the loss is −mean A · Σ_t log π_warped."""
+    m = _adapted(tiny_base)
+    texts = format_prompts(tiny_base.tokenizer, ["I feel sad.", "Work is awful today."], False)
+    enc = encode_prompts(tiny_base.tokenizer, texts, 64, False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = m.generate(**enc, do_sample=True, temperature=0.5, top_k=5, max_new_tokens=5, num_return_sequences=2,
+                         pad_token_id=tiny_base.tokenizer.pad_token_id)
+    comp = out[:, enc["input_ids"].shape[1]:]
+    batch = RolloutBatch(enc["input_ids"], enc["attention_mask"], comp,
+                         completion_mask(comp, [tiny_base.tokenizer.eos_token_id]), 2)
+    ids = torch.cat([enc["input_ids"].repeat_interleave(2, 0), comp], 1)
+    mask = torch.cat([enc["attention_mask"].repeat_interleave(2, 0), torch.ones_like(comp)], 1)
+    with torch.no_grad():
+        logits = m(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+        logits = logits[:, enc["input_ids"].shape[1] - 1:-1].float() / 0.5
+        kth = logits.topk(5, dim=-1).values[..., -1:]
+        want = torch.log_softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
+        want = want.gather(-1, comp[..., None])[..., 0]
+        got = causal_token_logprobs(m, batch, warp=Warp(0.5, top_k=5))
+        raw = causal_token_logprobs(m, batch)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (got - raw).abs().max() > 0.1  # the raw policy is a different distribution
+    adv = torch.tensor([0.5, -0.5, 1.0, -1.0])
+    for n, p in m.named_parameters():
+        p.requires_grad_("lora_" in n)
+    stats = policy_gradient_step(m, batch, adv, is_seq2seq=False, micro_batch_rows=4, warp=Warp(0.5, top_k=5))
+    cm = batch.completion_mask
+    assert stats["loss"] == pytest.approx(float(-(adv * (want * cm).sum(1)).sum() / 4), rel=1e-4, abs=1e-5)
+
+
+def test_warp_keeps_the_sampled_token_in_the_support():
+    """A sampled id that the update's forward ranks outside top-k (dropout) keeps a finite log-prob."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    lp = _gather_logprobs(logits, torch.tensor([3]), Warp(1.0, top_k=2))
+    assert torch.isfinite(lp).all()
+    want = torch.log_softmax(torch.tensor([3.0, 2.0, 0.0]), -1)[2]  # support = top-2 plus the sampled id
+    assert float(lp) == pytest.approx(float(want), abs=1e-6)
+    assert sampling_warp(1.0, 0, 1.0) is None and sampling_warp(0.5, 50, 1.0) == Warp(0.5, 50, 1.0)
+
+
+def test_kl_gradient_is_that_of_exact_kl_policy_to_reference():
+    """Two-token replies over a 3-token vocabulary: the expected value and gradient of the KL term (over all 9
+    replies, weighted by π) equal the exact KL(π‖π_ref) and its autograd gradient (not KL(π_ref‖π)'s)."""
+    g = torch.Generator().manual_seed(0)
+    th1 = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)  # π(y1)
+    th2 = torch.randn(3, 3, generator=g, dtype=torch.float64, requires_grad=True)  # π(y2 | y1)
+    r1, r2 = torch.randn(3, generator=g, dtype=torch.float64), torch.randn(3, 3, generator=g, dtype=torch.float64)
+    lp1, lp2 = torch.log_softmax(th1, -1), torch.log_softmax(th2, -1)
+    q1, q2 = torch.log_softmax(r1, -1), torch.log_softmax(r2, -1)
+    p1, p2 = lp1.exp(), lp2.exp()
+    exact = (p1 * (lp1 - q1)).sum() + (p1 * (p2 * (lp2 - q2)).sum(1)).sum()
+    want = torch.autograd.grad(exact, [th1, th2], retain_graph=True)
+    expected, value = torch.zeros((), dtype=torch.float64), 0.0
+    for a in range(3):
+        for b in range(3):
+            logp = torch.stack([lp1[a], lp2[a, b]])[None]
+            ref = torch.stack([q1[a], q2[a, b]])[None]
+            loss, st = kscst_loss(logp, torch.ones(1, 2), torch.zeros(1), 1, ref_logp=ref, kl_coef=1.0)
+            weight = float(p1[a] * p2[a, b])
+            expected = expected + weight * loss
+            value += weight * st["kl"]
+    got = torch.autograd.grad(expected, [th1, th2])
+    assert value == pytest.approx(float(exact), rel=1e-9)
+    for gw, gg in zip(want, got, strict=True):
+        torch.testing.assert_close(gg, gw, atol=1e-10, rtol=1e-8)

@@ -158,7 +158,7 @@ def test_report_states_which_differences_are_resolved(tmp_path):
     run, _ = fake_run(tmp_path)
     atomic_write_json(run / "eval" / "results.json", res)
     text = write_report(run).read_text()
-    assert "### Paired differences" in text and "8 units, 2000 resamples" in text
+    assert "### Paired differences" in text and "8 (prompt, seed) units, 2000 resamples" in text
     assert "Resolved differences to EMORL (95% CI excludes 0): Uniform Weighted -0.050 [-0.080, -0.020]." in text
     assert "Not resolved against EMORL" in text and "Base model -0.020 [-0.060, +0.010]" in text
 

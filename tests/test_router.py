@@ -11,7 +11,17 @@ import pytest
 import torch
 
 from emorl.router.compare import paired_bootstrap, summarise, weights_figure
-from emorl.router.data import Block, RouterData, load_data, save_data, search_block, simplex_lattice
+from emorl.router.data import (
+    DATA_VERSION,
+    Block,
+    RouterData,
+    box_lattice,
+    load_data,
+    save_data,
+    search_best,
+    search_block,
+    simplex_lattice,
+)
 from emorl.router.fit import fit_router
 from emorl.router.store import ROUTER_VERSION, load_router, save_router
 from emorl.utils import EmorlError
@@ -47,6 +57,23 @@ def synthetic(n: int = 40, seed: int = 0) -> tuple[RouterData, np.ndarray, np.nd
     scores = np.repeat(agg.T[:, None, :, None], 3, axis=3)  # every objective = the aggregate
     data = RouterData(NAMES, NAMES, [Block([f"p{i}" for i in range(n)], pts, scores)])
     return data, emb, group
+
+
+def test_box_lattice_covers_the_anchored_box() -> None:
+    pts = box_lattice(2, 0.5, 2.0)
+    assert pts.tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2], [2, 0], [2, 1], [2, 2]]
+    assert box_lattice(3, 0.5, 1.0).shape == (27, 3) and box_lattice(3, 0.25, 2.0).max() == 2.0
+    with pytest.raises(EmorlError, match="1/step must be a whole number"):
+        box_lattice(3, 0.3, 1.0)
+
+
+def test_search_best_is_the_anchored_point_as_found(tmp_path: Path) -> None:
+    best = tmp_path / "search" / "hidden" / "best.json"
+    best.parent.mkdir(parents=True)
+    best.write_text(json.dumps({"weight_vector": [0.5, 1.5, 0.0], "anchor": "base"}))
+    assert search_best(tmp_path, "hidden").tolist() == [0.5, 1.5, 0.0]  # not normalised: the scale is strength
+    best.write_text(json.dumps({"weight_vector": [0.5, 1.5, 0.0], "anchor": "none"}))
+    assert search_best(tmp_path, "hidden") is None  # a convex search is not the router's rule
 
 
 def test_lattice_points_are_the_simplex_grid() -> None:
@@ -93,6 +120,23 @@ def test_auto_choice_cross_validation_and_determinism() -> None:
         fit_router(data, [emb], EQUAL, method="forest")
 
 
+def test_auto_chooses_the_global_weights_when_per_prompt_choices_lose_held_out() -> None:
+    """Every prompt has the same optimum and the per-prompt scores are mostly noise: a per-prompt choice fits the
+    noise, one global point does better held out, so auto routes every prompt to the global weights."""
+    rng = np.random.default_rng(0)
+    n, pts = 40, simplex_lattice(3, 0.25)
+    emb = prompts_of(np.arange(n) % 2, rng)
+    agg = true_score(pts, np.zeros(n, int)) + rng.normal(0, 0.3, (n, len(pts)))
+    data = RouterData(NAMES, NAMES, [Block([f"p{i}" for i in range(n)], pts, np.repeat(agg.T[:, None, :, None], 3, 3))])
+    given = np.array([0.5, 0.25, 0.25])
+    r = fit_router(data, [emb], EQUAL, method="auto", seed=0, global_weights=given)
+    cv = r.info["cv"]
+    assert cv["global"] > max(cv["knn"], cv["ridge"]) and r.method == "global"
+    w, _ = r.predict(prompts_of(np.arange(6) % 2, rng))
+    assert np.array_equal(w, np.repeat(given[None], 6, axis=0))
+    assert fit_router(data, [emb], EQUAL, method="ridge", seed=0).method == "ridge"  # asked for: kept
+
+
 def test_a_far_prompt_falls_back_to_the_global_weights() -> None:
     data, emb, _ = synthetic()
     given = np.array([0.2, 0.3, 0.5])
@@ -119,23 +163,24 @@ def test_store_roundtrip_and_refusals(tmp_path: Path) -> None:
         load_router(tmp_path, ids | {"empathy": "other"})
     meta_path = tmp_path / "router.json"
     meta_path.write_text(json.dumps(json.loads(meta_path.read_text()) | {"version": ROUTER_VERSION + 1}))
-    with pytest.raises(EmorlError, match="router file version 2 is not one this emorl reads"):
+    with pytest.raises(EmorlError, match=f"router file version {ROUTER_VERSION + 1} is not one this emorl reads"):
         load_router(tmp_path, ids)
 
 
 def test_data_roundtrip_and_search_rows(tmp_path: Path) -> None:
     data, _, _ = synthetic(n=4)
-    save_data(tmp_path, RouterData(data.names, data.objectives, data.blocks, {"version": 1, "split": "train"}))
+    save_data(tmp_path, RouterData(data.names, data.objectives, data.blocks, {"version": DATA_VERSION,
+                                                                                "split": "train"}))
     back = load_data(tmp_path)
     assert back.lattice.prompts == data.lattice.prompts and np.allclose(back.lattice.scores, data.lattice.scores)
     log = tmp_path / "search" / "hidden" / "points.jsonl"
     log.parent.mkdir(parents=True)
-    rows = [{"kind": "header", "names": NAMES, "prompts": ["a", "b"]},
+    rows = [{"kind": "header", "names": NAMES, "prompts": ["a", "b"], "anchor": "base"},
             {"weights": [2, 0, 0], "per_prompt": {o: [0.1, 0.9] for o in NAMES}},
             {"weights": [0, 1, 1]}]  # a row without per-prompt scores is skipped
     log.write_text("".join(json.dumps(r) + "\n" for r in rows))
     blk = search_block(tmp_path, "hidden", NAMES, NAMES)
-    assert blk.prompts == ["a", "b"] and blk.points.tolist() == [[1.0, 0.0, 0.0]]
+    assert blk.prompts == ["a", "b"] and blk.points.tolist() == [[2.0, 0.0, 0.0]]  # anchored: the scale is kept
     assert blk.scores.shape == (1, 1, 2, 3) and np.allclose(blk.aggregate(EQUAL), [[0.1], [0.9]])
 
 
@@ -202,8 +247,8 @@ def test_tiny_end_to_end_route_generate_auto_and_evaluate(tiny_run: Path, tmp_pa
 
     cfg = load_run_config(tiny_run)
     router, meta = fit_run(tiny_run, cfg)
-    assert meta["fit"]["data"] == {"points": 3, "prompts": 6, "seeds": 1, "decode_s": meta["fit"]["data"]["decode_s"],
-                                   "blocks": ["lattice"]}
+    assert meta["fit"]["data"] == {"points": 9, "prompts": 6, "seeds": 1, "decode_s": meta["fit"]["data"]["decode_s"],
+                                   "blocks": ["lattice"]}  # {0, w_max/2, w_max}^2
     assert (tiny_run / "router" / "data.safetensors").exists() and (tiny_run / "router" / "router.json").exists()
     again, _ = fit_run(tiny_run, cfg)  # data reused, same fit
     assert np.array_equal(again.best, router.best) and again.method == router.method
@@ -213,7 +258,9 @@ def test_tiny_end_to_end_route_generate_auto_and_evaluate(tiny_run: Path, tmp_pa
                  "--prompt", "My cat is sick.", "--max-new-tokens", "4", "--output", str(out)]) == 0
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(recs) == 2 and all(set(r["weights"]) == {"short", "long"} for r in recs)
-    assert all(r["router"] in ("routed", "fallback") and abs(sum(r["weights"].values()) - 1) < 1e-9 for r in recs)
+    box = box_lattice(2, 0.5, cfg.search.w_max).tolist()  # anchored weights: points of the box, or means of them
+    assert all(r["router"] in ("routed", "fallback") and max(r["weights"].values()) <= cfg.search.w_max for r in recs)
+    assert all(list(r["weights"].values()) in box for r in recs if r["router"] == "fallback")
 
     res = evaluate_run(tiny_run, cfg, ["emorl-routed"], progress=False)
     assert res["methods"]["emorl-routed"]["kind"] == "routed"
@@ -234,7 +281,7 @@ def test_tiny_end_to_end_route_generate_auto_and_evaluate(tiny_run: Path, tmp_pa
     r = rep["results"]["mean_reward"]
     # no search in this run: the global vector is the lattice point best on average over the training prompts
     assert rep["global_weights"] == router.global_weights.tolist() and rep["global_source"] != "search"
-    assert router.global_weights.tolist() in simplex_lattice(2, 0.5).tolist()
+    assert router.global_weights.tolist() in box_lattice(2, 0.5, cfg.search.w_max).tolist()
     assert r["oracle"]["mean"] >= max(r["global"]["mean"], r["uniform"]["mean"]) - 1e-12
     assert rep["pairs"] == 3 and len(rep["weights"]) == 3 and (tiny_run / "router" / "compare.json").exists()
 
@@ -250,6 +297,49 @@ def test_tiny_end_to_end_route_generate_auto_and_evaluate(tiny_run: Path, tmp_pa
     with pytest.raises(EmorlError, match="fitted on other adapters"):
         main(["--verbose", "generate", "--run", str(tiny_run), "--weights", "auto", "--prompt", "Hi there."])
     mp.write_text(json.dumps(m))
+
+
+def test_tiny_router_on_the_anchored_rule_falls_back_to_the_anchored_emorl_weights(tiny_run: Path,
+                                                                                  tmp_path: Path) -> None:
+    """With an anchored search's best point (not summing to 1), the router's data holds the whole box lattice plus
+    that point, decoded by the anchored rule (equal to decoding the points with anchor="base"); the global weights
+    (the fallback) are that point as found; a far prompt gets them; compare reports router − anchored global."""
+    import shutil
+
+    from emorl.decoding import generation_kwargs
+    from emorl.ensemble import EnsembleModel
+    from emorl.rewards import build_rewards, score
+    from emorl.router.compare import compare_run
+    from emorl.router.run import fit_run
+    from emorl.search.runner import load_run_config
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("router", "eval"))
+    emorl_w = [0.25, 1.0]  # off the lattice, not summing to 1
+    (run / "search" / "hidden").mkdir(parents=True)
+    (run / "search" / "hidden" / "best.json").write_text(json.dumps({"weight_vector": emorl_w, "anchor": "base"}))
+    cfg = load_run_config(run)
+    router, meta = fit_run(run, cfg)
+    data = load_data(run / "router")
+    box = box_lattice(2, 0.5, cfg.search.w_max)
+    assert data.lattice.points.tolist() == [*box.tolist(), emorl_w] and data.meta["anchor"] == "base"
+    assert router.global_weights.tolist() == emorl_w and meta["fit"]["global_source"] == "search"
+    w, far = router.predict(-router.emb[:1])  # no training prompt points that way
+    assert far.tolist() == [True] and w.tolist() == [emorl_w]
+    # the stored scores are those of the anchored decode of every point
+    ens = EnsembleModel.from_run(run)
+    rewards = build_rewards(cfg.objectives, ens.base)
+    res = ens.generate(data.lattice.prompts, data.lattice.points, mode="hidden", seed=cfg.route.seeds[0],
+                       anchor="base", **generation_kwargs(cfg.eval.generation))
+    flat = [t for g in res.all_texts for t in g]
+    for oi, (o, rw) in enumerate(rewards.items()):
+        want = score(rw, data.lattice.prompts * len(data.lattice.points), flat).reshape(len(data.lattice.points), -1)
+        np.testing.assert_allclose(data.lattice.scores[:, 0, :, oi], want, atol=1e-6, err_msg=o)
+    rep = compare_run(run, cfg, prompts=["I lost my job today.", "My cat is sick.", "I feel alone."], seeds=[0, 1],
+                      reps=50, base=ens.base, figure=False)
+    assert rep["rule"] == "base-anchored" and rep["global_weights"] == emorl_w and rep["global_source"] == "search"
+    d = rep["results"]["mean_reward"]["router-global"]
+    assert d["lo"] <= d["mean"] <= d["hi"] and rep["pairs"] == 6
 
 
 def test_route_stage_in_the_plan_only_when_enabled(tmp_path: Path) -> None:

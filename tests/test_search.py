@@ -235,3 +235,44 @@ def test_grid_and_random_baselines():
     h = Peak(u)
     hierarchical_search(h, 2, 5, progress=False)
     assert len(h.seen) == expected_evaluations(2, 5) < len(f.seen)
+
+
+class _LovesEmpty:
+    """A user reward that scores an empty reply 1, above any text (0.9 × the share of adapter 0's word)."""
+
+    name = "loves-empty"
+
+    def __call__(self, prompts, replies):
+        return np.array([1.0 if not r else 0.9 * r.split().count("a") / len(r.split()) for r in replies])
+
+
+class _WordEnsemble:
+    """An 'ensemble' whose reply to every prompt is 10 words, adapter i's word in proportion to w_i / Σw (a convex
+    mix: it depends on the direction only)."""
+
+    names = ["x", "y", "z"]
+
+    def generate(self, prompts, weights, **kw):
+        out = []
+        for w in np.asarray(weights, float):
+            assert w.sum() > 0, "the all-zero point of a convex mix must never be decoded"
+            counts = np.floor(10 * w / w.sum() + 1e-9).astype(int)
+            out.append([" ".join(["a"] * counts[0] + ["b"] * counts[1] + ["c"] * counts[2]) for _ in prompts])
+        return out
+
+
+@pytest.mark.parametrize("seeds", [[0], [0, 1]])
+def test_convex_search_never_returns_the_all_zero_point_even_if_a_reward_loves_empty_replies(seeds):
+    from emorl.config import GenerationConfig
+    from emorl.search.objective import EnsembleObjective
+
+    obj = EnsembleObjective(_WordEnsemble(), ["p1", "p2"], {"e": _LovesEmpty()}, mode="hidden", anchor="none",
+                            generation=GenerationConfig(do_sample=True), seeds=seeds)
+    assert obj.scale_invariant
+    res = hierarchical_search(obj, 3, 3, scale_invariant=True, progress=False)
+    assert any(res.weights), "w = 0 has no direction: a convex search must not return it"
+    assert res.weights[0] > 0 and res.weights[1] == res.weights[2] == 0  # the best real direction: all adapter 0
+    assert res.aggregate == pytest.approx(0.9)
+    # called directly with the zero point (other search methods), it is never a candidate either
+    scores = obj(np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]))
+    assert scores[0].aggregate == -np.inf and scores[1].aggregate == pytest.approx(0.9)

@@ -67,7 +67,9 @@ def test_end_to_end_writes_log_best_and_plots(run_dir, ensemble):
     assert header["names"] == ["reflection", "empathy", "fluency"] and len(header["adapters"]) == 3
     assert len(points) == res.n_unique == expected_evaluations(3, 2)
     assert {"weights", "aggregate", "scores", "round", "time"} <= set(points[0])
-    assert set(points[0]["scores"]) == {"reflection", "empathy", "fluency"}
+    zero = [p for p in points if not any(p["weights"])]  # no direction: never a candidate, nothing decoded
+    assert len(zero) == 1 and zero[0]["aggregate"] is None and zero[0]["source"] == "degenerate"  # None: -inf
+    assert all(set(p["scores"]) == {"reflection", "empathy", "fluency"} for p in points if any(p["weights"]))
     # per-prompt scores in the header's prompt order (3 search prompts)
     assert len(header["prompt_list"]) == 3 and header["seeds"] == [0]
     assert all(len(p["per_prompt"][o]) == 3 for p in points if p["source"] == "decoded" for o in p["scores"])

@@ -1,9 +1,21 @@
 """Paired bootstrap, Pareto fronts, hypervolume and dominance, against values computed by hand."""
 
+import json
+
 import numpy as np
 import pytest
 
-from emorl.stats import bootstrap_ci, dominance, dominates, hypervolume, hypervolume_ci, paired_difference, pareto_front
+from emorl.evaluate_stats import add_confidence
+from emorl.stats import (
+    bootstrap_ci,
+    dominance,
+    dominates,
+    hypervolume,
+    hypervolume_ci,
+    hypervolume_difference,
+    paired_difference,
+    pareto_front,
+)
 
 
 def test_bootstrap_ci_hand_checkable():
@@ -12,6 +24,55 @@ def test_bootstrap_ci_hand_checkable():
     assert bootstrap_ci([0, 0, 0, 4], resamples=20000, seed=1) == [0.0, 3.0]
     # [0, 1, 2]: P(mean=0) = P(mean=2) = 1/27 > 0.025, so the CI is the whole range [0, 2]
     assert bootstrap_ci([0, 1, 2], resamples=20000, seed=1) == [0.0, 2.0]
+
+
+def test_cluster_bootstrap_resamples_prompts_with_all_their_seeds():
+    # two seeds of the prompts [0, 0, 0, 4] (units in (seed, prompt) order; the prompt that scores 4 does so in both
+    # seeds): a resample draws 4 prompts and its mean is the number c of 4-prompts drawn, c ~ Binomial(4, 1/4), so
+    # the CI is [0, 3] as for one seed (test above); as 8 independent units, the mean is c'/2 with c' ~ Binomial(8,
+    # 1/4): P(c' <= 4) = 0.973 < 0.975 <= P(c' <= 5) = 0.996, so the too-narrow unit CI is [0, 2.5].
+    v = [0, 0, 0, 4, 0, 0, 0, 4]
+    prompts = [0, 1, 2, 3, 0, 1, 2, 3]
+    assert bootstrap_ci(v, clusters=prompts, resamples=20000, seed=1) == [0.0, 3.0]
+    assert bootstrap_ci(v, resamples=20000, seed=1) == [0.0, 2.5]
+    # the same draws as the one-seed bootstrap over the prompts' means
+    assert bootstrap_ci(v, clusters=prompts, seed=5) == bootstrap_ci([0, 0, 0, 4], seed=5)
+    d = paired_difference(v, np.zeros(8), clusters=prompts, resamples=20000, seed=1)
+    assert d["ci95"] == [0.0, 3.0] and not d["resolved"]
+    with pytest.raises(ValueError, match="one id per unit"):
+        bootstrap_ci(v, clusters=prompts[:4])
+
+
+def test_cluster_bootstrap_with_one_seed_is_todays_unit_bootstrap():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=30), rng.normal(size=30)
+    one_seed = np.arange(30)  # every prompt its own cluster
+    assert bootstrap_ci(a, clusters=one_seed, seed=2) == bootstrap_ci(a, seed=2)
+    assert paired_difference(a, b, clusters=one_seed, seed=2) == paired_difference(a, b, seed=2)
+    s, t, r = rng.random((4, 12, 2)), rng.random((4, 12, 2)), rng.random((12, 2)) * 0.2
+    assert hypervolume_ci(s, r, clusters=np.arange(12), resamples=50) == hypervolume_ci(s, r, resamples=50)
+    assert hypervolume_difference(s, t, r, clusters=np.arange(12), resamples=50) == \
+        hypervolume_difference(s, t, r, resamples=50)
+    # unequal cluster sizes: the mean over each resample's units
+    assert bootstrap_ci([1.0, 1.0, 1.0, 5.0], clusters=["x", "x", "x", "y"], resamples=200) == [1.0, 5.0]
+
+
+def test_evaluation_differences_resample_prompts(tmp_path):
+    """add_confidence on two seeds of 4 prompts: EMORL scores 1 on the last prompt in both seeds, Uniform 0 everywhere;
+    the difference's CI resamples prompts: c/4 with c ~ Binomial(4, 1/4) -> [0, 0.75] (P(c <= 2) = 0.949)."""
+    replies = tmp_path / "eval" / "replies"
+    replies.mkdir(parents=True)
+    for name, last in (("emorl", 1.0), ("uniform", 0.0)):
+        rows = [{"seed": s, "prompt": f"p{i}", "reply": "r", "tokens": 3, "scores": {"a": last if i == 3 else 0.0}}
+                for s in (7, 8) for i in range(4)]
+        (replies / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"mean_reward": {"mean": 0.0}}
+    results = {"objectives": ["a"], "prompts": 4, "seeds": [7, 8],
+               "methods": {n: {"label": n, "summary": json.loads(json.dumps(summary))} for n in ("emorl", "uniform")}}
+    out = add_confidence(tmp_path, results)
+    d = out["methods"]["emorl"]["differences"]["uniform"]["mean_reward"]
+    assert d["mean"] == pytest.approx(0.25) and d["ci95"] == [0.0, 0.75]
+    assert out["bootstrap"]["resampled"] == "prompts"
 
 
 def test_bootstrap_is_seeded():

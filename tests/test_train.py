@@ -463,15 +463,17 @@ def test_gdpo_advantages_on_a_hand_made_batch():
     adv = gdpo_advantages(r, 3, eps=0.0 + 1e-12)
     # prompt 1, reward 1: mean 1, unbiased std sqrt((1+1+4)/2) = sqrt(3) -> (-1, -1, 2)/sqrt(3)
     #           reward 2: mean 2, std 1 -> (-1, 0, 1); summed:
+    # prompt 2: no spread, no signal (eps keeps it finite): 0; then the six sums are z-scored over the batch
     s3 = 3 ** 0.5
-    assert adv[:3].tolist() == pytest.approx([-1 / s3 - 1, -1 / s3, 2 / s3 + 1], abs=1e-6)
-    assert adv[3:].tolist() == pytest.approx([0.0, 0.0, 0.0])  # no spread: no signal (eps keeps it finite)
+    summed = np.array([-1 / s3 - 1, -1 / s3, 2 / s3 + 1, 0.0, 0.0, 0.0])
+    assert adv.tolist() == pytest.approx(((summed - summed.mean()) / summed.std(ddof=1)).tolist(), abs=1e-6)
     # scale-free per reward: multiplying one reward by 100 changes nothing, unlike k-SCST on the sum
     r2 = r.clone()
     r2[:, 1] *= 100
     assert gdpo_advantages(r2, 3).tolist() == pytest.approx(gdpo_advantages(r, 3).tolist(), abs=1e-3)
+    a = 1 / (2 ** 0.5 + 1e-4)  # the summed z-scores ±a, then over the batch: ±a / (unbiased std a·√2 + 1e-4)
     assert gdpo_advantages(torch.tensor([[1.0, 0.0], [3.0, 0.0]]), 2).tolist() == pytest.approx(
-        [-1 / (2 ** 0.5 + 1e-4), 1 / (2 ** 0.5 + 1e-4)])
+        [-a / (a * 2 ** 0.5 + 1e-4), a / (a * 2 ** 0.5 + 1e-4)])
 
 
 def test_gdpo_trainer_uses_per_reward_advantages(tmp_path):
@@ -491,8 +493,10 @@ def test_gdpo_trainer_uses_per_reward_advantages(tmp_path):
     for g in (logs[:2], logs[2:]):  # per prompt, per reward: (r - mean) / (unbiased std + 1e-4), summed
         z = (g - g.mean(0)) / (g.std(0, ddof=1) + 1e-4)
         want += z.sum(1).tolist()
-    assert adv.tolist() == pytest.approx(want, rel=1e-5, abs=1e-5)
-    assert adv.tolist() == pytest.approx([2 ** 0.5, -(2 ** 0.5)] * 2, rel=1e-3)  # k = 2: each reward +-1/sqrt(2)
+    want = (np.array(want) - np.mean(want)) / (np.std(want, ddof=1) + 1e-4)  # then over the batch
+    assert adv.tolist() == pytest.approx(want.tolist(), rel=1e-5, abs=1e-5)
+    # k = 2: each reward ±1/√2, summed ±√2; over the batch (unbiased std √(8/3)): ±√(3)/2
+    assert adv.tolist() == pytest.approx([3 ** 0.5 / 2, -(3 ** 0.5) / 2] * 2, rel=1e-3)
 
 
 def test_baselines_train_the_same_together_or_alone(tmp_path):

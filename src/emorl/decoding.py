@@ -76,12 +76,12 @@ def groups(weights: np.ndarray, decimals: int = 9) -> list[tuple[np.ndarray, lis
 
 
 def decode_routed(ens: Any, prompts: list[str], weights: Any, *, mode: str = "hidden", seed: int = 0,
-                  anchor: str = "none", **gen: Any) -> tuple[list[str], list[int]]:
+                  anchor: str = "base", **gen: Any) -> tuple[list[str], list[int]]:
     """Replies and token counts, in prompt order, each prompt decoded with its own row of ``weights`` (B×K).
 
     Prompts that share their row are decoded together in one ``generate``, so a group's replies are exactly what
     ``generate`` gives for those prompts and that point (sampling draws its uniforms by a prompt's position in the
-    call: within its group). A router's rows lie on the simplex, where the convex and base-anchored rules agree."""
+    call: within its group). The router's rule is base-anchored: its points lie in the anchored search's box."""
     weights = np.asarray(weights, dtype=np.float64)
     if weights.shape != (len(prompts), ens.k):
         raise EmorlError(f"per-prompt weights: expected shape ({len(prompts)}, {ens.k}), got {weights.shape}")

@@ -129,8 +129,9 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
             results["methods"][s.name] = old_methods[s.name]
     order = [s.name for s in specs]
     if keep_others and old.get("prompts_sha256") == results["prompts_sha256"] and old.get("seeds") == seeds:
-        order += [m for m in old_methods if m not in order]
-        results["methods"].update({m: old_methods[m] for m in order if m not in results["methods"]})
+        others = [m for m in old_methods if m not in order]  # a method new in `order` has no old result
+        order += others
+        results["methods"].update({m: old_methods[m] for m in others})
     if todo:
         if base is None:
             from emorl.models import load_base

@@ -1,10 +1,11 @@
 """Confidence intervals of an evaluation: every per-reply metric's 95% CI and each method's paired difference to
-EMORL and to Uniform Weighted, from a bootstrap over (prompt, seed) units.
+EMORL and to Uniform Weighted, from a bootstrap that resamples prompts (each with all its seeds).
 
 Every method is decoded on the same prompts with the same seeds (``RUN/eval/replies/<method>.jsonl``, one row per
 reply), so the unit (seed, position of the prompt) is shared and the comparison is paired: a resample draws the same
-units for every method. Corpus-level metrics (Diversity-2) have no per-reply value and keep their mean ± std over
-seeds only.
+prompts for every method. A prompt's seeds are correlated, so they are resampled together (a cluster bootstrap;
+with one seed it is the plain bootstrap over prompts). Corpus-level metrics (Diversity-2) have no per-reply value
+and keep their mean ± std over seeds only.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def add_confidence(run: Path, results: dict[str, Any], *, resamples: int = RESAM
              for name, m in results["methods"].items()}  # a method decoded once for two names: its twin's replies
     n_units = {name: len(u["mean_reward"]) for name, u in units.items() if u is not None}
     expected = results["prompts"] * len(results["seeds"])
+    prompts = np.tile(np.arange(results["prompts"]), len(results["seeds"]))  # the cluster of each (seed, prompt) unit
     for name, m in results["methods"].items():
         u = units[name]
         m.pop("differences", None)
@@ -54,7 +56,8 @@ def add_confidence(run: Path, results: dict[str, Any], *, resamples: int = RESAM
             continue
         for metric, values in u.items():
             if metric in m["summary"] and np.all(np.isfinite(values)):
-                m["summary"][metric]["ci95"] = bootstrap_ci(values, resamples=resamples, seed=seed)
+                m["summary"][metric]["ci95"] = bootstrap_ci(values, clusters=prompts, resamples=resamples,
+                                                            seed=seed)
     for name, m in results["methods"].items():
         if units[name] is None:
             continue
@@ -62,13 +65,14 @@ def add_confidence(run: Path, results: dict[str, Any], *, resamples: int = RESAM
         for ref in REFERENCES:
             if ref == name or units.get(ref) is None:
                 continue
-            diffs[ref] = {metric: paired_difference(units[name][metric], units[ref][metric], resamples=resamples,
-                                                    seed=seed)
+            diffs[ref] = {metric: paired_difference(units[name][metric], units[ref][metric], clusters=prompts,
+                                                    resamples=resamples, seed=seed)
                           for metric in ["mean_reward", *(f"score/{o}" for o in objectives)]}
         if diffs:
             m["differences"] = diffs
     results["bootstrap"] = {"units": "(prompt, seed)", "n_units": expected, "resamples": resamples, "seed": seed,
-                            "level": 0.95, "interval": "percentile", "paired": True}
+                            "level": 0.95, "interval": "percentile", "paired": True, "resampled": "prompts",
+                            "clusters": results["prompts"]}
     return results
 
 

@@ -1,9 +1,12 @@
 """Statistics of a comparison: paired bootstrap confidence intervals, Pareto fronts, hypervolume, dominance.
 
 Every method is decoded on the same prompts with the same seeds, so a per-reply score is indexed by a *unit*
-(prompt, seed) shared by all methods. The bootstrap resamples units with replacement, and a difference between
-two methods resamples the same units for both (paired), which removes the prompt-to-prompt variance that both
-share. All resampling is seeded (``numpy.random.default_rng(seed)``), so a CI is reproducible.
+(prompt, seed) shared by all methods. The bootstrap resamples *prompts* with replacement, each with all its seeds
+(a cluster bootstrap: ``clusters`` gives each unit's prompt; the units of one prompt are correlated, so resampling
+them as independent gives too narrow a CI), and a difference between two methods resamples the same prompts for
+both (paired), which removes the prompt-to-prompt variance that both share. With one seed per prompt (or no
+``clusters``) every unit is its own cluster and the draws are those of a plain unit bootstrap. All resampling is
+seeded (``numpy.random.default_rng(seed)``), so a CI is reproducible.
 
 Fronts are for maximisation: a point p dominates q when p ≥ q in every objective and p > q in one. The
 hypervolume of a point set against a reference point r is the volume of the union of the boxes [r, p] (points
@@ -24,11 +27,46 @@ RESAMPLES = 2000
 
 # ------------------------------------------------------------------------------------------- bootstrap
 
+Clusters = Sequence[Any] | np.ndarray | None  # one cluster id (the prompt) per unit; None: every unit its own
+
+
 def _indices(n: int, resamples: int, seed: int) -> np.ndarray:
-    """(resamples, n) unit indices drawn with replacement; the same seed gives the same draws for every method."""
+    """(resamples, n) indices drawn with replacement; the same seed gives the same draws for every method."""
     if n < 1:
         raise ValueError("the bootstrap needs at least one unit")
     return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def cluster_members(n: int, clusters: Clusters) -> list[np.ndarray]:
+    """The unit indices of each cluster, clusters in order of first appearance (units in order within one)."""
+    if clusters is None:
+        return [np.array([i]) for i in range(n)]
+    ids = np.asarray(clusters).ravel().tolist()
+    if len(ids) != n:
+        raise ValueError(f"clusters: one id per unit needed, got {len(ids)} for {n} units")
+    members: dict[Any, list[int]] = {}
+    for i, c in enumerate(ids):
+        members.setdefault(c, []).append(i)
+    return [np.array(m) for m in members.values()]
+
+
+def draws(n: int, resamples: int, seed: int, clusters: Clusters = None) -> np.ndarray | list[np.ndarray]:
+    """The unit indices of every resample: clusters drawn with replacement, each bringing all its units.
+
+    Equal-sized clusters (every prompt with the same seeds) give one (resamples, units) array; with singleton
+    clusters it is exactly :func:`_indices`'s draw. Unequal sizes give a list of index arrays."""
+    groups = cluster_members(n, clusters)
+    idx = _indices(len(groups), resamples, seed)
+    if len({len(g) for g in groups}) == 1:
+        return np.stack(groups)[idx].reshape(resamples, -1)
+    return [np.concatenate([groups[c] for c in row]) for row in idx]
+
+
+def resampled_means(values: np.ndarray, picks: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """The mean of ``values`` (…, units) over each resample's units -> (…, resamples)."""
+    if isinstance(picks, np.ndarray):
+        return values[..., picks].mean(axis=-1)
+    return np.stack([values[..., p].mean(axis=-1) for p in picks], axis=-1)
 
 
 def _interval(stats: np.ndarray, level: float) -> list[float]:
@@ -37,31 +75,29 @@ def _interval(stats: np.ndarray, level: float) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def bootstrap_ci(values: Sequence[float] | np.ndarray, *, resamples: int = RESAMPLES, seed: int = 0,
-                 level: float = LEVEL) -> list[float]:
-    """Percentile CI of the mean of per-unit ``values`` (one per (prompt, seed) unit)."""
+def bootstrap_ci(values: Sequence[float] | np.ndarray, *, clusters: Clusters = None, resamples: int = RESAMPLES,
+                 seed: int = 0, level: float = LEVEL) -> list[float]:
+    """Percentile CI of the mean of per-unit ``values`` (one per (prompt, seed) unit), resampling ``clusters``."""
     v = np.asarray(values, dtype=float)
-    idx = _indices(v.size, resamples, seed)
-    return _interval(v[idx].mean(axis=1), level)
+    return _interval(resampled_means(v, draws(v.size, resamples, seed, clusters)), level)
 
 
-def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *,
+def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, *, clusters: Clusters = None,
                       resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict[str, Any]:
     """mean(a) − mean(b) with its paired-bootstrap CI: ``a[i]`` and ``b[i]`` are the same unit, and each
-    resample draws the same units for both. ``resolved`` is true when the CI excludes 0."""
+    resample draws the same clusters (prompts) for both. ``resolved`` is true when the CI excludes 0."""
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if x.shape != y.shape:
         raise ValueError(f"paired values need the same units: {x.shape} vs {y.shape}")
     d = x - y
-    lo, hi = _interval(d[_indices(d.size, resamples, seed)].mean(axis=1), level)
+    lo, hi = _interval(resampled_means(d, draws(d.size, resamples, seed, clusters)), level)
     return {"mean": float(d.mean()), "ci95": [lo, hi], "resolved": bool(lo > 0 or hi < 0)}
 
 
-def bootstrap_statistic(units: int, statistic: Callable[[np.ndarray], float], *, resamples: int = RESAMPLES,
-                        seed: int = 0, level: float = LEVEL) -> list[float]:
+def bootstrap_statistic(units: int, statistic: Callable[[np.ndarray], float], *, clusters: Clusters = None,
+                        resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> list[float]:
     """Percentile CI of any ``statistic(unit_indices)`` (e.g. a hypervolume recomputed on resampled prompts)."""
-    idx = _indices(units, resamples, seed)
-    return _interval(np.array([statistic(i) for i in idx]), level)
+    return _interval(np.array([statistic(i) for i in draws(units, resamples, seed, clusters)]), level)
 
 
 # ------------------------------------------------------------------------------------------- fronts
@@ -125,8 +161,8 @@ def dominance(front: Sequence[Sequence[float]] | np.ndarray, point: Sequence[flo
     return {"verdict": verdict, "dominated_by": by, "dominates": over}
 
 
-def hypervolume_ci(unit_scores: np.ndarray, ref_units: np.ndarray | Sequence[float], *, resamples: int = 500,
-                   seed: int = 0, level: float = LEVEL) -> dict[str, Any]:
+def hypervolume_ci(unit_scores: np.ndarray, ref_units: np.ndarray | Sequence[float], *, clusters: Clusters = None,
+                   resamples: int = 500, seed: int = 0, level: float = LEVEL) -> dict[str, Any]:
     """Hypervolume of a set of points with a bootstrap CI over units.
 
     ``unit_scores`` is (points, units, objectives): every point's per-unit scores on the same units. ``ref_units``
@@ -141,12 +177,13 @@ def hypervolume_ci(unit_scores: np.ndarray, ref_units: np.ndarray | Sequence[flo
         return hypervolume(s[:, idx].mean(axis=1), ref)
 
     full = np.arange(s.shape[1])
-    return {"hypervolume": hv(full), "ci95": bootstrap_statistic(s.shape[1], hv, resamples=resamples, seed=seed,
-                                                                 level=level)}
+    return {"hypervolume": hv(full), "ci95": bootstrap_statistic(s.shape[1], hv, clusters=clusters,
+                                                                 resamples=resamples, seed=seed, level=level)}
 
 
 def hypervolume_difference(units_a: np.ndarray, units_b: np.ndarray, ref_units: np.ndarray | Sequence[float], *,
-                           resamples: int = 500, seed: int = 0, level: float = LEVEL) -> dict[str, Any]:
+                           clusters: Clusters = None, resamples: int = 500, seed: int = 0,
+                           level: float = LEVEL) -> dict[str, Any]:
     """HV(a) − HV(b) of two point sets scored on the same units, with a paired bootstrap CI: each resample draws the
     same units for both sets (and for a per-unit reference). ``resolved``: the CI excludes 0."""
     a, b = np.asarray(units_a, dtype=float), np.asarray(units_b, dtype=float)
@@ -158,5 +195,5 @@ def hypervolume_difference(units_a: np.ndarray, units_b: np.ndarray, ref_units: 
         ref = r[idx].mean(axis=0) if r.ndim == 2 else r
         return hypervolume(a[:, idx].mean(axis=1), ref) - hypervolume(b[:, idx].mean(axis=1), ref)
 
-    lo, hi = bootstrap_statistic(a.shape[1], diff, resamples=resamples, seed=seed, level=level)
+    lo, hi = bootstrap_statistic(a.shape[1], diff, clusters=clusters, resamples=resamples, seed=seed, level=level)
     return {"mean": diff(np.arange(a.shape[1])), "ci95": [lo, hi], "resolved": bool(lo > 0 or hi < 0)}

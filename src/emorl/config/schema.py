@@ -239,7 +239,8 @@ class RouteConfig:
     split: Literal["train", "validation"] = _f("train", "Prompts the router's data is decoded on (never the test "
                                                         "split).")
     prompts: int | None = _f(32, "Use at most this many prompts of that split (null = all).")
-    step: float = _f(0.25, "Lattice step on the weight simplex (1/step must be an integer).")
+    step: float = _f(0.5, "Lattice step per weight axis, as a fraction of search.w_max (1/step must be an integer): "
+                          "the base-anchored points {0, step, ..., 1}^K · w_max.")
     seeds: list[int] = _f([0], "Decoding seeds of the router's data (eval.generation's settings).")
     use_search: bool = _f(True, "Add the search's best point to the lattice, and the search log's per-prompt rows "
                                 "to the data where they exist.")

@@ -7,7 +7,8 @@ added up, a mix would score what its weights predict from those single moves:
 - convex mix (``Σ w_k h_k / Σ w``, the parameter average): ``Σ (w_k / Σ w) single_k``.
 
 The prediction is formed per (prompt, seed) unit, so ``actual − predicted`` is a paired difference with a bootstrap CI
-over units. A point resolved above its prediction gains from mixing; one below loses (interference).
+that resamples prompts (each with all its seeds).
+A point resolved above its prediction gains from mixing; one below loses (interference).
 
 **Edge sweep.** Between two adapters, ``(t, 1 − t)`` for t = 0, 0.1, ..., 1, decoded by log-linear pooling (``hidden``:
 mixed hidden states, i.e. mixed logits) and by linear pooling (``probs``: mixed next-token distributions). Log-linear
@@ -36,17 +37,21 @@ def linear_prediction(points: np.ndarray, singles: np.ndarray, base: np.ndarray,
     return base[None] + np.einsum("pk,kuo->puo", w, singles - base[None])
 
 
-def linear_gaps(actual: np.ndarray, predicted: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """Mean reward (mean over objectives) actual − predicted per point with its paired CI, how many points are
-    resolved above / below, and the average gap over all points with its CI."""
+def linear_gaps(actual: np.ndarray, predicted: np.ndarray, *, resamples: int = 2000, seed: int = 0,
+                clusters: np.ndarray | None = None) -> dict[str, Any]:
+    """Mean reward (mean over objectives) actual − predicted per point with its paired CI (resampling ``clusters``,
+    the units' prompts), how many points are resolved above / below, and the average gap over all points with its
+    CI."""
     a, p = actual.mean(axis=2), predicted.mean(axis=2)  # (points, units): mean reward per unit
-    per_point = [paired_difference(a[i], p[i], resamples=resamples, seed=seed) for i in range(a.shape[0])]
+    per_point = [paired_difference(a[i], p[i], clusters=clusters, resamples=resamples, seed=seed)
+                 for i in range(a.shape[0])]
     gap = (a - p).mean(axis=0)  # per unit, averaged over points
     return {"points": len(per_point),
             "above": sum(d["resolved"] and d["mean"] > 0 for d in per_point),
             "below": sum(d["resolved"] and d["mean"] < 0 for d in per_point),
             "unresolved": sum(not d["resolved"] for d in per_point),
-            "mean_gap": float(gap.mean()), "mean_gap_ci95": bootstrap_ci(gap, resamples=resamples, seed=seed),
+            "mean_gap": float(gap.mean()), "mean_gap_ci95": bootstrap_ci(gap, clusters=clusters, resamples=resamples,
+                                                                            seed=seed),
             "per_point": [{"gap": d["mean"], "ci95": d["ci95"]} for d in per_point]}
 
 
@@ -58,7 +63,8 @@ def sweep_points(k: int, pair: tuple[int, int]) -> np.ndarray:
     return pts
 
 
-def sweep_dip(units: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+def sweep_dip(units: np.ndarray, *, resamples: int = 2000, seed: int = 0,
+              clusters: np.ndarray | None = None) -> dict[str, Any]:
     """For one pool's sweep ((11, units, objectives) scores, ends first and last): the mean reward along it, and the
     interior point furthest below the lower end, with the paired difference (interior − lower end) and its CI.
     ``dip`` is true when that difference is resolved below 0 (below the lower end is below both ends)."""
@@ -66,6 +72,6 @@ def sweep_dip(units: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> dic
     curve = mr.mean(axis=1)
     lower_end = 0 if curve[0] <= curve[-1] else len(curve) - 1
     i = 1 + int(np.argmin(curve[1:-1]))
-    d = paired_difference(mr[i], mr[lower_end], resamples=resamples, seed=seed)
+    d = paired_difference(mr[i], mr[lower_end], clusters=clusters, resamples=resamples, seed=seed)
     return {"mean_reward": [float(x) for x in curve], "lowest_interior": i, "lower_end": lower_end,
             "interior_minus_lower_end": d, "dip": bool(d["resolved"] and d["mean"] < 0)}

@@ -171,7 +171,8 @@ def front_run(run_dir: str | Path, cfg: RunConfig | None = None, *, base: Any = 
     fronts = {e: p["cached"] for e, p in plans.items() if not e.startswith("sweep-")}
     one_policy = {m: _method_units(run, results, m, all_prompts, all_seeds, cfg)
                   for m, v in results["methods"].items() if v.get("kind") == "adapter"}
-    analysis = analyse(results, fronts, ref_units, names, objectives, resamples=fc.resamples,
+    clusters = np.tile(np.arange(len(prompts)), len(seeds))  # units are (seed, prompt): resample prompts
+    analysis = analyse(results, fronts, ref_units, names, objectives, resamples=fc.resamples, clusters=clusters,
                        one_policy_units={m: u for m, u in one_policy.items() if u is not None})
     analysis.update({"environment": {e: p["cached"].get("environment") for e, p in plans.items()},
                      "version": FRONT_VERSION, "split": results["split"], "prompts": len(prompts), "seeds": seeds,
@@ -182,14 +183,14 @@ def front_run(run_dir: str | Path, cfg: RunConfig | None = None, *, base: Any = 
             analysis["linear"] = {"skipped": "needs every adapter alone in the evaluation (`singles` in "
                                              "eval.methods)"}
         else:
-            analysis["linear"] = linear_analysis(fronts, np.stack(singles), ref_units, objectives)
+            analysis["linear"] = linear_analysis(fronts, np.stack(singles), ref_units, objectives, clusters)
     if fc.sweep:
         from emorl.front.linear import sweep_dip
 
         analysis["sweep"] = {"pair": list(fc.sweep), "t": [round(x, 1) for x in np.linspace(0, 1, 11)],
                              "what": "t is the weight of the first adapter, 1 - t of the second (sum 1)",
-                             "pools": {m: sweep_dip(_point_units(plans[f"sweep-{m}"]["cached"], objectives))
-                                       for m in dict.fromkeys(fc.sweep_modes)}}
+                             "pools": {m: sweep_dip(_point_units(plans[f"sweep-{m}"]["cached"], objectives),
+                                                    clusters=clusters) for m in dict.fromkeys(fc.sweep_modes)}}
     analysis["statements"] += _extra_statements(analysis)
     if plot:
         from emorl.front.plots import plot_fronts
@@ -229,7 +230,7 @@ def _point_units(data: dict[str, Any], objectives: list[str]) -> np.ndarray:
 
 
 def linear_analysis(fronts: dict[str, dict[str, Any]], singles: np.ndarray, ref_units: np.ndarray,
-                    objectives: list[str]) -> dict[str, Any]:
+                    objectives: list[str], clusters: np.ndarray | None = None) -> dict[str, Any]:
     """Per mode: every lattice point's mean reward against the linear prediction from the adapters alone."""
     from emorl.front.linear import linear_gaps, linear_prediction
 
@@ -237,7 +238,7 @@ def linear_analysis(fronts: dict[str, dict[str, Any]], singles: np.ndarray, ref_
     for entry, data in fronts.items():
         pts = np.array([[r["weights"][n] for n in data["names"]] for r in data["points"]])
         pred = linear_prediction(pts, singles, ref_units, convex=data["anchor"] == "none")
-        gaps = linear_gaps(_point_units(data, objectives), pred)
+        gaps = linear_gaps(_point_units(data, objectives), pred, clusters=clusters)
         gaps.pop("per_point")
         out[entry] = gaps
     return out
@@ -267,7 +268,7 @@ def _write_points(run: Path, entry: str, p: dict[str, Any], names: list[str], ob
 
 
 def analyse(results: dict[str, Any], modes: dict[str, dict[str, Any]], ref_units: np.ndarray, names: list[str],
-            objectives: list[str], *, resamples: int = 500, seed: int = 0,
+            objectives: list[str], *, resamples: int = 500, seed: int = 0, clusters: np.ndarray | None = None,
             one_policy_units: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Fronts, hypervolumes (CI) and dominance statements from stored points and evaluation results; a one-policy
     method is placed by its mean on the front's units (``one_policy_units``) where given, else by its summary."""
@@ -280,7 +281,7 @@ def analyse(results: dict[str, Any], modes: dict[str, dict[str, Any]], ref_units
         units = _point_units(data, objectives)
         idx = pareto_front(means)
         fronts[entry] = means[idx]
-        hv = hypervolume_ci(units, ref_units, resamples=resamples, seed=seed)
+        hv = hypervolume_ci(units, ref_units, clusters=clusters, resamples=resamples, seed=seed)
         out_modes[entry] = {"mode": data["mode"], "anchor": data["anchor"], "points": len(rows),
                             "front": [{"weights": rows[i]["weights"], "scores": rows[i]["scores"],
                                        "searched": rows[i]["searched"]} for i in idx],
@@ -288,7 +289,7 @@ def analyse(results: dict[str, Any], modes: dict[str, dict[str, Any]], ref_units
     entries = list(modes)
     differences = {f"{x} - {y}": hypervolume_difference(_point_units(modes[x], objectives),
                                                         _point_units(modes[y], objectives), ref_units,
-                                                        resamples=resamples, seed=seed)
+                                                        clusters=clusters, resamples=resamples, seed=seed)
                    for i, x in enumerate(entries) for y in entries[i + 1:]}
     one_policy: dict[str, Any] = {}
     statements: list[str] = []

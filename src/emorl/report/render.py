@@ -286,9 +286,9 @@ def render_markdown(run: Path, s: dict[str, Any], tables: dict[str, tuple[list[s
              "same K single-objective adapters, so they share that cost (sum over the adapters; per-adapter figures "
              "below) and add their own weight search. *Tokens/s* is decoding throughput on this machine; the mixing "
              "methods run all K adapters at every step."
-             + (" Brackets are 95% confidence intervals from a paired bootstrap over (prompt, seed) units "
-                f"({s['bootstrap']['n_units']} units, {s['bootstrap']['resamples']} resamples): every method saw the "
-                "same prompts and random numbers." if s.get("bootstrap") else ""), ""]
+             + (" Brackets are 95% confidence intervals from a paired bootstrap that resamples prompts, each with all "
+                f"its seeds ({s['bootstrap']['n_units']} (prompt, seed) units, {s['bootstrap']['resamples']} "
+                "resamples): every method saw the same prompts and random numbers." if s.get("bootstrap") else ""), ""]
     if "differences" in tables:
         lines += ["### Paired differences", "", markdown(*tables["differences"]), "",
                   "Each cell is the method's score minus the reference's on the same units, with its 95% CI; "

@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run folder with trained adapters (and, ideally, a hidden search)")
     p.add_argument("--method", choices=["auto", "knn", "ridge"], help="default: route.method")
-    p.add_argument("--step", type=float, help="lattice step on the simplex (default: route.step)")
+    p.add_argument("--step", type=float, help="lattice step per axis, a fraction of search.w_max (default: route.step)")
     p.add_argument("--prompts", type=int, help="training prompts (default: route.prompts)")
     p.add_argument("--fresh", action="store_true", help="decode the router's data again even if it is current")
     p.add_argument("--compare", action="store_true", help="then compare on the test split (paired bootstrap)")

@@ -1,11 +1,12 @@
-"""The honest comparison on the test split: router vs the search's global weights vs the uniform mix vs the
-per-prompt oracle (the best lattice point of each test prompt, chosen with the test scores: an upper bound).
+"""The honest comparison on the test split: router vs the anchored search's global weights (the EMORL weights the
+study reports) vs the uniform mix vs the per-prompt oracle (the best lattice point of each test prompt, chosen with
+the test scores: an upper bound). Every method mixes by the base-anchored rule.
 
 Every method is decoded inside the router's groups of prompts (one multi-point ``generate`` per group and seed:
 router, global, uniform and every lattice point), so all methods share their random numbers prompt by prompt.
-Confidence intervals: a paired bootstrap over (prompt, seed) pairs. Writes ``RUN/router/compare.json`` and
-``RUN/router/weights.png`` (the router's weights over the test prompts on the simplex, coloured by prompt
-cluster).
+Confidence intervals: a paired bootstrap that resamples prompts, each with all its seeds. Writes
+``RUN/router/compare.json`` and ``RUN/router/weights.png`` (the router's weights over the test prompts on the
+simplex, coloured by prompt cluster).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from emorl.decoding import groups
-from emorl.router.data import simplex_lattice
+from emorl.router.data import ANCHOR, box_lattice
+from emorl.stats import draws, resampled_means
 from emorl.utils import atomic_write_json
 
 log = logging.getLogger("emorl.route")
@@ -25,12 +27,13 @@ METHODS = ("router", "global", "uniform", "oracle")
 
 
 def paired_bootstrap(values: dict[str, np.ndarray], *, reps: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """Mean and 95% percentile CI of each method and of each difference, resampling the same (prompt, seed) pairs
-    for every method (``values[m]``: one value per pair). Small and private: the lead may swap in metrics'."""
+    """Mean and 95% percentile CI of each method and of each difference, resampling the same prompts for every
+    method, each prompt with all its seeds (``values[m]``: (seeds, prompts), one value per pair)."""
     names = list(values)
-    x = np.stack([np.asarray(values[m], dtype=np.float64).ravel() for m in names])  # (M, N)
-    idx = np.random.default_rng(seed).integers(0, x.shape[1], size=(reps, x.shape[1]))
-    boot = x[:, idx].mean(-1)  # (M, reps)
+    shape = np.shape(values[names[0]])
+    x = np.stack([np.asarray(values[m], dtype=np.float64).ravel() for m in names])  # (M, N), (seed, prompt) order
+    prompts = np.tile(np.arange(shape[-1]), int(np.prod(shape[:-1])))
+    boot = resampled_means(x, draws(x.shape[1], reps, seed, prompts))  # (M, reps)
 
     def ci(row: np.ndarray, point: float) -> dict[str, float]:
         lo, hi = np.percentile(row, [2.5, 97.5])
@@ -65,8 +68,7 @@ def score_table(ens: Any, prompts: list[str], router_w: np.ndarray, extra: np.nd
         pts = np.vstack([w[None], extra])
         sub = [prompts[i] for i in idx]
         for si, seed in enumerate(seeds):
-            res = ens.generate(sub, pts, mode=mode, seed=seed, anchor="none",
-                               **generation_kwargs(gen))
+            res = ens.generate(sub, pts, mode=mode, seed=seed, anchor=ANCHOR, **generation_kwargs(gen))
             flat = [t for g in res.all_texts for t in g]
             for oi, rw in enumerate(rewards.values()):
                 out[:, si, idx, oi] = score(rw, sub * len(pts), flat).reshape(len(pts), len(sub))
@@ -114,12 +116,13 @@ def compare_run(run: str | Path, cfg: Any, *, base: Any = None, rewards: dict[st
     prompts = prompts or eval_prompts(cfg, "test")
     seeds = seeds or decode_seeds(cfg)
     w, far, meta = route(run, ens, prompts)
-    lat = simplex_lattice(len(names), cfg.route.step)
-    glob = np.asarray(meta["global_weights"], dtype=np.float64)  # the search's best, else the best lattice point
+    lat = box_lattice(len(names), cfg.route.step, cfg.search.w_max)
+    glob = np.asarray(meta["global_weights"], dtype=np.float64)  # the anchored search's best, else best lattice pt
     extra = np.vstack([glob[None], np.full((1, len(names)), 1 / len(names)), lat])
     table = score_table(ens, prompts, w, extra, rewards, cfg.eval.generation, seeds, MODE)
     ow = aggregate_weights(list(rewards), cfg.search.objective_weights)
     report = {"split": "test", "prompts": len(prompts), "seeds": seeds, "pairs": len(prompts) * len(seeds),
+              "rule": "base-anchored", "bootstrap": "paired, resampling prompts (each with all its seeds)",
               "router": {"method": meta["method"], "fallback": int(far.sum()), "distinct_weights": len(groups(w))},
               "global_weights": extra[0].tolist(), "global_source": meta["fit"].get("global_source"),
               "lattice_points": len(lat),
@@ -136,7 +139,8 @@ def compare_run(run: str | Path, cfg: Any, *, base: Any = None, rewards: dict[st
 
 def weights_figure(w: np.ndarray, emb: np.ndarray, names: list[str], path: Path, *, clusters: int = 3,
                    seed: int = 0) -> None:
-    """Ternary scatter of K=3 weight vectors, coloured by a k-means cluster of the prompts' embeddings."""
+    """Ternary scatter of the directions of K=3 weight vectors, coloured by a k-means cluster of the prompts'
+    embeddings."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +150,8 @@ def weights_figure(w: np.ndarray, emb: np.ndarray, names: list[str], path: Path,
     n = min(clusters, len(emb))
     lab = KMeans(n_clusters=n, n_init=10, random_state=seed).fit_predict(emb) if n > 1 else np.zeros(len(emb), int)
     corners = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, np.sqrt(3) / 2]])
-    xy = w @ corners
+    total = w.sum(axis=1, keepdims=True)
+    xy = (w / np.where(total > 0, total, 1.0)) @ corners  # the direction of an anchored point (w = 0: a corner)
     jitter = np.random.default_rng(seed).normal(0, 0.008, xy.shape)
     fig, ax = plt.subplots(figsize=(5, 4.6))
     ax.plot(*np.vstack([corners, corners[:1]]).T, color="0.4", lw=1)
@@ -154,7 +159,7 @@ def weights_figure(w: np.ndarray, emb: np.ndarray, names: list[str], path: Path,
         ax.annotate(name, c, textcoords="offset points", xytext=(0, -14 if c[1] == 0 else 6), ha="center")
     sc = ax.scatter(*(xy + jitter).T, c=lab, cmap="viridis", s=28, alpha=0.8, edgecolor="k", lw=0.3)
     ax.legend(*sc.legend_elements(), title="prompt cluster", loc="upper right", fontsize=8)
-    ax.set_title("router weights over the test prompts")
+    ax.set_title("router weight directions (w / sum w) over the test prompts")
     ax.set_aspect("equal")
     ax.axis("off")
     path.parent.mkdir(parents=True, exist_ok=True)

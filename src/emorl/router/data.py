@@ -1,11 +1,13 @@
 """The router's data: per-prompt, per-objective scores of a lattice of weight points on prompts the test split
 never sees (the training split by default).
 
-The lattice is every point of the simplex with coordinates on a grid of ``step`` (K=3, step 0.25: 15 points),
-plus the search's best point. All points are decoded for all prompts in one batched multi-point ``generate`` per
-seed (common random numbers: every point draws the same uniforms), with the evaluation's generation settings, and
-scored with every objective's reward. The search log's per-prompt rows (``per_prompt`` in
-``RUN/search/<mode>/points.jsonl``, where the search wrote them) are kept as a second block of data.
+The router mixes by the base-anchored rule, ``h0 + Σ w_k (h_k − h0)``, the rule of the EMORL weights the study
+reports: its lattice covers the anchored search's box [0, w_max]^K on a grid of ``step`` · w_max per axis (K=3,
+step 0.5: 27 points, w = 0 — the base model — included), plus the anchored search's best point. All points are
+decoded for all prompts in one batched multi-point ``generate`` per seed (common random numbers: every point draws
+the same uniforms), with the evaluation's generation settings, and scored with every objective's reward. The
+anchored search log's per-prompt rows (``per_prompt`` in ``RUN/search/hidden/points.jsonl``, where the search wrote
+them) are kept as a second block of data.
 
 Stored as ``RUN/router/data.json`` (prompts, points, settings, adapter identities) and ``data.safetensors``
 (``scores``: points × seeds × prompts × objectives).
@@ -26,7 +28,8 @@ import numpy as np
 from emorl.utils import EmorlError, atomic_write_bytes, atomic_write_json, read_jsonl
 
 log = logging.getLogger("emorl.route")
-DATA_VERSION = 1
+DATA_VERSION = 2  # 2: base-anchored points on the box (1: convex points on the simplex)
+ANCHOR = "base"  # the router's weight rule
 
 
 @dataclass
@@ -64,17 +67,32 @@ def simplex_lattice(k: int, step: float) -> np.ndarray:
     return np.array(pts, dtype=np.float64)[::-1] / n
 
 
-# The router's weights lie on the simplex (convex mixes), so its global point is the convex EMORL search's.
-SEARCH_KEY = "hidden-convex"
+def box_lattice(k: int, step: float, w_max: float) -> np.ndarray:
+    """Every point of the box [0, w_max]^K whose coordinates are multiples of ``step`` · w_max, in a fixed order
+    (K=3, step 0.5: 27 points; the all-zero point is the base model under the anchored rule)."""
+    n = round(1 / step)
+    if k < 1 or not 0 < step <= 1 or abs(n * step - 1) > 1e-9 or not w_max > 0:
+        raise EmorlError(f"route.step={step}: 1/step must be a whole number (1, 0.5, 0.25, ...) and search.w_max > 0 "
+                         f"(got {w_max})")
+    return np.array(list(itertools.product(range(n + 1), repeat=k)), dtype=np.float64) * (w_max / n)
+
+
+# The router mixes by the anchored rule, so its global point is the anchored EMORL search's (``hidden`` with
+# search.anchor = base: the weights `emorl evaluate` reports as EMORL).
+SEARCH_KEY = "hidden"
 
 
 def search_best(run: Path, mode: str) -> np.ndarray | None:
-    """The search's best weight vector (normalised to sum 1), if ``RUN/search/<mode>/best.json`` exists."""
+    """The anchored search's best weight vector, as found (the scale is each adapter's strength), if
+    ``RUN/search/<mode>/best.json`` exists and was searched with the anchored rule."""
     p = run / "search" / mode / "best.json"
     if not p.exists():
         return None
-    w = np.asarray(json.loads(p.read_text())["weight_vector"], dtype=np.float64)
-    return w / w.sum() if w.sum() > 0 else None
+    best = json.loads(p.read_text())
+    if best.get("anchor", ANCHOR) != ANCHOR:
+        log.warning("%s was searched with the convex rule; the router's global point is its best lattice point", p)
+        return None
+    return np.asarray(best["weight_vector"], dtype=np.float64)
 
 
 def with_point(points: np.ndarray, extra: np.ndarray | None) -> np.ndarray:
@@ -84,8 +102,8 @@ def with_point(points: np.ndarray, extra: np.ndarray | None) -> np.ndarray:
 
 
 def search_block(run: Path, mode: str, names: list[str], objectives: list[str]) -> Block | None:
-    """Per-prompt rows of the search log, where the search kept them (``per_prompt``: objective -> one mean per
-    prompt, prompt list in the header); None when it did not."""
+    """Per-prompt rows of the anchored search log, where the search kept them (``per_prompt``: objective -> one
+    mean per prompt, prompt list in the header); None when it did not or when it is not anchored."""
     p = run / "search" / mode / "points.jsonl"
     if not p.exists():
         return None
@@ -94,16 +112,17 @@ def search_block(run: Path, mode: str, names: list[str], objectives: list[str]) 
         return None
     header, body = rows[0], rows[1:]
     prompts = header.get("prompt_list", header.get("prompts"))
-    if not isinstance(prompts, list) or not prompts or list(header.get("names", names)) != names:
+    if not isinstance(prompts, list) or not prompts or list(header.get("names", names)) != names or \
+            header.get("anchor", ANCHOR) != ANCHOR:
         return None
     pts, scs = [], []
     for r in body:
         pp = r.get("per_prompt")
         w = np.asarray(r.get("weights", []), dtype=np.float64)
-        if not isinstance(pp, dict) or w.shape != (len(names),) or w.sum() <= 0 or \
+        if not isinstance(pp, dict) or w.shape != (len(names),) or \
                 any(len(pp.get(o, [])) != len(prompts) for o in objectives):
             continue
-        pts.append(w / w.sum())
+        pts.append(w)
         scs.append(np.array([pp[o] for o in objectives], dtype=np.float64).T[None])  # (1 seed, B, O)
     if not pts:
         return None
@@ -111,15 +130,14 @@ def search_block(run: Path, mode: str, names: list[str], objectives: list[str]) 
 
 
 def decode_scores(ens: Any, prompts: list[str], points: np.ndarray, rewards: dict[str, Any], gen: Any,
-                  seeds: list[int], mode: str = "hidden") -> np.ndarray:
+                  seeds: list[int], mode: str = "hidden", anchor: str = ANCHOR) -> np.ndarray:
     """(P, S, B, O) scores of every point × seed × prompt, one batched multi-point decode per seed."""
     from emorl.decoding import generation_kwargs
     from emorl.rewards import score
 
     out = np.zeros((len(points), len(seeds), len(prompts), len(rewards)))
     for si, seed in enumerate(seeds):
-        res = ens.generate(list(prompts), points, mode=mode, seed=seed, anchor="none",
-                           **generation_kwargs(gen))
+        res = ens.generate(list(prompts), points, mode=mode, seed=seed, anchor=anchor, **generation_kwargs(gen))
         flat = [t for group in res.all_texts for t in group]
         for oi, rw in enumerate(rewards.values()):
             out[:, si, :, oi] = score(rw, list(prompts) * len(points), flat).reshape(len(points), len(prompts))
@@ -141,7 +159,7 @@ def training_prompts(cfg: Any, split: str, n: int | None) -> list[str]:
 
 def collect(run: str | Path, cfg: Any, ens: Any, rewards: dict[str, Any], *, split: str | None = None,
             prompts: list[str] | None = None, mode: str = "hidden") -> RouterData:
-    """Decode and score the lattice (plus the search's best point) on the router's prompts."""
+    """Decode and score the anchored lattice (plus the anchored search's best point) on the router's prompts."""
     from emorl.search.store import adapter_identity
 
     run = Path(run)
@@ -150,7 +168,7 @@ def collect(run: str | Path, cfg: Any, ens: Any, rewards: dict[str, Any], *, spl
     prompts = prompts or training_prompts(cfg, split, rc.prompts)
     names, objectives = list(ens.names), list(rewards)
     best = search_best(run, SEARCH_KEY) if rc.use_search else None
-    points = with_point(simplex_lattice(len(names), rc.step), best)
+    points = with_point(box_lattice(len(names), rc.step, cfg.search.w_max), best)
     t0 = time.perf_counter()
     scores = decode_scores(ens, prompts, points, rewards, cfg.eval.generation, list(rc.seeds), mode)
     seconds = time.perf_counter() - t0
@@ -159,7 +177,8 @@ def collect(run: str | Path, cfg: Any, ens: Any, rewards: dict[str, Any], *, spl
     if extra is not None:
         blocks.append(extra)
     adapters = {n: adapter_identity(run / "adapters" / n) for n in names} if (run / "adapters").exists() else {}
-    meta = {"version": DATA_VERSION, "split": split, "mode": mode, "step": rc.step, "seeds": list(rc.seeds),
+    meta = {"version": DATA_VERSION, "split": split, "mode": mode, "anchor": ANCHOR, "step": rc.step,
+            "w_max": cfg.search.w_max, "seeds": list(rc.seeds),
             "generation": asdict(cfg.eval.generation), "adapters": adapters, "decode_s": round(seconds, 2),
             "pairs": int(len(points) * len(prompts) * len(rc.seeds)), "search_best": None if best is None
             else best.tolist()}

@@ -6,12 +6,17 @@ Two predictors over the training prompts' unit-norm embeddings E and their per-p
 * ``ridge``: a ridge regression from the embedding to every lattice point's score; the argmax point.
 
 ``method="auto"`` keeps the one with the higher cross-validated reward (``folds`` folds over the lattice prompts,
-seeded); a knn prediction off the lattice is scored as its nearest lattice point (L1), which the fit records.
+seeded); a knn prediction off the lattice is scored as its nearest lattice point (L1), which the fit records. When
+one global point (the best lattice point of the training folds) scores higher held out than both, per-prompt
+weights do not pay on these data and ``auto`` chooses ``global``: every prompt gets the global weights, so
+``--weights auto`` is never expected to do worse than the plain EMORL weights.
+
+The weights are base-anchored points of the box [0, w_max]^K (a mean of such points stays in the box).
 
 **Fallback rule**: with d(x) = 1 − max cosine between x and the training prompts, a prompt with d(x) > τ gets the
 global weights, where τ is the ``fallback_percentile`` (95) percentile of every training prompt's distance to its
-nearest *other* training prompt. The global weights are the search's best point where given, else the lattice
-point with the best mean score over the training prompts.
+nearest *other* training prompt. The global weights are the anchored search's best point (the EMORL weights)
+where given, else the lattice point with the best mean score over the training prompts.
 """
 
 from __future__ import annotations
@@ -47,9 +52,11 @@ class Router:
     def predict(self, e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(weights (B, K), fallback mask (B,)) for unit-norm embeddings ``e`` (B, d)."""
         e = np.atleast_2d(np.asarray(e, dtype=np.float64))
+        far = self.nearest_distance(e) > self.threshold + 1e-9
+        if self.method == "global":
+            return np.repeat(self.global_weights[None], len(e), axis=0), far
         w = _knn(self.emb, self.best, e, self.k) if self.method == "knn" else \
             self.points[np.argmax(e @ self.coef.T + self.intercept, axis=1)]
-        far = self.nearest_distance(e) > self.threshold + 1e-9
         w = np.where(far[:, None], self.global_weights[None], w)
         return w, far
 
@@ -119,6 +126,8 @@ def fit_router(data: RouterData, emb_blocks: list[np.ndarray], objective_weights
     best_all = np.vstack([b.points[b.aggregate(objective_weights).argmax(1)] for b in data.blocks])
     cv = cross_validate(emb_blocks[0].astype(np.float64), table, lat.points, k=k, alpha=alpha, folds=folds, seed=seed)
     chosen = method if method != "auto" else max(METHODS, key=lambda m: (cv[m], m == "knn"))
+    if method == "auto" and cv["global"] > cv[chosen]:  # per-prompt weights lose held out: one point for all
+        chosen = "global"
     coef = intercept = None
     if chosen == "ridge":
         coef, intercept = _ridge(emb_blocks[0].astype(np.float64), table, alpha)

@@ -15,7 +15,7 @@ import numpy as np
 from emorl.router.fit import Router
 from emorl.utils import EmorlError, atomic_write_bytes, atomic_write_json
 
-ROUTER_VERSION = 1
+ROUTER_VERSION = 2  # 2: base-anchored weights in [0, w_max]^K (1: convex weights on the simplex)
 
 
 def router_dir(run: str | Path) -> Path:

@@ -7,6 +7,7 @@ comparable (the reference code drew a new random validation subset at each evalu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -98,7 +99,7 @@ class EnsembleObjective:
     def _call_seed(self, points: np.ndarray, seed: int) -> list[Score]:
         from emorl.decoding import generation_kwargs
 
-        # w = 0 of a convex mix is degenerate (no direction); anchored, it is the base model and is decoded
+        # w = 0 of a convex mix is degenerate (no direction, not a candidate); anchored, it is the base model
         zero = ~(points > 0).any(axis=1) if self.scale_invariant else np.zeros(len(points), dtype=bool)
         texts: list[list[str]] = [[] for _ in range(len(points))]
         live = np.flatnonzero(~zero)
@@ -112,23 +113,20 @@ class EnsembleObjective:
             for i, group in zip(live, groups, strict=True):
                 texts[i] = list(group)
             self.points_decoded += len(live)
-        for i in np.flatnonzero(zero):
-            texts[i] = self.zero_replies(seed)
-        return self.score_replies(texts)
+        scores = self.score_replies([texts[i] for i in live]) if len(live) else []
+        result = [self.degenerate()] * len(points)
+        for i, sc in zip(live, scores, strict=True):
+            result[i] = sc
+        return result
 
     def _average(self, scores: list[Score]) -> Score:
         """One point's scores over seeds: per prompt, the mean over seeds; then the means as for one seed."""
-        if len(scores) == 1:
+        if len(scores) == 1 or not math.isfinite(scores[0].aggregate):  # one seed, or the degenerate point
             return scores[0]
         per_prompt = {n: np.mean([s.per_prompt[n] for s in scores], axis=0) for n in self.rewards}
         means = {n: float(v.mean()) for n, v in per_prompt.items()}
         agg = float(np.array([means[n] for n in self.rewards]) @ self.weights)
         return Score(agg, means, {n: v.tolist() for n, v in per_prompt.items()})
-
-    def zero_replies(self, seed: int | None = None) -> list[str]:
-        """Replies at w = 0 of a convex mix: no adapter contributes, the mixed logits are zero (hidden) or constant
-        (logits, probs), so the decode is degenerate and treated as empty replies."""
-        return [""] * len(self.prompts)
 
     def score_replies(self, texts: Sequence[Sequence[str]]) -> list[Score]:
         """Scores of G groups of replies (one group per weight point, one reply per prompt): each reward is
@@ -145,9 +143,12 @@ class EnsembleObjective:
                       {n: [float(x) for x in table[n][i]] for n in self.rewards}) for i in range(n_pts)]
 
     def degenerate(self) -> Score:
-        """The all-zero point of a scale-invariant decode (hidden/logits mixing, greedy): all-zero logits, no
-        text; it is scored as empty replies, without decoding."""
-        return self.score_replies([[""] * len(self.prompts)])[0]
+        """The all-zero point of a convex mix: w / Σw is undefined, no adapter contributes and nothing sensible is
+        decoded, so it is no candidate: it scores −inf (never the best point, whatever a reward thinks of an empty
+        reply; scoring it as empty replies let a reward that likes "" pick a point ``check_weights`` refuses).
+        The sub-cube at the origin is then never kept, which loses nothing: its corners are the same directions
+        as the whole box's."""
+        return Score(-math.inf)
 
 
 def build_objective(ensemble: Any, prompts: Sequence[str], rewards: dict[str, Any], key: str, search: Any,

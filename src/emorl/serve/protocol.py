@@ -246,10 +246,10 @@ def parse_chat(body: Any, engine: Any, routed_weights: list[float] | None = None
         anchor = "none" if mode == "probs" else anchor_req or (method.anchor if not mode_req else None) or \
             engine.cfg.search.anchor
         routed = ext.get("weights") == "auto"
-        if routed:  # per-prompt weights from the run's router (emorl route): convex, on the simplex
+        if routed:  # per-prompt weights from the run's router (emorl route): base-anchored, in [0, w_max]^K
             if mode != "hidden":
                 raise bad("emorl.weights", "\"auto\" (the router) picks weights for mode \"hidden\" only")
-            anchor = "none"
+            anchor = "base"
         rule = weight_rule(mode, anchor)
         if routed:
             if routed_weights is None:

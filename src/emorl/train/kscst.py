@@ -10,9 +10,11 @@ same prompt, so the advantages of a group sum to zero. The loss is REINFORCE wit
     loss = − mean_i [ A_i · Σ_t log π(y_it | x_i, y_i<t) ]  (+ β · mean_i Σ_t KL_it)
 
 where the sum runs over the *sampled token ids* (not a re-tokenisation of the decoded text, a bug of the
-reference code), masking the prompt, the padding and everything after the first EOS. The optional KL term is a
-per-token estimate against the base model (adapter disabled) that carries gradient; the reference's KL is
-computed under no_grad and multiplied by zero-mean advantages, i.e. a no-op (spec §3.4).
+reference code), masking the prompt, the padding and everything after the first EOS, and π is the distribution
+the rollouts were sampled from (logits / T, then top-k / top-p: :class:`Warp`), so the gradient is on-policy.
+The optional KL term estimates KL(π‖π_ref) against the base model (adapter disabled), value and gradient of that
+same KL (:func:`kscst_loss`); the reference's KL is computed under no_grad and multiplied by zero-mean
+advantages, i.e. a no-op (spec §3.4).
 
 Two things keep the update cheap on memory and time:
 * log-probs of the sampled ids are ``logit[y] − logsumexp(logits)`` on the reply positions only — no
@@ -31,6 +33,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from emorl.models import cache_kwarg, output_cache, position_ids
+from emorl.sampling import warpers
 
 # ------------------------------------------------------------------------------------------ rewards
 
@@ -56,16 +59,19 @@ def group_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def gdpo_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
-    """GDPO (Liu et al., 2026): per-reward group-normalised advantages, summed over the J rewards.
+    """GDPO (Liu et al., 2026): per-reward group-normalised advantages, summed, then normalised over the batch.
 
-    ``rewards`` is (n, J), rows grouped k by k per prompt. Per objective j: (r_j − mean of the prompt's k) /
-    (std of the k + eps), std unbiased as in TRL's GRPO; then the sum over j (TRL's
-    ``multi_objective_aggregation="normalize_then_sum"``). Normalising each reward before summing keeps every
-    objective's within-prompt ranking, where normalising the sum lets the reward with the widest spread decide."""
+    ``rewards`` is (n, J), rows grouped k by k per prompt. (1) per objective j: (r_j − mean of the prompt's k) /
+    (std of the k + eps), std unbiased as in TRL's GRPO; (2) the sum over j (TRL's
+    ``multi_objective_aggregation="normalize_then_sum"``); (3) that sum minus its batch mean, over its batch std
+    + eps. Step 1 keeps every objective's within-prompt ranking (normalising the sum would let the widest reward
+    decide); step 3 keeps the advantage's scale independent of J, like the other policies' at one learning rate."""
     n, j = rewards.shape
     r = rewards.reshape(-1, k, j)
     std = r.std(dim=1, keepdim=True) if k > 1 else torch.zeros_like(r[:, :1])
-    return ((r - r.mean(dim=1, keepdim=True)) / (std + eps)).sum(dim=2).reshape(n)
+    summed = ((r - r.mean(dim=1, keepdim=True)) / (std + eps)).sum(dim=2).reshape(n)
+    spread = summed.std() if n > 1 else summed.new_zeros(())
+    return (summed - summed.mean()) / (spread + eps)
 
 
 # ------------------------------------------------------------------------------------------ rollout tensors
@@ -108,14 +114,48 @@ CACHE_KW = cache_kwarg(LlamaForCausalLM)  # the KV-cache argument's name in this
 
 
 
-def _gather_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[ids] without materialising the full log-softmax."""
+@dataclass(frozen=True)
+class Warp:
+    """The rollouts' sampling warpers (temperature, then top-k / top-p: :func:`emorl.sampling.warpers`, what the
+    sampler applied), so the loss scores the distribution that was sampled (on-policy for T ≠ 1 or a filter).
+
+    The sampled token always stays in the support: the update's forward (train mode, LoRA dropout) can rank a
+    sampled token just outside top-k where the rollout's forward did not, and −inf would poison the loss."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(rows, vocab) logits and the (rows,) sampled ids -> the warped logits."""
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        filters = warpers(None, self.top_k, self.top_p)
+        if not filters:
+            return logits
+        kept = filters(None, logits)
+        return kept.scatter(-1, ids[:, None], logits.gather(-1, ids[:, None]))
+
+
+def sampling_warp(temperature: float | None, top_k: int | None, top_p: float | None) -> Warp | None:
+    """The :class:`Warp` of a generation config's sampling settings; None when sampling is plain softmax."""
+    w = Warp(1.0 if temperature is None else float(temperature), int(top_k or 0), 1.0 if top_p is None else top_p)
+    return None if (w.temperature, w.top_k, w.top_p) == (1.0, 0, 1.0) else w
+
+
+def _gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, warp: Warp | None = None) -> torch.Tensor:
+    """log softmax(warp(logits))[ids] without materialising the full log-softmax (a temperature-only warp is a
+    division, top-k/top-p mask a copy of the logits)."""
     logits = logits.float()
+    if warp is not None:
+        logits = warp(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1)).reshape(logits.shape)
     return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def causal_token_logprobs(model: Any, batch: RolloutBatch, share_prompt: bool = True) -> torch.Tensor:
-    """Per-token log-probs (B*k, T) of the sampled reply ids under a causal LM (with grad if enabled).
+def causal_token_logprobs(model: Any, batch: RolloutBatch, share_prompt: bool = True,
+                          warp: Warp | None = None) -> torch.Tensor:
+    """Per-token log-probs (B*k, T) of the sampled reply ids under a causal LM (with grad if enabled), of the
+    ``warp``-ed distribution when given.
 
     ``share_prompt``: run each prompt once and repeat its KV cache for its k replies (exact: the same positions
     and mask as a full forward; tested against ``share_prompt=False``)."""
@@ -129,10 +169,10 @@ def causal_token_logprobs(model: Any, batch: RolloutBatch, share_prompt: bool = 
         mask = torch.cat([pmask.repeat_interleave(k, 0), cmask], dim=1)
         pos = position_ids(mask)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T + 1, use_cache=False)
-        return _gather_logprobs(out.logits[:, :-1], batch.completion_ids)
+        return _gather_logprobs(out.logits[:, :-1], batch.completion_ids, warp)
     # 1) the prompt once: its cache and the logits that predict the first reply token
     out = model(input_ids=batch.prompt_ids, attention_mask=pmask, position_ids=ppos, use_cache=True, logits_to_keep=1)
-    first = _gather_logprobs(out.logits[:, -1].repeat_interleave(k, 0), batch.completion_ids[:, 0])
+    first = _gather_logprobs(out.logits[:, -1].repeat_interleave(k, 0), batch.completion_ids[:, 0], warp)
     if T == 1:
         return first[:, None]
     cache = output_cache(out)
@@ -142,11 +182,12 @@ def causal_token_logprobs(model: Any, batch: RolloutBatch, share_prompt: bool = 
     cpos = ppos[:, -1:].repeat_interleave(k, 0) + torch.arange(1, T, device=ppos.device)
     out2 = model(input_ids=batch.completion_ids[:, :-1], attention_mask=full_mask, position_ids=cpos,
                  use_cache=True, **{CACHE_KW: cache})
-    rest = _gather_logprobs(out2.logits, batch.completion_ids[:, 1:])
+    rest = _gather_logprobs(out2.logits, batch.completion_ids[:, 1:], warp)
     return torch.cat([first[:, None], rest], dim=1)
 
 
-def seq2seq_token_logprobs(model: Any, batch: RolloutBatch, decoder_start_id: int) -> torch.Tensor:
+def seq2seq_token_logprobs(model: Any, batch: RolloutBatch, decoder_start_id: int,
+                           warp: Warp | None = None) -> torch.Tensor:
     """Per-token log-probs (B*k, T) of the sampled reply ids under an encoder-decoder (encoder run once per prompt)."""
     k = batch.k
     enc = model.get_encoder()(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask)
@@ -155,14 +196,14 @@ def seq2seq_token_logprobs(model: Any, batch: RolloutBatch, decoder_start_id: in
     dec_in = torch.cat([start, batch.completion_ids[:, :-1]], dim=1)
     out = model(encoder_outputs=(hidden,), attention_mask=batch.prompt_mask.repeat_interleave(k, 0),
                 decoder_input_ids=dec_in, decoder_attention_mask=batch.completion_mask.long(), use_cache=False)
-    return _gather_logprobs(out.logits, batch.completion_ids)
+    return _gather_logprobs(out.logits, batch.completion_ids, warp)
 
 
 def token_logprobs(model: Any, batch: RolloutBatch, is_seq2seq: bool, decoder_start_id: int | None = None,
-                   share_prompt: bool = True) -> torch.Tensor:
+                   share_prompt: bool = True, warp: Warp | None = None) -> torch.Tensor:
     if is_seq2seq:
-        return seq2seq_token_logprobs(model, batch, int(decoder_start_id or 0))
-    return causal_token_logprobs(model, batch, share_prompt=share_prompt)
+        return seq2seq_token_logprobs(model, batch, int(decoder_start_id or 0), warp)
+    return causal_token_logprobs(model, batch, share_prompt=share_prompt, warp=warp)
 
 
 # ------------------------------------------------------------------------------------------ the loss
@@ -173,29 +214,38 @@ def kscst_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
     """REINFORCE with the k-sample mean baseline over one micro-batch.
 
     ``n_total`` is the number of samples in the whole batch, so summing micro-batch losses gives the batch mean.
-    KL: the k3 estimator exp(Δ) − Δ − 1 with Δ = log π_ref − log π per reply token (non-negative, unbiased for
-    KL(π‖π_ref), gradient through log π), summed over the reply like the log-probs."""
-    mask = mask.to(logp.dtype)
-    seq_logp = (logp * mask).sum(-1)
+    KL to the reference, KL(π‖π_ref) of the whole reply, value and gradient alike: the value is the k3 estimator
+    exp(Δ) − Δ − 1 with Δ = log π_ref − log π per reply token (non-negative, unbiased), summed over the reply; the
+    gradient is the score-function gradient of that KL, Σ_t ∇log π(y_t) · Σ_{s≥t} (log π − log π_ref)(y_s) (a
+    token's own log-ratio and those it leads to; unbiased). Differentiating k3 itself would give the gradient of
+    KL(π_ref‖π) instead (its expectation is −Σ π_ref ∇log π)."""
+    keep = mask.bool()
+    logp = torch.where(keep, logp, 0.0)  # positions after EOS may hold −inf under a top-k/top-p warp
+    seq_logp = logp.sum(-1)
     pg = -(advantages.to(logp.dtype) * seq_logp).sum() / n_total
     stats = {"pg_loss": float(pg.detach())}
     loss = pg
     if ref_logp is not None and kl_coef > 0:
-        delta = ref_logp.detach() - logp
-        kl = ((torch.exp(delta) - delta - 1) * mask).sum(-1)
-        kl_term = kl_coef * kl.sum() / n_total
-        loss = loss + kl_term
-        stats["kl"] = float(kl.detach().sum()) / n_total
+        delta = torch.where(keep, ref_logp.detach() - logp.detach(), 0.0)
+        value = (torch.exp(delta) - delta - 1).sum(-1)
+        to_go = (-delta).flip(-1).cumsum(-1).flip(-1)  # Σ_{s≥t} log π/π_ref
+        surrogate = (to_go * logp).sum(-1)
+        kl = value + surrogate - surrogate.detach()  # the value of k3, the gradient of KL(π‖π_ref)
+        loss = loss + kl_coef * kl.sum() / n_total
+        stats["kl"] = float(value.sum()) / n_total
     return loss, stats
 
 
 def policy_gradient_step(model: Any, batch: RolloutBatch, advantages: torch.Tensor, *, is_seq2seq: bool,
                          micro_batch_rows: int, decoder_start_id: int | None = None, kl_coef: float = 0.0,
-                         reference: Any = None, share_prompt: bool = True) -> dict[str, float]:
+                         reference: Any = None, share_prompt: bool = True,
+                         warp: Warp | None = None) -> dict[str, float]:
     """Accumulate the gradient of the k-SCST loss over micro-batches (the caller clips and steps).
 
     ``reference``: a factory of a context manager that yields the frozen reference model (for a LoRA policy: the
-    same model with its adapter disabled) — used for the KL term only when ``kl_coef > 0``."""
+    same model with its adapter disabled) — used for the KL term only when ``kl_coef > 0``. ``warp``: the rollouts'
+    sampling warpers; the policy's and the reference's log-probs are those of their distributions under the same
+    warpers (the KL between what each would sample; the sampled token is kept in both supports, so it is finite)."""
     k = batch.k
     n_prompts = batch.prompt_ids.shape[0]
     n_total = n_prompts * k
@@ -207,8 +257,8 @@ def policy_gradient_step(model: Any, batch: RolloutBatch, advantages: torch.Tens
         ref = None
         if kl_coef > 0 and reference is not None:
             with torch.no_grad(), reference() as ref_model:
-                ref = token_logprobs(ref_model, mb, is_seq2seq, decoder_start_id, share_prompt)
-        logp = token_logprobs(model, mb, is_seq2seq, decoder_start_id, share_prompt)
+                ref = token_logprobs(ref_model, mb, is_seq2seq, decoder_start_id, share_prompt, warp)
+        logp = token_logprobs(model, mb, is_seq2seq, decoder_start_id, share_prompt, warp)
         loss, stats = kscst_loss(logp, mb.completion_mask, adv, n_total, ref, kl_coef)
         loss.backward()
         totals["loss"] += float(loss.detach())
@@ -218,8 +268,8 @@ def policy_gradient_step(model: Any, batch: RolloutBatch, advantages: torch.Tens
 
 
 def joint_policy_gradient_step(model: Any, batches: list[RolloutBatch], advantages: list[torch.Tensor],
-                               names: list[str], *, micro_batch_rows: int,
-                               share_prompt: bool = True) -> list[dict[str, float]]:
+                               names: list[str], *, micro_batch_rows: int, share_prompt: bool = True,
+                               warp: Warp | None = None) -> list[dict[str, float]]:
     """:func:`policy_gradient_step` for K LoRA adapters at once: one forward/backward over the K adapters' rows
     (adapter-major, routed by the LoRA bank) instead of K. The adapters' parameters are disjoint, so the summed
     loss gives each adapter exactly its own gradient (tested against K separate steps). Causal models, no KL."""
@@ -241,7 +291,7 @@ def joint_policy_gradient_step(model: Any, batches: list[RolloutBatch], advantag
                              torch.cat([_pad_right(p.completion_ids, width, 0) for p in parts]),
                              torch.cat([_pad_right(p.completion_mask, width, 0) for p in parts]), k)
         with lora_bank(model, names):  # entered per micro-batch: the stacked A/B are rebuilt with autograd
-            logp = causal_token_logprobs(model, joint, share_prompt=share_prompt)
+            logp = causal_token_logprobs(model, joint, share_prompt=share_prompt, warp=warp)
         rows = (e - s) * k
         loss = logp.new_zeros(())
         for i, adv in enumerate(advantages):

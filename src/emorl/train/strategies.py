@@ -3,8 +3,9 @@
 * ``single`` — EMORL: one policy per objective, λ = [1].
 * ``uniform`` — Uniform Weighted baseline: one policy, λ_j = 1/J over the log rewards.
 * ``fixed`` — one policy, user-given λ.
-* ``gdpo`` — GDPO: one policy; each objective's reward is normalised within its prompt's k replies, and the
-  normalised rewards are summed (:func:`emorl.train.kscst.gdpo_advantages`); λ = 1/J is only reported.
+* ``gdpo`` — GDPO: one policy; each objective's reward is normalised within its prompt's k replies, the
+  normalised rewards are summed and the sum is normalised over the batch (:func:`emorl.train.kscst.gdpo_advantages`);
+  λ = 1/J is only reported.
 * ``dynaopt`` — DynaOpt (Min et al., 2024): two Exp3 bandits. An *arm* bandit with J+1 arms (one per objective
   plus "leave the weights alone") picks, once per round, which objective to up-weight once in a *weight* bandit
   (J arms) whose normalised weights are λ. See :class:`DynaOptWeighting` for the round bookkeeping and the
@@ -54,8 +55,9 @@ class FixedWeighting(Weighting):
 
 
 class GDPOWeighting(FixedWeighting):
-    """GDPO: the advantages are per-reward group-normalised and summed (``per_reward_advantages``), not the
-    k-SCST advantages of one weighted reward; λ = 1/J is the weighting it reports (and the equal sum it takes)."""
+    """GDPO: the advantages are per-reward group-normalised, summed and batch-normalised
+    (``per_reward_advantages``), not the k-SCST advantages of one weighted reward; λ = 1/J is the weighting it
+    reports (and the equal sum it takes)."""
 
     per_reward_advantages = True
 

@@ -16,10 +16,12 @@ import torch
 from emorl.sampling import seeded_rng, stable_seed
 from emorl.train import full as full_ft
 from emorl.train.kscst import (
+    Warp,
     gdpo_advantages,
     group_advantages,
     joint_policy_gradient_step,
     policy_gradient_step,
+    sampling_warp,
     transform_rewards,
 )
 
@@ -72,11 +74,16 @@ class PolicyUpdates:
                 stats = policy_gradient_step(
                     model, ro.batch, adv, is_seq2seq=self.base.is_seq2seq, micro_batch_rows=t.micro_batch_size,
                     decoder_start_id=getattr(self.base.model.config, "decoder_start_token_id", None),
-                    kl_coef=t.kl_coef, reference=reference)
+                    kl_coef=t.kl_coef, reference=reference, warp=self._warp())
             self._optimizer_step(p, stats, scores, lam, rewards, ro, metrics)
         finally:
             p.optimizer.zero_grad(set_to_none=True)
             model.eval()
+
+    def _warp(self) -> Warp | None:
+        """The rollouts' sampling warpers: the loss scores the distribution the replies were sampled from."""
+        g = self.cfg.train.generation
+        return sampling_warp(g.temperature, g.top_k, g.top_p) if g.do_sample else None
 
     def _autocast(self) -> Any:
         """bf16 autocast for the update on CUDA (train.autocast); a no-op on CPU."""
@@ -102,7 +109,8 @@ class PolicyUpdates:
         try:
             with self._autocast(), seeded_rng(seed, self.base.device):
                 stats = joint_policy_gradient_step(model, [ro.batch for ro in ros], [a[3] for a in parts],
-                                                   [p.name for p in active], micro_batch_rows=t.micro_batch_size)
+                                                   [p.name for p in active], micro_batch_rows=t.micro_batch_size,
+                                                   warp=self._warp())
             for p, ro, st, (scores, lam, rewards, _) in zip(active, ros, stats, parts, strict=True):
                 self._optimizer_step(p, st, scores, lam, rewards, ro, metrics)
         finally:
