@@ -202,6 +202,13 @@ class EvalConfig:
         metadata={"help": "Decoding settings, identical for every method. Greedy evaluation (the paper's way for "
                           "EMORL) is the one switch eval.generation.do_sample=false, applied to every method alike "
                           "(base, baselines, mixes, adapters alone); it decodes once, whatever eval.seeds says."})
+    judges: dict[str, dict[str, Any]] = _f({}, "Held-out judges: name -> reward spec (any reward type, e.g. "
+                                           "{type: llm-judge, base_url: ..., model: ...}), scored on every method's "
+                                           "replies and never used by training, the search or the router; reported "
+                                           "beside the objectives with paired differences (docs/rewards.md).")
+    extra_sets: dict[str, dict[str, Any]] = _f({}, "Further prompt sets: name -> {path: FILE (JSONL or CSV), "
+                                               "prompts: N}; every method is evaluated on each with the same decoding "
+                                               "and paired statistics, reported apart from the split (docs/eval.md).")
 
 
 @dataclass
@@ -527,6 +534,11 @@ def validate(cfg: RunConfig) -> None:
         bad = [m for m in fr.sweep_modes if m not in ("hidden", "logits", "probs")]
         if bad or not fr.sweep_modes:
             raise EmorlError(f"front.sweep_modes: choose from hidden, logits, probs (got {fr.sweep_modes})")
+    for name, spec in cfg.eval.judges.items():
+        if not isinstance(spec, dict) or "type" not in spec:
+            raise EmorlError(f"eval.judges.{name}: a judge is a reward spec with a 'type' (e.g. {{type: empathy}})")
+        if name in cfg.objectives:
+            raise EmorlError(f"eval.judges.{name}: a judge may not share its name with an objective; rename it")
     ex = cfg.executor
     if ex.num_cpus < 0 or ex.num_gpus < 0 or ex.max_retries < 0 or (ex.workers is not None and ex.workers < 1):
         raise EmorlError("executor: num_cpus, num_gpus and max_retries must be >= 0 and workers >= 1")

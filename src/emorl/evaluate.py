@@ -334,6 +334,9 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
     cfg = cfg or load_run_config(run)
     split = split or cfg.eval.split
     specs = resolve_methods(run, cfg, methods)  # every input checked before a model loads
+    from emorl.judges import check_judges
+
+    check_judges(cfg, [s.name for s in specs])
     prompts = eval_prompts(cfg, split)
     seeds = decode_seeds(cfg)
     objectives = list(cfg.objectives)
@@ -409,7 +412,9 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
                                                 f"sum_k w_k log p_k and head(sum_k w_k h_k) give the same "
                                                 f"distribution, so it was decoded once"}
     from emorl.evaluate_stats import add_confidence
+    from emorl.judges import add_judges
 
+    add_judges(run, results, cfg, base)  # held-out judges (eval.judges) on the stored replies
     add_confidence(run, results)  # paired-bootstrap CIs and differences, from the stored replies
     _write(run, results, order)
     return results
