@@ -206,6 +206,8 @@ class EvalConfig:
                                            "{type: llm-judge, base_url: ..., model: ...}), scored on every method's "
                                            "replies and never used by training, the search or the router; reported "
                                            "beside the objectives with paired differences (docs/rewards.md).")
+    kl: bool = _f(False, "Estimate each method's per-token KL to the base model on its test replies (one more decode "
+                  "per method and seed, with the evaluation's seeds; emorl.kl).")
     extra_sets: dict[str, dict[str, Any]] = _f({}, "Further prompt sets: name -> {path: FILE (JSONL or CSV), "
                                                "prompts: N}; every method is evaluated on each with the same decoding "
                                                "and paired statistics, reported apart from the split (docs/eval.md).")

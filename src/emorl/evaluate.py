@@ -415,6 +415,9 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
     from emorl.judges import add_judges
 
     add_judges(run, results, cfg, base)  # held-out judges (eval.judges) on the stored replies
+    from emorl.kl import add_kl
+
+    add_kl(run, results, cfg, specs, base, any_adapter(run, specs))  # eval.kl: each method's KL to the base
     add_confidence(run, results)  # paired-bootstrap CIs and differences, from the stored replies
     _write(run, results, order)
     return results
