@@ -100,3 +100,20 @@ def test_evaluation_stores_kl_per_reply_and_method(tmp_path, tiny_base):
     cfg.eval.kl = False
     res = evaluate_run(run, cfg, ["base", "uniform"], base=tiny_base, progress=False)
     assert "kl_per_token" not in res["methods"]["uniform"]["summary"]
+
+
+def test_report_shows_kl_column_figure_and_judges(tmp_path, tiny_base):
+    from emorl.report import write_report
+
+    cfg, run = make_run(tmp_path, tiny_base)
+    cfg.eval.kl = True
+    cfg.eval.judges = {"brief": {"type": "length", "target": 3}}
+    res = evaluate_run(run, cfg, ["base", "uniform"], base=tiny_base, progress=False)
+    text = write_report(run).read_text()
+    assert "KL to base / token" in text and "## Reward against KL to the base" in text
+    assert (run / "figures" / "reward_vs_kl.png").stat().st_size > 0
+    assert "## Held-out judges" in text
+    kl = res["methods"]["uniform"]["summary"]["kl_per_token"]["mean"]
+    assert f"{kl:.4f}" in text
+    summary = json.loads((run / "results.json").read_text())
+    assert summary["judges"]["names"] == ["brief"] and "figures/reward_vs_kl.png" in summary["figures"]
