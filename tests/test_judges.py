@@ -135,3 +135,65 @@ def test_lead_sentence_and_verdicts_by_hand():
     assert gains_table(res)[1] == [["EMORL", "+0.100 [+0.050, +0.150]", "-0.100 [-0.200, -0.050]",
                                     "no (training rewards up, judges down)"]]
     assert verdict(1, 1) == "yes (both up)" and verdict(0, None) == "–"
+
+
+# ------------------------------------------------------------------------------ held-out prompt sets (eval.extra_sets)
+
+def test_extra_sets_are_evaluated_paired_and_reported_apart(tmp_path, tiny_base, monkeypatch):
+    from emorl.report import write_report
+
+    cfg, run = make_run(tmp_path, tiny_base)
+    f = tmp_path / "mine.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["My cat is sick.", "I moved to a new city.",
+                                                                    "I failed my driving test.", "My cat is sick."]))
+    cfg.eval.extra_sets = {"mine": {"path": str(f), "prompt_field": "text"}}
+    cfg.eval.judges = {"brief": {"type": "length", "target": 3}}
+    res = evaluate_run(run, cfg, ["base", "uniform"], base=tiny_base, progress=False)
+    x = res["extra_sets"]["mine"]
+    assert x["prompts"] == 3 and res["prompts"] == 4  # a repeated prompt counted once; the test split unchanged
+    folder = run / "eval" / "sets" / "mine"
+    for name in ("base", "uniform"):
+        rs = [json.loads(line) for line in (folder / "eval" / "replies" / f"{name}.jsonl").read_text().splitlines()]
+        assert [r["prompt"] for r in rs] == ["My cat is sick.", "I moved to a new city.", "I failed my driving test."]
+        s = x["methods"][name]["summary"]
+        assert s["mean_reward"]["mean"] == pytest.approx(np.mean([np.mean(list(r["scores"].values())) for r in rs]))
+        assert s["judge/brief"]["mean"] == pytest.approx(np.mean([r["judges"]["brief"] for r in rs]))
+    d = x["methods"]["base"]["differences"]["uniform"]["mean_reward"]
+    assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    # unchanged: reused without decoding; the report has its own section
+    decoded = []
+    monkeypatch.setattr(Decoder, "decode", lambda self, s, p, seed: decoded.append(s.name) or (["x"] * len(p),
+                                                                                                [1] * len(p)))
+    res2 = evaluate_run(run, cfg, ["base", "uniform"], base=tiny_base, progress=False)
+    assert decoded == [] and res2["extra_sets"]["mine"]["methods"]["uniform"]["summary"]["mean_reward"] == \
+        x["methods"]["uniform"]["summary"]["mean_reward"]
+    text = write_report(run).read_text()
+    assert "## Held-out prompt sets" in text and "### `mine`: 3 prompts" in text
+
+
+def test_extra_set_errors_name_the_key(tmp_path, tiny_base):
+    from emorl.heldout_prompts import set_prompts
+
+    with pytest.raises(EmorlError, match="eval.extra_sets.x.path: .* is not a file"):
+        set_prompts("x", {"path": str(tmp_path / "nope.jsonl")})
+    with pytest.raises(EmorlError, match="eval.extra_sets.x.prompt: unknown key"):
+        set_prompts("x", {"prompt": 3, "source": "chitchat-heldout"})
+    with pytest.raises(EmorlError, match="eval.extra_sets.x.source: the built-in set is 'chitchat-heldout'"):
+        set_prompts("x", {"source": "chitchat"})
+    cfg, run = make_run(tmp_path, tiny_base)
+    cfg.eval.extra_sets = {"bad": {"path": str(tmp_path / "missing.csv")}}
+    with pytest.raises(EmorlError, match="eval.extra_sets.bad.path"):
+        evaluate_run(run, cfg, ["base"], base=tiny_base, progress=False)
+    assert not (run / "eval" / "results.json").exists()  # refused before decoding
+
+
+def test_chitchat_heldout_is_disjoint_from_the_builtin_data_and_its_filter():
+    from emorl.data import _FIRST_PERSON_EMOTION, _LOSS, _dedup_key, default_records
+    from emorl.heldout_prompts import chitchat_heldout
+
+    held = chitchat_heldout(100)
+    assert len(held) == 100
+    builtin = {_dedup_key(r.prompt) for r in default_records()}
+    assert not builtin & {_dedup_key(r.prompt) for r in held}
+    assert not any(_FIRST_PERSON_EMOTION.search(r.prompt.lower()) or _LOSS.search(r.prompt.lower()) for r in held)
+    assert all(50 <= len(r.prompt) <= 200 and "?" not in r.prompt for r in held)

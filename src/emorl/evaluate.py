@@ -337,6 +337,9 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
     from emorl.judges import check_judges
 
     check_judges(cfg, [s.name for s in specs])
+    from emorl.extra_sets import check_sets
+
+    extra_prompts = check_sets(cfg)  # eval.extra_sets: every set's prompts read before decoding
     prompts = eval_prompts(cfg, split)
     seeds = decode_seeds(cfg)
     objectives = list(cfg.objectives)
@@ -418,6 +421,10 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
     from emorl.kl import add_kl
 
     add_kl(run, results, cfg, specs, base, any_adapter(run, specs))  # eval.kl: each method's KL to the base
+    from emorl.extra_sets import evaluate_extra_sets
+
+    evaluate_extra_sets(run, results, cfg, specs, signature=method_signature, base=base, rewards=rewards,
+                        decode=decode, base_adapter=any_adapter(run, specs), prompts_by_set=extra_prompts)
     add_confidence(run, results)  # paired-bootstrap CIs and differences, from the stored replies
     _write(run, results, order)
     return results
