@@ -117,3 +117,28 @@ def test_report_shows_kl_column_figure_and_judges(tmp_path, tiny_base):
     assert f"{kl:.4f}" in text
     summary = json.loads((run / "results.json").read_text())
     assert summary["judges"]["names"] == ["brief"] and "figures/reward_vs_kl.png" in summary["figures"]
+
+
+def test_greedy_diversity_both_forms_and_the_sentence(tmp_path, tiny_base):
+    from emorl.metrics import distinct_n, diversity_reference
+    from emorl.report.diversity import diversity_summary
+
+    cfg, run = make_run(tmp_path, tiny_base, search_modes=("hidden",))
+    cfg.eval.generation.do_sample = True
+    cfg.eval.greedy_diversity = True
+    res = evaluate_run(run, cfg, ["base", "uniform", "emorl"], base=tiny_base, progress=False)
+    from emorl.evaluate import eval_prompts
+
+    prompts = eval_prompts(cfg)
+    gen = GenerationConfig(**{**cfg.eval.generation.__dict__, "do_sample": False})
+    specs = {s.name: s for s in resolve_methods(run, cfg, ["base", "uniform", "emorl"])}
+    dec = Decoder(tiny_base, gen, {"uniform": run / "baselines" / "uniform"})
+    for name in ("base", "uniform", "emorl"):
+        texts, _ = dec.decode(specs[name], prompts, 0)
+        g = res["methods"][name]["greedy"]
+        assert g["diversity2"] == pytest.approx(distinct_n(texts)) and g["diversity2_ref"] == pytest.approx(
+            diversity_reference(texts))
+        assert g["sampled"]["diversity2"] == res["methods"][name]["summary"]["diversity2"]["mean"]
+    d = diversity_summary(res)
+    assert len(d["table"]["rows"]) == 3 and d["sentences"][0].startswith("Diversity-2 of EMORL, sampled, across")
+    assert "The paper reports EMORL highest" in d["sentences"][1]

@@ -208,6 +208,8 @@ class EvalConfig:
                                            "beside the objectives with paired differences (docs/rewards.md).")
     kl: bool = _f(False, "Estimate each method's per-token KL to the base model on its test replies (one more decode "
                   "per method and seed, with the evaluation's seeds; emorl.kl).")
+    greedy_diversity: bool = _f(False, "Also decode every method greedily once, to report Diversity-2 (both forms) "
+                                "under sampled and greedy decoding (emorl.diversity).")
     extra_sets: dict[str, dict[str, Any]] = _f({}, "Further prompt sets: name -> {path: FILE (JSONL or CSV), "
                                                "prompts: N}; every method is evaluated on each with the same decoding "
                                                "and paired statistics, reported apart from the split (docs/eval.md).")

@@ -421,6 +421,9 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
     from emorl.kl import add_kl
 
     add_kl(run, results, cfg, specs, base, any_adapter(run, specs))  # eval.kl: each method's KL to the base
+    from emorl.diversity import add_greedy_diversity
+
+    add_greedy_diversity(run, results, cfg, specs, prompts, base, any_adapter(run, specs))  # eval.greedy_diversity
     from emorl.extra_sets import evaluate_extra_sets
 
     evaluate_extra_sets(run, results, cfg, specs, signature=method_signature, base=base, rewards=rewards,
