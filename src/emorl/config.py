@@ -212,7 +212,7 @@ class EvalConfig:
                                 "under sampled and greedy decoding (emorl.diversity).")
     extra_sets: dict[str, dict[str, Any]] = _f({}, "Further prompt sets: name -> {path: FILE (JSONL or CSV), "
                                                "prompts: N}; every method is evaluated on each with the same decoding "
-                                               "and paired statistics, reported apart from the split (docs/eval.md).")
+                                               "and paired statistics, reported apart from the split (docs/rewards.md).")
 
 
 @dataclass
