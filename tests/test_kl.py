@@ -97,6 +97,14 @@ def test_evaluation_stores_kl_per_reply_and_method(tmp_path, tiny_base):
         assert m["kl_reproduced"] == [len(rows), len(rows)]
         assert "ci95" in m["summary"]["kl_per_token"]
     assert res["methods"]["uniform"]["summary"]["kl_per_token"]["mean"] > 0
+    # on the first 2 prompts only: the same replies (the seed's uniforms are drawn row by row), so the same values
+    full = [json.loads(x)["kl"] for x in (run / "eval" / "replies" / "uniform.jsonl").read_text().splitlines()]
+    cfg.eval.kl_prompts = 2
+    res = evaluate_run(run, cfg, ["base", "uniform"], base=tiny_base, progress=False)
+    rows = [json.loads(x) for x in (run / "eval" / "replies" / "uniform.jsonl").read_text().splitlines()]
+    assert [r.get("kl") for r in rows] == [*full[:2], *[None] * (len(rows) - 2)]
+    assert res["methods"]["uniform"]["kl_reproduced"] == [2, 2]
+    assert res["methods"]["uniform"]["summary"]["kl_per_token"]["mean"] == pytest.approx(np.mean(full[:2]))
     cfg.eval.kl = False
     res = evaluate_run(run, cfg, ["base", "uniform"], base=tiny_base, progress=False)
     assert "kl_per_token" not in res["methods"]["uniform"]["summary"]

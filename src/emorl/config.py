@@ -208,11 +208,14 @@ class EvalConfig:
                                            "beside the objectives with paired differences (docs/rewards.md).")
     kl: bool = _f(False, "Estimate each method's per-token KL to the base model on its test replies (one more decode "
                   "per method and seed, with the evaluation's seeds; emorl.kl).")
+    kl_prompts: int | None = _f(None, "Estimate the KL on the first this many prompts of each seed (the same replies: "
+                                      "the seeds' random numbers are drawn row by row); null = all.")
     greedy_diversity: bool = _f(False, "Also decode every method greedily once, to report Diversity-2 (both forms) "
                                 "under sampled and greedy decoding (emorl.diversity).")
     extra_sets: dict[str, dict[str, Any]] = _f({}, "Further prompt sets: name -> {path: FILE (JSONL or CSV), "
-                                               "prompts: N}; every method is evaluated on each with the same decoding "
-                                               "and paired statistics, reported apart from the split (docs/rewards.md).")
+                                               "prompts: N} or {source: chitchat-heldout}; every method is evaluated "
+                                               "on each with the same decoding and paired statistics, reported apart "
+                                               "from the split (docs/rewards.md).")
 
 
 @dataclass
@@ -538,6 +541,8 @@ def validate(cfg: RunConfig) -> None:
         bad = [m for m in fr.sweep_modes if m not in ("hidden", "logits", "probs")]
         if bad or not fr.sweep_modes:
             raise EmorlError(f"front.sweep_modes: choose from hidden, logits, probs (got {fr.sweep_modes})")
+    if cfg.eval.kl_prompts is not None and cfg.eval.kl_prompts < 1:
+        raise EmorlError(f"eval.kl_prompts must be >= 1 or null (all prompts), got {cfg.eval.kl_prompts}")
     for name, spec in cfg.eval.judges.items():
         if not isinstance(spec, dict) or "type" not in spec:
             raise EmorlError(f"eval.judges.{name}: a judge is a reward spec with a 'type' (e.g. {{type: empathy}})")

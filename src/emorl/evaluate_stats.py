@@ -39,8 +39,6 @@ def unit_scores(reply_file: Path, objectives: list[str], judges: list[str] | Non
         for j in judges:
             out[f"judge/{j}"] = np.array([r.get("judges", {}).get(j, np.nan) for r in rows], float)
         out["judge_mean"] = np.mean([out[f"judge/{j}"] for j in judges], axis=0)
-    if all("kl" in r for r in rows):  # eval.kl (emorl.kl): per-reply mean per-token KL to the base
-        out["kl_per_token"] = np.array([r["kl"] for r in rows], float)
     return out
 
 

@@ -29,6 +29,7 @@ import torch
 
 from emorl.config import GenerationConfig, RunConfig
 from emorl.metrics import summarise
+from emorl.stats import bootstrap_ci
 from emorl.utils import atomic_write_text
 
 log = logging.getLogger("emorl.kl")
@@ -115,8 +116,8 @@ def method_kl(decoder: Any, spec: Any, prompts: Sequence[str], seed: int, gen: G
     return values, int(same)
 
 
-def kl_signature(m: dict[str, Any]) -> str:
-    return f"{KL_VERSION}:{m.get('signature')}"
+def kl_signature(m: dict[str, Any], n: int | None = None) -> str:
+    return f"{KL_VERSION}:{m.get('signature')}:{n}"
 
 
 def add_kl(run: str | Path, results: dict[str, Any], cfg: RunConfig, specs: Sequence[Any], base: Any = None,
@@ -134,7 +135,7 @@ def add_kl(run: str | Path, results: dict[str, Any], cfg: RunConfig, specs: Sequ
         return results
     by_name = {s.name: s for s in specs}
     todo = [n for n, m in methods.items() if n in by_name and not m.get("same_as")
-            and by_name[n].kind != "routed" and m.get("kl_signature") != kl_signature(m)]
+            and by_name[n].kind != "routed" and m.get("kl_signature") != kl_signature(m, cfg.eval.kl_prompts)]
     if todo and decoder is None:
         from emorl.decoding import Decoder
 
@@ -149,11 +150,13 @@ def add_kl(run: str | Path, results: dict[str, Any], cfg: RunConfig, specs: Sequ
         rows = read_jsonl(path)
         seeds = sorted({int(r["seed"]) for r in rows})
         same = 0
+        for r in rows:
+            r.pop("kl", None)
         for d in m["per_seed"]:
             seed = int(d["seed"])
             if seed not in seeds:
                 continue
-            seed_rows = [r for r in rows if int(r["seed"]) == seed]
+            seed_rows = [r for r in rows if int(r["seed"]) == seed][: cfg.eval.kl_prompts or None]
             prompts = [r["prompt"] for r in seed_rows]
             log.info("KL to the base: %s, seed %d", name, seed)
             values, ok = method_kl(decoder, by_name[name], prompts, seed, cfg.eval.generation,
@@ -164,8 +167,10 @@ def add_kl(run: str | Path, results: dict[str, Any], cfg: RunConfig, specs: Sequ
             d["kl_per_token"] = float(values.mean())
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         m["summary"] = summarise([{k: v for k, v in d.items() if k != "seed"} for d in m["per_seed"]])
-        m["kl_reproduced"] = [same, len(rows)]
-        m["kl_signature"] = kl_signature(m)
+        values = [r["kl"] for r in rows if "kl" in r]
+        m["summary"]["kl_per_token"]["ci95"] = bootstrap_ci(values)  # prompts resampled (one seed: one unit each)
+        m["kl_reproduced"] = [same, len(values)]
+        m["kl_signature"] = kl_signature(m, cfg.eval.kl_prompts)
         if same < len(rows):
             log.warning("%s: the re-decode reproduced %d of %d replies; the KL is that of the re-decoded replies",
                         name, same, len(rows))
