@@ -71,7 +71,7 @@ def minilm_rewards():
 
 def test_builtin_types_registered():
     assert {"fluency", "perplexity", "reflection", "empathy", "hf-classifier", "python", "length",
-            "nontoxic"} <= set(REGISTRY)
+            "nontoxic", "llm-judge", "empathy-heldout", "reflection-pmi"} <= set(REGISTRY)
 
 
 def test_unknown_type_lists_choices():
@@ -490,3 +490,52 @@ def test_fluency_ranks_fluent_above_word_salad(smollm2_base):
     fluent = score(r, STATEMENTS * 2, REFLECTIVE + EMPATHIC)
     salad = score(r, STATEMENTS, WORD_SALAD)
     assert fluent.min() > salad.max() + 0.2, (fluent, salad)
+
+
+# ------------------------------------------------------------------------------ held-out judges (eval.judges)
+
+def test_heldout_banks_are_written_apart_from_the_training_banks():
+    from emorl.rewards import banks, banks_heldout
+
+    train = {s.lower() for s in banks.EMPATHIC + banks.DISMISSIVE}
+    assert not train & {s.lower() for s in banks_heldout.EMPATHIC + banks_heldout.DISMISSIVE}
+    assert len(banks_heldout.EMPATHIC) >= 20 and len(banks_heldout.DISMISSIVE) >= 20
+
+
+def test_empathy_heldout_ranks_empathic_above_dismissive_with_its_own_banks():
+    from emorl.rewards import banks_heldout
+
+    r = build_reward("empathy_judge", {"type": "empathy-heldout"})
+    assert r.empathic == list(banks_heldout.EMPATHIC) and r.dismissive == list(banks_heldout.DISMISSIVE)
+    good, bad = score(r, STATEMENTS, EMPATHIC), score(r, STATEMENTS, DISMISSIVE)
+    assert np.all(good > bad + 0.3), (good, bad)  # measured: smallest margin 0.45 (docs/rewards.md)
+    mine = build_reward("empathy_judge", {"type": "empathy-heldout", "empathic": ["Hello."]})
+    assert mine.empathic == ["Hello."]  # a list given in the spec is kept
+
+
+def test_reflection_pmi_equals_a_direct_computation(tiny_base):
+    from emorl.rewards.heldout import CONTEXT, NEUTRAL
+
+    r = build_reward("reflection_judge", {"type": "reflection-pmi"}, base=tiny_base)
+    tok, model = tiny_base.tokenizer, tiny_base.model
+
+    def mean_logp(context: str, reply: str) -> float:
+        c = tok(context, add_special_tokens=False)["input_ids"]
+        t = tok(" " + reply, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([c + t])).logits[0].float()
+        lp = torch.log_softmax(logits[len(c) - 1:-1], -1)
+        return float(lp[torch.arange(len(t)), torch.tensor(t)].mean())
+
+    prompts, replies = STATEMENTS[:3], REFLECTIVE[:2] + ["completely unrelated words here"]
+    want = [mean_logp(CONTEXT.format(statement=p), y) - mean_logp(NEUTRAL, y) for p, y in zip(prompts, replies,
+                                                                                               strict=True)]
+    np.testing.assert_allclose(r.pmi(prompts, replies), want, atol=1e-4)
+    assert score(r, STATEMENTS[:1], [STATEMENTS[0]])[0] == 0.0  # a verbatim copy scores 0 (copy penalty)
+
+
+@pytest.mark.slow
+def test_reflection_pmi_ranks_reflective_above_off_topic(smollm2_base):
+    r = build_reward("reflection_judge", {"type": "reflection-pmi"}, base=smollm2_base)
+    good, off = score(r, STATEMENTS, REFLECTIVE), score(r, STATEMENTS, OFF_TOPIC)
+    assert np.all(good > off + 0.3), (good, off)  # measured: smallest margin 0.38 (docs/rewards.md)

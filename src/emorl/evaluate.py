@@ -111,6 +111,12 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
         from emorl.router.store import read_meta, router_dir
 
         read_meta(router_dir(run))  # an unknown router version: the error names `emorl route --fresh`
+    from emorl.judges import check_judges
+
+    check_judges(cfg, [s.name for s in specs])
+    from emorl.extra_sets import check_sets
+
+    extra_prompts = check_sets(cfg)  # eval.extra_sets: every set's prompts read before decoding
     prompts = eval_prompts(cfg, split)
     seeds = decode_seeds(cfg)
     objectives = list(cfg.objectives)
@@ -188,7 +194,19 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
                                                 f"sum_k w_k log p_k and head(sum_k w_k h_k) give the same "
                                                 f"distribution, so it was decoded once"}
     from emorl.evaluate_stats import add_confidence
+    from emorl.judges import add_judges
 
+    add_judges(run, results, cfg, base)  # held-out judges (eval.judges) on the stored replies
+    from emorl.kl import add_kl
+
+    add_kl(run, results, cfg, specs, base, any_adapter(run, specs))  # eval.kl: each method's KL to the base
+    from emorl.diversity import add_greedy_diversity
+
+    add_greedy_diversity(run, results, cfg, specs, prompts, base, any_adapter(run, specs))  # eval.greedy_diversity
+    from emorl.extra_sets import evaluate_extra_sets
+
+    evaluate_extra_sets(run, results, cfg, specs, signature=method_signature, base=base, rewards=rewards,
+                        decode=decode, base_adapter=any_adapter(run, specs), prompts_by_set=extra_prompts)
     add_confidence(run, results)  # paired-bootstrap CIs and differences, from the stored replies
     _write(run, results, order)
     return results

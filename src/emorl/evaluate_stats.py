@@ -23,7 +23,8 @@ SENTENCES = ("emorl", "uniform")  # ...and said in words (the base: in the repor
 BOOTSTRAP_SEED = 0
 
 
-def unit_scores(reply_file: Path, objectives: list[str]) -> dict[str, np.ndarray] | None:
+def unit_scores(reply_file: Path, objectives: list[str], judges: list[str] | None = None
+                ) -> dict[str, np.ndarray] | None:
     """Per-unit values of one method's replies, in (seed, prompt) order: ``score/<o>``, ``mean_reward`` (the mean
     of the objectives of one reply) and ``length_tokens``; None when the reply file is missing or incomplete."""
     if not reply_file.exists():
@@ -35,6 +36,10 @@ def unit_scores(reply_file: Path, objectives: list[str]) -> dict[str, np.ndarray
     out = {f"score/{o}": np.array([r["scores"][o] for r in rows], float) for o in objectives}
     out["mean_reward"] = np.mean([out[f"score/{o}"] for o in objectives], axis=0)
     out["length_tokens"] = np.array([r.get("tokens", np.nan) for r in rows], float)
+    if judges:  # held-out judges (emorl.judges): NaN where a reply was not judged, so it gets no CI
+        for j in judges:
+            out[f"judge/{j}"] = np.array([r.get("judges", {}).get(j, np.nan) for r in rows], float)
+        out["judge_mean"] = np.mean([out[f"judge/{j}"] for j in judges], axis=0)
     return out
 
 
@@ -43,7 +48,8 @@ def add_confidence(run: Path, results: dict[str, Any], *, resamples: int = RESAM
     """Add ``summary.<metric>.ci95`` to every method and ``differences[<ref>][<metric>] = {mean, ci95, resolved}``
     (method − ref) for the references present; ``results["bootstrap"]`` records how. Returns ``results``."""
     objectives = list(results["objectives"])
-    units = {name: unit_scores(run / "eval" / "replies" / f"{m.get('same_as') or name}.jsonl", objectives)
+    judges = list(results.get("judges") or [])
+    units = {name: unit_scores(run / "eval" / "replies" / f"{m.get('same_as') or name}.jsonl", objectives, judges)
              for name, m in results["methods"].items()}  # a method decoded once for two names: its twin's replies
     n_units = {name: len(u["mean_reward"]) for name, u in units.items() if u is not None}
     expected = results["prompts"] * len(results["seeds"])
@@ -67,7 +73,9 @@ def add_confidence(run: Path, results: dict[str, Any], *, resamples: int = RESAM
                 continue
             diffs[ref] = {metric: paired_difference(units[name][metric], units[ref][metric], clusters=prompts,
                                                     resamples=resamples, seed=seed)
-                          for metric in ["mean_reward", *(f"score/{o}" for o in objectives)]}
+                          for metric in ["mean_reward", *(f"score/{o}" for o in objectives),
+                                         *(["judge_mean", *(f"judge/{j}" for j in judges)] if judges else [])]
+                          if np.all(np.isfinite(units[name][metric])) and np.all(np.isfinite(units[ref][metric]))}
         if diffs:
             m["differences"] = diffs
     results["bootstrap"] = {"units": "(prompt, seed)", "n_units": expected, "resamples": resamples, "seed": seed,

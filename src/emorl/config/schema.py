@@ -203,6 +203,20 @@ class EvalConfig:
         metadata={"help": "Decoding settings, identical for every method. Greedy evaluation (the paper's way for "
                           "EMORL) is the one switch eval.generation.do_sample=false, applied to every method alike "
                           "(base, baselines, mixes, adapters alone); it decodes once, whatever eval.seeds says."})
+    judges: dict[str, dict[str, Any]] = _f({}, "Held-out judges: name -> reward spec (any reward type, e.g. "
+                                           "{type: llm-judge, base_url: ..., model: ...}), scored on every method's "
+                                           "replies and never used by training, the search or the router; reported "
+                                           "beside the objectives with paired differences (docs/rewards.md).")
+    kl: bool = _f(False, "Estimate each method's per-token KL to the base model on its test replies (one more decode "
+                  "per method and seed, with the evaluation's seeds; emorl.kl).")
+    kl_prompts: int | None = _f(None, "Estimate the KL on the first this many prompts of each seed (the same replies: "
+                                      "the seeds' random numbers are drawn row by row); null = all.")
+    greedy_diversity: bool = _f(False, "Also decode every method greedily once, to report Diversity-2 (both forms) "
+                                "under sampled and greedy decoding (emorl.diversity).")
+    extra_sets: dict[str, dict[str, Any]] = _f({}, "Further prompt sets: name -> {path: FILE (JSONL or CSV), "
+                                               "prompts: N} or {source: chitchat-heldout}; every method is evaluated "
+                                               "on each with the same decoding and paired statistics, reported apart "
+                                               "from the split (docs/rewards.md).")
 
 
 @dataclass

@@ -67,6 +67,13 @@ def validate(cfg: RunConfig) -> None:
         bad = [m for m in fr.sweep_modes if m not in ("hidden", "logits", "probs")]
         if bad or not fr.sweep_modes:
             raise EmorlError(f"front.sweep_modes: choose from hidden, logits, probs (got {fr.sweep_modes})")
+    if cfg.eval.kl_prompts is not None and cfg.eval.kl_prompts < 1:
+        raise EmorlError(f"eval.kl_prompts must be >= 1 or null (all prompts), got {cfg.eval.kl_prompts}")
+    for name, spec in cfg.eval.judges.items():
+        if not isinstance(spec, dict) or "type" not in spec:
+            raise EmorlError(f"eval.judges.{name}: a judge is a reward spec with a 'type' (e.g. {{type: empathy}})")
+        if name in cfg.objectives:
+            raise EmorlError(f"eval.judges.{name}: a judge may not share its name with an objective; rename it")
     ex = cfg.executor
     if ex.num_cpus < 0 or ex.num_gpus < 0 or ex.max_retries < 0 or (ex.workers is not None and ex.workers < 1):
         raise EmorlError("executor: num_cpus, num_gpus and max_retries must be >= 0 and workers >= 1")

@@ -18,6 +18,10 @@ import numpy as np
 
 from emorl.evaluate_stats import difference_sentences
 from emorl.report import figures as F
+from emorl.report.diversity import diversity_markdown, diversity_summary
+from emorl.report.extra_sets import extra_sets_markdown, extra_sets_summary
+from emorl.report.judges import judges_markdown, judges_summary
+from emorl.report.kl import kl_markdown, plot_reward_vs_kl
 from emorl.report.tables import (
     comparison_table,
     differences_table,
@@ -236,6 +240,7 @@ def write_report(run_dir: str | Path) -> Path:
     stage_data = json.loads((run / "stages.json").read_text()) if (run / "stages.json").exists() else {}
     stages = stage_data.get("stages", {})
     figs = make_figures(run, results, policies, search)
+    figs += [p for p in [plot_reward_vs_kl(results, run / "figures" / "reward_vs_kl.png")] if p is not None]
     tables = {"comparison": comparison_table(results), "training": training_table(policies),
               "weights": weights_table(search, _used_weights(results)), "stages": stages_table(stages)}
     improved = improvement_table(results)
@@ -259,6 +264,9 @@ def write_report(run_dir: str | Path) -> Path:
         "stages": stages, "environment": stage_data.get("environment"), "samples": samples,
         "bootstrap": results.get("bootstrap"),
         "differences_text": difference_sentences(results),
+        "judges": judges_summary(results),
+        "extra_sets": extra_sets_summary(results),
+        "diversity": diversity_summary(results),
         "front": {k: front[k] for k in ("reference", "modes", "one_policy", "statements", "figure", "step", "w_max",
                                         "units", "linear", "sweep", "hypervolume_differences") if k in front}
                   if front else None,
@@ -294,6 +302,7 @@ def render_markdown(run: Path, s: dict[str, Any], tables: dict[str, tuple[list[s
                   "Each cell is the method's score minus the reference's on the same units, with its 95% CI; "
                   "*(n.s.)*: the CI holds 0, so the difference is not resolved by this evaluation.", "",
                   *[t + "\n" for t in s.get("differences_text", [])], ""]
+    lines += judges_markdown(s) + kl_markdown(s) + extra_sets_markdown(s) + diversity_markdown(s)
     if "figures/results_scatter.png" in figs:
         lines += ["![prompts consumed vs mean reward](figures/results_scatter.png)", "",
                   "Each method's training data (x) against its test mean reward (y); up and to the left is better.",

@@ -50,14 +50,17 @@ def comparison_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]
     """The paper-shaped table: one row per method; per-objective scores, their mean, Diversity-2 (both
     variants), reply length, training cost, search cost, decoding throughput."""
     objs = list(results["objectives"])
-    columns = ["Method", *objs, "Mean reward", "Diversity-2", "Diversity-2 (ref.)", "Length (tokens)",
-               "Prompts consumed", "Training time", "Search time / points", "Tokens/s"]
+    kl = any("kl_per_token" in m["summary"] for m in results["methods"].values())  # eval.kl (emorl.kl)
+    columns = ["Method", *objs, "Mean reward", *(["KL to base / token"] if kl else []), "Diversity-2",
+               "Diversity-2 (ref.)", "Length (tokens)", "Prompts consumed", "Training time", "Search time / points",
+               "Tokens/s"]
     rows = []
     for m in results["methods"].values():
         s = m["summary"]
         tr, se = m.get("training") or {}, m.get("search")
         search = f"{fmt_seconds(se.get('wall_time_s'))} / {se.get('points', '–')}" if se else "–"
         rows.append([m["label"], *(fmt_pm(s.get(f"score/{o}")) for o in objs), fmt_pm(s.get("mean_reward")),
+                     *([fmt_pm(s.get("kl_per_token"), 4)] if kl else []),
                      fmt_pm(s.get("diversity2")), fmt_pm(s.get("diversity2_ref")), fmt_pm(s.get("length_tokens"), 1),
                      fmt_int(tr.get("prompts", 0)), fmt_seconds(tr.get("wall_time_s", 0.0)), search,
                      fmt_pm(s.get("tokens_per_s"), 0)])

@@ -5,10 +5,11 @@
 >>> score(rewards["empathy"], ["I lost my job."], ["I'm so sorry, that must be frightening."])
 
 Built-in types: ``fluency``, ``perplexity``, ``reflection``, ``empathy``, ``hf-classifier``, ``python``,
-``length``, ``nontoxic``. Add your own with :func:`register_reward`. See docs/rewards.md.
+``length``, ``nontoxic``, ``llm-judge``, and the held-out judges ``empathy-heldout`` and
+``reflection-pmi``. Add your own with :func:`register_reward`. See docs/rewards.md.
 """
 
-from emorl.rewards import classifier, lm, simple, text  # noqa: F401 - register the built-in types
+from emorl.rewards import classifier, heldout, llm_judge, lm, simple, text  # noqa: F401 - register the built-in types
 from emorl.rewards.base import (
     REGISTRY,
     Options,

@@ -62,10 +62,10 @@ class Options:
     """The options of one reward spec, read with type checks; remembers which keys were read so leftovers
     (typos) can be reported with the list of valid ones."""
 
-    def __init__(self, name: str, spec: dict[str, Any]):
+    def __init__(self, name: str, spec: dict[str, Any], section: str = "objectives"):
         self.name = name
         self.type = spec.get("type")
-        self.where = f"objectives.{name}"
+        self.where = f"{section}.{name}"
         self._spec = {k: v for k, v in spec.items() if k != "type"}
         self._known: list[str] = []
 
@@ -106,8 +106,8 @@ class Options:
             raise self.error(unknown[0], f"unknown option for reward type {self.type!r}; valid options: {valid}")
 
 
-def _make(name: str, spec: dict[str, Any], base: Base | None) -> Reward:
-    where = f"objectives.{name}"
+def _make(name: str, spec: dict[str, Any], base: Base | None, section: str = "objectives") -> Reward:
+    where = f"{section}.{name}"
     if not isinstance(spec, dict):
         raise RewardError(f"{where}: a reward spec must be a mapping like {{type: empathy}}, got {spec!r}")
     t = spec.get("type")
@@ -116,7 +116,7 @@ def _make(name: str, spec: dict[str, Any], base: Base | None) -> Reward:
     if t not in REGISTRY:
         raise RewardError(f"{where}.type: unknown reward type {t!r}; choose one of {', '.join(sorted(REGISTRY))} "
                           f"(or register your own with emorl.rewards.register_reward)")
-    opts = Options(name, spec)
+    opts = Options(name, spec, section)
     reward = REGISTRY[t](name, opts, base)
     opts.finish()
     if not callable(reward):
@@ -142,12 +142,14 @@ def build_reward(name: str, spec: dict[str, Any], base: Base | None = None) -> R
     return reward
 
 
-def build_rewards(objectives: dict[str, dict[str, Any]], base: Base | None = None) -> dict[str, Reward]:
+def build_rewards(objectives: dict[str, dict[str, Any]], base: Base | None = None, *,
+                  section: str = "objectives") -> dict[str, Reward]:
     """Build every objective's reward. All specs are validated first, then models are loaded, so a typo in
-    the last spec is reported before the first model loads."""
+    the last spec is reported before the first model loads. ``section`` names the config section in errors
+    (``eval.judges`` for held-out judges)."""
     if not objectives:
-        raise RewardError("objectives: at least one objective is needed")
-    rewards = {name: _make(name, spec, base) for name, spec in objectives.items()}
+        raise RewardError(f"{section}: at least one reward is needed")
+    rewards = {name: _make(name, spec, base, section) for name, spec in objectives.items()}
     for r in rewards.values():
         _load(r)
     return rewards
