@@ -9,7 +9,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from emorl.report.figures import _label_columns, _styles, save
+from emorl.search.plots import method_styles, save_figure
 
 
 def _point(stat: dict[str, Any]) -> tuple[float, list[list[float]] | None]:
@@ -27,27 +27,24 @@ def plot_reward_vs_kl(results: dict[str, Any], path: str | Path) -> Path | None:
     jkey = ("judge_mean" if len(judges) > 1 else f"judge/{judges[0]}") if judges else None
     fig = Figure(figsize=(7.5, 5.2), layout="constrained")
     ax = fig.subplots()
-    styles = _styles([n for n, _ in rows])
-    labels = []
+    styles = method_styles([n for n, _ in rows])
     for name, m in rows:
         color, marker = styles[name]
         x, xerr = _point(m["summary"]["kl_per_token"])
         y, yerr = _point(m["summary"]["mean_reward"])
         ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt=marker, color=color, ms=11 if marker == "*" else 8, capsize=3,
                     mec="black", mew=0.6, label=m["label"])
-        labels.append((x, y, m["label"]))
         if jkey and jkey in m["summary"]:
             jy, jerr = _point(m["summary"][jkey])
             ax.errorbar([x], [jy], yerr=jerr, fmt=marker, color=color, mfc="white", ms=11 if marker == "*" else 8,
                         capsize=3, mew=1.2)
-    _label_columns(ax, labels)
     ax.set_xlabel("KL to the base model per token (sampled distribution vs base, nats)")
     ax.set_ylabel("mean score")
     ax.set_title("Reward against KL to the base (filled: training rewards" + (", hollow: held-out judges)" if jkey
                                                                               else ")"))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    return save(fig, path)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # outside the data
+    return save_figure(fig, path)
 
 
 def kl_markdown(s: dict[str, Any]) -> list[str]:
