@@ -46,10 +46,12 @@ def test_handwritten_set_is_complete_first_person_and_short():
 
 
 def test_default_records_size_sources_and_determinism(monkeypatch):
-    data._default_records.cache_clear()
+    from emorl.data import builtin
+
+    builtin._default_records.cache_clear()
     reads = []  # the chitchat filter (the slow part: a 40 MB JSON) runs once per process, not once per call
-    filtered = data.chitchat_records
-    monkeypatch.setattr(data, "chitchat_records", lambda *a: reads.append(1) or filtered(*a))
+    filtered = builtin.chitchat_records
+    monkeypatch.setattr(builtin, "chitchat_records", lambda *a: reads.append(1) or filtered(*a))
     recs = data.default_records()
     assert data.default_records() == recs and len(reads) == 1
     own, extra = data.handwritten_records(), data.chitchat_records()

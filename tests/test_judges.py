@@ -188,12 +188,12 @@ def test_extra_set_errors_name_the_key(tmp_path, tiny_base):
 
 
 def test_chitchat_heldout_is_disjoint_from_the_builtin_data_and_its_filter():
-    from emorl.data import _FIRST_PERSON_EMOTION, _LOSS, _dedup_key, default_records
+    from emorl.data.builtin import FIRST_PERSON_EMOTION, LOSS, dedup_key, default_records
     from emorl.heldout_prompts import chitchat_heldout
 
     held = chitchat_heldout(100)
     assert len(held) == 100
-    builtin = {_dedup_key(r.prompt) for r in default_records()}
-    assert not builtin & {_dedup_key(r.prompt) for r in held}
-    assert not any(_FIRST_PERSON_EMOTION.search(r.prompt.lower()) or _LOSS.search(r.prompt.lower()) for r in held)
+    builtin = {dedup_key(r.prompt) for r in default_records()}
+    assert not builtin & {dedup_key(r.prompt) for r in held}
+    assert not any(FIRST_PERSON_EMOTION.search(r.prompt.lower()) or LOSS.search(r.prompt.lower()) for r in held)
     assert all(50 <= len(r.prompt) <= 200 and "?" not in r.prompt for r in held)

@@ -153,7 +153,7 @@ def test_both_replicas_answer_the_same_seeded_reply_as_emorl_generate(served: di
         env=served["env"], check=True, capture_output=True, text=True, timeout=300)
     generated = json.loads(out.stdout.strip().splitlines()[-1])
     assert generated["weights"] == WEIGHTS
-    assert replies == {generated["reply"] if "reply" in generated else generated["response"]}  # renamed in #25
+    assert replies == {generated["reply"]}
 
 
 @needs_serve

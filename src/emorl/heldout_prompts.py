@@ -32,21 +32,17 @@ _FILLER = re.compile(r"^(?:(?:yeah|yea|ya|yes|oh|ah+|um+|well|ok|okay|so|and|but
 BUILTIN = "chitchat-heldout"
 
 
-def _dedup_key(text: str) -> str:
-    return re.sub(r"[^a-z]", "", text.lower())
-
-
 @functools.cache
 def chitchat_heldout(n: int = 100) -> tuple[Record, ...]:
     """The first ``n`` messages that pass the rule above, reading conversations from the last one backwards."""
-    from emorl.data import _FIRST_PERSON_EMOTION, _LOSS, default_records
+    from emorl.data.builtin import FIRST_PERSON_EMOTION, LOSS, dedup_key, default_records
 
     try:
         data = json.loads((importlib.resources.files("chitchat_dataset") / "dataset.json").read_bytes())
     except (ModuleNotFoundError, FileNotFoundError) as e:
         raise EmorlError(f"eval.extra_sets: source {BUILTIN!r} needs the 'chitchat-dataset' package (pip install "
                          f"chitchat-dataset), or give a file of your own (path: FILE) ({e})") from None
-    seen = {_dedup_key(r.prompt) for r in default_records()}
+    seen = {dedup_key(r.prompt) for r in default_records()}
     out: list[Record] = []
     for conv in reversed(list(data.values())):
         for turn in conv["messages"]:
@@ -54,9 +50,9 @@ def chitchat_heldout(n: int = 100) -> tuple[Record, ...]:
                 text = _FILLER.sub("", " ".join(m["text"].split())).strip()
                 low = text.lower()
                 if not 50 <= len(text) <= 200 or not _OPENING.match(text) or _SKIP.search(text) \
-                        or _FIRST_PERSON_EMOTION.search(low) or _LOSS.search(low):
+                        or FIRST_PERSON_EMOTION.search(low) or LOSS.search(low):
                     continue
-                key = _dedup_key(text)
+                key = dedup_key(text)
                 if key in seen:
                     continue
                 seen.add(key)

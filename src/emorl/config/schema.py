@@ -24,6 +24,11 @@ def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors TRL's
     return field(default=default, metadata={"help": help}, **kw)
 
 
+def _greedy(help: str) -> Any:  # noqa: A002 - as _f
+    """A greedy GenerationConfig field: the search and the evaluation decode alike unless told otherwise."""
+    return field(default_factory=lambda: GenerationConfig(do_sample=False), metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
     """The frozen base model shared by every adapter."""
@@ -181,11 +186,9 @@ class SearchConfig:
     objective_weights: list[float] | None = _f(None, "Aggregate = weighted mean of objective scores (default: mean).")
     batch_points: int = _f(8, "Weight points decoded together in one batch.")
     seed: int = _f(0, "Seed of the random search (decoding seeds: search.seeds).")
-    generation: GenerationConfig = field(
-        default_factory=lambda: GenerationConfig(do_sample=False),
-        metadata={"help": "Decoding settings of the search (greedy by default, as the paper). Keep them equal to "
-                          "eval.generation: a search that decodes otherwise than the evaluation scores other replies "
-                          "(a mismatch is warned about)."})
+    generation: GenerationConfig = _greedy(
+        "Decoding settings of the search (greedy by default, as the paper). Keep them equal to eval.generation: a "
+        "search that decodes otherwise than the evaluation scores other replies (a mismatch is warned about).")
 
 
 @dataclass
@@ -198,11 +201,10 @@ class EvalConfig:
     methods: list[str] = _f(["base", "emorl", "emorl-convex", "uniform", "dynaopt", "soups", "soups-avg"],
                             "Methods compared. Logit mixing ('logits') equals hidden mixing under a linear LM head "
                             "(SmolLM2, T5), so it is not in the default list.")
-    generation: GenerationConfig = field(
-        default_factory=lambda: GenerationConfig(do_sample=False),
-        metadata={"help": "Decoding settings, identical for every method. Greedy evaluation (the paper's way for "
-                          "EMORL) is the one switch eval.generation.do_sample=false, applied to every method alike "
-                          "(base, baselines, mixes, adapters alone); it decodes once, whatever eval.seeds says."})
+    generation: GenerationConfig = _greedy(
+        "Decoding settings, identical for every method. Greedy evaluation (the paper's way for EMORL) is the one "
+        "switch eval.generation.do_sample=false, applied to every method alike (base, baselines, mixes, adapters "
+        "alone); it decodes once, whatever eval.seeds says.")
     judges: dict[str, dict[str, Any]] = _f({}, "Held-out judges: name -> reward spec (any reward type, e.g. "
                                            "{type: llm-judge, base_url: ..., model: ...}), scored on every method's "
                                            "replies and never used by training, the search or the router; reported "

@@ -126,12 +126,17 @@ def causal_nll(model: Any, contexts: list[list[int]], targets: list[list[int]], 
         labels = ids[:, T - L:].clone()
         for r, n in enumerate(tlen):
             labels[r, : L - n] = -100
-        labels = labels.to(logits.device)
-        tok_nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                    reduction="none", ignore_index=-100).view(len(idx), L)
-        valid = (labels != -100).float()
-        out[idx] = ((tok_nll * valid).sum(-1) / valid.sum(-1)).cpu().numpy()
+        out[idx] = _mean_nll(logits, labels)
     return out
+
+
+def _mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """Mean NLL per row over the labelled positions (label -100 = not scored): both NLL paths end here."""
+    labels = labels.to(logits.device)
+    tok_nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                reduction="none", ignore_index=-100).view(labels.shape)
+    valid = (labels != -100).float()
+    return ((tok_nll * valid).sum(-1) / valid.sum(-1)).cpu().numpy()
 
 
 def seq2seq_nll(model: Any, sources: list[list[int]], targets: list[list[int]], pad_id: int,
@@ -152,11 +157,7 @@ def seq2seq_nll(model: Any, sources: list[list[int]], targets: list[list[int]], 
             labels[r, : len(targets[i])] = torch.tensor(targets[i])
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device),
                        use_cache=False).logits.float()
-        labels = labels.to(logits.device)
-        tok_nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                    reduction="none", ignore_index=-100).view(len(idx), L)
-        valid = (labels != -100).float()
-        out[idx] = ((tok_nll * valid).sum(-1) / valid.sum(-1)).cpu().numpy()
+        out[idx] = _mean_nll(logits, labels)
     return out
 
 

@@ -141,11 +141,10 @@ def weights_figure(w: np.ndarray, emb: np.ndarray, names: list[str], path: Path,
                    seed: int = 0) -> None:
     """Ternary scatter of the directions of K=3 weight vectors, coloured by a k-means cluster of the prompts'
     embeddings."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from sklearn.cluster import KMeans
+
+    from emorl.search.plots import save_figure
 
     n = min(clusters, len(emb))
     lab = KMeans(n_clusters=n, n_init=10, random_state=seed).fit_predict(emb) if n > 1 else np.zeros(len(emb), int)
@@ -153,7 +152,8 @@ def weights_figure(w: np.ndarray, emb: np.ndarray, names: list[str], path: Path,
     total = w.sum(axis=1, keepdims=True)
     xy = (w / np.where(total > 0, total, 1.0)) @ corners  # the direction of an anchored point (w = 0: a corner)
     jitter = np.random.default_rng(seed).normal(0, 0.008, xy.shape)
-    fig, ax = plt.subplots(figsize=(5, 4.6))
+    fig = Figure(figsize=(5, 4.6), layout="constrained")
+    ax = fig.subplots()
     ax.plot(*np.vstack([corners, corners[:1]]).T, color="0.4", lw=1)
     for c, name in zip(corners, names, strict=True):
         ax.annotate(name, c, textcoords="offset points", xytext=(0, -14 if c[1] == 0 else 6), ha="center")
@@ -162,8 +162,4 @@ def weights_figure(w: np.ndarray, emb: np.ndarray, names: list[str], path: Path,
     ax.set_title("router weight directions (w / sum w) over the test prompts")
     ax.set_aspect("equal")
     ax.axis("off")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

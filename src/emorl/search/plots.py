@@ -94,6 +94,16 @@ def plot_history(result: SearchResult, names: Sequence[str], path: str | Path) -
     return save_figure(fig, path)
 
 
+def _weight_plane(ax: object, result: SearchResult, names: Sequence[str]) -> None:
+    """The unit square of two weights, with the best point starred: the frame both plane views share."""
+    ax.plot(*result.weights, marker="*", color="crimson", ms=16, mec="black", ls="none", label="best point")
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_aspect("equal")
+    ax.set_xlabel(f"weight of {names[0]}")
+    ax.set_ylabel(f"weight of {names[1]}")
+
+
 def _zoom_plane(fig: Figure, ax: object, result: SearchResult, names: Sequence[str]) -> None:
     w, s = _finite(result.points)
     norm = _norm(s)
@@ -103,12 +113,7 @@ def _zoom_plane(fig: Figure, ax: object, result: SearchResult, names: Sequence[s
     if result.rounds:
         path = np.array([r.best_weights for r in result.rounds])
         ax.plot(path[:, 0], path[:, 1], "-o", color="crimson", ms=4, lw=1.2, label="best after each round")
-    ax.plot(*result.weights, marker="*", color="crimson", ms=16, mec="black", ls="none", label="best point")
-    ax.set_xlim(-0.03, 1.03)
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_aspect("equal")
-    ax.set_xlabel(f"weight of {names[0]}")
-    ax.set_ylabel(f"weight of {names[1]}")
+    _weight_plane(ax, result, names)
     ax.set_title("Zoom: each round's box (dashed) and the best point's path")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     _colorbar(fig, ax, norm)
@@ -214,12 +219,7 @@ def _heatmap(fig: Figure, ax: object, result: SearchResult, names: Sequence[str]
         pc = PatchCollection(rects, cmap=CMAP, norm=norm, edgecolors="none")
         pc.set_array(np.array([finite[i].aggregate for i in order]))
         ax.add_collection(pc)
-    ax.plot(*result.weights, marker="*", color="crimson", ms=16, mec="black", ls="none", label="best point")
-    ax.set_xlim(-0.03, 1.03)
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_aspect("equal")
-    ax.set_xlabel(f"weight of {names[0]}")
-    ax.set_ylabel(f"weight of {names[1]}")
+    _weight_plane(ax, result, names)
     ax.legend(loc="upper right", fontsize=8)
     _colorbar(fig, ax, norm)
 
