@@ -33,6 +33,7 @@ from emorl.methods import (
     MethodSpec,
     any_adapter,
     decode_seeds,
+    decoding_parts,
     eval_prompts,
     method_label,
     resolve_methods,
@@ -139,18 +140,7 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
         order += others
         results["methods"].update({m: old_methods[m] for m in others})
     if todo:
-        if base is None:
-            from emorl.models import load_base
-
-            base = load_base(cfg.model)
-        if rewards is None:
-            from emorl.rewards import build_rewards
-
-            rewards = build_rewards(cfg.objectives, base)
-        if decode is None:
-            from emorl.decoding import Decoder, decode_with
-
-            decode = decode_with(Decoder(base, cfg.eval.generation, any_adapter(run, specs)))
+        base, rewards, decode = decoding_parts(cfg, any_adapter(run, specs), base, rewards, decode)
         from emorl.progress import Progress
 
         todo = [with_routes(s, prompts, base) for s in todo]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from emorl.config import RunConfig
+from emorl.methods import decoding_parts
 from emorl.metrics import reply_metrics, summarise
 from emorl.utils import atomic_write_json, atomic_write_text
 
@@ -68,18 +69,7 @@ def evaluate_extra_sets(run: str | Path, results: dict[str, Any], cfg: RunConfig
             "prompts_sha256": hashlib.sha256("\x1f".join(prompts).encode()).hexdigest()[:16], "seeds": seeds,
             "objectives": objectives, "methods": {s.name: old[s.name] for s in specs if s not in todo}}
         if todo:
-            if base is None:
-                from emorl.models import load_base
-
-                base = load_base(cfg.model)
-            if rewards is None:
-                from emorl.rewards import build_rewards
-
-                rewards = build_rewards(cfg.objectives, base)
-            if decode is None:
-                from emorl.decoding import Decoder, decode_with
-
-                decode = decode_with(Decoder(base, cfg.eval.generation, base_adapter))
+            base, rewards, decode = decoding_parts(cfg, base_adapter, base, rewards, decode)
             for s, decoded in decode(todo, prompts, seeds):
                 log.info("extra set %s: %s", name, s.name)
                 res["methods"][s.name] = _score_method(folder, s, sigs[s.name], decoded, prompts, rewards, objectives)

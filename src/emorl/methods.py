@@ -266,3 +266,22 @@ def decode_seeds(cfg: RunConfig) -> list[int]:
     if not seeds:
         raise EmorlError("eval.seeds: give at least one seed, e.g. eval.seeds=[0,1,2]")
     return seeds if cfg.eval.generation.do_sample else seeds[:1]
+
+
+def decoding_parts(cfg: RunConfig, base_adapter: dict[str, Path] | None, base: Any = None, rewards: Any = None,
+                   decode: Any = None) -> tuple[Any, Any, Any]:
+    """(base, rewards, decode) for scoring methods, each loaded only where the caller did not pass one: the
+    evaluation and every extra prompt set share one model, one set of rewards and one decoder."""
+    if base is None:
+        from emorl.models import load_base
+
+        base = load_base(cfg.model)
+    if rewards is None:
+        from emorl.rewards import build_rewards
+
+        rewards = build_rewards(cfg.objectives, base)
+    if decode is None:
+        from emorl.decoding import Decoder, decode_with
+
+        decode = decode_with(Decoder(base, cfg.eval.generation, base_adapter))
+    return base, rewards, decode
