@@ -1,7 +1,7 @@
 """Ensemble decoding benchmark (issue 3), measured side by side in one process.
 
 Setup of anchor-measurements.md: SmolLM2-135M-Instruct (fp32), K=3 LoRA adapters (r=8, alpha=32 on
-q,k,v,o,gate,up,down; A as peft initialises it, B ~ N(0, 0.01), seeds 1000+k), B=16 chat-templated prompts
+q,k,v,o,gate,up,down; A as peft initialises it, B ~ N(0, 0.01), seeds 1000+i), B=16 chat-templated prompts
 (SmolLM's default system message, ~42 tokens, left-padded), 64 new tokens, greedy, weights (0.78, 0.5, 0.06);
 EOS is suppressed in every method so all do exactly 64 steps (generate's min_new_tokens; the same -inf on EOS
 in the hand-written loops).
@@ -61,11 +61,11 @@ def build(n_adapters: int = 3, model: str | None = None) -> tuple[Any, Any, list
 
     # system_prompt None: the template's default system message (anchors)
     base = load_base(ModelConfig(system_prompt=None, **({"name": model} if model else {})))
-    names = [f"a{k}" for k in range(n_adapters)]
-    for k, n in enumerate(names):
-        torch.manual_seed(1000 + k)
+    names = [f"a{i}" for i in range(n_adapters)]
+    for i, n in enumerate(names):
+        torch.manual_seed(1000 + i)
         add_adapters(base, [n], LoraConfig(r=8, alpha=32, dropout=0.0, target_modules=TARGETS))
-        g = torch.Generator().manual_seed(1000 + k)
+        g = torch.Generator().manual_seed(1000 + i)
         with torch.no_grad():
             for pname, p in base.model.named_parameters():
                 if f"lora_B.{n}." in pname:
@@ -107,8 +107,8 @@ def reference_style(base: Any, names: list[str], enc: dict[str, torch.Tensor], w
 def peft_batched(base: Any, names: list[str], enc: dict[str, torch.Tensor], w: list[float], steps: int,
                  eos: list[int]) -> torch.Tensor:
     """(p): B*K rows adapter-major, one cached forward per step with peft's adapter_names (anchor 4a)."""
-    k, b = len(names), enc["input_ids"].shape[0]
-    ids, msk = enc["input_ids"].repeat(k, 1), enc["attention_mask"].repeat(k, 1)
+    n_adapters, b = len(names), enc["input_ids"].shape[0]
+    ids, msk = enc["input_ids"].repeat(n_adapters, 1), enc["attention_mask"].repeat(n_adapters, 1)
     an = [n for n in names for _ in range(b)]
     wt = torch.tensor(w)[:, None, None]
     m = base.model
@@ -120,14 +120,14 @@ def peft_batched(base: Any, names: list[str], enc: dict[str, torch.Tensor], w: l
         out = m(input_ids=ids, attention_mask=msk, position_ids=pos, adapter_names=an, use_cache=True,
                 output_hidden_states=True, logits_to_keep=1)
         for _ in range(steps):
-            h = out.hidden_states[-1][:, -1].view(k, b, -1)
+            h = out.hidden_states[-1][:, -1].view(n_adapters, b, -1)
             logits = head((h * wt).sum(0))
             logits[:, eos] = float("-inf")
             nxt = logits.argmax(-1, keepdim=True)
             out_toks.append(nxt)
-            msk = torch.cat([msk, torch.ones(k * b, 1, dtype=msk.dtype)], 1)
+            msk = torch.cat([msk, torch.ones(n_adapters * b, 1, dtype=msk.dtype)], 1)
             pos = pos[:, -1:] + 1
-            out = m(input_ids=nxt.repeat(k, 1), attention_mask=msk, position_ids=pos, cache=out.cache,
+            out = m(input_ids=nxt.repeat(n_adapters, 1), attention_mask=msk, position_ids=pos, cache=out.cache,
                     adapter_names=an, use_cache=True, output_hidden_states=True, logits_to_keep=1)
     return torch.cat(out_toks, 1)
 

@@ -44,8 +44,8 @@ def main() -> None:
 
     run = Path(args.run)
     cfg = load_config(str(run / "config.yaml"))
-    k = len(cfg.trained_objectives())
-    steps = max(1, cfg.train.max_steps // k)
+    n_adapters = len(cfg.trained_objectives())
+    steps = max(1, cfg.train.max_steps // n_adapters)
     matched = run.parent / f"{run.name}-matched"
     modes = args.modes.split(",")
     overrides = [f"train.max_steps={steps}", "eval.methods=[emorl,singles]", f"search.modes=[{','.join(modes)}]",
@@ -82,7 +82,7 @@ def main() -> None:
     m = units(matched, mine, "emorl")
     refs = {"uniform": units(run, full, "uniform"), "emorl (equal steps)": units(run, full, "emorl")}
     metrics = ["mean_reward", *(f"score/{o}" for o in objectives)]
-    out = {"run": str(run), "matched_run": str(matched), "k": k, "steps_per_adapter": steps,
+    out = {"run": str(run), "matched_run": str(matched), "n_adapters": n_adapters, "steps_per_adapter": steps,
            "full_steps": cfg.train.max_steps, "wall_time_s": round(seconds, 1), "overrides": args.set,
            "environment": envs,
            "prompts_consumed": {"matched emorl (all adapters)": sum(

@@ -25,9 +25,9 @@ def main() -> int:
     cfg = load_config(f"{args.run}/config.yaml")
     ens = EnsembleModel.from_run(args.run)
     prompts = [r.prompt for r in load_splits(cfg.data).test[: args.prompts]]
-    k = ens.k
-    points = {f"mix {args.weights}": [float(x) for x in args.weights.split(",")], "uniform mix": [1 / k] * k}
-    points.update({n: [1.0 if j == i else 0.0 for j in range(k)] for i, n in enumerate(ens.names)})
+    n = ens.n_adapters
+    points = {f"mix {args.weights}": [float(x) for x in args.weights.split(",")], "uniform mix": [1 / n] * n}
+    points.update({name: [1.0 if j == i else 0.0 for j in range(n)] for i, name in enumerate(ens.names)})
     res = ens.generate(prompts, list(points.values()), mode="hidden", max_new_tokens=args.tokens, output_scores=True,
                        anchor="none")
     for g, name in enumerate(points):

@@ -172,8 +172,8 @@ def real_comparison(args: argparse.Namespace) -> dict:
     rewards = build_rewards(cfg.objectives, ens.base)
     obj = EnsembleObjective(ens, prompts, rewards, mode="hidden", generation=cfg.search.generation)
     obj(np.array([[1.0, 0.5, 0.25]]))  # warm-up (head check, reward models, allocator)
-    k = len(ens.names)
-    print(f"\n## Real model: SmolLM2-135M-Instruct, K={k} adapters, hidden mixing, greedy, {args.iterations} "
+    n_adapters = len(ens.names)
+    print(f"\n## Real model: SmolLM2-135M-Instruct, K={n_adapters} adapters, hidden mixing, greedy, {args.iterations} "
           f"rounds, {len(prompts)} validation prompts, {args.tokens} new tokens (EOS suppressed)")
     runs: dict[str, list[dict]] = {"ours": [], "naive": []}
     # ours runs before and after the naive search, so a change of the shared machine's load shows up
@@ -184,11 +184,11 @@ def real_comparison(args: argparse.Namespace) -> dict:
         load0 = os.getloadavg()[0]
         t0 = time.perf_counter()
         if which == "ours":
-            res = hierarchical_search(obj, k, args.iterations, scale_invariant=True, progress=False,
+            res = hierarchical_search(obj, n_adapters, args.iterations, scale_invariant=True, progress=False,
                                       batch_points=args.batch_points)
             w, best, decoded = res.weights, res.aggregate, res.n_decoded
         else:
-            w, best, decoded = naive_search(obj, k, args.iterations)
+            w, best, decoded = naive_search(obj, n_adapters, args.iterations)
         wall = time.perf_counter() - t0
         row = {"wall_s": wall, "decode_s": counter.seconds, "points_decoded": decoded,
                "generate_calls": counter.calls, "decoder_forwards": counter.n, "best_weights": w, "best": best,

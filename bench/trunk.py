@@ -49,10 +49,10 @@ def build(model: str) -> tuple[Any, Any]:
 
     base = load_base(ModelConfig(name=model, tiny_layers=6))  # the default system prompt, as the evaluation
     for depth, spec in DEPTHS.items():
-        for k in range(3):
-            n = f"{depth}{k}"
-            add_adapters(base, [n], LoraConfig(r=8, alpha=32, dropout=0.0, layers=spec), seed=1000 + k)
-            g = torch.Generator().manual_seed(1000 + k)
+        for i in range(3):
+            n = f"{depth}{i}"
+            add_adapters(base, [n], LoraConfig(r=8, alpha=32, dropout=0.0, layers=spec), seed=1000 + i)
+            g = torch.Generator().manual_seed(1000 + i)
             with torch.no_grad():
                 for pname, p in base.model.named_parameters():
                     if f"lora_B.{n}." in pname:

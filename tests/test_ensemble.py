@@ -63,7 +63,7 @@ _MERGED: dict[int, list[torch.nn.Module]] = {}
 
 
 def merged_copies(base: Base) -> list[torch.nn.Module]:
-    """K + 1 separate plain models: adapter k merged into a deep copy of the base (the reference's K copies), and
+    """K + 1 separate plain models: adapter i merged into a deep copy of the base (the reference's K copies), and
     last the base itself with every adapter removed (the anchor of base-anchored mixing)."""
     if id(base) in _MERGED:
         return _MERGED[id(base)]
@@ -141,9 +141,9 @@ def peft_generate(ens: EnsembleModel, name: str, t_max: int = T) -> tuple[torch.
 
 @pytest.mark.parametrize("mode", ["hidden", "logits", "params"])
 def test_one_hot_reproduces_the_adapter(ens: EnsembleModel, mode: str) -> None:
-    for k, name in enumerate(NAMES):
+    for i, name in enumerate(NAMES):
         w = [0.0] * 3
-        w[k] = 1.0
+        w[i] = 1.0
         res = ens.generate(PROMPTS, w, mode=mode, max_new_tokens=T, output_scores=True)
         toks, logits = peft_generate(ens, name)
         assert torch.equal(res.token_ids[:, : toks.shape[1]], toks), f"{mode}, adapter {name}"
@@ -160,8 +160,8 @@ def test_fast_decoder_equals_naive_reference(ens: EnsembleModel, mode: str) -> N
     for g, w in enumerate(POINTS):
         assert torch.equal(res.token_ids[g], naive_decode(ens, models, w, mode)), f"point {w}"
     # the mixing must matter, or this test proves little
-    assert any(not torch.equal(res.token_ids[g], one_hot[k]) for g in range(len(POINTS)) for k in range(3))
-    assert not all(torch.equal(res.token_ids[0], one_hot[k]) for k in range(3))
+    assert any(not torch.equal(res.token_ids[g], one_hot[i]) for g in range(len(POINTS)) for i in range(3))
+    assert not all(torch.equal(res.token_ids[0], one_hot[i]) for i in range(3))
 
 
 def test_logits_and_hidden_agree(ens: EnsembleModel) -> None:

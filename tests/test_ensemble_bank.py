@@ -145,7 +145,7 @@ def test_weighted_bank_equals_peft_cat_combination(llama: Base) -> None:
 
 
 def test_bank_gradients_match_single_adapter_path(llama: Base) -> None:
-    """With autograd on, group k's loss reaches adapter k exactly as peft's single-adapter forward does."""
+    """With autograd on, group i's loss reaches adapter i exactly as peft's single-adapter forward does."""
     m = llama.model
     ids = _ids(6)
     params = {n: p for n, p in m.named_parameters() if "layers.0.self_attn.q_proj.lora_A" in n}

@@ -89,9 +89,10 @@ def test_run_config_estimate() -> None:
     s = run_config_shape(cfg)
     assert s.params == TINY_PARAMS
     est = for_run(cfg, s)
-    k, tokens = len(cfg.objectives), cfg.model.max_prompt_tokens + cfg.train.generation.max_new_tokens
-    assert est["decoding"].parts["kv_cache"] == (k + 1) * tokens * TINY_KV_PER_TOKEN * 4  # float32 preset
-    assert est["training"].parts["rollout_kv_cache"] == k * cfg.train.batch_size * cfg.train.k * tokens * 128 * 4
+    n_adapters, tokens = len(cfg.objectives), cfg.model.max_prompt_tokens + cfg.train.generation.max_new_tokens
+    assert est["decoding"].parts["kv_cache"] == (n_adapters + 1) * tokens * TINY_KV_PER_TOKEN * 4  # float32 preset
+    assert est["training"].parts["rollout_kv_cache"] == \
+        n_adapters * cfg.train.batch_size * cfg.train.k * tokens * 128 * 4
 
 
 def test_known_sizes_have_their_published_parameter_counts() -> None:

@@ -145,11 +145,11 @@ def test_shared_trunk_equals_every_stream_through_every_layer(ens: EnsembleModel
             h.remove()
     assert torch.equal(shared.token_ids, every.token_ids)
     assert torch.equal(shared.lengths, every.lengths)
-    k = 3 if mode != "probs" else 2  # p, q (+ the base stream: some anchored point does not sum to 1)
+    streams = 3 if mode != "probs" else 2  # p, q (+ the base stream: some anchored point does not sum to 1)
     assert shared.stats["trunk_layers"] == 1
     n = len(PROMPTS)
-    assert first_step[0] == n and first_step[1] == k * n  # the trunk ran once per prompt, then fanned out
-    assert first_step_every[0] == k * n
+    assert first_step[0] == n and first_step[1] == streams * n  # the trunk ran once per prompt, then fanned out
+    assert first_step_every[0] == streams * n
 
 
 def test_shared_trunk_mixes_like_the_plain_reference(llama: EnsembleModel) -> None:

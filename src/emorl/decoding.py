@@ -83,8 +83,8 @@ def decode_routed(ens: Any, prompts: list[str], weights: Any, *, mode: str = "hi
     ``generate`` gives for those prompts and that point (sampling draws its uniforms by a prompt's position in the
     call: within its group). The router's rule is base-anchored: its points lie in the anchored search's box."""
     weights = np.asarray(weights, dtype=np.float64)
-    if weights.shape != (len(prompts), ens.k):
-        raise EmorlError(f"per-prompt weights: expected shape ({len(prompts)}, {ens.k}), got {weights.shape}")
+    if weights.shape != (len(prompts), ens.n_adapters):
+        raise EmorlError(f"per-prompt weights: expected shape ({len(prompts)}, {ens.n_adapters}), got {weights.shape}")
     texts: list[str] = [""] * len(prompts)
     lengths = [0] * len(prompts)
     for w, idx in groups(weights):

@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
             routed, fallback, _ = route(args.run, ens, prompts)  # refused before decoding if fitted on other adapters
         else:
             anchored = weight_rule(args.mode, args.anchor) == "anchored"  # anchored, w = 0 is the base model
-            check_weights(weights, ens.k, names=ens.names, allow_zero=anchored)  # clear error before decoding
+            check_weights(weights, ens.n_adapters, names=ens.names, allow_zero=anchored)  # clear error before decoding
     rewards = None
     if args.score:
         if not specs:

@@ -5,19 +5,19 @@ and scattering each adapter's rows; on a 2-core CPU that costs ~58 % on top of t
 instead lays the batch out in equal groups and computes, per LoRA layer,
 
     y = W0 x                       (one base matmul for all rows)
-      + bmm(bmm(x_g, A_k^T), (s_k B_k)^T)   routed:  group k uses adapter k (a (K, n, .) view, no gather)
-      + ((x A_cat^T) * c_row) (s B)_cat^T   weighted: row r uses sum_k w_rk s_k B_k A_k
+      + bmm(bmm(x_g, A_i^T), (s_i B_i)^T)   routed:  group i uses adapter i (a (K, n, .) view, no gather)
+      + ((x A_cat^T) * c_row) (s B)_cat^T   weighted: row r uses sum_i w_ri s_i B_i A_i
 
-The weighted form is exactly ``W0 + sum_k w_k s_k B_k A_k`` applied to x (the ΔW sum of peft's ``cat``
+The weighted form is exactly ``W0 + sum_i w_i s_i B_i A_i`` applied to x (the ΔW sum of peft's ``cat``
 combination), without ever materialising merged weights — this is the ``params`` ensemble mode.
 
 API::
 
-    with lora_bank(peft_model, ["a", "b", "c"]):          # routed: rows [k*n:(k+1)*n] use adapter k
+    with lora_bank(peft_model, ["a", "b", "c"]):          # routed: rows [i*n:(i+1)*n] use adapter i
         peft_model.generate(input_ids=ids_adapter_major, attention_mask=mask, do_sample=True, ...)
 
     with lora_bank(peft_model, names, weights=w) as bank:   # w: (G, K); rows in G equal groups, group g
-        out = peft_model(input_ids=ids_point_major, ...)     #    uses W0 + sum_k w[g, k] ΔW_k
+        out = peft_model(input_ids=ids_point_major, ...)     #    uses W0 + sum_i w[g, i] ΔW_i
         bank.set_weights(w2)                                 # change the mixing (and G) without re-entering
 
 Rules: the batch size of every forward inside the context must be a multiple of the number of groups (K for
@@ -139,19 +139,19 @@ class LoraBank:
         d_out = next(mod.lora_B[n].weight for n in self.names if n in mod.lora_B).shape[0]
         a = ref.new_zeros(len(self.names), d_in, r_max)
         b = ref.new_zeros(len(self.names), r_max, d_out)
-        for k, n in enumerate(self.names):
+        for i, n in enumerate(self.names):
             if n not in mod.lora_A:
                 continue
             r = mod.r[n]
-            a[k, :, :r] = mod.lora_A[n].weight.t()
-            b[k, :r, :] = mod.lora_B[n].weight.t() * mod.scaling[n]
+            a[i, :, :r] = mod.lora_A[n].weight.t()
+            b[i, :r, :] = mod.lora_B[n].weight.t() * mod.scaling[n]
         # in the base layer's dtype (bf16 weights compute the delta in bf16; fp32 LoRA parameters keep their
         # gradients through the cast)
         dtype = mod.get_base_layer().weight.dtype
         return a.to(dtype), b.to(dtype), r_max
 
     def set_weights(self, weights: torch.Tensor | None) -> None:
-        """Switch to weighted mixing: ``weights`` (G, K) — or None to go back to routing (group k = adapter k)."""
+        """Switch to weighted mixing: ``weights`` (G, K) — or None to go back to routing (group i = adapter i)."""
         self._coef = {}
         self.row_weights = None
         if weights is None:
@@ -163,7 +163,7 @@ class LoraBank:
         self.weights = w
 
     def set_row_weights(self, weights: torch.Tensor | None) -> None:
-        """Per-row mode: row r of every forward uses ``W0 + sum_k weights[r, k] ΔW_k`` (``weights`` (n_rows, K)):
+        """Per-row mode: row r of every forward uses ``W0 + sum_i weights[r, i] ΔW_i`` (``weights`` (n_rows, K)):
         a one-hot row is one adapter, a zero row the base, any other a parameter mix — so rows of every mixing
         mode share one forward (``emorl serve``'s running batch). None leaves per-row mode."""
         self._coef = {}
@@ -185,8 +185,8 @@ class LoraBank:
             nz = w != 0
             hot = nz.sum(1) == 1
             one = hot & (w.max(1).values == 1)
-            groups = [(k, torch.nonzero(one & nz[:, k])[:, 0].to(w.device)) for k in range(w.shape[1])]
-            groups = [(k, idx) for k, idx in groups if len(idx)]
+            groups = [(i, torch.nonzero(one & nz[:, i])[:, 0].to(w.device)) for i in range(w.shape[1])]
+            groups = [(i, idx) for i, idx in groups if len(idx)]
             mixed = torch.nonzero(~one & nz.any(1))[:, 0]
             plan = (groups, mixed if len(mixed) else None)
             self._coef[-1] = plan  # type: ignore[assignment]
@@ -203,16 +203,16 @@ class LoraBank:
         t = flat.shape[1]
         out = flat.new_zeros(rows, t, b.shape[-1])
         groups, mixed = self._row_plan()
-        for k, idx in groups:
+        for i, idx in groups:
             m = len(idx) * t
             xg = pad_rows(flat[idx].reshape(1, m, -1), 1, safe_rows(m))
-            out[idx] = torch.bmm(torch.bmm(xg, a[k:k + 1]), b[k:k + 1].to(xg.dtype))[0, :m].view(len(idx), t, -1)
+            out[idx] = torch.bmm(torch.bmm(xg, a[i:i + 1]), b[i:i + 1].to(xg.dtype))[0, :m].view(len(idx), t, -1)
         if mixed is not None:
-            k = len(self.names)
+            n_adapters = len(self.names)
             xg = pad_rows(flat[mixed], 1)
-            xa = xg @ a.permute(1, 0, 2).reshape(a.shape[1], k * r_max)
+            xa = xg @ a.permute(1, 0, 2).reshape(a.shape[1], n_adapters * r_max)
             c = self.row_weights[mixed].to(device=xa.device, dtype=xa.dtype).repeat_interleave(r_max, dim=1)
-            out[mixed] = ((xa * c[:, None, :]) @ b.reshape(k * r_max, b.shape[-1]).to(xa.dtype))[:, :t]
+            out[mixed] = ((xa * c[:, None, :]) @ b.reshape(n_adapters * r_max, b.shape[-1]).to(xa.dtype))[:, :t]
         return out
 
     def _coef_for(self, r_max: int, ref: torch.Tensor) -> torch.Tensor:
@@ -246,17 +246,18 @@ class LoraBank:
             if any(isinstance(d, torch.nn.Dropout) and d.p > 0 for d in drops):
                 xg = torch.stack([d(xg[i]) if d is not None else xg[i] for i, d in enumerate(drops)])
         xg = pad_rows(xg, 1)  # a few rows per group (decode steps): the kernel of a full batch (MIN_GEMM_ROWS)
-        if self.weights is None:  # routed: group k -> adapter k
+        if self.weights is None:  # routed: group i -> adapter i
             delta = torch.bmm(torch.bmm(xg, a), b.to(xg.dtype))[:, :m].to(result.dtype)
             rg = result.view(groups, -1, result.shape[-1])
             if inplace:
                 rg.add_(delta)
                 return result
             return (rg + delta).view_as(result)
-        k = len(self.names)
-        xa = xg @ a.permute(1, 0, 2).reshape(a.shape[1], k * r_max)  # (G, m, K*r): every adapter's A at once
+        n_adapters = len(self.names)
+        xa = xg @ a.permute(1, 0, 2).reshape(a.shape[1], n_adapters * r_max)  # (G, m, K*r): every adapter's A at once
         xa = xa * self._coef_for(r_max, xa)
-        delta = (xa @ b.reshape(k * r_max, b.shape[-1]).to(xa.dtype))[:, :m].reshape(result.shape).to(result.dtype)
+        delta = (xa @ b.reshape(n_adapters * r_max, b.shape[-1]).to(xa.dtype))[:, :m]
+        delta = delta.reshape(result.shape).to(result.dtype)
         if inplace:
             return result.add_(delta)
         return result + delta
@@ -284,7 +285,7 @@ def _bank_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
 def lora_bank(model: Any, names: Sequence[str], weights: torch.Tensor | None = None) -> Iterator[LoraBank]:
     """Make every forward of ``model`` (a PeftModel with LoRA adapters ``names``) inside the context run the K
     adapters as one batched forward. ``weights=None``: rows laid out adapter-major in K equal groups; ``weights``
-    (G, K): rows in G equal groups, group g uses ``W0 + sum_k weights[g, k] ΔW_k``."""
+    (G, K): rows in G equal groups, group g uses ``W0 + sum_i weights[g, i] ΔW_i``."""
     bank = LoraBank(model, names, weights)
     patched: list[tuple[Any, Any]] = []
     try:

@@ -261,9 +261,10 @@ class RouteConfig:
     use_search: bool = _f(True, "Add the search's best point to the lattice, and the search log's per-prompt rows "
                                 "to the data where they exist.")
     method: Literal["auto", "knn", "ridge"] = _f(
-        "auto", "knn: mean best weights of the k most similar training prompts; ridge: ridge regression of every "
-                "lattice point's score, argmax; auto: the one with the higher cross-validated reward.")
-    k: int = _f(5, "knn: number of neighbours.")
+        "auto", "knn: mean best weights of the k nearest neighbours (the most similar training prompts); ridge: "
+                "ridge regression of every lattice point's score, argmax; auto: the one with the higher "
+                "cross-validated reward.")
+    k: int = _f(5, "knn: number of nearest neighbours (training prompts) whose best weights are averaged.")
     ridge_alpha: float = _f(1.0, "ridge: L2 penalty.")
     folds: int = _f(5, "Cross-validation folds over the training prompts (method=auto, and the reported fit).")
     fallback_percentile: float = _f(95.0, "A prompt whose nearest training prompt is farther (cosine distance) than "

@@ -1,7 +1,7 @@
 """The decode loop: one chunk of (weight point, prompt) pairs decoded step by step, and how big a chunk may be.
 
 Rows of a forward are laid out adapter-major: for a chunk of n (weight point, prompt) pairs, rows
-``[k*n:(k+1)*n]`` carry adapter k (the :func:`~emorl.lora_bank` layout), so the K adapters of a step run
+``[i*n:(i+1)*n]`` carry adapter i (the :func:`~emorl.lora_bank` layout), so the K adapters of a step run
 as one forward over the shared base. The prompt prefill runs once per adapter on the B prompts; its KV cache is
 then forked (row-indexed) for every weight point. Finished rows are dropped from the batch (their cache rows too)
 once they are a quarter of it, so early EOS saves work.
@@ -56,21 +56,24 @@ class DecodeSpec:
 
 
 def decode_chunk(stream: Stream, head: Head, bank: Any, spec: DecodeSpec, h0: torch.Tensor, state: dict[str, Any],
-                 group0: torch.Tensor, w_pairs: torch.Tensor, k: int, u: torch.Tensor | None, progress: Any = None,
-                 stats: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Decode n (point, prompt) pairs from a state of m row groups (k*m rows, adapter-major; k = 1 for params).
+                 group0: torch.Tensor, w_pairs: torch.Tensor, streams: int, u: torch.Tensor | None,
+                 progress: Any = None, stats: dict[str, Any] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Decode n (point, prompt) pairs from a state of m row groups (streams*m rows, adapter-major; one row per group
+    for params).
 
-    Pairs whose prompt and generated prefix are identical share one group — one set of K backbone rows — since
+    Pairs whose prompt and generated prefix are identical share one group — one backbone row per stream — since
     their hidden states are identical whatever their weights; a group splits when its pairs choose different
     tokens. So weight points that agree on a prefix pay for it once (exact: the same computation, done once).
-    ``k``: streams per group (the adapters, plus the base stream when ``spec.anchored``; 1 for params).
+    ``streams``: streams per group (the adapters, plus the base stream when ``spec.anchored``; ignored for params,
+    which decodes one merged stream).
     ``group0`` (n,): each pair's initial group (its prompt's row of the prefill); ``w_pairs`` (n, K);
     ``u`` (n, T) uniforms for sampling or None for greedy. Returns token ids (n, T) padded, lengths (n,), and
     the per-step mixed scores (n, T, V) if ``spec.output_scores``."""
     n, t_max = w_pairs.shape[0], spec.max_new_tokens
     dev = h0.device
     params = spec.mode == "params"
-    kk = 1 if params else k
+    width = 1 if params else streams  # backbone rows per group
     out = torch.full((n, t_max), spec.pad, dtype=torch.long, device=dev)
     lengths = torch.full((n,), t_max, dtype=torch.long, device=dev)
     scores_out = None
@@ -78,13 +81,13 @@ def decode_chunk(stream: Stream, head: Head, bank: Any, spec: DecodeSpec, h0: to
     eos = torch.tensor(spec.eos, dtype=torch.long, device=dev)
     grp = group0.clone()
     act = torch.arange(n, device=dev)  # the pairs still decoding
-    m = h0.shape[0] // kk
+    m = h0.shape[0] // width
     w_rows = w_pairs[grp] if params else None  # params: the bank's weights, one row per group (= pair)
     h = h0
     rows_done = syncs = 0
     for t in range(t_max):
         g_act = grp[act]
-        sc = mix_scores(spec.mode, h, kk, g_act, w_pairs[act], head, spec.anchored)
+        sc = mix_scores(spec.mode, h, width, g_act, w_pairs[act], head, spec.anchored)
         if spec.output_scores:
             if scores_out is None:
                 scores_out = torch.zeros(n, t_max, sc.shape[-1], dtype=torch.float32, device=dev)
@@ -98,7 +101,7 @@ def decode_chunk(stream: Stream, head: Head, bank: Any, spec: DecodeSpec, h0: to
         if spec.rows is not None:
             ended = spec.rows.ended(t, act, nxt, ended)
         lengths[act] = torch.where(ended, t + 1, lengths[act])
-        rows_done += kk * m
+        rows_done += width * m
         if progress is not None:
             progress.update(1)
         if t == t_max - 1:
@@ -139,16 +142,17 @@ def decode_chunk(stream: Stream, head: Head, bank: Any, spec: DecodeSpec, h0: to
         h = stream.step(feed, state)
     if stats is not None:
         stats["row_steps"] = stats.get("row_steps", 0) + rows_done
-        stats["row_steps_unshared"] = stats.get("row_steps_unshared", 0) + int(kk * lengths.sum())
+        stats["row_steps_unshared"] = stats.get("row_steps_unshared", 0) + int(width * lengths.sum())
         stats["host_syncs"] = stats.get("host_syncs", 0) + syncs  # the loop's own reads of device values
         stats["steps"] = stats.get("steps", 0) + t + 1
     return out, lengths, scores_out
 
 
-def derive_chunking(budget_bytes: float, per_row_token: float, length: int, vocab: int, k: int, mode: str,
+def derive_chunking(budget_bytes: float, per_row_token: float, length: int, vocab: int, streams: int, mode: str,
                     max_rows: int | None) -> int:
-    """How many backbone rows fit the memory budget: KV cache (+ its per-step copy) and the step's logits."""
-    per_row = 2.5 * per_row_token * length + 4.0 * vocab * (3 if mode in ("logits", "probs") else 1.0 / k)
+    """How many backbone rows fit the memory budget: KV cache (+ its per-step copy) and the step's logits (one
+    vocabulary row per pair, shared by its ``streams`` rows, unless the mode takes every stream's logits)."""
+    per_row = 2.5 * per_row_token * length + 4.0 * vocab * (3 if mode in ("logits", "probs") else 1.0 / streams)
     rows = max(1, int(budget_bytes // max(per_row, 1.0)))
     if max_rows is not None:
         rows = min(rows, max_rows)

@@ -51,7 +51,7 @@ def is_scale_invariant(mode: str, anchor: str) -> bool:
 
 # ------------------------------------------------------------------------------------------------ weights
 
-def check_weights(weights: Any, k: int, normalize: bool = False, names: list[str] | None = None,
+def check_weights(weights: Any, n_adapters: int, normalize: bool = False, names: list[str] | None = None,
                   allow_zero: bool = False) -> tuple[np.ndarray, bool]:
     """Validate mixing weights before any work: a K-vector or a G×K matrix, finite, >= 0, no all-zero point
     (unless ``allow_zero``: an anchored point w = 0 is the base model).
@@ -67,9 +67,10 @@ def check_weights(weights: Any, k: int, normalize: bool = False, names: list[str
     if single:
         w = w[None, :]
     if w.ndim != 2 or w.shape[0] == 0:
-        raise EmorlError(f"weights: expected a vector of {k} or a G×{k} matrix, got shape {np.shape(weights)}")
-    if w.shape[1] != k:
-        raise EmorlError(f"weights: each point needs {k} weights, one per adapter{label}; got {w.shape[1]}")
+        raise EmorlError(f"weights: expected a vector of {n_adapters} or a G×{n_adapters} matrix, got shape "
+                         f"{np.shape(weights)}")
+    if w.shape[1] != n_adapters:
+        raise EmorlError(f"weights: each point needs {n_adapters} weights, one per adapter{label}; got {w.shape[1]}")
     for g, row in enumerate(w):
         where = "weights" if single else f"weights[{g}]"
         if not np.isfinite(row).all():
@@ -86,12 +87,13 @@ def check_weights(weights: Any, k: int, normalize: bool = False, names: list[str
 
 # ------------------------------------------------------------------------------------------------ scores
 
-def mix_scores(mode: str, h: torch.Tensor, k: int, rows: torch.Tensor, w: torch.Tensor, head: Head,
+def mix_scores(mode: str, h: torch.Tensor, streams: int, rows: torch.Tensor, w: torch.Tensor, head: Head,
                anchored: bool = False) -> torch.Tensor:
-    """Next-token scores (a, V) of ``a`` pairs. ``h`` (k*m, H): hidden states of m row groups, stream-major (k
-    streams: the adapters, then the base stream if ``anchored``); ``rows`` (a,): each pair's group; ``w`` (a, K):
-    each pair's adapter weights (unused for ``params``, where k = 1). Anchored: (1 - sum w) x_0 + sum w_k x_k."""
-    hk = h.view(k, -1, h.shape[-1])
+    """Next-token scores (a, V) of ``a`` pairs. ``h`` (streams*m, H): hidden states of m row groups, stream-major
+    (``streams`` streams: the adapters, then the base stream if ``anchored``); ``rows`` (a,): each pair's group;
+    ``w`` (a, K): each pair's adapter weights (unused for ``params``, where streams = 1). Anchored:
+    (1 - sum w) x_0 + sum w_k x_k."""
+    hk = h.view(streams, -1, h.shape[-1])
     if mode == "params":
         return head(hk[0, rows])
     wt = w.t().to(torch.float32)[:, :, None]  # (K, a, 1)
@@ -99,7 +101,7 @@ def mix_scores(mode: str, h: torch.Tensor, k: int, rows: torch.Tensor, w: torch.
         wt = torch.cat([wt, 1.0 - wt.sum(0, keepdim=True)])  # the base stream's weight
     if mode == "hidden":
         return head((hk[:, rows].to(torch.float32) * wt).sum(0))
-    ls = torch.log_softmax(head(h), dim=-1).view(k, hk.shape[1], -1)[:, rows]  # head once per group, then gather
+    ls = torch.log_softmax(head(h), dim=-1).view(streams, hk.shape[1], -1)[:, rows]  # head once per group, then gather
     if mode == "logits":
         return (ls * wt).sum(0)
     return torch.logsumexp(ls + torch.log(wt), dim=0)  # probs: log sum_k w_k p_k

@@ -122,7 +122,8 @@ class EnsembleModel:
         return cls(base or load_base(cfg.model), folders, **kwargs)
 
     @property
-    def k(self) -> int:
+    def n_adapters(self) -> int:
+        """How many adapters the ensemble mixes: the length of every weight vector."""
         return len(self.names)
 
     @property
@@ -186,7 +187,8 @@ class EnsembleModel:
         t0 = time.perf_counter()
         stops = _check_args(prompts, mode, max_new_tokens, do_sample, temperature, top_k, top_p, stop)
         rule = weight_rule(mode, anchor)
-        w_np, single = check_weights(weights, self.k, rule == "convex", self.names, allow_zero=rule == "anchored")
+        w_np, single = check_weights(weights, self.n_adapters, rule == "convex", self.names,
+                                     allow_zero=rule == "anchored")
         self.verify_head()
 
         texts = list(prompts) if formatted else format_prompts(self.tokenizer, list(prompts), self.base.is_seq2seq,
@@ -202,14 +204,14 @@ class EnsembleModel:
             stop_criteria = StopStringCriteria(self.tokenizer, stops)
         # adapters with zero weight at every point contribute nothing: leave them out of the batch. The base stream
         # (anchored mixing) runs only if some point's weights do not sum to 1 (where they do, it has weight 0).
-        used = [i for i in range(self.k) if (w_np[:, i] > 0).any()]
+        used = [i for i in range(self.n_adapters) if (w_np[:, i] > 0).any()]
         names = [self.names[i] for i in used]
         w_used = torch.tensor(w_np[:, used], dtype=torch.float32, device=self.device)
         anchored = mode != "params" and rule == "anchored" and bool((np.abs(w_np.sum(1) - 1.0) > 0).any())
         if anchored:
             names.append(BASE_SLOT)
-        k = len(names)
-        trunk = self.trunk(names) if mode != "params" and k > 1 else 0  # one stream: nothing to share
+        streams = len(names)  # rows per row group: the used adapters, + the base stream when anchored (params: 1 row)
+        trunk = self.trunk(names) if mode != "params" and streams > 1 else 0  # one stream: nothing to share
         spec = DecodeSpec(mode, max_new_tokens, min(min_new_tokens, max_new_tokens), do_sample, temperature, top_k,
                           top_p, self.eos, self.pad, stop_criteria, output_scores, anchored)
         u_all = None
@@ -222,8 +224,8 @@ class EnsembleModel:
         scores_out: torch.Tensor | None = None
         budget = memory_budget_gb * 2**30 if memory_budget_gb else default_budget(self.device)
         rows = derive_chunking(budget, self._kv_per_token, ids.shape[1] + max_new_tokens,
-                               self.head.lm_head.weight.shape[0], max(k, 1), mode, max_rows)
-        plan = self._plan(n_prompts, n_points, k, rows, mode)
+                               self.head.lm_head.weight.shape[0], max(streams, 1), mode, max_rows)
+        plan = self._plan(n_prompts, n_points, streams, rows, mode)
         capacity = (1 if self.base.is_seq2seq else ids.shape[1]) + max_new_tokens  # self-attention cache length
         pbar = None
         if progress:
@@ -243,19 +245,20 @@ class EnsembleModel:
                     group0 = torch.arange(len(b_idx), device=self.device)
                     if cap is not None:
                         state = Stream.select(state, group0, cap)
-                else:  # prefill K adapters x this prompt block once; every chunk of points starts from a copy
+                else:  # prefill every stream x this prompt block once; every chunk of points starts from a copy
                     block = torch.unique(b_idx)
                     if prefill is None or not torch.equal(prefill[0], block):
                         prefill = None  # free the previous block's cache first
-                        h_blk, st_blk = self.stream.prefill(ids[block], mask[block], k, trunk)
+                        h_blk, st_blk = self.stream.prefill(ids[block], mask[block], streams, trunk)
                         prefill = (block, h_blk, st_blk)
                     _, h0, st_blk = prefill
                     state = Stream.select(st_blk, torch.arange(len(block), device=self.device), cap)
                     group0 = torch.searchsorted(block, b_idx)  # pairs of one prompt share rows until they diverge
-                stats["rows_per_chunk"] = max(stats["rows_per_chunk"], len(g_idx) * (1 if mode == "params" else k))
+                width = 1 if mode == "params" else streams  # backbone rows per pair
+                stats["rows_per_chunk"] = max(stats["rows_per_chunk"], len(g_idx) * width)
                 u = None if u_all is None else u_all[g_idx, b_idx]
-                toks, lens, scs = decode_chunk(self.stream, self.head, bank, spec, h0, state, group0, w_pairs, k, u,
-                                               pbar, stats)
+                toks, lens, scs = decode_chunk(self.stream, self.head, bank, spec, h0, state, group0, w_pairs, streams,
+                                               u, pbar, stats)
                 del state, h0
                 tok_out[g_idx, b_idx] = toks
                 len_out[g_idx, b_idx] = lens
@@ -272,17 +275,18 @@ class EnsembleModel:
         return GenerationResult(list(prompts), list(self.names), mode, w_np, all_texts, tok_out.cpu(), len_out.cpu(),
                                 single, scores_out, stats, anchor if rule == "anchored" else "none")
 
-    def _plan(self, n_prompts: int, n_points: int, k: int, rows: int, mode: str
+    def _plan(self, n_prompts: int, n_points: int, streams: int, rows: int, mode: str
               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Chunks of (point, prompt) pairs, each within ``rows`` backbone rows. Mixing modes: prompt blocks (each
-        prefilled once) x groups of whole points; params: consecutive pairs, point-major."""
+        """Chunks of (point, prompt) pairs, each within ``rows`` backbone rows (``streams`` rows per pair in the
+        mixing modes). Mixing modes: prompt blocks (each prefilled once) x groups of whole points; params: consecutive
+        pairs, point-major."""
         dev = self.device
         if mode == "params":
             g_all = torch.arange(n_points, device=dev).repeat_interleave(n_prompts)
             b_all = torch.arange(n_prompts, device=dev).repeat(n_points)
             return [(g_all[i:i + rows], b_all[i:i + rows]) for i in range(0, len(g_all), rows)]
-        block = min(n_prompts, max(1, rows // k))
-        pts = max(1, rows // (k * block))
+        block = min(n_prompts, max(1, rows // streams))
+        pts = max(1, rows // (streams * block))
         plan = []
         for b0 in range(0, n_prompts, block):
             b_sel = torch.arange(b0, min(b0 + block, n_prompts), device=dev)

@@ -174,7 +174,7 @@ def generate_pairs(ens: Any, names: Sequence[str], mode: str, pairs: Sequence[Pa
     used = [i for i in range(len(names)) if (w[:, i] > 0).any()]
     bank_names = [names[i] for i in used] + ([BASE_SLOT] if anchored else [])
     w_used = torch.tensor(w[:, used], dtype=torch.float32, device=dev)
-    k = len(bank_names)
+    streams = len(bank_names)
     texts = list(dict.fromkeys(p.text for p in pairs))  # pairs of one prompt share its prefill rows
     b_idx = torch.tensor([texts.index(p.text) for p in pairs], dtype=torch.long, device=dev)
     limit = max_prompt_tokens or ens.base.config.max_prompt_tokens
@@ -200,11 +200,11 @@ def generate_pairs(ens: Any, names: Sequence[str], mode: str, pairs: Sequence[Pa
             group0 = torch.arange(len(pairs), device=dev)
             if cap is not None:
                 state = Stream.select(state, group0, cap)
-        else:  # K adapter rows per distinct prompt, prefilled once
-            h0, st = ens.stream.prefill(ids, mask, k, ens.trunk(bank_names))
+        else:  # one row per stream (adapters, + base) per distinct prompt, prefilled once
+            h0, st = ens.stream.prefill(ids, mask, streams, ens.trunk(bank_names))
             state = Stream.select(st, torch.arange(ids.shape[0], device=dev), cap)
             group0 = b_idx
-        decode_chunk(ens.stream, ens.head, bank, spec, h0, state, group0, w_used, k, u)
+        decode_chunk(ens.stream, ens.head, bank, spec, h0, state, group0, w_used, streams, u)
     missing = [i for i, r in enumerate(rows.results) if r is None]
     if missing:  # decode_chunk ends every pair through the hook; this would be a bug
         raise EmorlError(f"generate_pairs: pairs {missing} did not finish")

@@ -82,11 +82,11 @@ def cpu_row_padding(layers: Any) -> Iterator[None]:
 class FanOut:
     """Forward pre-hooks on the decoder layers from the first adapted one up: the trunk below ran on one row per
     group (m rows); there every batch tensor argument (hidden states, masks, rotary tables, T5's position biases
-    and encoder states) becomes k copies, stream-major (row j*m + g is stream j of group g: the LoRA bank's layout).
-    Arguments already k*m rows (set by a layer above the first) pass unchanged."""
+    and encoder states) becomes ``streams`` copies, stream-major (row j*m + g is stream j of group g: the LoRA bank's
+    layout). Arguments already streams*m rows (set by a layer above the first) pass unchanged."""
 
-    def __init__(self, layers: Any, k: int, m: int) -> None:
-        self.layers, self.k, self.m = list(layers), k, m
+    def __init__(self, layers: Any, streams: int, m: int) -> None:
+        self.layers, self.streams, self.m = list(layers), streams, m
         self.handles: list[Any] = []
         self.memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # one expansion per tensor per forward
 
@@ -97,7 +97,7 @@ class FanOut:
             return x
         hit = self.memo.get(id(x))
         if hit is None or hit[0] is not x:
-            hit = (x, x.repeat(self.k, *([1] * (x.ndim - 1))))
+            hit = (x, x.repeat(self.streams, *([1] * (x.ndim - 1))))
             self.memo[id(x)] = hit
         return hit[1]
 
@@ -117,11 +117,11 @@ class FanOut:
 class Stream:
     """Prefill and one-token steps of a causal or seq2seq backbone with a KV cache; hidden states out.
 
-    A state holds ``k`` streams (the adapters, + the base) of m row groups. Without a shared trunk every row of
-    every stream is computed (k*m rows, stream-major). With ``trunk`` = L > 0 (no adapter below decoder layer L) the
-    inputs, the encoder and layers 0..L-1 run on the m groups once and :class:`FanOut` expands them into the k
-    streams at layer L; the cache of layers below L holds m rows, the others k*m. Hidden states out are always
-    k*m rows, stream-major. Tokens in are one per group."""
+    A state holds ``streams`` streams (the adapters, + the base) of m row groups. Without a shared trunk every row
+    of every stream is computed (streams*m rows, stream-major). With ``trunk`` = L > 0 (no adapter below decoder
+    layer L) the inputs, the encoder and layers 0..L-1 run on the m groups once and :class:`FanOut` expands them into
+    the streams at layer L; the cache of layers below L holds m rows, the others streams*m. Hidden states out are
+    always streams*m rows, stream-major. Tokens in are one per group."""
 
     def __init__(self, lm: Any, is_seq2seq: bool, decoder_start: int | None) -> None:
         from emorl.layer_spec import layer_stack
@@ -140,34 +140,35 @@ class Stream:
     def _fan(self, st: dict[str, Any], m: int) -> Any:
         if not st["trunk"]:
             return contextlib.nullcontext()
-        return FanOut(self.layers[st["trunk"]:], st["k"], m)
+        return FanOut(self.layers[st["trunk"]:], st["streams"], m)
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, k: int = 1, trunk: int = 0
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, streams: int = 1, trunk: int = 0
                 ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Run the prompts ``ids`` (m rows, one per group) through k streams; ``trunk``: layers shared below."""
-        trunk = trunk if k > 1 else 0
+        """Run the prompts ``ids`` (m rows, one per group) through ``streams`` streams; ``trunk``: layers shared
+        below."""
+        trunk = trunk if streams > 1 else 0
         if not trunk:  # every stream computes every layer
-            ids, mask = ids.repeat(k, 1), mask.repeat(k, 1)
+            ids, mask = ids.repeat(streams, 1), mask.repeat(streams, 1)
         if self.is_seq2seq:
             from transformers import DynamicCache, EncoderDecoderCache
 
             enc = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-            st: dict[str, Any] = {"enc": enc, "mask": mask, "cache": cache, "k": k, "trunk": trunk}
-            m = ids.shape[0] if trunk else ids.shape[0] // k
+            st: dict[str, Any] = {"enc": enc, "mask": mask, "cache": cache, "streams": streams, "trunk": trunk}
+            m = ids.shape[0] if trunk else ids.shape[0] // streams
             start = torch.full((m,), self.decoder_start, dtype=torch.long, device=ids.device)
             return self.step(start, st), st
         pos = position_ids(mask)
-        with self._fan({"k": k, "trunk": trunk}, ids.shape[0]):
+        with self._fan({"streams": streams, "trunk": trunk}, ids.shape[0]):
             out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        st = {"cache": output_cache(out), "mask": mask, "pos": pos[:, -1] + 1, "k": k, "trunk": trunk}
+        st = {"cache": output_cache(out), "mask": mask, "pos": pos[:, -1] + 1, "streams": streams, "trunk": trunk}
         return out.last_hidden_state[:, -1], st
 
     def step(self, tokens: torch.Tensor, st: dict[str, Any]) -> torch.Tensor:
-        """One token per group (m,) into every stream; the k*m rows' last hidden states out."""
+        """One token per group (m,) into every stream; the streams*m rows' last hidden states out."""
         m = tokens.shape[0]
         if not st["trunk"]:
-            tokens = tokens.repeat(st["k"])
+            tokens = tokens.repeat(st["streams"])
         with self._fan(st, m):
             if self.is_seq2seq:
                 out = self.decoder(input_ids=tokens[:, None], encoder_hidden_states=st["enc"],
@@ -186,9 +187,9 @@ class Stream:
         """A new state holding row groups ``groups`` (indices into the m groups; the old state stays valid: used
         to fork one prefill many times); ``capacity``: preallocate the self-attention cache to that many
         positions."""
-        k, trunk = st["k"], st["trunk"]
-        m = st["mask"].shape[0] if trunk else st["mask"].shape[0] // k
-        rows = (groups[None, :] + m * torch.arange(k, device=groups.device)[:, None]).reshape(-1)
+        streams, trunk = st["streams"], st["trunk"]
+        m = st["mask"].shape[0] if trunk else st["mask"].shape[0] // streams
+        rows = (groups[None, :] + m * torch.arange(streams, device=groups.device)[:, None]).reshape(-1)
         per_group = groups if trunk else rows  # the state's tensors: one row per group (trunk) or per stream row
         out = {key: (v.index_select(0, per_group) if isinstance(v, torch.Tensor) else v) for key, v in st.items()}
         out["cache"] = fork_cache(st["cache"], rows, capacity, (trunk, groups))

@@ -18,12 +18,12 @@ import numpy as np
 from emorl.config import GenerationConfig
 
 
-def box_lattice(k: int, step: float, w_max: float) -> np.ndarray:
+def box_lattice(n_adapters: int, step: float, w_max: float) -> np.ndarray:
     """Every point of {0, step, ..., w_max}^K except the origin, in lexicographic order."""
     n = int(round(w_max / step))
     axis = [round(i * step, 10) for i in range(n + 1)]
-    pts = [p for p in itertools.product(axis, repeat=k) if any(p)]
-    return np.array(pts, dtype=float).reshape(-1, k)
+    pts = [p for p in itertools.product(axis, repeat=n_adapters) if any(p)]
+    return np.array(pts, dtype=float).reshape(-1, n_adapters)
 
 
 def _ray(w: Sequence[float]) -> tuple[Fraction, ...]:

@@ -55,9 +55,9 @@ def linear_gaps(actual: np.ndarray, predicted: np.ndarray, *, resamples: int = 2
             "per_point": [{"gap": d["mean"], "ci95": d["ci95"]} for d in per_point]}
 
 
-def sweep_points(k: int, pair: tuple[int, int]) -> np.ndarray:
+def sweep_points(n_adapters: int, pair: tuple[int, int]) -> np.ndarray:
     """The 11 points (t, 1 − t) on the edge between adapters ``pair`` (others 0), t = 0, 0.1, ..., 1."""
-    pts = np.zeros((SWEEP_POINTS, k))
+    pts = np.zeros((SWEEP_POINTS, n_adapters))
     t = np.linspace(0.0, 1.0, SWEEP_POINTS)
     pts[:, pair[0]], pts[:, pair[1]] = t, 1.0 - t
     return pts

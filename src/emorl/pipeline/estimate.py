@@ -113,7 +113,7 @@ REWARD_S = 0.02
 PLOT_S = 2.0
 
 
-def stream_width(key: str | None, anchor: str, k: int) -> tuple[int, bool]:
+def stream_width(key: str | None, anchor: str, n_adapters: int) -> tuple[int, bool]:
     """(backbone rows per prompt, whether weight points share the prefill) of a mix: params one merged stream (its
     prefill re-run per point); the other modes K adapter streams, plus the base stream when base-anchored."""
     if key is None:
@@ -121,7 +121,7 @@ def stream_width(key: str | None, anchor: str, k: int) -> tuple[int, bool]:
     if key.startswith("params"):
         return 1, False
     convex = key.endswith("-convex") or key.startswith("probs") or anchor == "none"
-    return k + (0 if convex else 1), True
+    return n_adapters + (0 if convex else 1), True
 
 
 def estimate(plan: Plan, speed: Speed) -> None:
@@ -132,7 +132,7 @@ def estimate(plan: Plan, speed: Speed) -> None:
 
     cfg, t = plan.cfg, plan.cfg.train
     prompt_len = 0.6 * cfg.model.max_prompt_tokens + PAD_MULTIPLE  # a typical batch's width, aligned padding included
-    k_obj = len(plan.objectives)
+    n_obj = len(plan.objectives)
 
     def mix(points: int, prompts: int, width: int, shared: bool, tokens: int) -> float:
         """One ensemble decode of ``points`` weight points x ``prompts`` prompts, ``width`` rows per prompt."""
@@ -147,7 +147,7 @@ def estimate(plan: Plan, speed: Speed) -> None:
         ra, rb = speed.rollout or (speed.a, speed.b + speed.prefill_token * prompt_len / tok)
 
         def sampled(n: int) -> float:  # n rows sampled and scored as rollouts are (validation too)
-            return ROLLOUT_FACTOR * tok * (ra + rb * n) + speed.reward_s * n * k_obj
+            return ROLLOUT_FACTOR * tok * (ra + rb * n) + speed.reward_s * n * n_obj
 
         step = sampled(rows) + LOSS_FACTOR * speed.prefill_token * rows * (prompt_len + tok)
         val = sampled(policies * t.val_prompts * t.val_samples)
@@ -172,46 +172,46 @@ def estimate(plan: Plan, speed: Speed) -> None:
         n_seeds = len(search_seeds(sc.seeds, sc.generation))
         n_re = min(sc.reeval_prompts or n_val, n_val) * len(search_seeds(sc.reeval_seeds, sc.generation))
     for s in search_todo:
-        width, shared = stream_width(s.name, sc.anchor, k_obj)
-        n = expected_evaluations(k_obj, sc.iterations)
+        width, shared = stream_width(s.name, sc.anchor, n_obj)
+        n = expected_evaluations(n_obj, sc.iterations)
         if width != 1 and s.name.endswith("-convex"):
             n = round(n * CONVEX_DECODED)  # points on one ray share a decode
         calls = -(-n // sc.batch_points)
         tok = sc.generation.max_new_tokens
         decode = n_seeds * calls * mix(min(n, sc.batch_points), n_p, width, shared, tok)
         reeval = mix(sc.reeval_top, n_re, width, shared, tok) if sc.reeval_top else 0.0
-        s.estimate_s = decode + reeval + (n * n_p * n_seeds + sc.reeval_top * n_re) * speed.reward_s * k_obj + PLOT_S
+        s.estimate_s = decode + reeval + (n * n_p * n_seeds + sc.reeval_top * n_re) * speed.reward_s * n_obj + PLOT_S
     for s in plan.todo("route"):  # the lattice (plus the search's best) x the router's prompts, per seed
         from math import comb
 
         rc, g = cfg.route, cfg.eval.generation
-        pts = comb(round(1 / rc.step) + k_obj - 1, k_obj - 1) + 1
+        pts = comb(round(1 / rc.step) + n_obj - 1, n_obj - 1) + 1
         n = rc.prompts or 64
-        s.estimate_s = len(rc.seeds) * (mix(pts, n, k_obj, True, g.max_new_tokens) + pts * n * speed.reward_s * k_obj)
+        s.estimate_s = len(rc.seeds) * (mix(pts, n, n_obj, True, g.max_new_tokens) + pts * n * speed.reward_s * n_obj)
     for s in plan.todo("evaluate"):
         from emorl.methods import decode_seeds
 
         seeds = len(decode_seeds(cfg))
         g = cfg.eval.generation
         n = cfg.eval.prompts or 64
-        widths = [stream_width(method_kind(m)[1], cfg.search.anchor, k_obj)[0]
+        widths = [stream_width(method_kind(m)[1], cfg.search.anchor, n_obj)[0]
                   if method_kind(m)[0] in ("ensemble", "routed") else 1 for m in plan.methods]
-        s.estimate_s = seeds * sum(mix(1, n, w, True, g.max_new_tokens) + n * speed.reward_s * k_obj for w in widths)
+        s.estimate_s = seeds * sum(mix(1, n, w, True, g.max_new_tokens) + n * speed.reward_s * n_obj for w in widths)
     for s in plan.todo("front"):
         from emorl.methods import decode_seeds
 
         fc, g = cfg.front, cfg.eval.generation
-        lattice = (int(round(fc.w_max / fc.step)) + 1) ** k_obj
+        lattice = (int(round(fc.w_max / fc.step)) + 1) ** n_obj
         n = min(fc.prompts or 10**9, cfg.eval.prompts or 64)
         seeds = len(fc.seeds or decode_seeds(cfg))
         jobs = [(m, lattice, cfg.search.anchor) for m in fc.modes] + [
             (m, 11, "none") for m in (fc.sweep_modes if fc.sweep else [])]  # the sweep: convex pools
         total = 0.0
         for m, points, anchor in jobs:
-            width, shared = stream_width(m, anchor, k_obj)
+            width, shared = stream_width(m, anchor, n_obj)
             chunk = min(points, fc.batch_points)
             total += seeds * -(-points // fc.batch_points) * mix(chunk, n, width, shared, g.max_new_tokens)
-            total += points * n * seeds * speed.reward_s * k_obj
+            total += points * n * seeds * speed.reward_s * n_obj
         s.estimate_s = total
     for s in plan.todo("report"):
         s.estimate_s = 1.0 + 0.5 * len(plan.modes)  # measured: 1 s on the default and tiny presets

@@ -58,23 +58,23 @@ class RouterData:
         return self.blocks[0]
 
 
-def simplex_lattice(k: int, step: float) -> np.ndarray:
+def simplex_lattice(n_adapters: int, step: float) -> np.ndarray:
     """Every point of the K-simplex whose coordinates are multiples of ``step`` (rows sum to 1), in a fixed order."""
     n = round(1 / step)
-    if k < 1 or not 0 < step <= 1 or abs(n * step - 1) > 1e-9:
+    if n_adapters < 1 or not 0 < step <= 1 or abs(n * step - 1) > 1e-9:
         raise EmorlError(f"route.step={step}: 1/step must be a whole number (0.5, 0.25, 0.2, 0.1, ...)")
-    pts = [c for c in itertools.product(range(n + 1), repeat=k) if sum(c) == n]
+    pts = [c for c in itertools.product(range(n + 1), repeat=n_adapters) if sum(c) == n]
     return np.array(pts, dtype=np.float64)[::-1] / n
 
 
-def box_lattice(k: int, step: float, w_max: float) -> np.ndarray:
+def box_lattice(n_adapters: int, step: float, w_max: float) -> np.ndarray:
     """Every point of the box [0, w_max]^K whose coordinates are multiples of ``step`` · w_max, in a fixed order
     (K=3, step 0.5: 27 points; the all-zero point is the base model under the anchored rule)."""
     n = round(1 / step)
-    if k < 1 or not 0 < step <= 1 or abs(n * step - 1) > 1e-9 or not w_max > 0:
+    if n_adapters < 1 or not 0 < step <= 1 or abs(n * step - 1) > 1e-9 or not w_max > 0:
         raise EmorlError(f"route.step={step}: 1/step must be a whole number (1, 0.5, 0.25, ...) and search.w_max > 0 "
                          f"(got {w_max})")
-    return np.array(list(itertools.product(range(n + 1), repeat=k)), dtype=np.float64) * (w_max / n)
+    return np.array(list(itertools.product(range(n + 1), repeat=n_adapters)), dtype=np.float64) * (w_max / n)
 
 
 # The router mixes by the anchored rule, so its global point is the anchored EMORL search's (``hidden`` with

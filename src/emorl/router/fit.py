@@ -2,7 +2,8 @@
 
 Two predictors over the training prompts' unit-norm embeddings E and their per-point aggregate scores:
 
-* ``knn``: the mean of the best weight points of the ``k`` training prompts most similar (cosine) to the prompt.
+* ``knn``: the mean of the best weight points of the ``k`` nearest neighbours: the training prompts most similar
+  (cosine) to the prompt.
 * ``ridge``: a ridge regression from the embedding to every lattice point's score; the argmax point.
 
 ``method="auto"`` keeps the one with the higher cross-validated reward (``folds`` folds over the lattice prompts,
@@ -41,7 +42,7 @@ class Router:
     points: np.ndarray  # (P, K) lattice points (ridge's classes)
     global_weights: np.ndarray  # (K,)
     threshold: float  # fallback: cosine distance to the nearest training prompt
-    k: int = 5
+    k: int = 5  # knn: number of nearest neighbours (route.k), not adapters
     coef: np.ndarray | None = None  # ridge: (P, d)
     intercept: np.ndarray | None = None  # ridge: (P,)
     info: dict[str, Any] = field(default_factory=dict)
@@ -112,7 +113,8 @@ def cross_validate(emb: np.ndarray, table: np.ndarray, points: np.ndarray, *, k:
 def fit_router(data: RouterData, emb_blocks: list[np.ndarray], objective_weights: np.ndarray, *, method: str = "auto",
                k: int = 5, alpha: float = 1.0, folds: int = 5, percentile: float = 95.0, seed: int = 0,
                global_weights: np.ndarray | None = None) -> Router:
-    """Fit on ``data`` (its blocks' embeddings in ``emb_blocks``, one (B_i, d) array per block)."""
+    """Fit on ``data`` (its blocks' embeddings in ``emb_blocks``, one (B_i, d) array per block); ``k``: knn's number
+    of nearest neighbours."""
     if method not in (*METHODS, "auto"):
         raise EmorlError(f"route.method={method!r}: choose knn, ridge or auto")
     if k < 1 or folds < 2 or not 0 < percentile <= 100 or alpha < 0:
