@@ -47,7 +47,8 @@ def add_adapters(base: Base, names: list[str], cfg: LoraConfig, seed: int = 0) -
     from emorl.sampling import seeded_rng, stable_seed
 
     model = base.model
-    pcfg = peft_lora_config(cfg, base.is_seq2seq, model.get_base_model() if isinstance(model, PeftModel) else model)
+    lm = model.base_model.model if isinstance(model, PeftModel) else model  # not get_base_model(): the active
+    pcfg = peft_lora_config(cfg, base.is_seq2seq, lm)  # adapter may have been deleted (a base reused across runs)
     for n in names:
         with seeded_rng(stable_seed(seed, n, "lora-init"), base.device):
             if isinstance(model, PeftModel):
