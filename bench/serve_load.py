@@ -230,14 +230,10 @@ def agreement(url: str, engine: Any, n: int, max_tokens: int) -> dict[str, Any]:
     return {"requests": n, "max_tokens": max_tokens, "identical": same, "served_seconds": round(served_s, 1)}
 
 
-def flood(url: str, engine: Any, n: int, seconds: float, objectives: list[str]) -> dict[str, Any]:
-    """``n`` plain requests spread evenly over ``seconds``: how many are served and how many answered 429, and the
-    process's peak memory against the KV budget."""
-    import resource
-
+def flood_codes(url: str, n: int, seconds: float, objectives: list[str]) -> tuple[list[int], float]:
+    """``n`` plain requests (24-64 new tokens each) spread evenly over ``seconds``: each one's HTTP status."""
     import httpx
 
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     reqs = workload(n, objectives, 5, 0.0, 1.0)
     codes: list[int] = []
     lock = threading.Lock()
@@ -246,7 +242,7 @@ def flood(url: str, engine: Any, n: int, seconds: float, objectives: list[str]) 
         body = {**req, "stream": False}
         body.pop("stream_options")
         try:
-            code = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=None).status_code
+            code = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=900).status_code
         except httpx.HTTPError:
             code = -1
         with lock:
@@ -259,13 +255,75 @@ def flood(url: str, engine: Any, n: int, seconds: float, objectives: list[str]) 
         threads.append(threading.Thread(target=send, args=(req,), daemon=True))
         threads[-1].start()
     for t in threads:
-        t.join()
+        t.join(960)
+    return codes, time.perf_counter() - t0
+
+
+def flood(url: str, engine: Any, n: int, seconds: float, objectives: list[str]) -> dict[str, Any]:
+    """The flood against the in-process server: served, 429s and the KV reserved (the process's RSS also holds the
+    client threads, so ``--flood-process`` measures the server's memory)."""
+    import resource
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    codes, secs = flood_codes(url, n, seconds, objectives)
     return {"requests": n, "over_s": seconds, "served": codes.count(200), "429": codes.count(429),
             "other": len(codes) - codes.count(200) - codes.count(429), "max_queue": engine.max_queue,
             "kv_budget_mb": round(engine.kv_budget / 2**20, 1),
             "max_kv_reserved_mb": round(engine.stats["max_kv_bytes_reserved"] / 2**20, 1),
-            "peak_rss_mb_before": round(rss0), "seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_mb_before": round(rss0), "seconds": round(secs, 1),
             "peak_rss_mb_after": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def _proc_mb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def flood_process(run: str, n: int, seconds: float, max_queue: int, kv_budget_mb: float) -> dict[str, Any]:
+    """The flood against ``emorl serve`` in its own process (loopback, stopped at the end): its peak RSS (VmHWM)
+    against its RSS once loaded plus the KV budget, the 429s, and the served."""
+    import os
+    import subprocess
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "emorl.cli", "serve", "--run", run, "--port", str(port), "--max-queue",
+           str(max_queue), "--kv-budget-mb", str(kv_budget_mb)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        for _ in range(1200):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        objectives = httpx.get(f"{url}/v1/objectives", timeout=30).json()["objectives"]
+        warm = {**workload(1, objectives, 99, 0.0, 1.0)[0], "stream": False}
+        warm.pop("stream_options")
+        httpx.post(f"{url}/v1/chat/completions", json=warm, timeout=600)  # loaded and warmed up
+        loaded = _proc_mb(proc.pid, "VmRSS")
+        codes, secs = flood_codes(url, n, seconds, objectives)
+        stats = httpx.get(f"{url}/health", timeout=30).json()["stats"]
+        peak = _proc_mb(proc.pid, "VmHWM")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return {"requests": n, "over_s": seconds, "served": codes.count(200), "429": codes.count(429),
+            "other": len(codes) - codes.count(200) - codes.count(429), "max_queue": max_queue,
+            "kv_budget_mb": kv_budget_mb, "max_kv_reserved_mb": round(stats["max_kv_bytes_reserved"] / 2**20, 1),
+            "server_rss_mb_loaded": round(loaded), "server_peak_rss_mb": round(peak),
+            "peak_within_loaded_plus_budget": peak <= loaded + kv_budget_mb, "seconds": round(secs, 1)}
 
 
 def main() -> int:
@@ -289,11 +347,20 @@ def main() -> int:
     ap.add_argument("--flood", type=int, default=0, help="also send this many plain requests in --flood-seconds "
                     "(step scheduler, --max-queue, --kv-budget-mb) and count the served and the 429s")
     ap.add_argument("--flood-seconds", type=float, default=10.0)
+    ap.add_argument("--flood-process", action="store_true", help="only the flood, against `emorl serve` in its own "
+                    "process (its peak RSS against its loaded RSS + --kv-budget-mb, default 256)")
     ap.add_argument("--max-queue", type=int, default=4096)
     ap.add_argument("--kv-budget-mb", type=float)
     ap.add_argument("--device", help="cpu, cuda, ... (default: the run config's)")
     ap.add_argument("--output", help="write the results as JSON here")
     args = ap.parse_args()
+
+    if args.flood_process:
+        out = flood_process(args.run, args.flood or 500, args.flood_seconds, args.max_queue, args.kv_budget_mb or 256)
+        print("flood (own process)", out, flush=True)
+        if args.output:
+            Path(args.output).write_text(json.dumps({"args": vars(args), "flood_process": out}, indent=1))
+        return 0
 
     from emorl.config import load_config
     from emorl.models import load_base
