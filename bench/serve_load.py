@@ -13,7 +13,8 @@ own seed, sampled at the run's temperature, and a mixed length: 70% draw ``max_t
 stops sending after ``--max-seconds`` and cancels what is still running ``--drain-seconds`` later: bounded in count
 and time. Reported per rate: TTFT, TPOT (time per output token after the first), end-to-end latency (p50/p95/p99),
 request and output-token throughput, and goodput (requests/s meeting TTFT <= ``--slo-ttft`` and TPOT <=
-``--slo-tpot``, DistServe's definition). Then the head-of-line scenario: one 256-token request, and 0.5 s later
+``--slo-tpot``, DistServe's definition; several TPOT SLOs give goodput under each). Then the head-of-line
+scenario: one 256-token request, and 0.5 s later
 four 8-token requests; their time to first token against a lone 8-token request's.
 """
 
@@ -142,7 +143,9 @@ def open_loop(url: str, reqs: list[dict], rate: float, burstiness: float, client
     return {"sent": len(threads), "seconds": time.perf_counter() - t_start, "results": results}
 
 
-def summarise(run: dict[str, Any], slo_ttft: float, slo_tpot: float) -> dict[str, Any]:
+def summarise(run: dict[str, Any], slo_ttft: float, slo_tpots: list[float]) -> dict[str, Any]:
+    """Percentiles, throughput, and goodput under each TPOT SLO (the first is ``goodput``); the requests' own
+    times are kept (``requests``) so that another SLO can be applied afterwards."""
     ok = [r for r in run["results"] if r.get("error") is None and r.get("ttft") is not None]
 
     def pct(key: str) -> dict[str, float | None]:
@@ -151,13 +154,18 @@ def summarise(run: dict[str, Any], slo_ttft: float, slo_tpot: float) -> dict[str
             return {"p50": None, "p95": None, "p99": None}
         return {f"p{q}": round(float(np.percentile(vals, q)), 3) for q in (50, 95, 99)}
 
-    good = [r for r in ok if r["ttft"] <= slo_ttft and (r["tpot"] is None or r["tpot"] <= slo_tpot)]
+    def good(slo_tpot: float) -> int:
+        return sum(r["ttft"] <= slo_ttft and (r["tpot"] is None or r["tpot"] <= slo_tpot) for r in ok)
+
     secs = run["seconds"]
     return {"sent": run["sent"], "completed": len(ok), "failed": len(run["results"]) - len(ok),
             "seconds": round(secs, 1), "ttft": pct("ttft"), "tpot": pct("tpot"), "e2e": pct("e2e"),
             "req_per_s": round(len(ok) / secs, 3), "tok_per_s": round(sum(r["tokens"] for r in ok) / secs, 2),
-            "goodput": round(len(good) / secs, 3), "eos_share": round(
-                sum(r["finish"] == "stop" for r in ok) / max(1, len(ok)), 3)}
+            "goodput": round(good(slo_tpots[0]) / secs, 3),
+            "goodput_by_tpot": {str(t): round(good(t) / secs, 3) for t in slo_tpots}, "eos_share": round(
+                sum(r["finish"] == "stop" for r in ok) / max(1, len(ok)), 3),
+            "requests": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+                         for r in run["results"]]}
 
 
 def head_of_line(url: str, objectives: list[str], temperature: float) -> dict[str, Any]:
@@ -222,14 +230,10 @@ def agreement(url: str, engine: Any, n: int, max_tokens: int) -> dict[str, Any]:
     return {"requests": n, "max_tokens": max_tokens, "identical": same, "served_seconds": round(served_s, 1)}
 
 
-def flood(url: str, engine: Any, n: int, seconds: float, objectives: list[str]) -> dict[str, Any]:
-    """``n`` plain requests spread evenly over ``seconds``: how many are served and how many answered 429, and the
-    process's peak memory against the KV budget."""
-    import resource
-
+def flood_codes(url: str, n: int, seconds: float, objectives: list[str]) -> tuple[list[int], float]:
+    """``n`` plain requests (24-64 new tokens each) spread evenly over ``seconds``: each one's HTTP status."""
     import httpx
 
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     reqs = workload(n, objectives, 5, 0.0, 1.0)
     codes: list[int] = []
     lock = threading.Lock()
@@ -238,7 +242,7 @@ def flood(url: str, engine: Any, n: int, seconds: float, objectives: list[str]) 
         body = {**req, "stream": False}
         body.pop("stream_options")
         try:
-            code = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=None).status_code
+            code = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=900).status_code
         except httpx.HTTPError:
             code = -1
         with lock:
@@ -251,13 +255,75 @@ def flood(url: str, engine: Any, n: int, seconds: float, objectives: list[str]) 
         threads.append(threading.Thread(target=send, args=(req,), daemon=True))
         threads[-1].start()
     for t in threads:
-        t.join()
+        t.join(960)
+    return codes, time.perf_counter() - t0
+
+
+def flood(url: str, engine: Any, n: int, seconds: float, objectives: list[str]) -> dict[str, Any]:
+    """The flood against the in-process server: served, 429s and the KV reserved (the process's RSS also holds the
+    client threads, so ``--flood-process`` measures the server's memory)."""
+    import resource
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    codes, secs = flood_codes(url, n, seconds, objectives)
     return {"requests": n, "over_s": seconds, "served": codes.count(200), "429": codes.count(429),
             "other": len(codes) - codes.count(200) - codes.count(429), "max_queue": engine.max_queue,
             "kv_budget_mb": round(engine.kv_budget / 2**20, 1),
             "max_kv_reserved_mb": round(engine.stats["max_kv_bytes_reserved"] / 2**20, 1),
-            "peak_rss_mb_before": round(rss0), "seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_mb_before": round(rss0), "seconds": round(secs, 1),
             "peak_rss_mb_after": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def _proc_mb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def flood_process(run: str, n: int, seconds: float, max_queue: int, kv_budget_mb: float) -> dict[str, Any]:
+    """The flood against ``emorl serve`` in its own process (loopback, stopped at the end): its peak RSS (VmHWM)
+    against its RSS once loaded plus the KV budget, the 429s, and the served."""
+    import os
+    import subprocess
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "emorl.cli", "serve", "--run", run, "--port", str(port), "--max-queue",
+           str(max_queue), "--kv-budget-mb", str(kv_budget_mb)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        for _ in range(1200):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        objectives = httpx.get(f"{url}/v1/objectives", timeout=30).json()["objectives"]
+        warm = {**workload(1, objectives, 99, 0.0, 1.0)[0], "stream": False}
+        warm.pop("stream_options")
+        httpx.post(f"{url}/v1/chat/completions", json=warm, timeout=600)  # loaded and warmed up
+        loaded = _proc_mb(proc.pid, "VmRSS")
+        codes, secs = flood_codes(url, n, seconds, objectives)
+        stats = httpx.get(f"{url}/health", timeout=30).json()["stats"]
+        peak = _proc_mb(proc.pid, "VmHWM")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return {"requests": n, "over_s": seconds, "served": codes.count(200), "429": codes.count(429),
+            "other": len(codes) - codes.count(200) - codes.count(429), "max_queue": max_queue,
+            "kv_budget_mb": kv_budget_mb, "max_kv_reserved_mb": round(stats["max_kv_bytes_reserved"] / 2**20, 1),
+            "server_rss_mb_loaded": round(loaded), "server_peak_rss_mb": round(peak),
+            "peak_within_loaded_plus_budget": peak <= loaded + kv_budget_mb, "seconds": round(secs, 1)}
 
 
 def main() -> int:
@@ -272,7 +338,8 @@ def main() -> int:
     ap.add_argument("--max-seconds", type=float, default=60.0, help="stop sending after this long (per rate)")
     ap.add_argument("--drain-seconds", type=float, default=60.0, help="then cancel what still runs after this long")
     ap.add_argument("--slo-ttft", type=float, default=2.0)
-    ap.add_argument("--slo-tpot", type=float, default=0.25)
+    ap.add_argument("--slo-tpot", default="0.25", help="TPOT SLO(s) in s, comma-separated: goodput under each "
+                    "(the first is `goodput`)")
     ap.add_argument("--max-batch-rows", type=int, default=256)
     ap.add_argument("--no-head-of-line", action="store_true")
     ap.add_argument("--agreement", type=int, default=0,
@@ -280,11 +347,20 @@ def main() -> int:
     ap.add_argument("--flood", type=int, default=0, help="also send this many plain requests in --flood-seconds "
                     "(step scheduler, --max-queue, --kv-budget-mb) and count the served and the 429s")
     ap.add_argument("--flood-seconds", type=float, default=10.0)
+    ap.add_argument("--flood-process", action="store_true", help="only the flood, against `emorl serve` in its own "
+                    "process (its peak RSS against its loaded RSS + --kv-budget-mb, default 256)")
     ap.add_argument("--max-queue", type=int, default=4096)
     ap.add_argument("--kv-budget-mb", type=float)
     ap.add_argument("--device", help="cpu, cuda, ... (default: the run config's)")
     ap.add_argument("--output", help="write the results as JSON here")
     args = ap.parse_args()
+
+    if args.flood_process:
+        out = flood_process(args.run, args.flood or 500, args.flood_seconds, args.max_queue, args.kv_budget_mb or 256)
+        print("flood (own process)", out, flush=True)
+        if args.output:
+            Path(args.output).write_text(json.dumps({"args": vars(args), "flood_process": out}, indent=1))
+        return 0
 
     from emorl.config import load_config
     from emorl.models import load_base
@@ -308,8 +384,8 @@ def main() -> int:
                 reqs = workload(args.requests, objectives, int(rate * 1000), args.long_share, temperature)
                 run = open_loop(srv.url, reqs, rate, args.burstiness, args.clients, int(rate * 1000),
                                 args.max_seconds, args.drain_seconds)
-                per["rates"][str(rate)] = summarise(run, args.slo_ttft, args.slo_tpot)
-                print(sched, rate, per["rates"][str(rate)], flush=True)
+                per["rates"][str(rate)] = summarise(run, args.slo_ttft, [float(t) for t in args.slo_tpot.split(",")])
+                print(sched, rate, {k: v for k, v in per["rates"][str(rate)].items() if k != "requests"}, flush=True)
             if args.flood and sched == "step":
                 srv.engine.max_queue = args.max_queue
                 if args.kv_budget_mb:

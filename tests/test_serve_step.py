@@ -23,6 +23,7 @@ from emorl.lora_bank import BASE_SLOT, lora_bank  # noqa: E402
 from emorl.serve import Engine, create_app  # noqa: E402
 from emorl.serve.engine import Job  # noqa: E402
 from emorl.serve.protocol import ApiError, parse_messages  # noqa: E402
+from emorl.serve.runner import step_rows  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,14 @@ def test_row_weights_equal_routed_weighted_and_base(served: dict[str, Any]) -> N
     assert torch.equal(mixed[:4], routed)  # adapters 0-2 and the base
     assert torch.equal(mixed[4], weighted)
     assert not torch.equal(mixed[0], mixed[3])  # the adapters do change the rows
+
+
+def test_step_row_padding_is_cpu_only() -> None:
+    """The runner's row padding is a CPU kernel workaround (as lora_bank.pad_rows): on the CPU a 5-row step runs as
+    8 rows, on another device as its own 5."""
+    cpu, other = torch.device("cpu"), torch.device("meta")
+    assert [step_rows(n, cpu) for n in (1, 4, 5, 7, 8, 9, 12, 13)] == [4, 4, 8, 8, 8, 12, 12, 13]
+    assert [step_rows(n, other) for n in (1, 4, 5, 7, 8, 9, 12, 13)] == [1, 4, 5, 7, 8, 9, 12, 13]
 
 
 # ------------------------------------------------------------------------------------------------ scheduling

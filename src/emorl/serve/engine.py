@@ -8,11 +8,12 @@ its tokenizer (the event loop parses requests with a tokenizer of its own). Two 
 
 * ``step`` (default; :mod:`emorl.serve.scheduler`): iteration-level batching — every decode step admits waiting
   requests (within a KV byte budget, prefilled in chunks) and retires finished ones; every mode shares one batch.
-* ``window`` (the first design, kept for the benchmark): the oldest waiting job plus others that arrive while jobs
-  keep coming form a batch once no job has arrived for ``max_gap_ms``, at most ``max_wait_ms`` after the oldest
-  job's arrival or the end of the previous batch, whichever is later (or once ``max_batch_rows`` backbone rows
-  are taken). Jobs with the same batch key — the mixing mode, and whether the base stream is needed — decode in
-  ONE :func:`~emorl.ensemble.pairs.generate_pairs` call to the end of the batch's longest reply.
+* ``window`` (:mod:`emorl.serve.window`; the first design, kept for the benchmark): the oldest waiting job plus
+  others that arrive while jobs keep coming form a batch once no job has arrived for ``max_gap_ms``, at most
+  ``max_wait_ms`` after the oldest job's arrival or the end of the previous batch, whichever is later (or once
+  ``max_batch_rows`` backbone rows are taken). Jobs with the same batch key — the mixing mode, and whether the
+  base stream is needed — decode in ONE :func:`~emorl.ensemble.pairs.generate_pairs` call to the end of the
+  batch's longest reply.
 
 Finished replies are reported at once; a cancelled job is dropped before it starts or ends at the next step.
 """
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emorl.ensemble.pairs import PairResult, PairSpec, generate_pairs
+from emorl.ensemble.pairs import PairResult, PairSpec
 from emorl.serve.batch import default_kv_budget
 from emorl.serve.worker import Worker, route_error
 from emorl.utils import EmorlError
@@ -137,7 +138,6 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._busy = False
-        self._idle_since = float("-inf")  # when the last batch ended: a job that waited through it waits from here
         self._cancel_inflight = False
         self._thread: threading.Thread | None = None
 
@@ -240,7 +240,10 @@ class Engine:
                 self._step = StepScheduler(self)
                 target = self._step.run
             else:
-                target = self._loop
+                from emorl.serve.window import WindowScheduler
+
+                self._window = WindowScheduler(self)
+                target = self._window.run
             log.info("scheduler %s; KV budget %.0f MiB; prompts up to %d tokens, replies up to %d (default %d)",
                      self.scheduler, self.kv_budget / 2**20, self.prompt_limit, self.max_tokens,
                      self.default_max_tokens)
@@ -297,38 +300,6 @@ class Engine:
             self._thread = None
         self.worker.close()
 
-    def _take(self) -> list[Job] | None:
-        """Wait for the next batch: the oldest job plus same-key jobs that arrive while jobs keep coming (gaps under
-        ``max_gap_s``), for at most ``max_wait_s`` after the oldest. The window opens no earlier than the end of the
-        previous batch: a client whose reply ended early sends its next request while the batch still decodes, and
-        without this it would start a batch of one the moment the batch ends, ahead of the clients it finished with
-        (16 closed-loop clients then split 16, 1, 15; bench/RESULTS.md, "Serving run 9")."""
-        with self._cond:
-            while not self._queue and not self._stopping:
-                self._cond.wait()
-            if self._stopping:
-                return None
-            while True:
-                self._drop_cancelled()
-                if not self._queue:
-                    return []
-                first = self._queue[0]
-                same = [j for j in self._queue if j.key == first.key]
-                opened = max(first.submitted, self._idle_since)
-                latest = max(max(j.submitted for j in same), self._idle_since)
-                left = min(opened + self.max_wait_s, latest + self.max_gap_s) - time.monotonic()
-                if left <= 0 or self._rows(same) >= self.max_batch_rows or self._stopping:
-                    break
-                self._cond.wait(left)
-            batch: list[Job] = []
-            for j in same:
-                if batch and self._rows(batch + [j]) > self.max_batch_rows:
-                    break
-                batch.append(j)
-            self._queue = [j for j in self._queue if j not in batch]
-            self._busy = True
-            return batch
-
     def _drop_cancelled(self) -> None:
         gone = [j for j in self._queue if j.cancelled.is_set()]
         if gone:
@@ -337,65 +308,3 @@ class Engine:
             self.stats["cancelled"] += len(gone)
             for j in gone:
                 j.emit(("done", None, None))
-
-    def _rows(self, jobs: list[Job]) -> int:
-        """Backbone rows a batch of these jobs takes: pairs x adapters used by any of them (params: pairs)."""
-        pairs = [p for j in jobs for p in j.pairs]
-        if not pairs or jobs[0].key == "params":
-            return max(1, len(pairs))
-        used = {i for p in pairs for i, w in enumerate(p.weights) if w > 0}
-        return len(pairs) * (len(used) + (1 if jobs[0].key.endswith("+base") else 0))
-
-    def _loop(self) -> None:
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            if not batch:
-                continue
-            try:
-                self._decode(batch)
-            except Exception as e:  # a failed batch fails its requests, never the server
-                log.exception("batch of %d requests failed", len(batch))
-                for j in batch:
-                    j.emit(("error", f"decoding failed: {type(e).__name__}: {e}", None))
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._idle_since = time.monotonic()
-
-    def _decode(self, batch: list[Job]) -> None:
-        owner = [(j, c) for j in batch for c in range(len(j.pairs))]
-        pairs = [p for j in batch for p in j.pairs]
-        for j in batch:
-            j.results = [None] * len(j.pairs)
-        t0 = time.perf_counter()
-
-        def on_token(i: int, tok: int) -> None:
-            j, c = owner[i]
-            if j.stream:
-                j.emit(("token", c, tok))
-
-        def on_finish(i: int, res: PairResult) -> None:
-            j, c = owner[i]
-            j.results[c] = res
-            j.emit(("finish", c, res))
-            if all(r is not None for r in j.results):
-                if j.cancelled.is_set():
-                    self.stats["cancelled"] += 1
-                j.emit(("done", None, None))
-
-        def cancelled(i: int) -> bool:
-            return owner[i][0].cancelled.is_set() or self._cancel_inflight
-
-        key = batch[0].key
-        generate_pairs(self.ens, self.adapters, key.removesuffix("+base"), pairs, anchored=key.endswith("+base"),
-                       on_token=on_token, on_finish=on_finish, cancelled=cancelled,
-                       max_prompt_tokens=self.prompt_limit)
-        st = self.stats
-        st["batches"] += 1
-        st["jobs"] += len(batch)
-        st["pairs"] += len(pairs)
-        st["max_batch_jobs"] = max(st["max_batch_jobs"], len(batch))
-        st["last_batch"] = {"key": key, "jobs": len(batch), "pairs": len(pairs), "rows": self._rows(batch),
-                            "seconds": round(time.perf_counter() - t0, 4)}

@@ -23,6 +23,12 @@ from emorl.sampling import choose
 from emorl.serve.batch import RunningBatch, Seq
 
 
+def step_rows(n: int, device: torch.device) -> int:
+    """The row count a decode step or the LM head runs ``n`` rows at: on the CPU :func:`~emorl.lora_bank.safe_rows`
+    (a CPU kernel workaround: some row counts round a row differently from the same row alone), elsewhere ``n``."""
+    return safe_rows(n) if device.type == "cpu" else n
+
+
 def _expand(idx: torch.Tensor, *ts: torch.Tensor) -> list[torch.Tensor]:
     return [t.index_select(0, idx) for t in ts]
 
@@ -105,12 +111,12 @@ class Runner:
         return out
 
     def step(self, batch: RunningBatch) -> None:
-        """One decode step: feed every reply's last token through its rows. A batch of an unsafe row count
-        (:func:`safe_rows`) runs with its last row repeated, so its rows round as they would alone."""
+        """One decode step: feed every reply's last token through its rows. On the CPU a batch of an unsafe row
+        count (:func:`step_rows`) runs with its last row repeated, so its rows round as they would alone."""
         feed = torch.tensor([s.tokens[-1] for s in batch.seqs for _ in range(s.rows)], dtype=torch.long,
                             device=batch.mask.device)
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(batch.n_rows, 1)], dim=1)
-        n, padded = batch.n_rows, safe_rows(batch.n_rows)
+        n, padded = batch.n_rows, step_rows(batch.n_rows, batch.mask.device)
         mask, pos, coef, cache = batch.mask, batch.pos, batch.coef, batch.cache
         if padded > n:
             idx = torch.cat([torch.arange(n), torch.full((padded - n,), n - 1)]).to(mask.device)
@@ -145,9 +151,10 @@ class Runner:
         """Mixed next-token scores (replies, V), by each reply's mode over its rows."""
         dev = h.device
 
-        def head(x: torch.Tensor) -> torch.Tensor:  # the LM head over a safe row count (see safe_rows)
+        def head(x: torch.Tensor) -> torch.Tensor:  # the LM head over a safe row count (see step_rows)
             n = x.shape[0]
-            return self.ens.head(x if safe_rows(n) == n else torch.cat([x, x[-1:].expand(safe_rows(n) - n, -1)]))[:n]
+            m = step_rows(n, x.device)
+            return self.ens.head(x if m == n else torch.cat([x, x[-1:].expand(m - n, -1)]))[:n]
 
         s_max = max(s.rows for s in seqs)
         idx = torch.zeros(len(seqs), s_max, dtype=torch.long, device=dev)
