@@ -18,6 +18,7 @@ import numpy as np
 
 from emorl.evaluate_stats import difference_sentences
 from emorl.report import figures as F
+from emorl.report.ended import with_ended
 from emorl.report.tables import (
     comparison_table,
     differences_table,
@@ -236,7 +237,7 @@ def write_report(run_dir: str | Path) -> Path:
     stage_data = json.loads((run / "stages.json").read_text()) if (run / "stages.json").exists() else {}
     stages = stage_data.get("stages", {})
     figs = make_figures(run, results, policies, search)
-    tables = {"comparison": comparison_table(results), "training": training_table(policies),
+    tables = {"comparison": with_ended(run, results, comparison_table(results)), "training": training_table(policies),
               "weights": weights_table(search, _used_weights(results)), "stages": stages_table(stages)}
     improved = improvement_table(results)
     if improved:

@@ -1,0 +1,84 @@
+"""Replies that end (issue 26 §7): bench/replies_end.py's quick mode runs to the end on a tiny run, its
+arithmetic (ended within a limit, time interpolated in tokens), and the report's ended % column."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emorl.report.ended import COLUMN, ended_flags, ended_percent, with_ended
+from emorl.utils import append_jsonl
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return runpy.run_path(str(BENCH / "replies_end.py"))
+
+
+def test_ended_within_a_limit_from_one_long_decode(bench):
+    # lengths include EOS; rows 0 and 2 ended (EOS at 5 and at 30), rows 1 and 3 ran to the limit of 40
+    ids = np.zeros((4, 40), dtype=int)
+    ids[0, 4], ids[2, 29] = 2, 2
+    lengths = np.array([5, 40, 30, 40])
+    ended = bench["ended_flags"](ids, lengths, {2})
+    assert ended.tolist() == [True, False, True, False]
+    e24, n24 = bench["at_limit"](lengths, ended, 24)
+    assert e24.tolist() == [True, False, False, False] and n24.tolist() == [5, 24, 24, 24]
+    e40, n40 = bench["at_limit"](lengths, ended, 40)
+    assert e40.tolist() == [True, False, True, False] and n40.tolist() == [5, 40, 30, 40]
+
+
+def test_time_is_interpolated_in_tokens_between_two_measured_decodes(bench):
+    f = bench["interpolate_seconds"]
+    assert f(100, (100, 2.0), (300, 6.0)) == 2.0 and f(300, (100, 2.0), (300, 6.0)) == 6.0
+    assert f(200, (100, 2.0), (300, 6.0)) == pytest.approx(4.0)
+    assert f(50, (100, 2.0), (100, 2.5)) == 2.5  # every row ended below the low limit: one cost
+
+
+def test_ended_percent_counts_replies_shorter_than_the_limit():
+    assert ended_flags([5, 24, 10, 24], 24).tolist() == [1.0, 0.0, 1.0, 0.0]
+    pct, ci = ended_percent([{"prompt": f"p{i}", "tokens": t} for i, t in enumerate([5, 24, 10, 24])], 24)
+    assert pct == 50.0 and 0.0 <= ci[0] <= 50.0 <= ci[1] <= 100.0
+    assert ended_percent([], 24) is None
+    with pytest.raises(ValueError):
+        ended_flags([1], 0)
+
+
+def test_with_ended_adds_the_column_after_the_length(tmp_path):
+    for name, tokens in {"base": [3, 8, 8, 8], "emorl": [2, 4, 6, 8]}.items():
+        for i, t in enumerate(tokens):
+            append_jsonl(tmp_path / "eval" / "replies" / f"{name}.jsonl", {"seed": 0, "prompt": f"p{i}", "tokens": t})
+    results = {"generation": {"max_new_tokens": 8},
+               "methods": {"base": {}, "emorl": {}, "logits": {"same_as": "emorl"}, "gdpo": {}}}
+    cols = ["Method", "Length (tokens)", "Tokens/s"]
+    rows = [[m, "1", "2"] for m in results["methods"]]
+    cols2, rows2 = with_ended(tmp_path, results, (cols, rows))
+    assert cols2 == ["Method", "Length (tokens)", COLUMN, "Tokens/s"]
+    assert rows2[0][2].startswith("25 [0, ")  # base: 1 of 4 replies under 8 tokens
+    assert rows2[1][2].startswith("75 [")  # emorl: 3 of 4 and rows2[2][2] == rows2[1][2] and rows2[3][2] == "–"
+
+
+def test_replies_end_quick(tmp_path):
+    out = tmp_path / "end.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "replies_end.py"), "--quick", "--variants",
+                           "two-sentences,one-sentence", "--output", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["split"] == "validation" and res["prompts"] == 4 and res["lengths"] == [4, 8]
+    assert list(res["results"]) == ["two-sentences", "one-sentence"]
+    assert set(res["results"]["one-sentence"]) == {"base", "emorl", "uniform"}
+    for per_method in res["results"].values():
+        for m in per_method.values():
+            assert len(m["lengths"]) == 4 and all(1 <= n <= 8 for n in m["lengths"])
+            assert 0.0 <= m["per_limit"]["4"]["ended"] <= m["per_limit"]["8"]["ended"] <= 1.0
+    assert res["projection"]["two-sentences"]["4"]["search_ratio"] == 1.0
+    assert "| two-sentences | 4 |" in proc.stdout
