@@ -39,13 +39,18 @@ PROMPTS = {
                         "15 words.",
     "one-sentence-stop": "You are a warm, supportive listener. Reply to the person in one short sentence, then stop.",
 }
+# "NAME+stop": that prompt, and each reply also stops at its first sentence end (EnsembleModel.generate's ``stop``
+# strings): "ended" then means EOS or a sentence end before the limit, not EOS alone
+STOP = [".", "!", "?"]
 # run 9 (bench/RESULTS.md): the default study's measured stage minutes on a fresh 2-core machine
 STAGES = {"train": 3.7, "baselines": 4.1, "search": 6.1, "evaluate": 6.0}
 
 
-def ended_flags(token_ids: np.ndarray, lengths: np.ndarray, eos: set[int]) -> np.ndarray:
-    """True where a row's last generated token is EOS (it ended on its own), per row."""
-    return np.array([n > 0 and int(token_ids[i, n - 1]) in eos for i, n in enumerate(lengths.tolist())])
+def ended_flags(token_ids: np.ndarray, lengths: np.ndarray, eos: set[int], limit: int | None = None) -> np.ndarray:
+    """True where a row ended on its own, per row: its last generated token is EOS, or (``limit``: a decode with
+    stop strings) it stopped before the limit."""
+    return np.array([n > 0 and (int(token_ids[i, n - 1]) in eos or (limit is not None and n < limit))
+                     for i, n in enumerate(lengths.tolist())])
 
 
 def at_limit(lengths: np.ndarray, ended: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,15 +97,17 @@ def measure(run: Path, prompts_n: int, lengths: list[int], methods: list[str], v
                  "generation": {**vars(cfg.eval.generation), "max_new_tokens": hi}, "system_prompts": {},
                  "results": {}}
     for v in variants:
-        sp = PROMPTS[v] if PROMPTS[v] is not None else run_prompt
+        name, stop = v.removesuffix("+stop"), v.endswith("+stop")
+        sp = PROMPTS[name] if PROMPTS[name] is not None else run_prompt
         out["system_prompts"][v] = sp
         base.config.system_prompt = sp
+        kw = {"stop": STOP} if stop else {}
         for s in specs:
-            res = decoder.result(s, prompts, seed)
+            res = decoder.result(s, prompts, seed, **kw)
             eos = set(decoder.ensemble(s.adapters if s.kind != "base" else decoder.base_adapter).eos)
             n = res.lengths.cpu().numpy().astype(int)
-            ended = ended_flags(res.token_ids.cpu().numpy(), n, eos)
-            short = decoder.result(s, prompts, seed, max_new_tokens=lo)  # the side-by-side time at the low limit
+            ended = ended_flags(res.token_ids.cpu().numpy(), n, eos, hi if stop else None)
+            short = decoder.result(s, prompts, seed, max_new_tokens=lo, **kw)  # side by side: the low limit's time
             n_lo = short.lengths.cpu().numpy().astype(int)
             meas = ((float(n_lo.sum()), float(short.stats["seconds"])), (float(n.sum()), float(res.stats["seconds"])))
             per_l = {}
@@ -114,7 +121,7 @@ def measure(run: Path, prompts_n: int, lengths: list[int], methods: list[str], v
                 "measured": {"low": {"limit": lo, "tokens": int(n_lo.sum()), "seconds": meas[0][1]},
                              "high": {"limit": hi, "tokens": int(n.sum()), "seconds": meas[1][1],
                                       "row_steps": int(res.stats.get("row_steps", 0))}},
-                "sample": res.texts[0]}
+                "replies": list(res.texts)}
             print(f"{v:18s} {s.name:8s} " + "  ".join(
                 f"L{L}: {per_l[str(L)]['ended']:.0%} len {per_l[str(L)]['mean_length']:.1f} "
                 f"{per_l[str(L)]['seconds']:.1f}s" for L in lengths), flush=True)
@@ -167,12 +174,13 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--lengths", default="24,48,64,96")
     ap.add_argument("--methods", default="base,emorl,uniform")
-    ap.add_argument("--variants", default=",".join(PROMPTS), help=f"system prompts, of {', '.join(PROMPTS)}")
+    ap.add_argument("--variants", default=",".join(PROMPTS),
+                    help=f"system prompts, of {', '.join(PROMPTS)}; NAME+stop also stops at a sentence end")
     ap.add_argument("--split", default="validation")
     ap.add_argument("--output", help="write the results as JSON here")
     args = ap.parse_args()
     variants = args.variants.split(",")
-    bad = [v for v in variants if v not in PROMPTS]
+    bad = [v for v in variants if v.removesuffix("+stop") not in PROMPTS]
     if bad:
         ap.error(f"--variants: unknown {bad}; choose from {', '.join(PROMPTS)}")
     lengths = sorted({int(x) for x in args.lengths.split(",")})

@@ -30,6 +30,8 @@ def test_ended_within_a_limit_from_one_long_decode(bench):
     lengths = np.array([5, 40, 30, 40])
     ended = bench["ended_flags"](ids, lengths, {2})
     assert ended.tolist() == [True, False, True, False]
+    # with stop strings a row that stopped before the limit ended too (a sentence end, not EOS)
+    assert bench["ended_flags"](ids, np.array([5, 40, 30, 12]), {2}, 40).tolist() == [True, False, True, True]
     e24, n24 = bench["at_limit"](lengths, ended, 24)
     assert e24.tolist() == [True, False, False, False] and n24.tolist() == [5, 24, 24, 24]
     e40, n40 = bench["at_limit"](lengths, ended, 40)
@@ -69,13 +71,13 @@ def test_with_ended_adds_the_column_after_the_length(tmp_path):
 def test_replies_end_quick(tmp_path):
     out = tmp_path / "end.json"
     proc = subprocess.run([sys.executable, str(BENCH / "replies_end.py"), "--quick", "--variants",
-                           "two-sentences,one-sentence", "--output", str(out)],
+                           "two-sentences,one-sentence+stop", "--output", str(out)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["split"] == "validation" and res["prompts"] == 4 and res["lengths"] == [4, 8]
-    assert list(res["results"]) == ["two-sentences", "one-sentence"]
-    assert set(res["results"]["one-sentence"]) == {"base", "emorl", "uniform"}
+    assert list(res["results"]) == ["two-sentences", "one-sentence+stop"]
+    assert set(res["results"]["one-sentence+stop"]) == {"base", "emorl", "uniform"}
     for per_method in res["results"].values():
         for m in per_method.values():
             assert len(m["lengths"]) == 4 and all(1 <= n <= 8 for n in m["lengths"])
