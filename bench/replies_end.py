@@ -132,22 +132,36 @@ def measure(run: Path, prompts_n: int, lengths: list[int], methods: list[str], v
 
 
 def project(out: dict, stages: dict[str, float], search_method: str = "emorl") -> dict:
-    """Projected study minutes per (variant, L): search scales with ``search_method``'s decode time, the
-    evaluation with all measured methods' summed time, both against (the run's prompt, the smallest limit)."""
+    """Projected study minutes per (variant, L): the search scales with ``search_method``'s decode, the evaluation
+    with all measured methods' together, both against (the run's prompt, the smallest limit); training and the
+    baselines stay. Two ways: ``minutes`` by tokens decoded (each method weighted by its measured seconds at the
+    reference, so a 4-stream mix weighs 4x; steady under load, but blind to the longer attention context), and
+    ``minutes_timed`` by the interpolated seconds (noisy on a loaded machine)."""
     ref_v = "two-sentences" if "two-sentences" in out["results"] else next(iter(out["results"]))
     lo = str(min(out["lengths"]))
     ref = out["results"][ref_v]
     proj: dict = {}
     for v, per_method in out["results"].items():
-        for L in map(str, out["lengths"]):
-            def secs(m: str, table: dict = per_method, lim: str = L) -> float:
-                return table[m]["per_limit"][lim]["seconds"]
-            sm = search_method if search_method in per_method else next(iter(per_method))
-            r_search = secs(sm) / max(secs(sm, ref, lo), 1e-9)
-            r_eval = sum(secs(m) for m in per_method) / max(sum(secs(m, ref, lo) for m in per_method), 1e-9)
-            minutes = stages["train"] + stages["baselines"] + stages["search"] * r_search + stages["evaluate"] * r_eval
-            proj.setdefault(v, {})[L] = {"search_ratio": round(r_search, 3), "evaluate_ratio": round(r_eval, 3),
-                                         "minutes": round(minutes, 1)}
+        for L in [x for x in map(str, out["lengths"]) if x in next(iter(per_method.values()))["per_limit"]]:
+            def get(m: str, key: str, table: dict = per_method, lim: str = L) -> float:
+                return float(table[m]["per_limit"][lim][key])
+
+            def ratio(ms: list[str], key: str) -> float:
+                if key == "seconds":
+                    return sum(get(m, key) for m in ms) / max(sum(get(m, key, ref, lo) for m in ms), 1e-9)
+                w = {m: get(m, "seconds", ref, lo) for m in ms}
+                return sum(w[m] * get(m, key) / max(get(m, key, ref, lo), 1e-9) for m in ms) / max(sum(w.values()),
+                                                                                                   1e-9)
+
+            sm = [search_method if search_method in per_method else next(iter(per_method))]
+            every = [m for m in per_method if m in ref]
+            row = {}
+            for key, label in (("tokens", "minutes"), ("seconds", "minutes_timed")):
+                r_s, r_e = ratio(sm, key), ratio(every, key)
+                row[label] = round(stages["train"] + stages["baselines"] + stages["search"] * r_s
+                                   + stages["evaluate"] * r_e, 1)
+                row[f"{label}_ratios"] = {"search": round(r_s, 3), "evaluate": round(r_e, 3)}
+            proj.setdefault(v, {})[L] = row
     return proj
 
 
@@ -155,15 +169,17 @@ def table(out: dict) -> str:
     """The markdown table for bench/RESULTS.md."""
     methods = list(next(iter(out["results"].values())))
     head = "| system prompt | max_new_tokens | " + " | ".join(f"{m} ended % [95% CI]" for m in methods) + \
-        " | " + " | ".join(f"{m} mean length" for m in methods) + " | projected study (min) |"
+        " | " + " | ".join(f"{m} mean length" for m in methods) + " | projected study, min (by tokens; timed) |"
     lines = [head, "|" + "---|" * (3 + 2 * len(methods))]
     for v, per_method in out["results"].items():
-        for L in map(str, out["lengths"]):
-            cells = [f"{100 * per_method[m]['per_limit'][L]['ended']:.0f} "
-                     f"[{100 * per_method[m]['per_limit'][L]['ended_ci95'][0]:.0f}, "
-                     f"{100 * per_method[m]['per_limit'][L]['ended_ci95'][1]:.0f}]" for m in methods]
-            cells += [f"{per_method[m]['per_limit'][L]['mean_length']:.1f}" for m in methods]
-            lines.append(f"| {v} | {L} | " + " | ".join(cells) + f" | {out['projection'][v][L]['minutes']:.1f} |")
+        for L in [x for x in map(str, out["lengths"]) if x in out["projection"][v]]:
+            got = {m: per_method[m]["per_limit"][L] for m in methods if m in per_method}
+            cells = [f"{100 * got[m]['ended']:.0f} [{100 * got[m]['ended_ci95'][0]:.0f}, "
+                     f"{100 * got[m]['ended_ci95'][1]:.0f}]" if m in got else "–" for m in methods]
+            cells += [f"{got[m]['mean_length']:.1f}" if m in got else "–" for m in methods]
+            proj = out["projection"][v][L]
+            lines.append(f"| {v} | {L} | " + " | ".join(cells) + f" | {proj['minutes']:.1f}; "
+                         f"{proj['minutes_timed']:.1f} |")
     return "\n".join(lines)
 
 
@@ -178,12 +194,28 @@ def main() -> int:
                     help=f"system prompts, of {', '.join(PROMPTS)}; NAME+stop also stops at a sentence end")
     ap.add_argument("--split", default="validation")
     ap.add_argument("--output", help="write the results as JSON here")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="no decoding: merge measured JSON files (their variants) and print the table again")
     args = ap.parse_args()
     variants = args.variants.split(",")
     bad = [v for v in variants if v.removesuffix("+stop") not in PROMPTS]
     if bad:
         ap.error(f"--variants: unknown {bad}; choose from {', '.join(PROMPTS)}")
     lengths = sorted({int(x) for x in args.lengths.split(",")})
+    if args.merge:
+        out = json.loads(Path(args.merge[0]).read_text())
+        for extra in args.merge[1:]:
+            more = json.loads(Path(extra).read_text())
+            keep = [str(x) for x in out["lengths"] if x in more["lengths"]]
+            out["results"].update({v: {m: {**r, "per_limit": {L: r["per_limit"][L] for L in keep if L in
+                                                             r["per_limit"]}} for m, r in ms.items()}
+                                   for v, ms in more["results"].items()})
+            out["system_prompts"].update(more["system_prompts"])
+        out["projection"] = project(out, STAGES)
+        print(table(out))
+        if args.output:
+            Path(args.output).write_text(json.dumps(out, indent=1))
+        return 0
     with tempfile.TemporaryDirectory(prefix="replies-end-") as tmp:
         if args.quick:
             run, n, lengths = tiny_run(Path(tmp)), 4, [4, 8]
