@@ -207,10 +207,11 @@ def main() -> int:
         for extra in args.merge[1:]:
             more = json.loads(Path(extra).read_text())
             keep = [str(x) for x in out["lengths"] if x in more["lengths"]]
-            out["results"].update({v: {m: {**r, "per_limit": {L: r["per_limit"][L] for L in keep if L in
-                                                             r["per_limit"]}} for m, r in ms.items()}
-                                   for v, ms in more["results"].items()})
-            out["system_prompts"].update(more["system_prompts"])
+            for v, ms in more["results"].items():  # a variant measured again keeps both, the later one as "v#2"
+                key = v if v not in out["results"] else f"{v}#2"
+                out["results"][key] = {m: {**r, "per_limit": {L: r["per_limit"][L] for L in keep
+                                                              if L in r["per_limit"]}} for m, r in ms.items()}
+                out["system_prompts"][key] = more["system_prompts"][v]
         out["projection"] = project(out, STAGES)
         print(table(out))
         if args.output:
