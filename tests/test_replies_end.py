@@ -84,3 +84,24 @@ def test_replies_end_quick(tmp_path):
             assert 0.0 <= m["per_limit"]["4"]["ended"] <= m["per_limit"]["8"]["ended"] <= 1.0
     assert res["projection"]["two-sentences"]["4"]["search_ratio"] == 1.0
     assert "| two-sentences | 4 |" in proc.stdout
+
+
+def test_the_report_shows_ended_percent(tmp_path):
+    from test_report import fake_run
+
+    from emorl.report import write_report
+
+    run, _ = fake_run(tmp_path)  # max_new_tokens 16; replies stored for two of its four methods
+    for name, tokens in {"emorl": [4, 16, 9, 16], "base": [16, 16, 16, 16]}.items():
+        for i, t in enumerate(tokens):
+            append_jsonl(run / "eval" / "replies" / f"{name}.jsonl", {"seed": 0, "prompt": f"p{i}", "tokens": t})
+    lines: dict[str, str] = {}
+    for ln in write_report(run).read_text().splitlines():  # the comparison table is the first with these rows
+        if ln.startswith("| ") and "|" in ln[2:]:
+            lines.setdefault(ln.split("|")[1].strip(), ln)
+    head = [c.strip() for c in lines["Method"].split("|")]
+    col = head.index(COLUMN)
+    assert head[col - 1] == "Length (tokens)"
+    assert lines["EMORL"].split("|")[col].strip().startswith("50 [")
+    assert lines["Base model"].split("|")[col].strip() == "0 [0, 0]"
+    assert lines["Uniform Weighted"].split("|")[col].strip() == "–"  # no stored replies
