@@ -82,8 +82,17 @@ def test_replies_end_quick(tmp_path):
         for m in per_method.values():
             assert len(m["lengths"]) == 4 and all(1 <= n <= 8 for n in m["lengths"])
             assert 0.0 <= m["per_limit"]["4"]["ended"] <= m["per_limit"]["8"]["ended"] <= 1.0
-    assert res["projection"]["two-sentences"]["4"]["search_ratio"] == 1.0
+    assert res["projection"]["two-sentences"]["4"]["minutes_ratios"] == {"search": 1.0, "evaluate": 1.0}
     assert "| two-sentences | 4 |" in proc.stdout
+    # --merge decodes nothing: a variant measured twice is kept twice, the second as "NAME#2"
+    merged = tmp_path / "merged.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "replies_end.py"), "--merge", str(out), str(out), "--output",
+                           str(merged)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    both = json.loads(merged.read_text())
+    assert list(both["results"]) == ["two-sentences", "one-sentence+stop", "two-sentences#2", "one-sentence+stop#2"]
+    assert both["results"]["two-sentences#2"] == res["results"]["two-sentences"]
+    assert "| two-sentences#2 | 8 |" in proc.stdout
 
 
 def test_the_report_shows_ended_percent(tmp_path):
