@@ -19,6 +19,7 @@ import numpy as np
 from emorl.evaluate_stats import difference_sentences
 from emorl.report import figures as F
 from emorl.report.diversity import diversity_markdown, diversity_summary
+from emorl.report.ended import with_ended
 from emorl.report.extra_sets import extra_sets_markdown, extra_sets_summary
 from emorl.report.judges import judges_markdown, judges_summary
 from emorl.report.kl import kl_markdown, plot_reward_vs_kl
@@ -241,7 +242,8 @@ def write_report(run_dir: str | Path) -> Path:
     stages = stage_data.get("stages", {})
     figs = make_figures(run, results, policies, search)
     figs += [p for p in [plot_reward_vs_kl(results, run / "figures" / "reward_vs_kl.png")] if p is not None]
-    tables = {"comparison": comparison_table(results), "training": training_table(policies),
+    tables = {"comparison": with_ended(run, results, comparison_table(results)),
+              "training": training_table(policies),
               "weights": weights_table(search, _used_weights(results)), "stages": stages_table(stages)}
     improved = improvement_table(results)
     if improved:
