@@ -26,7 +26,7 @@ from emorl.serve.runner import Prefill, Runner
 log = logging.getLogger("emorl.serve")
 
 
-def streams(key: str, weights: list[float], k_all: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stream_coefs(key: str, weights: list[float], n_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A reply's rows: (S, K_all) LoRA coefficients and (S,) float32 output weights. Mixes: one row per adapter
     with w > 0 (one-hot), then the base row (coefficients 0) when anchored, weighted 1 - sum w; params: one row
     whose coefficients are the weights; a one-policy model or the base: one row."""
@@ -34,7 +34,7 @@ def streams(key: str, weights: list[float], k_all: int) -> tuple[torch.Tensor, t
     if mode == "params":
         return torch.tensor([weights], dtype=torch.float32), torch.ones(1, dtype=torch.float32)
     used = [i for i, w in enumerate(weights) if w > 0]
-    coef = torch.zeros(len(used) + (1 if key.endswith("+base") else 0), k_all)
+    coef = torch.zeros(len(used) + (1 if key.endswith("+base") else 0), n_adapters)
     for r, i in enumerate(used):
         coef[r, i] = 1.0
     mix = torch.tensor([weights[i] for i in used], dtype=torch.float32)
@@ -49,7 +49,7 @@ class StepScheduler:
     def __init__(self, engine: Any) -> None:
         self.e = engine
         self.runner = Runner(engine.ens, engine.adapters)
-        self.k_all = len(engine.adapters)
+        self.n_adapters = len(engine.adapters)
         self.kv_per_row_token = kv_bytes_per_row_token(engine.ens.stream.decoder.config,
                                                        next(engine.ens.model.parameters()).dtype)
         self.running: RunningBatch | None = None
@@ -62,7 +62,7 @@ class StepScheduler:
     # ------------------------------------------------------------------------------------------- budget
 
     def job_rows(self, job: Any) -> int:
-        coef, _ = streams(job.key, list(job.pairs[0].weights), self.k_all)
+        coef, _ = stream_coefs(job.key, list(job.pairs[0].weights), self.n_adapters)
         return coef.shape[0] * len(job.pairs)
 
     @staticmethod
@@ -151,7 +151,7 @@ class StepScheduler:
         seqs, fork, rows = [], [], []
         for g, job in enumerate(jobs):
             job.results = [None] * len(job.pairs)
-            coef, mix = streams(job.key, list(job.pairs[0].weights), self.k_all)
+            coef, mix = stream_coefs(job.key, list(job.pairs[0].weights), self.n_adapters)
             rows += [g] * coef.shape[0]
             for c, p in enumerate(job.pairs):
                 u = uniforms(int(p.seed), p.row + 1, p.max_new_tokens)[p.row] if p.do_sample else None
