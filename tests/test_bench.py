@@ -1,7 +1,8 @@
-"""Every benchmark script runs at every commit: its quick mode on the tiny random model (or a stored study), checked
+"""Benchmark scripts run at every commit: each one's quick mode on the tiny random model (or a stored study), checked
 for running to the end and writing its outputs and figures. Timings are not checked (bench/RESULTS.md holds them).
-bench/serve*.py are tested with the serving tests. Not run here: bench/executors.py (its Ray path is
-tests/test_ray.py's) and bench/matched_cost.py (a second whole study)."""
+Not run here yet (no quick mode): bench/serve.py, serve_load.py, serve_finish.py, serve_profile.py, trunk_study.py,
+executors.py (its Ray path is tests/test_ray.py's) and matched_cost.py (a second whole study); bench/memory.py and
+bench/replies_end.py run in tests/test_memory.py and tests/test_replies_end.py."""
 
 from __future__ import annotations
 
@@ -51,6 +52,15 @@ def test_decode_quick(script, tmp_path):
     res = json.loads((tmp_path / "decode.json").read_text())
     assert {"a", "b", "c", "p", "anchored", "g_one", "g_sep"} <= set(res)
     assert "tokens (b) vs (p)" in out and "G=4 points" in out
+
+
+def test_trunk_quick(script, tmp_path):
+    """bench/trunk.py on the tiny model: it writes its JSON, and the top-layer mix really runs a shared trunk (layers
+    below the adapted ones computed once per row group), the full-depth mix none."""
+    out = script("trunk", "--quick", "--json", str(tmp_path / "trunk.json"))
+    data = json.loads((tmp_path / "trunk.json").read_text())
+    assert "decode B=4" in data and "mix/single" in out
+    assert "'mix-top': 0" not in out and "'mix-full': 0" in out
 
 
 def test_search_quick(script, tmp_path):
