@@ -9,7 +9,6 @@ installs them)."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,26 +19,16 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 
-BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(BROWSER is None or DRIVER is None,
-                                reason="no headless browser: install chromium and chromium-driver "
-                                       "(apt-get install chromium chromium-driver) to run the page test")
+from browser import chrome, needs_browser  # noqa: E402 - after the importorskips
+
+pytestmark = needs_browser
 
 CRITERIA = ["reflection", "empathy", "fluency", "overall"]
 
 
 @pytest.fixture(scope="module")
 def driver() -> Iterator[Any]:
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = shutil.which(BROWSER)
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900"):
-        opts.add_argument(a)
-    d = webdriver.Chrome(service=Service(DRIVER), options=opts)
-    d.set_page_load_timeout(30)
+    d = chrome()
     try:
         yield d
     finally:

@@ -8,7 +8,6 @@ installs them). ``EMORL_SERVE_SCREENSHOT=path.png`` also saves a screenshot of t
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,17 +17,13 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 
-BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(BROWSER is None or DRIVER is None,
-                                reason="no headless browser: install chromium and chromium-driver "
-                                       "(apt-get install chromium chromium-driver) to run the page test")
+from browser import chrome, needs_browser  # noqa: E402 - after the importorskips
+
+pytestmark = needs_browser
 
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
     from test_serve import Server, make_run
 
     from emorl.serve import Engine, create_app
@@ -36,12 +31,7 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     run = make_run(tmp_path_factory.mktemp("serve-page"))
     engine = Engine(run, max_wait_ms=5, max_tokens=64)
     server = Server(create_app(engine))
-    opts = Options()
-    opts.binary_location = shutil.which(BROWSER)
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900"):
-        opts.add_argument(a)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
-    driver.set_page_load_timeout(30)
+    driver = chrome()
     try:
         yield {"driver": driver, "url": server.url, "engine": engine}
     finally:
