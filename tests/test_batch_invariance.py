@@ -10,6 +10,7 @@ differently). Without either, most of these pairs differ in bfloat16."""
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -28,21 +29,27 @@ SENTENCE = ("I lost my job today and nobody calls me my cat is sick I failed the
 WORDS = SENTENCE.split(" ")
 
 
-@pytest.fixture(scope="module")
-def bf16() -> tuple[EnsembleModel, list[str]]:
-    cfg = load_config("tiny")
+def _bf16_base(overrides: list[str], seed: int, n: int) -> tuple[Any, list[str]]:
+    """A bf16 tiny base on the CPU with adapters whose B matrices are non-zero, and ``n`` random statements as model
+    input. CPU only: the rules are about CPU kernels; on a GPU invariance is not claimed."""
+    cfg = load_config("tiny", overrides)
     cfg.model.dtype = "bfloat16"
-    cfg.model.device = "cpu"  # the two rules are about CPU kernels; on a GPU invariance is not claimed
+    cfg.model.device = "cpu"
     base = load_base(cfg.model)
     model = add_adapters(base, NAMES, cfg.lora)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
                 p.normal_(0.0, 0.3, generator=g)
-    rng = random.Random(0)
-    statements = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 30))) for _ in range(14)]
-    texts = [str(t) for t in format_prompts(base.tokenizer, statements, False, base.config.system_prompt)]
+    rng = random.Random(seed)
+    statements = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 30))) for _ in range(n)]
+    return base, [str(t) for t in format_prompts(base.tokenizer, statements, False, base.config.system_prompt)]
+
+
+@pytest.fixture(scope="module")
+def bf16() -> tuple[EnsembleModel, list[str]]:
+    base, texts = _bf16_base([], 0, 14)
     lengths = {len(base.tokenizer(t)["input_ids"]) for t in texts}
     for extra in range(1, 40):  # a prompt whose length is a multiple of 16 (alone it would have no padding)
         t = str(format_prompts(base.tokenizer, [" ".join(WORDS[:extra])], False, base.config.system_prompt)[0])
@@ -146,19 +153,7 @@ def test_pad_rows() -> None:
 def bf16_trunk() -> tuple[EnsembleModel, list[str]]:
     """Adapters on the top layer only: the ensemble runs layer 0 once per prompt (the shared trunk), where a lone
     pair's decode step is one row through plain (LoRA-free) linear layers."""
-    cfg = load_config("tiny", ["lora.layers=top:1"])
-    cfg.model.dtype = "bfloat16"
-    cfg.model.device = "cpu"
-    base = load_base(cfg.model)
-    model = add_adapters(base, NAMES, cfg.lora)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0.0, 0.3, generator=g)
-    rng = random.Random(1)
-    statements = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 30))) for _ in range(12)]
-    texts = [str(t) for t in format_prompts(base.tokenizer, statements, False, base.config.system_prompt)]
+    base, texts = _bf16_base(["lora.layers=top:1"], 1, 12)
     ens = EnsembleModel(base, None, require_metadata=False)
     assert ens.trunk(NAMES) == 1
     return ens, texts
