@@ -284,6 +284,34 @@ def load_kwargs(device: str, dtype: Any) -> dict[str, Any]:
     return {"dtype": dtype, "device_map": {"": d}}
 
 
+def placement(opts: Options, base: Base | None) -> tuple[str, Any]:
+    """The ``device`` and ``dtype`` options of a reward model, read together (the dtype default follows the device)."""
+    device = pick_device(opts, base)
+    return device, pick_dtype(opts, base, device)
+
+
+def load_pretrained(kind: str, auto: str, path: str, device: str, dtype: Any, where: str,
+                    hint: str = "") -> tuple[Any, Any]:
+    """A model of transformers class ``auto`` (``"AutoModelForCausalLM"``, ...) and its tokenizer, loaded once per
+    process (key: ``kind``, path, device, dtype) onto ``device`` in ``dtype``, in eval mode and frozen. A model that
+    will not load is an error naming ``{where}.model`` and the ``kind`` it wanted; ``hint`` ends the fix."""
+    import transformers
+
+    def load() -> tuple[Any, Any]:
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(path)
+            model = getattr(transformers, auto).from_pretrained(path, **load_kwargs(device, dtype))
+        except (OSError, ValueError) as e:
+            raise RewardError(f"{where}.model: cannot load {kind} {path!r} ({e}). Give a local folder with config.json "
+                              f"and a tokenizer, or a hub id (needs a network or a filled HF cache){hint}") from e
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model, tok
+
+    return shared((kind, path, device, str(dtype)), load)
+
+
 def empty(responses: list[str]) -> np.ndarray:
     """Mask of replies with no content; built-in rewards give them 0."""
     return np.array([not r.strip() for r in responses], dtype=bool)

