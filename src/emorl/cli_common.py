@@ -1,4 +1,4 @@
-"""Argparse pieces shared by the stage commands (``emorl train | run | config | generate ...``).
+"""Argparse pieces shared by the stage commands (``emorl train | run | config | search | evaluate ...``).
 
 Each stage's CLI lives beside its stage; what several of them parse alike lives here, below every stage, so a stage
 CLI never imports the top-level ``emorl.cli``. Cheap to import: no torch, no emorl module but ``utils``.
@@ -19,6 +19,16 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", help="built-in preset: default, tiny, paper-t5-pair")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted config overrides, e.g. train.lr=3e-4 train.max_steps=50")
+
+
+def add_run_args(p: argparse.ArgumentParser, holds: str, example: str, progress: bool = True) -> None:
+    """--run (required), --no-progress and trailing key=value overrides on top of RUN/config.yaml: what every command
+    that works on an existing run folder parses alike. ``holds``: what the run folder must hold, for the help."""
+    p.add_argument("--run", required=True, help=f"run folder ({holds})")
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help=f"config overrides on top of RUN/config.yaml, e.g. {example}")
 
 
 def config_source(args: argparse.Namespace) -> str | None:

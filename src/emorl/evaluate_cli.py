@@ -7,6 +7,7 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from emorl.cli_common import add_run_args
     from emorl.methods import METHODS
 
     p = sub.add_parser("evaluate", help="evaluate the base, EMORL and the baselines on the test split",
@@ -14,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "seeds (eval.generation, eval.seeds), score each reply with every objective, and "
                                    "write RUN/eval/results.json and RUN/eval/replies/. Methods whose inputs did not "
                                    "change since the last evaluation are reused.")
-    p.add_argument("--run", required=True, help="run folder (config.yaml, adapters/, baselines/, search/)")
+    add_run_args(p, "config.yaml, adapters/, baselines/, search/", "eval.generation.max_new_tokens=48")
     p.add_argument("--methods", nargs="+", metavar="METHOD",
                    help=f"methods to evaluate (default: eval.methods); any of {', '.join(METHODS)}, 'singles' (each "
                         f"objective's adapter alone) or 'single:<objective>'")
@@ -25,9 +26,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="re-decode methods even if their results are current")
     p.add_argument("--no-report", action="store_true", help="don't re-render RUN/report.md afterwards")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: every available core)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides on top of RUN/config.yaml, e.g. eval.generation.max_new_tokens=48")
     p.set_defaults(func=run)
 
 

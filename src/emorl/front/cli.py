@@ -7,6 +7,8 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from emorl.cli_common import add_run_args
+
     p = sub.add_parser("front", help="Pareto front and hypervolume of every mixing mode -> RUN/front/",
                        description="Decode an evenly spaced lattice of weight points (front.step over [0, "
                                    "front.w_max]^K, plus each mode's searched point) for every mode of front.modes on "
@@ -14,11 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "(reference point: the base model's scores) with a bootstrap CI, and which "
                                    "one-policy methods each front dominates. Needs `emorl evaluate` (with base) "
                                    "first.")
-    p.add_argument("--run", required=True, help="run folder (trained, searched and evaluated)")
+    add_run_args(p, "trained, searched and evaluated", "front.step=0.5 front.modes=[hidden]")
     p.add_argument("--force", action="store_true", help="decode every lattice again, even if unchanged")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides on top of RUN/config.yaml, e.g. front.step=0.5 front.modes=[hidden]")
     p.set_defaults(func=run)
 
 

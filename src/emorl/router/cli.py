@@ -12,15 +12,16 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from emorl.cli_common import add_run_args
+
     p = sub.add_parser("route", help="fit the per-prompt weight router (--weights auto) and compare it",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run folder with trained adapters (and, ideally, a hidden search)")
+    add_run_args(p, "trained adapters and, ideally, a hidden search", "route.k=3", progress=False)
     p.add_argument("--method", choices=["auto", "knn", "ridge"], help="default: route.method")
     p.add_argument("--step", type=float, help="lattice step per axis, a fraction of search.w_max (default: route.step)")
     p.add_argument("--prompts", type=int, help="training prompts (default: route.prompts)")
     p.add_argument("--fresh", action="store_true", help="decode the router's data again even if it is current")
     p.add_argument("--compare", action="store_true", help="then compare on the test split (paired bootstrap)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. route.k=3")
     p.set_defaults(func=run)
 
 

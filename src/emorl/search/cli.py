@@ -7,11 +7,13 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from emorl.cli_common import add_run_args
+
     p = sub.add_parser("search", help="search the adapters' mixing weights on validation prompts",
                        description="Decode a fixed validation subset for each weight point, score it with every "
                                    "objective's reward, and search the weights (RUN/search/<mode>/: points.jsonl, "
                                    "best.json, figures).")
-    p.add_argument("--run", required=True, help="run folder (holds config.yaml and adapters/<objective>/)")
+    add_run_args(p, "holds config.yaml and adapters/<objective>/", "search.generation.max_new_tokens=16")
     p.add_argument("--mode", default="hidden",
                    help="how the adapters are mixed: hidden (EMORL, default), logits, probs, params; add -convex for "
                         "the sum-1 form (hidden-convex is the paper's mix, params-convex the parameter average); "
@@ -26,9 +28,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", action="store_true", help="continue the search logged in points.jsonl")
     g.add_argument("--fresh", action="store_true", help="discard an existing points.jsonl and start over")
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides on top of RUN/config.yaml, e.g. search.generation.max_new_tokens=16")
     p.set_defaults(func=run)
 
 
