@@ -147,28 +147,24 @@ def for_run(cfg: RunConfig, s: Shape | None = None, dtype: str | None = None) ->
             "decoding": decoding(s, dtype=dtype, adapters=n, r=cfg.lora.r, streams=n + 1, tokens=tokens)}
 
 
-# Published configs of the four sizes the docs tabulate (no download: the numbers are the hub's config.json's).
-KNOWN: dict[str, tuple[str, dict[str, Any]]] = {
-    "135M (SmolLM2-135M)": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                                          tie_word_embeddings=True)),
-    "0.5B (Qwen2.5-0.5B)": ("qwen2", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                                          tie_word_embeddings=True)),
-    "1.5B (Qwen2.5-1.5B)": ("qwen2", dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                                          num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                                          tie_word_embeddings=True)),
-    "8B (Llama-3.1-8B)": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                        tie_word_embeddings=False)),
+# Published configs of the four sizes the docs tabulate (no download: the numbers are the hub's config.json's), one
+# row a model: its model_type, then the values of KNOWN_KEYS in that order.
+KNOWN_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "tie_word_embeddings")
+KNOWN: dict[str, tuple[str, int, int, int, int, int, int, bool]] = {
+    "135M (SmolLM2-135M)": ("llama", 49152, 576, 1536, 30, 9, 3, True),
+    "0.5B (Qwen2.5-0.5B)": ("qwen2", 151936, 896, 4864, 24, 14, 2, True),
+    "1.5B (Qwen2.5-1.5B)": ("qwen2", 151936, 1536, 8960, 28, 12, 2, True),
+    "8B (Llama-3.1-8B)": ("llama", 128256, 4096, 14336, 32, 32, 8, False),
 }
 
 
 def known_shape(name: str, target_modules: list[str] | str = "all-linear") -> Shape:
+    """The shape of one of the KNOWN models, built from its config alone."""
     from transformers import AutoConfig
 
-    model_type, kw = KNOWN[name]
-    return shape(AutoConfig.for_model(model_type, **kw), target_modules)
+    model_type, *values = KNOWN[name]
+    return shape(AutoConfig.for_model(model_type, **dict(zip(KNOWN_KEYS, values, strict=True))), target_modules)
 
 
 def table(adapters: int = 3, r: int = 8, dtype: str = "bfloat16", batch: int = 16, replies: int = 3,
