@@ -25,23 +25,17 @@ def cost(args: argparse.Namespace) -> dict:
     """Decode the default lattice (K=3, step 0.25: 15 points, +1 for the search's best) on a few training prompts
     with random LoRA adapters (r=8, all linear, B ~ N(0, 0.02)), sampled as the default preset's evaluation, and
     extrapolate to route.prompts x route.seeds."""
-    import torch
 
     from emorl.config import load_config
     from emorl.ensemble import EnsembleModel
-    from emorl.models import add_adapters, load_base
+    from emorl.models import add_adapters, load_base, randomize_lora_b
     from emorl.rewards import build_rewards
     from emorl.router.data import decode_scores, simplex_lattice, training_prompts
 
     cfg = load_config(args.preset, [f"model.name={args.model}"] if args.model else [])
     base = load_base(cfg.model)
     names = list(cfg.objectives)
-    model = add_adapters(base, names, cfg.lora)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0.0, 0.02, generator=g)
+    randomize_lora_b(add_adapters(base, names, cfg.lora), std=0.02)
     ens = EnsembleModel(base)
     rewards = build_rewards(cfg.objectives, base)
     pts = np.vstack([simplex_lattice(len(names), cfg.route.step), np.full((1, len(names)), 1 / len(names))])

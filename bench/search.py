@@ -77,21 +77,11 @@ def complexity(max_grid: int, out: Path) -> list[dict]:
 def build_run(folder: Path, cfg) -> Path:  # noqa: ANN001
     """A run folder with K=3 deterministic random adapters on the default model (B ~ N(0, 0.01), as in
     research/anchor-measurements.md): the search's cost does not depend on how the adapters were trained."""
-    import torch
-
-    from emorl.models import AdapterInfo, add_adapters, load_base, save_adapter
+    from emorl.models import load_base, save_random_adapters
 
     cfg.save(folder / "config.yaml")
-    base = load_base(cfg.model)
-    names = cfg.trained_objectives()
-    model = add_adapters(base, names, cfg.lora)
-    gen = torch.Generator().manual_seed(1000)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
-    for n in names:
-        save_adapter(model, n, folder / "adapters" / n, AdapterInfo(objective=n, base=base.identity))
+    save_random_adapters(load_base(cfg.model), cfg.trained_objectives(), cfg.lora, folder / "adapters", std=0.01,
+                         seed=1000)
     return folder
 
 

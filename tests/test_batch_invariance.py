@@ -20,7 +20,7 @@ from emorl.data import encode_prompts, format_prompts
 from emorl.ensemble import EnsembleModel
 from emorl.ensemble.pairs import PairSpec, generate_pairs
 from emorl.lora_bank import MIN_GEMM_ROWS, pad_rows
-from emorl.models import add_adapters, load_base
+from emorl.models import add_adapters, load_base, randomize_lora_b
 from emorl.prompts import PAD_MULTIPLE
 
 NAMES = ["a", "b", "c"]
@@ -36,12 +36,7 @@ def _bf16_base(overrides: list[str], seed: int, n: int) -> tuple[Any, list[str]]
     cfg.model.dtype = "bfloat16"
     cfg.model.device = "cpu"
     base = load_base(cfg.model)
-    model = add_adapters(base, NAMES, cfg.lora)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.3, generator=g)
+    randomize_lora_b(add_adapters(base, NAMES, cfg.lora), std=0.3)
     rng = random.Random(seed)
     statements = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 30))) for _ in range(n)]
     return base, [str(t) for t in format_prompts(base.tokenizer, statements, False, base.config.system_prompt)]

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from emorl.config import load_config
 from emorl.search import expected_evaluations
@@ -19,22 +18,13 @@ from emorl.utils import EmorlError
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny run folder: config.yaml and three random (non-zero) LoRA adapters."""
-    from emorl.models import AdapterInfo, add_adapters, load_base, save_adapter
+    from emorl.models import load_base, save_random_adapters
 
     run = tmp_path_factory.mktemp("run")
     cfg = load_config("tiny", ["search.iterations=2", "search.prompts=3", "search.generation.max_new_tokens=6",
                                "search.batch_points=16", "search.generation.do_sample=false"])  # greedy: dedup
     cfg.save(run / "config.yaml")
-    base = load_base(cfg.model)
-    names = cfg.trained_objectives()
-    model = add_adapters(base, names, cfg.lora)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    for n in names:
-        save_adapter(model, n, run / "adapters" / n, AdapterInfo(objective=n, base=base.identity))
+    save_random_adapters(load_base(cfg.model), cfg.trained_objectives(), cfg.lora, run / "adapters", std=0.5)
     return run
 
 

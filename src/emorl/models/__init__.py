@@ -23,9 +23,11 @@ from emorl.models.adapters import (
     is_full_model_dir,
     load_adapters,
     peft_lora_config,
+    randomize_lora_b,
     read_adapter_info,
     save_adapter,
     save_full_model,
+    save_random_adapters,
 )
 from emorl.models.base import DEFAULT_MODEL, TINY_MODELS, Base, eos_ids
 from emorl.models.gguf import check_model_dir, smollm2_dir, smollm2_tokenizer_dir
@@ -36,5 +38,6 @@ from emorl.models.load import fingerprint, load_base, load_kwargs
 __all__ = ["ADAPTER_FIX", "DEFAULT_MODEL", "TINY_MODELS", "AdapterInfo", "Base", "adapters_disabled", "add_adapters",
            "as_reference", "cache_kwarg", "check_adapter_files", "check_model_dir", "check_same_base",
            "cpu_bf16_kernels", "environment", "eos_ids", "fingerprint", "is_full_model_dir", "load_adapters",
-           "load_base", "load_kwargs", "output_cache", "peft_lora_config", "position_ids", "read_adapter_info",
-           "save_adapter", "save_full_model", "smollm2_dir", "smollm2_tokenizer_dir"]
+           "load_base", "load_kwargs", "output_cache", "peft_lora_config", "position_ids", "randomize_lora_b",
+           "read_adapter_info", "save_adapter", "save_full_model", "save_random_adapters", "smollm2_dir",
+           "smollm2_tokenizer_dir"]

@@ -60,6 +60,29 @@ def add_adapters(base: Base, names: list[str], cfg: LoraConfig, seed: int = 0) -
     return model
 
 
+def randomize_lora_b(model: Any, std: float, seed: int = 0) -> Any:
+    """Draw every LoRA B matrix of ``model`` from N(0, std²), one seeded generator in parameter order. peft starts B
+    at 0 (every adapter a no-op); tests and benchmarks of mixing need adapters that differ without training."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def save_random_adapters(base: Base, names: list[str], cfg: LoraConfig, folder: str | Path, std: float,
+                         seed: int = 0) -> Any:
+    """Attach adapters ``names`` with random B matrices (:func:`randomize_lora_b`) and save each to
+    ``folder/<name>``: a run's ``adapters/`` without training, for tests and benchmarks. Returns the PeftModel."""
+    model = randomize_lora_b(add_adapters(base, names, cfg), std, seed)
+    for n in names:
+        save_adapter(model, n, Path(folder) / n, AdapterInfo(objective=n, base=base.identity))
+    return model
+
+
 @dataclass
 class AdapterInfo:
     """What ``emorl.json`` holds beside a peft adapter."""
