@@ -18,11 +18,15 @@ TINY_OVERRIDES = ["train.max_steps=1", "search.iterations=1", "search.prompts=2"
                   "route.k=2"]
 
 
-def add_run_args(ap: argparse.ArgumentParser, quick_help: str) -> None:
-    """``--run`` (a finished study) and ``--quick`` (the smallest settings; a tiny run of its own if no --run)."""
+def bench_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The script's parser with what every run-measuring script takes: ``--run``, ``--quick`` (the smallest
+    settings; a tiny run of its own if no --run) and ``--output`` (its results as JSON)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", help="a finished study (adapters, baselines/uniform, search/hidden/best.json)")
     ap.add_argument("--quick", action="store_true", help=f"smoke run: {quick_help}; without --run, on a tiny "
                                                          "random-model study made in a temp folder")
+    ap.add_argument("--output", help="write the results as JSON here")
+    return ap
 
 
 def tiny_run(folder: Path) -> Path:

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import add_run_args, run_folder  # noqa: E402
+from _common import bench_parser, run_folder  # noqa: E402
 from serve_load import STATEMENTS, InProcess  # noqa: E402
 
 
@@ -103,8 +103,7 @@ def screenshot(url: str, path: str) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_args(ap, "1 and 2 clients, 4 requests of 8 new tokens each")
+    ap = bench_parser(__doc__, "1 and 2 clients, 4 requests of 8 new tokens each")
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--requests", type=int, default=32, help="requests per client count (each sent twice)")
     ap.add_argument("--max-tokens", type=int, default=48)
@@ -116,7 +115,6 @@ def main() -> int:
     ap.add_argument("--max-wait-ms", type=float, default=100.0)
     ap.add_argument("--max-gap-ms", type=float, default=10.0)
     ap.add_argument("--max-batch-rows", type=int, default=256)
-    ap.add_argument("--output", help="write the results as JSON here")
     ap.add_argument("--screenshot", metavar="PNG", help="also save a screenshot of the page")
     args = ap.parse_args()
     if args.quick:

@@ -11,7 +11,6 @@ within L tokens; prints the smallest L at which both reach ``--target`` (95%).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -21,16 +20,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import add_run_args, run_folder  # noqa: E402
+from _common import bench_parser, run_folder  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_args(ap, "2 prompts, 16 new tokens")
+    ap = bench_parser(__doc__, "2 prompts, 16 new tokens")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--target", type=float, default=0.95)
-    ap.add_argument("--output", help="write the results as JSON here")
     args = ap.parse_args()
     if args.quick:
         args.prompts, args.max_tokens = 2, 16

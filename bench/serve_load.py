@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import add_run_args, run_folder  # noqa: E402
+from _common import bench_parser, run_folder  # noqa: E402
 
 STATEMENTS = ["I lost my job today and I don't know how to tell my family.", "My cat is sick and the vet is expensive.",
               "Nobody calls me anymore and the evenings are long.", "I failed the exam again.",
@@ -342,9 +342,8 @@ def flood_process(run: str, n: int, seconds: float, max_queue: int, kv_budget_mb
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_args(ap, "both schedulers, rates 4,8 of 3 requests of 4-16 tokens, a 32-token head-of-line probe, "
-                     "3 agreement requests, a 6-request flood into a queue of 2")
+    ap = bench_parser(__doc__, "both schedulers, rates 4,8 of 3 requests of 4-16 tokens, a 32-token head-of-line "
+                               "probe, 3 agreement requests, a 6-request flood into a queue of 2")
     ap.add_argument("--schedulers", default="step,window")
     ap.add_argument("--rates", default="0.25,0.5", help="request rates (req/s), comma-separated")
     ap.add_argument("--requests", type=int, default=16, help="requests per rate (at most)")
@@ -368,7 +367,6 @@ def main() -> int:
     ap.add_argument("--max-queue", type=int, default=4096)
     ap.add_argument("--kv-budget-mb", type=float)
     ap.add_argument("--device", help="cpu, cuda, ... (default: the run config's)")
-    ap.add_argument("--output", help="write the results as JSON here")
     args = ap.parse_args()
     sizes: dict[str, Any] = {}  # request lengths: the defaults of workload() and head_of_line()
     if args.quick:

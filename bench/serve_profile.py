@@ -10,7 +10,6 @@ forward (``Runner._forward``) against the Python around it (scheduling, sampling
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import json
@@ -21,17 +20,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import add_run_args, run_folder  # noqa: E402
+from _common import bench_parser, run_folder  # noqa: E402
 from serve_load import InProcess, one_request, workload  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_args(ap, "2 requests x 4 new tokens, the top 5 functions")
+    ap = bench_parser(__doc__, "2 requests x 4 new tokens, the top 5 functions")
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--output", help="write the totals (steps, thread and forward seconds) as JSON here")
     args = ap.parse_args()
     if args.quick:
         args.requests, args.max_tokens, args.top = 2, 4, 5
