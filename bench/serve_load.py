@@ -342,8 +342,8 @@ def flood_process(run: str, n: int, seconds: float, max_queue: int, kv_budget_mb
 
 
 def main() -> int:
-    ap = bench_parser(__doc__, "both schedulers, rates 4,8 of 3 requests of 4-16 tokens, a 32-token head-of-line "
-                               "probe, 3 agreement requests, a 6-request flood into a queue of 2")
+    ap = bench_parser(__doc__, "both schedulers, rates 8,16 of 3 requests of 4-16 tokens, a 16-token head-of-line "
+                               "probe, 3 agreement requests, a 6-request flood into a queue of 1")
     ap.add_argument("--schedulers", default="step,window")
     ap.add_argument("--rates", default="0.25,0.5", help="request rates (req/s), comma-separated")
     ap.add_argument("--requests", type=int, default=16, help="requests per rate (at most)")
@@ -370,10 +370,10 @@ def main() -> int:
     args = ap.parse_args()
     sizes: dict[str, Any] = {}  # request lengths: the defaults of workload() and head_of_line()
     if args.quick:
-        args.rates, args.requests, args.clients, args.long_share = "4,8", 3, 4, 0.5
+        args.rates, args.requests, args.clients, args.long_share = "8,16", 3, 4, 0.5
         args.max_seconds, args.drain_seconds, args.agreement = 5.0, 20.0, 3
-        args.flood, args.flood_seconds, args.max_queue = 6, 0.5, 2
-        sizes = {"short": (4, 8), "long": (12, 16), "hol": {"long_tokens": 32, "short_tokens": 4, "delay": 0.1}}
+        args.flood, args.flood_seconds, args.max_queue = 6, 0.1, 1
+        sizes = {"short": (4, 8), "long": (12, 16), "hol": {"long_tokens": 16, "short_tokens": 4, "delay": 0.05}}
     with run_folder(args, ap) as run:
         results = measure(args, str(run), sizes)
     if args.output:
