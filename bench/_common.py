@@ -47,5 +47,5 @@ def run_folder(args: argparse.Namespace, ap: argparse.ArgumentParser) -> Iterato
         return
     if not args.quick:
         ap.error("give --run RUN or --quick")
-    with tempfile.TemporaryDirectory(prefix="emorl-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="emorl-bench-quick-") as tmp:
         yield tiny_run(Path(tmp))
