@@ -3,6 +3,7 @@
     python bench/serve.py --run runs/default                         # 1, 4, 16 clients, 48 new tokens
     python bench/serve.py --run runs/default --clients 1,4,16,64     # on a GPU
     python bench/serve.py --run runs/tiny --requests 16 --screenshot docs/figures/serve.png
+    python bench/serve.py --quick             # 1 and 2 clients, 4 requests x 8 tokens, on a tiny run in a temp folder
 
 For each client count c, a fixed set of R requests (request j: statement j mod 8, client j mod c's weight vector,
 seed j, sampled at the run's temperature, ``max_tokens`` new tokens, weight rule ``--anchor``) is sent twice
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -27,28 +27,10 @@ from typing import Any
 
 import numpy as np
 
-STATEMENTS = ["I lost my job today and I don't know how to tell my family.", "My cat is sick and the vet is expensive.",
-              "Nobody calls me anymore and the evenings are long.", "I failed the exam again.",
-              "My sister and I had a huge fight.", "I can't sleep before my presentation.",
-              "I feel like nothing I do at work matters.", "I moved to a new city and I know no one."]
+sys.path.insert(0, str(Path(__file__).parent))
 
-
-def start_server(run: str, max_wait_ms: float, max_gap_ms: float, max_batch_rows: int, max_tokens: int,
-                 scheduler: str = "step") -> tuple[Any, Any, str]:
-    import uvicorn
-
-    from emorl.serve import Engine, create_app
-
-    engine = Engine(run, max_wait_ms=max_wait_ms, max_gap_ms=max_gap_ms, max_batch_rows=max_batch_rows,
-                    max_tokens=max(max_tokens, 64), scheduler=scheduler)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return engine, server, f"http://127.0.0.1:{port}"
+from _common import bench_parser, run_folder  # noqa: E402
+from serve_load import STATEMENTS, InProcess  # noqa: E402
 
 
 def requests_for(n: int, clients: int, weights: np.ndarray, objectives: list[str], max_tokens: int,
@@ -65,7 +47,7 @@ def send_all(url: str, reqs: list[dict[str, Any]], clients: int) -> dict[str, An
     together (a barrier after each made its HTTP client: making one takes tens of ms, which staggered the start)."""
     import httpx
 
-    replies: list[str] = [""] * len(reqs)
+    replies: list[str | None] = [None] * len(reqs)  # None: no reply came back
     tokens = [0] * len(reqs)
     lat = [0.0] * len(reqs)
 
@@ -89,7 +71,7 @@ def send_all(url: str, reqs: list[dict[str, Any]], clients: int) -> dict[str, An
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "requests_per_s": len(reqs) / wall, "tokens_per_s": sum(tokens) / wall,
             "p50_s": float(np.percentile(lat, 50)), "p95_s": float(np.percentile(lat, 95)),
-            "tokens": sum(tokens), "replies": replies}
+            "tokens": sum(tokens), "answered": sum(r is not None for r in replies), "replies": replies}
 
 
 def screenshot(url: str, path: str) -> None:
@@ -121,8 +103,7 @@ def screenshot(url: str, path: str) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True)
+    ap = bench_parser(__doc__, "1 and 2 clients, 4 requests of 8 new tokens each")
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--requests", type=int, default=32, help="requests per client count (each sent twice)")
     ap.add_argument("--max-tokens", type=int, default=48)
@@ -134,20 +115,38 @@ def main() -> int:
     ap.add_argument("--max-wait-ms", type=float, default=100.0)
     ap.add_argument("--max-gap-ms", type=float, default=10.0)
     ap.add_argument("--max-batch-rows", type=int, default=256)
-    ap.add_argument("--output", help="write the results as JSON here")
     ap.add_argument("--screenshot", metavar="PNG", help="also save a screenshot of the page")
     args = ap.parse_args()
+    if args.quick:
+        args.clients, args.requests, args.max_tokens = "1,2", 4, 8
     import torch
 
     torch.set_num_threads(int(os.environ.get("EMORL_THREADS", str(torch.get_num_threads()))))
-    engine, server, url = start_server(args.run, args.max_wait_ms, args.max_gap_ms, args.max_batch_rows,
-                                       args.max_tokens, args.scheduler)
+    with run_folder(args, ap) as run:
+        rows = measure(args, str(run))
+    print("\n| clients | req/s | tok/s | p50 s | p95 s | one-at-a-time req/s | speed-up | p95 / lone | same replies |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t, a = r["concurrent"], r["one_at_a_time"]
+        print(f"| {r['clients']} | {t['requests_per_s']:.2f} | {t['tokens_per_s']:.0f} | {t['p50_s']:.2f} | "
+              f"{t['p95_s']:.2f} | {a['requests_per_s']:.2f} | {r['speedup']:.2f}x | {r['p95_over_lone']:.2f} | "
+              f"{'yes' if r['identical_replies'] else 'NO'} |")
+    if args.output:
+        Path(args.output).write_text(json.dumps({"run": str(run), "levels": rows, "torch_threads":
+                                                 torch.get_num_threads()}, indent=2))
+    return 0 if all(r["identical_replies"] for r in rows) else 1
+
+
+def measure(args: argparse.Namespace, run: str) -> list[dict[str, Any]]:
+    """Each client count's requests, concurrent then one at a time, through one in-process server."""
+    srv = InProcess(run, args.scheduler, None, max(args.max_tokens, 64), args.max_batch_rows,
+                    max_wait_ms=args.max_wait_ms, max_gap_ms=args.max_gap_ms)
+    engine, url = srv.engine, srv.url
     objectives = engine.objectives
     temperature = args.temperature if args.temperature is not None else engine.cfg.eval.generation.temperature
     levels = [int(c) for c in args.clients.split(",")]
     # each client its own weights in [0.1, 1]^K (base-anchored: off the simplex, so every request has the base stream)
     weights = np.random.default_rng(0).uniform(0.1, 1.0, size=(max(levels), len(objectives))).round(3)
-    send_all(url, requests_for(2, 1, weights, objectives, 4, temperature, args.anchor), 1)  # warm-up
     rows = []
 
     def idle() -> None:
@@ -157,6 +156,7 @@ def main() -> int:
             time.sleep(0.02)
 
     try:
+        send_all(url, requests_for(2, 1, weights, objectives, 4, temperature, args.anchor), 1)  # warm-up
         for c in levels:
             reqs = requests_for(args.requests, c, weights, objectives, args.max_tokens, temperature, args.anchor)
             idle()
@@ -181,19 +181,8 @@ def main() -> int:
         if args.screenshot:
             screenshot(url, args.screenshot)
     finally:
-        server.should_exit = True
-        engine.close()
-    print("\n| clients | req/s | tok/s | p50 s | p95 s | one-at-a-time req/s | speed-up | p95 / lone | same replies |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        t, a = r["concurrent"], r["one_at_a_time"]
-        print(f"| {r['clients']} | {t['requests_per_s']:.2f} | {t['tokens_per_s']:.0f} | {t['p50_s']:.2f} | "
-              f"{t['p95_s']:.2f} | {a['requests_per_s']:.2f} | {r['speedup']:.2f}x | {r['p95_over_lone']:.2f} | "
-              f"{'yes' if r['identical_replies'] else 'NO'} |")
-    if args.output:
-        Path(args.output).write_text(json.dumps({"run": args.run, "levels": rows, "torch_threads":
-                                                 torch.get_num_threads()}, indent=2))
-    return 0 if all(r["identical_replies"] for r in rows) else 1
+        srv.stop()
+    return rows
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ side by side in one run on one machine, loopback only.
     python bench/serve_load.py --run runs/default                                # rates 0.25, 0.5 req/s
     python bench/serve_load.py --run runs/default --rates 0.5,1,2 --requests 64 --burstiness 0.5
     python bench/serve_load.py --run runs/default --rates 4,8 --clients 64       # a GPU (bench/gpu.sh)
+    python bench/serve_load.py --quick        # every part, a few short requests, on a tiny run in a temp folder
 
 For each scheduler (``--schedulers step,window``: the same model, one in-process server at a time) and each rate,
 ``--requests`` requests arrive open-loop (gamma inter-arrival times with shape ``--burstiness``; 1 = Poisson),
@@ -31,6 +32,10 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import bench_parser, run_folder  # noqa: E402
+
 STATEMENTS = ["I lost my job today and I don't know how to tell my family.", "My cat is sick and the vet is expensive.",
               "Nobody calls me anymore and the evenings are long.", "I failed the exam again.",
               "My sister and I had a huge fight.", "I can't sleep before my presentation.",
@@ -40,13 +45,14 @@ STATEMENTS = ["I lost my job today and I don't know how to tell my family.", "My
 class InProcess:
     """One engine + uvicorn on a free loopback port, stopped by :meth:`stop`."""
 
-    def __init__(self, run: str, scheduler: str, base: Any, max_tokens: int, max_batch_rows: int) -> None:
+    def __init__(self, run: str, scheduler: str, base: Any, max_tokens: int, max_batch_rows: int,
+                 **engine_kw: Any) -> None:
         import uvicorn
 
         from emorl.serve import Engine, create_app
 
         self.engine = Engine(run, scheduler=scheduler, base=base, max_tokens=max_tokens,
-                             max_batch_rows=max_batch_rows, max_queue=4096)
+                             max_batch_rows=max_batch_rows, **{"max_queue": 4096, **engine_kw})
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -95,13 +101,16 @@ def one_request(url: str, req: dict[str, Any], stop_at: float) -> dict[str, Any]
             "tpot": (e2e - first) / (tokens - 1) if first is not None and tokens > 1 else None}
 
 
-def workload(n: int, objectives: list[str], seed: int, long_share: float, temperature: float) -> list[dict]:
+def workload(n: int, objectives: list[str], seed: int, long_share: float, temperature: float,
+             short: tuple[int, int] = (24, 64), long: tuple[int, int] = (128, 256)) -> list[dict]:
+    """``n`` streamed requests, each its own Dirichlet weights and seed; ``max_tokens`` drawn from ``long`` (both
+    ends included) with probability ``long_share``, else from ``short``."""
     rng = np.random.default_rng(seed)
     out = []
     for j in range(n):
         w = rng.dirichlet(np.ones(len(objectives)))
-        long = rng.random() < long_share
-        max_tokens = int(rng.integers(128, 257) if long else rng.integers(24, 65))
+        lo, hi = long if rng.random() < long_share else short
+        max_tokens = int(rng.integers(lo, hi + 1))
         out.append({"model": "emorl", "messages": [{"role": "user", "content": STATEMENTS[j % len(STATEMENTS)]}],
                     "max_tokens": max_tokens, "temperature": temperature, "seed": j, "stream": True,
                     "stream_options": {"include_usage": True},
@@ -168,8 +177,10 @@ def summarise(run: dict[str, Any], slo_ttft: float, slo_tpots: list[float]) -> d
                          for r in run["results"]]}
 
 
-def head_of_line(url: str, objectives: list[str], temperature: float) -> dict[str, Any]:
-    """A lone 8-token request's TTFT; then one 256-token request and, 0.5 s later, four 8-token ones."""
+def head_of_line(url: str, objectives: list[str], temperature: float, long_tokens: int = 256, short_tokens: int = 8,
+                 delay: float = 0.5) -> dict[str, Any]:
+    """A lone short request's TTFT; then one long request and, ``delay`` s later, four short ones (by default
+    8 and 256 tokens, 0.5 s)."""
     w = {o: 1.0 / len(objectives) for o in objectives}
 
     def req(max_tokens: int, seed: int) -> dict[str, Any]:
@@ -178,13 +189,14 @@ def head_of_line(url: str, objectives: list[str], temperature: float) -> dict[st
                 "stream_options": {"include_usage": True}, "emorl": {"weights": w, "anchor": "base"}}
 
     far = time.perf_counter() + 3600
-    lone = one_request(url, req(8, 1), far)
+    lone = one_request(url, req(short_tokens, 1), far)
     out: dict[str, Any] = {}
-    long_t = threading.Thread(target=lambda: out.__setitem__("long", one_request(url, req(256, 0), far)))
+    long_t = threading.Thread(target=lambda: out.__setitem__("long", one_request(url, req(long_tokens, 0), far)))
     long_t.start()
-    time.sleep(0.5)
+    time.sleep(delay)
     shorts: list[dict[str, Any]] = []
-    ts = [threading.Thread(target=lambda s=s: shorts.append(one_request(url, req(8, s), far))) for s in range(2, 6)]
+    ts = [threading.Thread(target=lambda s=s: shorts.append(one_request(url, req(short_tokens, s), far)))
+          for s in range(2, 6)]
     for t in ts:
         t.start()
     for t in ts:
@@ -230,11 +242,12 @@ def agreement(url: str, engine: Any, n: int, max_tokens: int) -> dict[str, Any]:
     return {"requests": n, "max_tokens": max_tokens, "identical": same, "served_seconds": round(served_s, 1)}
 
 
-def flood_codes(url: str, n: int, seconds: float, objectives: list[str]) -> tuple[list[int], float]:
-    """``n`` plain requests (24-64 new tokens each) spread evenly over ``seconds``: each one's HTTP status."""
+def flood_codes(url: str, n: int, seconds: float, objectives: list[str],
+                short: tuple[int, int] = (24, 64)) -> tuple[list[int], float]:
+    """``n`` plain requests (``short``: 24-64 new tokens each) spread evenly over ``seconds``: each one's status."""
     import httpx
 
-    reqs = workload(n, objectives, 5, 0.0, 1.0)
+    reqs = workload(n, objectives, 5, 0.0, 1.0, short=short)
     codes: list[int] = []
     lock = threading.Lock()
 
@@ -259,13 +272,14 @@ def flood_codes(url: str, n: int, seconds: float, objectives: list[str]) -> tupl
     return codes, time.perf_counter() - t0
 
 
-def flood(url: str, engine: Any, n: int, seconds: float, objectives: list[str]) -> dict[str, Any]:
+def flood(url: str, engine: Any, n: int, seconds: float, objectives: list[str],
+          short: tuple[int, int] = (24, 64)) -> dict[str, Any]:
     """The flood against the in-process server: served, 429s and the KV reserved (the process's RSS also holds the
     client threads, so ``--flood-process`` measures the server's memory)."""
     import resource
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    codes, secs = flood_codes(url, n, seconds, objectives)
+    codes, secs = flood_codes(url, n, seconds, objectives, short)
     return {"requests": n, "over_s": seconds, "served": codes.count(200), "429": codes.count(429),
             "other": len(codes) - codes.count(200) - codes.count(429), "max_queue": engine.max_queue,
             "kv_budget_mb": round(engine.kv_budget / 2**20, 1),
@@ -281,7 +295,8 @@ def _proc_mb(pid: int, field: str) -> float:
     raise KeyError(field)
 
 
-def flood_process(run: str, n: int, seconds: float, max_queue: int, kv_budget_mb: float) -> dict[str, Any]:
+def flood_process(run: str, n: int, seconds: float, max_queue: int, kv_budget_mb: float,
+                  short: tuple[int, int] = (24, 64)) -> dict[str, Any]:
     """The flood against ``emorl serve`` in its own process (loopback, stopped at the end): its peak RSS (VmHWM)
     against its RSS once loaded plus the KV budget, the 429s, and the served."""
     import os
@@ -309,7 +324,7 @@ def flood_process(run: str, n: int, seconds: float, max_queue: int, kv_budget_mb
         warm.pop("stream_options")
         httpx.post(f"{url}/v1/chat/completions", json=warm, timeout=600)  # loaded and warmed up
         loaded = _proc_mb(proc.pid, "VmRSS")
-        codes, secs = flood_codes(url, n, seconds, objectives)
+        codes, secs = flood_codes(url, n, seconds, objectives, short)
         stats = httpx.get(f"{url}/health", timeout=30).json()["stats"]
         peak = _proc_mb(proc.pid, "VmHWM")
     finally:
@@ -327,8 +342,8 @@ def flood_process(run: str, n: int, seconds: float, max_queue: int, kv_budget_mb
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True)
+    ap = bench_parser(__doc__, "both schedulers, rates 8,16 of 3 requests of 4-16 tokens, a 16-token head-of-line "
+                               "probe, 3 agreement requests, a 6-request flood into a queue of 1")
     ap.add_argument("--schedulers", default="step,window")
     ap.add_argument("--rates", default="0.25,0.5", help="request rates (req/s), comma-separated")
     ap.add_argument("--requests", type=int, default=16, help="requests per rate (at most)")
@@ -352,56 +367,70 @@ def main() -> int:
     ap.add_argument("--max-queue", type=int, default=4096)
     ap.add_argument("--kv-budget-mb", type=float)
     ap.add_argument("--device", help="cpu, cuda, ... (default: the run config's)")
-    ap.add_argument("--output", help="write the results as JSON here")
     args = ap.parse_args()
+    sizes: dict[str, Any] = {}  # request lengths: the defaults of workload() and head_of_line()
+    if args.quick:
+        args.rates, args.requests, args.clients, args.long_share = "8,16", 3, 4, 0.5
+        args.max_seconds, args.drain_seconds, args.agreement = 5.0, 20.0, 3
+        args.flood, args.flood_seconds, args.max_queue = 6, 0.1, 1
+        sizes = {"short": (4, 8), "long": (12, 16), "hol": {"long_tokens": 16, "short_tokens": 4, "delay": 0.05}}
+    with run_folder(args, ap) as run:
+        results = measure(args, str(run), sizes)
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=1))
+    return 0
 
+
+def measure(args: argparse.Namespace, run: str, sizes: dict[str, Any]) -> dict[str, Any]:
+    """Every part the arguments ask for, one scheduler's in-process server at a time (or only the own-process
+    flood); ``sizes`` shrinks the requests (--quick)."""
     if args.flood_process:
-        out = flood_process(args.run, args.flood or 500, args.flood_seconds, args.max_queue, args.kv_budget_mb or 256)
+        out = flood_process(run, args.flood or 500, args.flood_seconds, args.max_queue, args.kv_budget_mb or 256,
+                            sizes.get("short", (24, 64)))
         print("flood (own process)", out, flush=True)
-        if args.output:
-            Path(args.output).write_text(json.dumps({"args": vars(args), "flood_process": out}, indent=1))
-        return 0
+        return {"args": vars(args), "flood_process": out}
 
     from emorl.config import load_config
     from emorl.models import load_base
 
-    cfg = load_config(Path(args.run) / "config.yaml")
+    cfg = load_config(Path(run) / "config.yaml")
     if args.device:
         cfg.model.device = args.device
     base = load_base(cfg.model)
     temperature = cfg.eval.generation.temperature
+    lengths = {k: v for k, v in sizes.items() if k in ("short", "long")}
     results: dict[str, Any] = {"args": vars(args), "schedulers": {}}
     for sched in args.schedulers.split(","):
-        srv = InProcess(args.run, sched, base, 512, args.max_batch_rows)
+        srv = InProcess(run, sched, base, 512, args.max_batch_rows)
         objectives = srv.engine.objectives
         per: dict[str, Any] = {"rates": {}}
         try:
-            one_request(srv.url, workload(1, objectives, 99, 0.0, temperature)[0], time.perf_counter() + 600)  # warm
+            one_request(srv.url, workload(1, objectives, 99, 0.0, temperature, **lengths)[0],
+                        time.perf_counter() + 600)  # warm
             if not args.no_head_of_line:
-                per["head_of_line"] = head_of_line(srv.url, objectives, temperature)
+                per["head_of_line"] = head_of_line(srv.url, objectives, temperature, **sizes.get("hol", {}))
                 print(sched, "head of line", per["head_of_line"], flush=True)
             for rate in map(float, args.rates.split(",")):
-                reqs = workload(args.requests, objectives, int(rate * 1000), args.long_share, temperature)
-                run = open_loop(srv.url, reqs, rate, args.burstiness, args.clients, int(rate * 1000),
+                reqs = workload(args.requests, objectives, int(rate * 1000), args.long_share, temperature, **lengths)
+                load = open_loop(srv.url, reqs, rate, args.burstiness, args.clients, int(rate * 1000),
                                 args.max_seconds, args.drain_seconds)
-                per["rates"][str(rate)] = summarise(run, args.slo_ttft, [float(t) for t in args.slo_tpot.split(",")])
+                per["rates"][str(rate)] = summarise(load, args.slo_ttft, [float(t) for t in args.slo_tpot.split(",")])
                 print(sched, rate, {k: v for k, v in per["rates"][str(rate)].items() if k != "requests"}, flush=True)
+            if args.agreement and sched == "step":  # before the flood: its --max-queue would turn these into 429s
+                per["agreement"] = agreement(srv.url, srv.engine, args.agreement, 16)
+                print(sched, "agreement", per["agreement"], flush=True)
             if args.flood and sched == "step":
                 srv.engine.max_queue = args.max_queue
                 if args.kv_budget_mb:
                     srv.engine.kv_budget = int(args.kv_budget_mb * 2**20)
-                per["flood"] = flood(srv.url, srv.engine, args.flood, args.flood_seconds, objectives)
+                per["flood"] = flood(srv.url, srv.engine, args.flood, args.flood_seconds, objectives,
+                                     lengths.get("short", (24, 64)))
                 print(sched, "flood", per["flood"], flush=True)
-            if args.agreement and sched == "step":
-                per["agreement"] = agreement(srv.url, srv.engine, args.agreement, 16)
-                print(sched, "agreement", per["agreement"], flush=True)
             per["stats"] = {k: v for k, v in srv.engine.stats.items() if not isinstance(v, dict)}
         finally:
             srv.stop()
         results["schedulers"][sched] = per
-    if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=1))
-    return 0
+    return results
 
 
 if __name__ == "__main__":

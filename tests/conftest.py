@@ -4,6 +4,9 @@ few tests marked ``slow`` use the real default model."""
 from __future__ import annotations
 
 import os
+import runpy
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -74,3 +77,39 @@ def smollm2_base():
     from emorl.models import load_base
 
     return load_base()
+
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture
+def script(monkeypatch, capsys):
+    """Run bench/NAME.py in this process as `python bench/NAME.py ARGS` (imports shared: seconds, not a new
+    interpreter each) and return its printed output."""
+    threads = torch.get_num_threads()
+
+    def run(name: str, *args: str) -> str:
+        monkeypatch.setattr(sys, "argv", [str(BENCH / f"{name}.py"), *args])
+        monkeypatch.setattr(sys, "path", list(sys.path))  # undone after the test: scripts put bench/ on it
+        try:
+            runpy.run_path(str(BENCH / f"{name}.py"), run_name="__main__")
+        except SystemExit as e:
+            assert e.code in (0, None), e.code
+        finally:
+            torch.set_num_threads(threads)
+        return capsys.readouterr().out
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """A finished study on the tiny model with the smallest budget (adapters on disk, unlike the stored ones): the
+    study a bench script's ``--quick`` makes when given no ``--run`` (bench/_common.py), built once in this process."""
+    from emorl.config import load_config
+    from emorl.pipeline import run_pipeline
+
+    run = tmp_path_factory.mktemp("bench") / "run"
+    overrides = runpy.run_path(str(BENCH / "_common.py"))["TINY_OVERRIDES"]
+    run_pipeline(load_config("tiny", overrides), run, progress=False)
+    return run
