@@ -4,6 +4,9 @@ few tests marked ``slow`` use the real default model."""
 from __future__ import annotations
 
 import os
+import runpy
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -74,3 +77,41 @@ def smollm2_base():
     from emorl.models import load_base
 
     return load_base()
+
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture
+def script(monkeypatch, capsys):
+    """Run bench/NAME.py in this process as `python bench/NAME.py ARGS` (imports shared: seconds, not a new
+    interpreter each) and return its printed output."""
+    threads = torch.get_num_threads()
+
+    def run(name: str, *args: str) -> str:
+        monkeypatch.setattr(sys, "argv", [str(BENCH / f"{name}.py"), *args])
+        try:
+            runpy.run_path(str(BENCH / f"{name}.py"), run_name="__main__")
+        except SystemExit as e:
+            assert e.code in (0, None), e.code
+        finally:
+            torch.set_num_threads(threads)
+        return capsys.readouterr().out
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """A finished study on the tiny model with the smallest budget (adapters on disk, unlike the stored ones); shared
+    by the bench tests, which only read it (a matched run goes beside it)."""
+    from emorl.config import load_config
+    from emorl.pipeline import run_pipeline
+
+    run = tmp_path_factory.mktemp("bench") / "run"
+    cfg = load_config("tiny", ["train.max_steps=1", "search.iterations=1", "search.prompts=2", "search.reeval_top=2",
+                               "search.reeval_prompts=3", "search.modes=[hidden]", "eval.prompts=3",
+                               "eval.methods=[base, emorl, uniform]", "route.prompts=6", "route.step=0.5",
+                               "route.folds=2", "route.k=2"])
+    run_pipeline(cfg, run, progress=False)
+    return run

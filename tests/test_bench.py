@@ -1,41 +1,18 @@
 """Benchmark scripts run at every commit: each one's quick mode on the tiny random model (or a stored study), checked
 for running to the end and writing its outputs and figures. Timings are not checked (bench/RESULTS.md holds them).
-Not run here yet (no quick mode): bench/serve.py, serve_load.py, serve_finish.py, serve_profile.py, trunk_study.py,
-executors.py (its Ray path is tests/test_ray.py's) and matched_cost.py (a second whole study); bench/memory.py and
-bench/replies_end.py run in tests/test_memory.py and tests/test_replies_end.py."""
+Not run here yet (no quick mode): bench/serve.py, serve_load.py, serve_finish.py, serve_profile.py; bench/memory.py and
+bench/replies_end.py run in tests/test_memory.py and tests/test_replies_end.py, trunk_study.py, executors.py and
+matched_cost.py in tests/test_bench_study.py."""
 
 from __future__ import annotations
 
 import json
-import runpy
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 STUDY = BENCH / "results" / "default-run9"  # a stored study: results.json and the adapters' emorl.json
-
-
-@pytest.fixture
-def script(monkeypatch, capsys):
-    """Run bench/NAME.py in this process as `python bench/NAME.py ARGS` (imports shared: seconds, not a new
-    interpreter each) and return its printed output."""
-    threads = torch.get_num_threads()
-
-    def run(name: str, *args: str) -> str:
-        monkeypatch.setattr(sys, "argv", [str(BENCH / f"{name}.py"), *args])
-        try:
-            runpy.run_path(str(BENCH / f"{name}.py"), run_name="__main__")
-        except SystemExit as e:
-            assert e.code in (0, None), e.code
-        finally:
-            torch.set_num_threads(threads)
-        return capsys.readouterr().out
-
-    return run
 
 
 def test_train_step_quick(tmp_path):
@@ -110,21 +87,6 @@ def test_study_table_and_training_curves_on_a_stored_study(script, tmp_path):
 def test_run_default_compares_a_stored_study(script):
     out = script("run_default", "--run", str(STUDY))
     assert "== against the paper" in out and "EMORL - Uniform mean reward: ours" in out
-
-
-@pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory):
-    """A finished study on the tiny model with the smallest budget (adapters on disk, unlike the stored ones)."""
-    from emorl.config import load_config
-    from emorl.pipeline import run_pipeline
-
-    run = tmp_path_factory.mktemp("bench") / "run"
-    cfg = load_config("tiny", ["train.max_steps=1", "search.iterations=1", "search.prompts=2", "search.reeval_top=2",
-                               "search.reeval_prompts=3", "search.modes=[hidden]", "eval.prompts=3",
-                               "eval.methods=[base, emorl, uniform]", "route.prompts=6", "route.step=0.5",
-                               "route.folds=2", "route.k=2"])
-    run_pipeline(cfg, run, progress=False)
-    return run
 
 
 def test_study_scripts_on_a_tiny_study(script, tiny_study, tmp_path):
