@@ -57,7 +57,8 @@ def main() -> None:
     if not (args.run or args.quick):
         ap.error("give --run RUN or --quick")
     with tempfile.TemporaryDirectory(prefix="matched-cost-") as tmp:
-        out = matched_cost(Path(args.run) if args.run else tiny_run(Path(tmp)), args.modes.split(","), args.set)
+        out = matched_cost(Path(args.run) if args.run else tiny_run(Path(tmp)), args.modes.split(","), args.set,
+                           in_process=args.quick)
     if args.out or not args.quick:
         path = Path(args.out) if args.out else OUT / "matched_cost.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,8 +66,9 @@ def main() -> None:
     print(json.dumps(out, indent=1))
 
 
-def matched_cost(run: Path, modes: list[str], extra: list[str]) -> dict:
-    """Train and evaluate the matched-cost adapters beside ``run`` and compare them with it, paired."""
+def matched_cost(run: Path, modes: list[str], extra: list[str], in_process: bool = False) -> dict:
+    """Train and evaluate the matched-cost adapters beside ``run`` (``emorl run`` as a process, or in this one) and
+    compare them with it, paired."""
     from emorl.config import load_config
     from emorl.evaluate_stats import unit_scores
     from emorl.stats import paired_difference
@@ -81,7 +83,13 @@ def matched_cost(run: Path, modes: list[str], extra: list[str]) -> dict:
            "--output", str(matched), "--no-progress", *overrides]
     print(" ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=os.environ.copy())
+    if in_process:  # --quick: imports shared
+        from emorl.cli import main
+
+        if main(cmd[1:]) != 0:
+            raise SystemExit("the matched run failed")
+    else:
+        subprocess.run(cmd, check=True, env=os.environ.copy())
     seconds = time.perf_counter() - t0
 
     full = json.loads((run / "eval" / "results.json").read_text())
