@@ -115,7 +115,8 @@ def budgets(exe: list[str] | None, out: Path, default_steps: int, study: Study) 
         for lr, r in study.grid:
             run = folder / f"lr{lr:g}-r{r}"
             train(exe, run, study, depths[depth], lr, r, steps)
-            full_step = full_step or seconds_per_step(run)
+            if depths[depth] == "all" and not full_step:  # full depth's first budget sets the time per step
+                full_step = seconds_per_step(run)
             scored.append((final_validation(run), {"lr": lr, "r": r, "steps": steps, "folder": str(run)}))
         chosen[depth] = max(scored, key=lambda s: s[0])[1] | {"validation": max(s[0] for s in scored)}
     return chosen
