@@ -1,6 +1,8 @@
 """EMORL at matched cost: each objective adapter trained on 1/K of a one-policy budget, against Uniform Weighted.
 
     python bench/matched_cost.py --run runs/default [--modes hidden] [--set model.dtype=bfloat16]
+    python bench/matched_cost.py --quick [--run TINY_RUN] --out out.json  # a tiny random run (made in a temp
+                                                                          # folder unless given): the plumbing only
 
 The equal-steps study trains each of the K adapters as long as one baseline policy, so EMORL consumes K times the
 prompts. The paper's claim is the other way round: comparable reward from fewer prompts. This trains a second set
@@ -22,39 +24,72 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 OUT = Path(__file__).parent / "results"
+# --quick: a tiny random study at its smallest with what this compares against (EMORL and Uniform Weighted)
+QUICK = ["train.max_steps=1", "train.val_prompts=2", "search.iterations=1", "search.prompts=2", "search.reeval_top=2",
+         "search.reeval_prompts=2", "search.reeval_seeds=[1000]", "search.modes=[hidden]", "eval.prompts=3",
+         "eval.methods=[emorl,uniform]"]
+
+
+def tiny_run(folder: Path) -> Path:
+    """A tiny random-model study for --quick (its matched run goes beside it)."""
+    run = folder / "tiny"
+    subprocess.run([sys.executable, "-m", "emorl.cli", "run", "--preset", "tiny", "--output", str(run), "--no-progress",
+                    *QUICK], check=True, capture_output=True, timeout=900)
+    return run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", required=True)
+    ap.add_argument("--run", help="a finished study (required unless --quick)")
+    ap.add_argument("--quick", action="store_true", help="a tiny random run in a temp folder (unless --run); the JSON "
+                    "goes to --out only")
     ap.add_argument("--modes", default="hidden", help="search keys for the matched adapters, comma-separated")
     ap.add_argument("--out", default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="an extra override for the matched run, e.g. model.dtype=bfloat16 to pin the dtype of a run "
                          "made where `auto` meant another one (repeatable)")
     args = ap.parse_args()
+    if not (args.run or args.quick):
+        ap.error("give --run RUN or --quick")
+    with tempfile.TemporaryDirectory(prefix="matched-cost-") as tmp:
+        out = matched_cost(Path(args.run) if args.run else tiny_run(Path(tmp)), args.modes.split(","), args.set,
+                           in_process=args.quick)
+    if args.out or not args.quick:
+        path = Path(args.out) if args.out else OUT / "matched_cost.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
 
+
+def matched_cost(run: Path, modes: list[str], extra: list[str], in_process: bool = False) -> dict:
+    """Train and evaluate the matched-cost adapters beside ``run`` (``emorl run`` as a process, or in this one) and
+    compare them with it, paired."""
     from emorl.config import load_config
     from emorl.evaluate_stats import unit_scores
     from emorl.stats import paired_difference
 
-    run = Path(args.run)
     cfg = load_config(str(run / "config.yaml"))
     n_adapters = len(cfg.trained_objectives())
     steps = max(1, cfg.train.max_steps // n_adapters)
     matched = run.parent / f"{run.name}-matched"
-    modes = args.modes.split(",")
     overrides = [f"train.max_steps={steps}", "eval.methods=[emorl,singles]", f"search.modes=[{','.join(modes)}]",
-                 "front.enabled=false", "route.enabled=false", *args.set]
+                 "front.enabled=false", "route.enabled=false", *extra]
     cmd = [str(Path(sys.executable).parent / "emorl"), "run", "--config", str(run / "config.yaml"),
            "--output", str(matched), "--no-progress", *overrides]
     print(" ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=os.environ.copy())
+    if in_process:  # --quick: imports shared
+        from emorl.cli import main
+
+        if main(cmd[1:]) != 0:
+            raise SystemExit("the matched run failed")
+    else:
+        subprocess.run(cmd, check=True, env=os.environ.copy())
     seconds = time.perf_counter() - t0
 
     full = json.loads((run / "eval" / "results.json").read_text())
@@ -83,7 +118,7 @@ def main() -> None:
     refs = {"uniform": units(run, full, "uniform"), "emorl (equal steps)": units(run, full, "emorl")}
     metrics = ["mean_reward", *(f"score/{o}" for o in objectives)]
     out = {"run": str(run), "matched_run": str(matched), "n_adapters": n_adapters, "steps_per_adapter": steps,
-           "full_steps": cfg.train.max_steps, "wall_time_s": round(seconds, 1), "overrides": args.set,
+           "full_steps": cfg.train.max_steps, "wall_time_s": round(seconds, 1), "overrides": extra,
            "environment": envs,
            "prompts_consumed": {"matched emorl (all adapters)": sum(
                p.get("prompts_consumed", 0) for p in _policies(matched).values()),
@@ -96,10 +131,7 @@ def main() -> None:
                       **{n: {x: float(u[x].mean()) for x in metrics} for n, u in refs.items()}},
            "differences": {f"matched emorl - {n}": {x: paired_difference(m[x], u[x]) for x in metrics}
                            for n, u in refs.items()}}
-    path = Path(args.out) if args.out else OUT / "matched_cost.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(json.dumps(out, indent=1))
+    return out
 
 
 def _environment(run: Path) -> dict | None:

@@ -5,8 +5,9 @@ Stages (each a plain emorl command, so every folder is an ordinary run folder th
 
   1. budgets:  for every depth and every budget in the grid (learning rate x rank), ``emorl train`` the default
                preset's objectives into ``OUT/train/<depth>/<budget>``; the steps allowed are the default's
-               ``train.max_steps`` scaled by full depth's time per step ÷ this depth's (measured on the first budget
-               trained at that depth: a shallower adapter trains faster, so it gets more steps in the same time).
+               ``train.max_steps`` scaled by full depth's time per step ÷ this depth's (measured on a probe, the
+               first budget trained at the default's steps into ``OUT/train/<depth>/probe``: a shallower adapter
+               trains faster, so it gets more steps in the same time; every budget of a depth trains that many).
                The budget kept per depth is the one whose adapters' mean final validation reward (their
                ``emorl.json`` curves, one value per objective) is highest.
   2. runs:     ``emorl run --preset default`` into ``OUT/runs/<depth>`` with ``lora.layers`` and the chosen
@@ -19,6 +20,8 @@ Stages (each a plain emorl command, so every folder is an ordinary run folder th
 
     python bench/trunk_study.py --out runs/trunk-study                 # everything (hours on a 2-core CPU)
     python bench/trunk_study.py --out runs/trunk-study --stage compare # only re-read finished runs
+    python bench/trunk_study.py --out /tmp/ts --quick                   # tiny preset, depths 1/2 and all, one
+                                                                        # budget, 1 step: every stage in seconds
 
 What it needs: the default model and its reward models installed (the default preset's offline assets), about
 (4 depths x budgets + 4) default-sized trainings of CPU time, and ``emorl`` on PATH (or ``--emorl``). Decode
@@ -32,6 +35,7 @@ import itertools
 import json
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +44,36 @@ LRS = [3e-4, 1e-3, 3e-3]
 RANKS = [8, 16]
 
 
-def emorl(exe: list[str], *args: str) -> None:
-    print("$", " ".join([*exe, *args]), flush=True)
-    subprocess.run([*exe, *args], check=True)
+@dataclass(frozen=True)
+class Study:
+    """What is trained: the preset, the depths, the budget grid (lr, rank) and extra arguments (flags, then
+    overrides) for every emorl command."""
+
+    preset: str = "default"
+    depths: dict[str, str] = field(default_factory=lambda: dict(DEPTHS))
+    grid: list[tuple[float, int]] = field(default_factory=lambda: list(itertools.product(LRS, RANKS)))
+    extra: list[str] = field(default_factory=list)
+
+
+# --quick: the tiny preset at its smallest that still runs every stage and every column of the comparison (two
+# objectives: a search round of 3^2 points, not 3^3)
+QUICK = Study("tiny", {"1/2": "top:1/2", "all": "all"}, [(LRS[1], 4)],
+              ["--no-progress", "objectives={reflection: {type: reflection}, fluency: {type: fluency}}",
+               "train.val_prompts=2", "search.prompts=2", "search.iterations=1", "search.reeval_top=2",
+               "search.reeval_prompts=2", "search.reeval_seeds=[1000]", "search.modes=[hidden]", "eval.prompts=3",
+               "eval.methods=[base,emorl,uniform,singles]"])
+
+
+def emorl(exe: list[str] | None, *args: str) -> None:
+    """One emorl command: as a process, or (``exe`` None, --quick) in this one, imports shared."""
+    print("$", " ".join([*(exe or ["emorl"]), *args]), flush=True)
+    if exe is not None:
+        subprocess.run([*exe, *args], check=True)
+        return
+    from emorl.cli import main
+
+    if main(list(args)) != 0:
+        raise SystemExit(f"emorl {args[0]} failed")
 
 
 def adapter_infos(run: Path) -> dict[str, dict[str, Any]]:
@@ -65,20 +96,27 @@ def seconds_per_step(run: Path) -> float:
     return sum(i["wall_time_s"] for i in infos) / max(1, sum(i["steps"] for i in infos))
 
 
-def budgets(exe: list[str], out: Path, default_steps: int) -> dict[str, dict[str, Any]]:
+def train(exe: list[str] | None, run: Path, study: Study, layers: str, lr: float, r: int, steps: int) -> None:
+    emorl(exe, "train", "--preset", study.preset, "--output", str(run), *study.extra, f"lora.layers={layers}",
+          f"train.lr={lr}", f"lora.r={r}", f"lora.alpha={4 * r}", f"train.max_steps={steps}")
+
+
+def budgets(exe: list[str] | None, out: Path, default_steps: int, study: Study) -> dict[str, dict[str, Any]]:
     chosen: dict[str, dict[str, Any]] = {}
-    full_step: float | None = None
-    for depth in sorted(DEPTHS, key=lambda d: DEPTHS[d] != "all"):  # full depth first: its step time sets the rest
+    full_step = 0.0
+    depths = study.depths
+    for depth in sorted(depths, key=lambda d: depths[d] != "all"):  # full depth first: its step time sets the rest
+        folder = out / "train" / depth.replace("/", "of")
         steps = default_steps
+        if depths[depth] != "all":  # the same training time as full depth, for every budget of this depth alike
+            train(exe, folder / "probe", study, depths[depth], *study.grid[0], default_steps)
+            steps = max(default_steps, int(default_steps * full_step / seconds_per_step(folder / "probe")))
         scored = []
-        for lr, r in itertools.product(LRS, RANKS):
-            run = out / "train" / depth.replace("/", "of") / f"lr{lr:g}-r{r}"
-            emorl(exe, "train", "--preset", "default", "--output", str(run), f"lora.layers={DEPTHS[depth]}",
-                  f"train.lr={lr}", f"lora.r={r}", f"lora.alpha={4 * r}", f"train.max_steps={steps}")
-            if full_step is None:
+        for lr, r in study.grid:
+            run = folder / f"lr{lr:g}-r{r}"
+            train(exe, run, study, depths[depth], lr, r, steps)
+            if depths[depth] == "all" and not full_step:  # full depth's first budget sets the time per step
                 full_step = seconds_per_step(run)
-            if len(scored) == 0 and DEPTHS[depth] != "all":  # the same training time as full depth
-                steps = max(default_steps, int(default_steps * full_step / seconds_per_step(run)))
             scored.append((final_validation(run), {"lr": lr, "r": r, "steps": steps, "folder": str(run)}))
         chosen[depth] = max(scored, key=lambda s: s[0])[1] | {"validation": max(s[0] for s in scored)}
     return chosen
@@ -89,14 +127,14 @@ def replies(run: Path, method: str) -> dict[tuple[int, str], dict[str, float]]:
     return {(r["seed"], r["prompt"]): r["scores"] for r in rows}
 
 
-def compare(out: Path, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def compare(out: Path, chosen: dict[str, dict[str, Any]], depths: dict[str, str]) -> dict[str, Any]:
     from emorl.stats import paired_difference
 
     full = out / "runs" / "all"
     ref = replies(full, "emorl")
     units = sorted(ref)
     table: dict[str, Any] = {}
-    for depth in DEPTHS:
+    for depth in depths:
         run = out / "runs" / depth.replace("/", "of")
         emorl_r = replies(run, "emorl")
         base_r, uniform_r = replies(run, "base"), replies(run, "uniform")
@@ -110,7 +148,7 @@ def compare(out: Path, chosen: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 row[f"{obj}: single - base"] = paired_difference([single[u][obj] for u in units],
                                                                  [base_r[u][obj] for u in units])
         res = json.loads((run / "eval" / "results.json").read_text())
-        row["emorl tokens/s"] = res["methods"]["emorl"]["summary"].get("tokens_per_s")
+        row["emorl tokens/s"] = res["methods"]["emorl"]["summary"].get("tokens_per_s", {}).get("mean")
         table[depth] = row
     return table
 
@@ -121,20 +159,25 @@ def main() -> int:
     ap.add_argument("--stage", choices=["all", "budgets", "runs", "compare"], default="all")
     ap.add_argument("--emorl", default="emorl", help="the emorl command (e.g. '.venv/bin/emorl')")
     ap.add_argument("--default-steps", type=int, default=8, help="the default preset's train.max_steps")
+    ap.add_argument("--quick", action="store_true", help="the tiny preset, depths 1/2 and all, one budget, 1 step, "
+                    "few prompts, every command in this process (a smoke run of every stage)")
     args = ap.parse_args()
-    out, exe = Path(args.out), args.emorl.split()
+    study, exe = (QUICK, None) if args.quick else (Study(), args.emorl.split())
+    if args.quick:
+        args.default_steps = 1
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     chosen_file = out / "budgets.json"
     if args.stage in ("all", "budgets"):
-        chosen_file.write_text(json.dumps(budgets(exe, out, args.default_steps), indent=1))
+        chosen_file.write_text(json.dumps(budgets(exe, out, args.default_steps, study), indent=1))
     chosen = json.loads(chosen_file.read_text()) if chosen_file.exists() else {}
     if args.stage in ("all", "runs"):
         for depth, b in chosen.items():
-            emorl(exe, "run", "--preset", "default", "--output", str(out / "runs" / depth.replace("/", "of")),
-                  f"lora.layers={DEPTHS[depth]}", f"train.lr={b['lr']}", f"lora.r={b['r']}", f"lora.alpha={4 * b['r']}",
-                  f"train.max_steps={b['steps']}")
+            emorl(exe, "run", "--preset", study.preset, "--output", str(out / "runs" / depth.replace("/", "of")),
+                  *study.extra, f"lora.layers={study.depths[depth]}", f"train.lr={b['lr']}", f"lora.r={b['r']}",
+                  f"lora.alpha={4 * b['r']}", f"train.max_steps={b['steps']}")
     if args.stage in ("all", "compare"):
-        table = compare(out, chosen)
+        table = compare(out, chosen, study.depths)
         (out / "study.json").write_text(json.dumps(table, indent=1))
         print("| depth | budget | EMORL − full [95% CI] | EMORL − Uniform [95% CI] | EMORL tok/s |")
         print("|---|---|---|---|---:|")

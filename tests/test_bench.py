@@ -1,8 +1,8 @@
 """Benchmark scripts run at every commit: each one's quick mode on the tiny random model (or a stored study), checked
 for running to the end and writing its outputs and figures. Timings are not checked (bench/RESULTS.md holds them).
-Not run here yet (no quick mode): bench/trunk_study.py,
-executors.py (its Ray path is tests/test_ray.py's) and matched_cost.py (a second whole study); bench/memory.py and
-bench/replies_end.py run in tests/test_memory.py and tests/test_replies_end.py."""
+Every script has one: bench/memory.py and bench/replies_end.py run in tests/test_memory.py and
+tests/test_replies_end.py, the serving scripts in tests/test_bench_serve.py, trunk_study.py, executors.py and
+matched_cost.py in tests/test_bench_study.py."""
 
 from __future__ import annotations
 
