@@ -105,7 +105,8 @@ def script(monkeypatch, capsys):
 @pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory):
     """A finished study on the tiny model with the smallest budget (adapters on disk, unlike the stored ones): the
-    study a bench script's ``--quick`` makes when given no ``--run`` (bench/_common.py), built once in this process and only read (a matched run goes beside it)."""
+    study a bench script's ``--quick`` makes when given no ``--run`` (bench/_common.py), built once in this process
+    and only read (a matched run goes beside it)."""
     from emorl.config import load_config
     from emorl.pipeline import run_pipeline
 
