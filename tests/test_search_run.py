@@ -259,3 +259,24 @@ def test_generation_mismatch_is_warned_naming_both(caplog):
         assert warn_generation_mismatch(cfg)
     assert "search.generation" in caplog.text and "eval.generation" in caplog.text
     assert "do_sample: search False vs eval True" in caplog.text
+
+
+def test_the_runs_own_search_method_writes_where_the_evaluation_reads(run_dir, tmp_path):
+    """search.method=grid is the run's search: its best.json is RUN/search/<mode>/best.json (the evaluation reads
+    that); a grid search beside a hierarchical run's own goes to a subfolder. (A grid run used to write only
+    RUN/search/<mode>/grid/, and `emorl run` then failed at evaluate with "best.json is missing".)"""
+    from emorl.search.evaluator import Score
+
+    def factory(mode, names, prompts, seeds=None):
+        return lambda points: [Score(-float(((np.asarray(p) - 0.5) ** 2).sum())) for p in points]
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapters").symlink_to(run_dir / "adapters")
+    cfg = load_config(str(run_dir / "config.yaml"), ["search.method=grid"])
+    cfg.save(run / "config.yaml")
+    _, out = search_run(run, mode="params", progress=False, plots=False, objective=factory)
+    assert out == run / "search" / "params" and (out / "best.json").exists()
+    _, out = search_run(run_dir, mode="params", method="grid", progress=False, plots=False, fresh=True,
+                        objective=factory)
+    assert out == run_dir / "search" / "params" / "grid" and (out / "best.json").exists()

@@ -39,10 +39,11 @@ def adapter_folders(run_dir: str | Path, cfg: RunConfig, names: list[str] | None
     return {n: root / n for n in names}
 
 
-def search_folder(run_dir: str | Path, mode: str, method: str) -> Path:
-    """RUN/search/<mode>/ for the hierarchical search; the comparators get a subfolder each."""
+def search_folder(run_dir: str | Path, mode: str, method: str, main: str = "hierarchical") -> Path:
+    """RUN/search/<mode>/ for the run's own search (``search.method``, which the evaluation reads); another method
+    run beside it for comparison (``emorl search --method``) gets a subfolder."""
     base = Path(run_dir) / "search" / mode
-    return base if method == "hierarchical" else base / method
+    return base if method == main else base / method
 
 
 def search_run(run_dir: str | Path, cfg: RunConfig | None = None, *, mode: str = "hidden", method: str | None = None,
@@ -102,7 +103,7 @@ def search_run(run_dir: str | Path, cfg: RunConfig | None = None, *, mode: str =
     }
     if sc.generation.do_sample:  # logs of sampled searches made before common random numbers are not resumed
         header["random_numbers"] = "common to all points"
-    out = search_folder(run_dir, mode, method)
+    out = search_folder(run_dir, mode, method, sc.method)
     store = PointStore(out, header, resume=resume, overwrite=fresh)  # refuses a foreign log before loading
     if objective is not None:
         obj = objective(mode, names, prompts)
