@@ -32,6 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import tiny_run  # noqa: E402
+
 PROMPTS = {
     "two-sentences": None,  # the run's own system prompt (today's default: "... in one or two sentences.")
     "one-sentence": "You are a warm, supportive listener. Reply to the person in one short sentence.",
@@ -64,15 +67,6 @@ def interpolate_seconds(tokens: float, lo: tuple[float, float], hi: tuple[float,
     if t1 <= t0:
         return s1
     return s0 + (s1 - s0) * (tokens - t0) / (t1 - t0)
-
-
-def tiny_run(folder: Path) -> Path:
-    """A tiny random-model study (adapters, baselines, searched weights) for --quick."""
-    run = folder / "tiny"
-    subprocess.run([sys.executable, "-m", "emorl.cli", "run", "--preset", "tiny", "--output", str(run),
-                    "--no-progress", "eval.methods=[base,emorl,uniform]"], check=True, capture_output=True,
-                   timeout=900)
-    return run
 
 
 def measure(run: Path, prompts_n: int, lengths: list[int], methods: list[str], variants: list[str],
@@ -186,7 +180,7 @@ def table(out: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", help="a finished study (adapters, baselines/uniform, search/hidden/best.json)")
-    ap.add_argument("--quick", action="store_true", help="a tiny random run in a temp folder, 4 prompts, L 4/8")
+    ap.add_argument("--quick", action="store_true", help="4 prompts, L 4/8; on --run, or a tiny random run in a temp folder")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--lengths", default="24,48,64,96")
     ap.add_argument("--methods", default="base,emorl,uniform")
@@ -218,8 +212,8 @@ def main() -> int:
             Path(args.output).write_text(json.dumps(out, indent=1))
         return 0
     with tempfile.TemporaryDirectory(prefix="replies-end-") as tmp:
-        if args.quick:
-            run, n, lengths = tiny_run(Path(tmp)), 4, [4, 8]
+        if args.quick:  # the given run, or a tiny random study of its own
+            run, n, lengths = Path(args.run) if args.run else tiny_run(Path(tmp)), 4, [4, 8]
         elif args.run:
             run, n = Path(args.run), args.prompts
         else:

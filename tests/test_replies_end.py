@@ -68,12 +68,10 @@ def test_with_ended_adds_the_column_after_the_length(tmp_path):
     assert rows2[1][2].startswith("75 [")  # emorl: 3 of 4 and rows2[2][2] == rows2[1][2] and rows2[3][2] == "–"
 
 
-def test_replies_end_quick(tmp_path):
+def test_replies_end_quick(script, tiny_study, tmp_path):
     out = tmp_path / "end.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "replies_end.py"), "--quick", "--variants",
-                           "two-sentences,one-sentence+stop", "--output", str(out)],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    printed = script("replies_end", "--quick", "--run", str(tiny_study), "--variants",
+                     "two-sentences,one-sentence+stop", "--output", str(out))
     res = json.loads(out.read_text())
     assert res["split"] == "validation" and res["prompts"] == 4 and res["lengths"] == [4, 8]
     assert list(res["results"]) == ["two-sentences", "one-sentence+stop"]
@@ -83,7 +81,7 @@ def test_replies_end_quick(tmp_path):
             assert len(m["lengths"]) == 4 and all(1 <= n <= 8 for n in m["lengths"])
             assert 0.0 <= m["per_limit"]["4"]["ended"] <= m["per_limit"]["8"]["ended"] <= 1.0
     assert res["projection"]["two-sentences"]["4"]["minutes_ratios"] == {"search": 1.0, "evaluate": 1.0}
-    assert "| two-sentences | 4 |" in proc.stdout
+    assert "| two-sentences | 4 |" in printed
     # --merge decodes nothing: a variant measured twice is kept twice, the second as "NAME#2"
     merged = tmp_path / "merged.json"
     proc = subprocess.run([sys.executable, str(BENCH / "replies_end.py"), "--merge", str(out), str(out), "--output",
