@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -180,7 +179,8 @@ def table(out: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", help="a finished study (adapters, baselines/uniform, search/hidden/best.json)")
-    ap.add_argument("--quick", action="store_true", help="4 prompts, L 4/8; on --run, or a tiny random run in a temp folder")
+    ap.add_argument("--quick", action="store_true",
+                    help="4 prompts, L 4/8; on --run, or a tiny random run in a temp folder")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--lengths", default="24,48,64,96")
     ap.add_argument("--methods", default="base,emorl,uniform")
