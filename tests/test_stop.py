@@ -109,17 +109,19 @@ def test_decoder_with_stop_equals_transformers_generate_with_stop_strings(ens: E
     assert (res.token_ids[:, ref.shape[1]:] == ens.pad).all()
 
 
-def test_rollouts_stop_and_their_mask_ends_at_the_stop(tiny_base):
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-t5"])
+def test_rollouts_stop_and_their_mask_ends_at_the_stop(model: str):
     """Training rollouts stop where the decoder stops: the completion mask ends at the stopping token (the pads
-    ``generate`` puts after it, here the EOS id itself, are not in the loss), and the text keeps the stop string."""
+    ``generate`` puts after it, here the EOS id itself, are not in the loss), and the text keeps the stop string;
+    causal and seq2seq (whose replies follow the decoder's start token)."""
     from emorl.train.rollout import sample_rollouts
 
-    base = _with_adapter(tiny_base)
-    greedy = GenerationConfig(max_new_tokens=T, do_sample=False)
-    free = sample_rollouts(base.model, base, [("calm", PROMPTS)], 1, greedy, 128)[0]
+    base = _with_adapter(load_base(ModelConfig(name=model, system_prompt=None)))
+    # sampled with fixed seeds (each row draws its own uniforms, so a row samples the same tokens up to its stop)
+    free = sample_rollouts(base.model, base, [("calm", PROMPTS)], 1, GenerationConfig(max_new_tokens=T), 128, [0])[0]
     piece, ends = _pick_stop(base.tokenizer, free.batch.completion_ids)
     stopped = sample_rollouts(base.model, base, [("calm", PROMPTS)], 1,
-                              GenerationConfig(max_new_tokens=T, do_sample=False, stop=[piece]), 128)[0]
+                              GenerationConfig(max_new_tokens=T, stop=[piece]), 128, [0])[0]
     free_len = free.batch.completion_mask.sum(1).long().tolist()
     mask_len = stopped.batch.completion_mask.sum(1).long().tolist()
     assert base.tokenizer.pad_token_id in eos_ids(base)  # the case where a pad after a stop looks like an EOS
