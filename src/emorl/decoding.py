@@ -123,6 +123,7 @@ class Decoder:
         self.base_adapter = base_adapter or {}
         self.require_metadata = require_metadata
         self._ens: dict[tuple[str, ...], Any] = {}
+        self.last_finish: list[str] | None = None  # how each reply of the last :meth:`decode` ended
 
     def ensemble(self, adapters: dict[str, Path]) -> Any:
         """The :class:`~emorl.ensemble.EnsembleModel` over ``adapters`` (loaded once, cached by name)."""
@@ -154,8 +155,8 @@ class Decoder:
 
     def decode(self, spec: MethodSpec, prompts: Sequence[str], seed: int) -> tuple[list[str], list[int]]:
         """Replies and their token counts of one method for one seed (a routed method: with its per-prompt
-        ``row_weights``, which the caller sets from the router)."""
-        texts, lengths, _ = self.decode_finish(spec, prompts, seed)
+        ``row_weights``, which the caller sets from the router). How each ended is left in :attr:`last_finish`."""
+        texts, lengths, self.last_finish = self.decode_finish(spec, prompts, seed)
         return texts, lengths
 
     def decode_finish(self, spec: MethodSpec, prompts: Sequence[str], seed: int
@@ -182,8 +183,9 @@ def decode_with(decoder: Decoder) -> Any:
             out = []
             for seed in seeds:
                 t0 = time.perf_counter()
-                texts, lengths, finish = decoder.decode_finish(s, prompts, seed)
-                out.append((seed, texts, lengths, time.perf_counter() - t0, finish))
+                decoder.last_finish = None
+                texts, lengths = decoder.decode(s, prompts, seed)
+                out.append((seed, texts, lengths, time.perf_counter() - t0, decoder.last_finish))
             yield s, out
 
     return decode
