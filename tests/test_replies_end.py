@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emorl.report.ended import COLUMN, ended_flags, ended_percent, with_ended
+from emorl.report.ended import COLUMN, EOS_COLUMN, ended_flags, ended_percent, with_ended
 from emorl.utils import append_jsonl
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -63,8 +63,9 @@ def test_with_ended_adds_the_column_after_the_length(tmp_path):
     cols = ["Method", "Length (tokens)", "Tokens/s"]
     rows = [[m, "1", "2"] for m in results["methods"]]
     cols2, rows2 = with_ended(tmp_path, results, (cols, rows))
-    assert cols2 == ["Method", "Length (tokens)", COLUMN, "Tokens/s"]
-    assert rows2[0][2].startswith("25 [0, ")  # base: 1 of 4 replies under 8 tokens
+    assert cols2 == ["Method", "Length (tokens)", COLUMN, EOS_COLUMN, "Tokens/s"]
+    assert rows2[0][2].startswith("25 [0, ")  # base: 1 of 4 replies under 8 tokens (no finish stored: EOS)
+    assert rows2[0][3] == rows2[0][2]
     assert rows2[1][2].startswith("75 [")  # emorl: 3 of 4 and rows2[2][2] == rows2[1][2] and rows2[3][2] == "–"
 
 

@@ -31,14 +31,16 @@ from emorl.utils import EmorlError
 if TYPE_CHECKING:
     from emorl.methods import MethodSpec
 
-__all__ = ["Decoder", "decode_routed", "decode_with", "generation_kwargs", "groups", "parse_mix",
-           "plain_generation_config", "prompt_config"]
+__all__ = ["Decoder", "decode_routed", "decode_routed_finish", "decode_with", "generation_kwargs", "groups",
+           "parse_mix", "plain_generation_config", "prompt_config"]
 
 
 def generation_kwargs(gen: GenerationConfig) -> dict[str, Any]:
-    """``EnsembleModel.generate`` keyword arguments from a :class:`~emorl.config.GenerationConfig`."""
+    """``EnsembleModel.generate`` keyword arguments from a :class:`~emorl.config.GenerationConfig`. Stop strings
+    are kept in the reply (``include_stop``), as in the training rollouts: a sentence keeps its full stop."""
     return {"max_new_tokens": gen.max_new_tokens, "min_new_tokens": gen.min_new_tokens, "do_sample": gen.do_sample,
-            "temperature": gen.temperature, "top_k": gen.top_k, "top_p": gen.top_p}
+            "temperature": gen.temperature, "top_k": gen.top_k, "top_p": gen.top_p, "stop": list(gen.stop),
+            "include_stop": True}
 
 
 @contextlib.contextmanager
@@ -77,7 +79,16 @@ def groups(weights: np.ndarray, decimals: int = 9) -> list[tuple[np.ndarray, lis
 
 def decode_routed(ens: Any, prompts: list[str], weights: Any, *, mode: str = "hidden", seed: int = 0,
                   anchor: str = "base", **gen: Any) -> tuple[list[str], list[int]]:
-    """Replies and token counts, in prompt order, each prompt decoded with its own row of ``weights`` (B×K).
+    """Replies and token counts, in prompt order, each prompt decoded with its own row of ``weights`` (B×K)
+    (:func:`decode_routed_finish` also says how each ended)."""
+    texts, lengths, _ = decode_routed_finish(ens, prompts, weights, mode=mode, seed=seed, anchor=anchor, **gen)
+    return texts, lengths
+
+
+def decode_routed_finish(ens: Any, prompts: list[str], weights: Any, *, mode: str = "hidden", seed: int = 0,
+                         anchor: str = "base", **gen: Any) -> tuple[list[str], list[int], list[str]]:
+    """Replies, token counts and finish reasons ("eos", "stop", "length"), in prompt order, each prompt decoded with
+    its own row of ``weights`` (B×K).
 
     Prompts that share their row are decoded together in one ``generate``, so a group's replies are exactly what
     ``generate`` gives for those prompts and that point (sampling draws its uniforms by a prompt's position in the
@@ -87,12 +98,14 @@ def decode_routed(ens: Any, prompts: list[str], weights: Any, *, mode: str = "hi
         raise EmorlError(f"per-prompt weights: expected shape ({len(prompts)}, {ens.n_adapters}), got {weights.shape}")
     texts: list[str] = [""] * len(prompts)
     lengths = [0] * len(prompts)
+    finish = [""] * len(prompts)
     for w, idx in groups(weights):
         res = ens.generate([prompts[i] for i in idx], w, mode=mode, seed=seed, anchor=anchor, **gen)
         for j, i in enumerate(idx):
             texts[i] = res.texts[j]
             lengths[i] = int(res.lengths[j])
-    return texts, lengths
+            finish[i] = res.finish[j]
+    return texts, lengths, finish
 
 
 class Decoder:
@@ -110,6 +123,7 @@ class Decoder:
         self.base_adapter = base_adapter or {}
         self.require_metadata = require_metadata
         self._ens: dict[tuple[str, ...], Any] = {}
+        self.last_finish: list[str] | None = None  # how each reply of the last :meth:`decode` ended
 
     def ensemble(self, adapters: dict[str, Path]) -> Any:
         """The :class:`~emorl.ensemble.EnsembleModel` over ``adapters`` (loaded once, cached by name)."""
@@ -141,20 +155,27 @@ class Decoder:
 
     def decode(self, spec: MethodSpec, prompts: Sequence[str], seed: int) -> tuple[list[str], list[int]]:
         """Replies and their token counts of one method for one seed (a routed method: with its per-prompt
-        ``row_weights``, which the caller sets from the router)."""
+        ``row_weights``, which the caller sets from the router). How each ended is left in :attr:`last_finish`."""
+        texts, lengths, self.last_finish = self.decode_finish(spec, prompts, seed)
+        return texts, lengths
+
+    def decode_finish(self, spec: MethodSpec, prompts: Sequence[str], seed: int
+                      ) -> tuple[list[str], list[int], list[str]]:
+        """:meth:`decode` plus how each reply ended ("eos", "stop" or "length"; the report's ended %)."""
         if spec.kind == "routed":
             if spec.row_weights is None:
                 raise EmorlError(f"{spec.name}: no per-prompt weights; the caller routes the prompts first "
                                  f"(emorl.evaluate.with_routes)")
-            return decode_routed(self.ensemble(spec.adapters), list(prompts), spec.row_weights,
-                                 mode=spec.mode or "hidden", seed=seed, **generation_kwargs(self.gen))
+            return decode_routed_finish(self.ensemble(spec.adapters), list(prompts), spec.row_weights,
+                                        mode=spec.mode or "hidden", seed=seed, **generation_kwargs(self.gen))
         res = self.result(spec, prompts, seed)
-        return list(res.texts), [int(x) for x in res.lengths.tolist()]
+        return list(res.texts), [int(x) for x in res.lengths.tolist()], list(res.finish)
 
 
 def decode_with(decoder: Decoder) -> Any:
-    """``decode(specs, prompts, seeds)`` yielding ``(spec, [(seed, replies, lengths, seconds), ...])`` per method,
-    one method after another in this process (the local executor's and a Ray worker's way)."""
+    """``decode(specs, prompts, seeds)`` yielding ``(spec, [(seed, replies, lengths, seconds, finish), ...])`` per
+    method, one method after another in this process (the local executor's and a Ray worker's way); ``finish``:
+    how each reply ended ("eos", "stop" or "length")."""
     import time
 
     def decode(specs: list[Any], prompts: list[str], seeds: list[int]) -> Iterator[tuple[Any, list[Any]]]:
@@ -162,8 +183,9 @@ def decode_with(decoder: Decoder) -> Any:
             out = []
             for seed in seeds:
                 t0 = time.perf_counter()
+                decoder.last_finish = None
                 texts, lengths = decoder.decode(s, prompts, seed)
-                out.append((seed, texts, lengths, time.perf_counter() - t0))
+                out.append((seed, texts, lengths, time.perf_counter() - t0, decoder.last_finish))
             yield s, out
 
     return decode

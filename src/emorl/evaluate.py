@@ -99,7 +99,7 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
     (and every reply to ``RUN/eval/replies/<method>.jsonl``). A method whose inputs and settings are unchanged
     since the last evaluation is reused, not decoded again (``force`` re-decodes it). ``keep_others`` keeps the
     results of methods not asked for now (made on the same prompts and seeds) in the file. ``decode(specs, prompts,
-    seeds)`` yields ``(spec, [(seed, replies, lengths, seconds), ...])`` per method (an executor's
+    seeds)`` yields ``(spec, [(seed, replies, lengths, seconds, finish), ...])`` per method (an executor's
     ``decode_methods``; default: decoded here, one method after another)."""
     from emorl.config import load_run_config
     from emorl.utils import append_jsonl
@@ -154,7 +154,8 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
                 reply_file = run / "eval" / "replies" / f"{s.name}.jsonl"
                 reply_file.unlink(missing_ok=True)
                 per_seed, samples = [], []
-                for seed, texts, lengths, seconds in decoded:
+                for seed, texts, lengths, seconds, *more in decoded:
+                    finish = more[0] if more else None  # how each reply ended (report.ended)
                     scores = {o: _score(rewards[o], prompts, texts) for o in objectives}
                     m = reply_metrics(prompts, texts, scores, lengths)
                     m["decode_s"] = seconds
@@ -162,6 +163,7 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
                     per_seed.append({"seed": seed, **m})
                     for i, (p, t) in enumerate(zip(prompts, texts, strict=True)):
                         append_jsonl(reply_file, {"seed": seed, "prompt": p, "reply": t, "tokens": lengths[i],
+                                                  **({"finish": finish[i]} if finish else {}),
                                                   "scores": {o: float(scores[o][i]) for o in objectives}})
                     if not samples:
                         samples = [{"prompt": p, "reply": t} for p, t in zip(prompts[:n_samples], texts, strict=False)]

@@ -86,13 +86,14 @@ def _score_method(folder: Path, spec: Any, sig: str, decoded: list[Any], prompts
     from emorl.rewards import score
 
     per_seed, rows = [], []
-    for seed, texts, lengths, seconds in decoded:
+    for seed, texts, lengths, seconds, *more in decoded:
+        finish = more[0] if more else None  # how each reply ended (report.ended)
         scores = {o: score(rewards[o], prompts, texts) for o in objectives}
         m = reply_metrics(prompts, texts, scores, lengths)
         m["decode_s"] = seconds
         per_seed.append({"seed": seed, **m})
         rows += [{"seed": seed, "prompt": p, "reply": t, "tokens": lengths[i],
-                  "scores": {o: float(scores[o][i]) for o in objectives}}
+                  **({"finish": finish[i]} if finish else {}), "scores": {o: float(scores[o][i]) for o in objectives}}
                  for i, (p, t) in enumerate(zip(prompts, texts, strict=True))]
     atomic_write_text(folder / "eval" / "replies" / f"{spec.name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return {"label": spec.label, "kind": spec.kind, "signature": sig, "per_seed": per_seed,

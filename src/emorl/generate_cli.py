@@ -59,7 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, help="sample from the nucleus of probability p")
     p.add_argument("--max-new-tokens", type=int, help="default 64 (--method: eval.generation's)")
     p.add_argument("--min-new-tokens", type=int, help="default 0 (--method: eval.generation's)")
-    p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop string, kept in the reply (repeatable; default none, --method: eval.generation's)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--score", action="store_true", help="add every objective's reward for each reply")
     p.add_argument("--output", metavar="FILE.jsonl", help="write JSONL here (default: print JSONL to stdout)")
@@ -210,14 +211,15 @@ def run(args: argparse.Namespace) -> int:
         from emorl.rewards import build_rewards
 
         rewards = build_rewards(specs, base)
-    kw = {"stop": args.stop, "progress": sys.stderr.isatty()}
+    # --stop replaces the config's eval.generation.stop; either way the stop string is kept (as in the study)
+    kw = {"progress": sys.stderr.isatty(), **({"stop": args.stop} if args.stop else {})}
     if args.method:
         records = decoder.result(method, prompts, args.seed, **kw).records()
     elif auto:
         from emorl.decoding import decode_routed, generation_kwargs
 
-        texts, _ = decode_routed(ens, prompts, routed, mode="hidden", seed=args.seed, stop=args.stop,
-                                 **generation_kwargs(gen))
+        texts, _ = decode_routed(ens, prompts, routed, mode="hidden", seed=args.seed,
+                                 **(generation_kwargs(gen) | ({"stop": args.stop} if args.stop else {})))
         records = [{"prompt": p, "weights": dict(zip(ens.names, map(float, w), strict=True)), "mode": "hidden",
                     "router": "fallback" if f else "routed", "reply": t}
                    for p, w, f, t in zip(prompts, routed, fallback, texts, strict=True)]

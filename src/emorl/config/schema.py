@@ -93,7 +93,8 @@ class DataConfig:
 
 @dataclass
 class GenerationConfig:
-    """How replies are sampled (training rollouts, validation) or decoded (evaluation)."""
+    """How replies are sampled (training rollouts, validation) or decoded (evaluation). A reply ends at EOS, at a
+    ``stop`` string (kept in the reply) or at ``max_new_tokens``; the report counts each (docs/run.md, "Ended %")."""
 
     max_new_tokens: int = _f(64, "Maximum reply length in tokens.")
     do_sample: bool = _f(True, "Sample (true) or greedy (false).")
@@ -101,6 +102,11 @@ class GenerationConfig:
     top_k: int = _f(50, "Top-k filter (0 = off). 50 is the paper's (implicit HF default).")
     top_p: float = _f(1.0, "Nucleus filter (1.0 = off).")
     min_new_tokens: int = _f(0, "Suppress EOS for this many tokens (benchmarks use it to fix the work).")
+    stop: list[str] = _f([], "Stop strings: a reply ends at the first one it generates, which is kept in the reply "
+                         "(e.g. [\".\", \"!\", \"?\"] ends it at its first sentence end, as the default preset). "
+                         "Used alike by training rollouts, validation, the search and the evaluation. The price: it "
+                         "is matched in the decoded text, so \"Mr.\" or \"3.5\" ends a reply early. [] = EOS or "
+                         "max_new_tokens only.")
 
 
 @dataclass

@@ -34,6 +34,9 @@ def validate(cfg: RunConfig) -> None:
                         ("train.generation.max_new_tokens", t.generation.max_new_tokens, 1)]:
         if v < lo:
             raise EmorlError(f"{name} must be >= {lo}, got {v}")
+    for name, gen in [("train.generation", t.generation), ("search.generation", cfg.search.generation),
+                      ("eval.generation", cfg.eval.generation)]:
+        check_stop(name, gen.stop)
     from emorl.layer_spec import check_layer_spec
 
     check_layer_spec(cfg.lora.layers)
@@ -79,3 +82,10 @@ def validate(cfg: RunConfig) -> None:
         raise EmorlError("executor: num_cpus, num_gpus and max_retries must be >= 0 and workers >= 1")
     if cfg.data.source != "default" and not cfg.data.path:
         raise EmorlError(f"data.path is required for data.source={cfg.data.source!r}")
+
+
+def check_stop(name: str, stop: object) -> None:
+    """``<name>.stop`` must be a list of non-empty strings: an empty one would end every reply at once."""
+    if not isinstance(stop, list) or any(not isinstance(s, str) or not s for s in stop):
+        raise EmorlError(f"{name}.stop must be a list of non-empty strings (e.g. {name}.stop=['.', '!', '?'], or [] "
+                         f"for none), got {stop!r}")

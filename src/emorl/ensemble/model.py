@@ -169,14 +169,17 @@ class EnsembleModel:
     def generate(self, prompts: list[str], weights: Any, mode: str = "hidden", *, max_new_tokens: int = 64,
                  min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None,
-                 anchor: str = "base", formatted: bool = False, output_scores: bool = False,
+                 include_stop: bool = False, anchor: str = "base", formatted: bool = False, output_scores: bool = False,
                  memory_budget_gb: float | None = None, max_rows: int | None = None,
                  progress: bool = False) -> GenerationResult:
         """Decode ``prompts`` for one weight vector (K) or G weight points (G×K) in one call.
 
         ``prompts`` are client statements, formatted with the model's chat template and ``model.system_prompt``
         (``formatted=True``: already model input text). All K adapters see the same prefix at every step; a row
-        ends at EOS or a ``stop`` string and is padded afterwards. Greedy by default; ``do_sample`` with
+        ends at EOS or a ``stop`` string and is padded afterwards; its text is cut before the first stop string
+        (OpenAI's semantics, ``emorl serve``) or, with ``include_stop``, after it (vLLM's
+        ``include_stop_str_in_output``: the study keeps a sentence's full stop), and ``finish`` says how each row
+        ended ("eos", "stop" or "length"). Greedy by default; ``do_sample`` with
         ``temperature``/``top_k``/``top_p`` (transformers' warpers) and ``seed``. ``anchor`` is the weight rule
         (:func:`~emorl.ensemble.mixing.weight_rule`): ``"base"`` mixes each adapter's shift of the base at strength
         w_k (w = 0 decodes the base), ``"none"`` rescales every point to sum 1 (the convex mix; parameter average
@@ -268,12 +271,13 @@ class EnsembleModel:
                     scores_out[g_idx.cpu(), b_idx.cpu()] = scs.cpu()
         if pbar is not None:
             pbar.close()
-        all_texts = [[self._text(tok_out[g, b, : len_out[g, b]], stops) for b in range(n_prompts)]
-                     for g in range(n_points)]
+        all_texts = [[reply_text(self.tokenizer, tok_out[g, b, : len_out[g, b]], stops, include_stop)
+                      for b in range(n_prompts)] for g in range(n_points)]
+        finish = finish_reasons(tok_out, len_out, self.eos, stop_criteria)
         stats["seconds"] = time.perf_counter() - t0
         stats["anchored"] = anchored
         return GenerationResult(list(prompts), list(self.names), mode, w_np, all_texts, tok_out.cpu(), len_out.cpu(),
-                                single, scores_out, stats, anchor if rule == "anchored" else "none")
+                                single, scores_out, stats, anchor if rule == "anchored" else "none", finish)
 
     def _plan(self, n_prompts: int, n_points: int, streams: int, rows: int, mode: str
               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -296,12 +300,37 @@ class EnsembleModel:
         return plan
 
     def _text(self, ids: torch.Tensor, stops: list[str]) -> str:
-        text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
-        for s in stops:
-            i = text.find(s)
-            if i >= 0:
-                text = text[:i]
-        return text.strip()
+        """A reply cut before its first stop string (``emorl serve``'s, OpenAI's semantics)."""
+        return reply_text(self.tokenizer, ids, stops)
+
+
+
+def reply_text(tokenizer: Any, ids: torch.Tensor, stops: list[str], include_stop: bool = False) -> str:
+    """A row's reply: its tokens decoded, cut at the first stop string (before it, or after it with
+    ``include_stop``: the stopping token may carry more text, e.g. '."', which is dropped), stripped."""
+    text = tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+    hits = [(i, i + len(s)) for s in stops if (i := text.find(s)) >= 0]
+    if hits:
+        start, end = min(hits)
+        text = text[:end] if include_stop else text[:start]
+    return text.strip()
+
+
+def finish_reasons(tokens: torch.Tensor, lengths: torch.Tensor, eos: list[int], stop_criteria: Any = None
+                   ) -> list[list[str]]:
+    """How each row of ``tokens`` (G, B, T) with ``lengths`` (G, B) ended: "eos" (its last token is an EOS id),
+    "stop" (a stop string ends at its last token: what ended the decode) or "length" (cut at T)."""
+    g_n, b_n = lengths.shape
+    flat = tokens.reshape(g_n * b_n, -1)
+    n = lengths.reshape(-1).clamp(min=1)
+    last = flat.gather(1, (n - 1)[:, None])[:, 0]
+    is_eos = torch.isin(last, torch.tensor(eos, dtype=torch.long, device=flat.device)).tolist()
+    is_stop = [False] * len(n)
+    if stop_criteria is not None:
+        for i, ln in enumerate(n.tolist()):
+            is_stop[i] = not is_eos[i] and bool(stop_criteria(flat[i: i + 1, :ln], None)[0])
+    reasons = ["eos" if e else "stop" if s else "length" for e, s in zip(is_eos, is_stop, strict=True)]
+    return [reasons[g * b_n:(g + 1) * b_n] for g in range(g_n)]
 
 
 def _check_args(prompts: Any, mode: str, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,

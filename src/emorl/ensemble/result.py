@@ -15,7 +15,7 @@ class GenerationResult:
 
     ``texts`` / ``token_ids`` / ``lengths`` drop the point axis when ``weights`` was one vector. Token ids are
     right-padded with the pad id after a row's end (EOS is kept; a matched stop string's tokens are kept in the
-    ids but cut from the text)."""
+    ids, and in the text only with ``generate(include_stop=True)``). ``finish`` says how each row ended."""
 
     prompts: list[str]
     names: list[str]
@@ -28,6 +28,7 @@ class GenerationResult:
     scores: torch.Tensor | None = None  # (G, B, T, V) mixed scores before sampling warpers, if requested
     stats: dict[str, Any] = field(default_factory=dict)
     anchor: str = "base"  # the weight rule applied: "base" (anchored) or "none" (convex; weights as rescaled)
+    all_finish: list[list[str]] = field(default_factory=list)  # G × B: "eos", "stop" or "length"
 
     @property
     def texts(self) -> list[str] | list[list[str]]:
@@ -40,6 +41,10 @@ class GenerationResult:
     @property
     def lengths(self) -> torch.Tensor:
         return self.all_lengths[0] if self.single else self.all_lengths
+
+    @property
+    def finish(self) -> list[str] | list[list[str]]:
+        return self.all_finish[0] if self.single and self.all_finish else self.all_finish
 
     def records(self) -> list[dict[str, Any]]:
         """One dict per (point, prompt): prompt, weights, mode, reply — the rows of ``emorl generate``."""

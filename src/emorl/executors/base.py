@@ -23,8 +23,9 @@ class TrainJob:
     objectives: tuple[str, ...]
 
 
-# (seed, replies, reply lengths in tokens, decode seconds) for one method and seed
-Decoded = tuple[int, list[str], list[int], float]
+# (seed, replies, reply lengths in tokens, decode seconds, finish reasons "eos"/"stop"/"length") for one method and
+# seed (a decode without the fifth item stores no finish reasons)
+Decoded = tuple[int, list[str], list[int], float, list[str]]
 
 
 class Executor(Protocol):

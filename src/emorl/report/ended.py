@@ -1,9 +1,11 @@
-"""Ended %: the share of a method's replies that ended with EOS before the token limit (issue 26 §7).
+"""Ended %: the share of a method's replies that ended on their own before the token limit (issue 26 §7).
 
 A reply cut at ``max_new_tokens`` is a fragment the rewards still score, so the report says per method how many
-replies ended on their own. It is read from the stored replies' token counts (``RUN/eval/replies/<method>.jsonl``,
-EOS included in the count): a reply ended when it has fewer tokens than the limit. One that put EOS exactly as its
-last allowed token counts as cut, so the share is a slight undercount.
+replies ended, as two numbers: **ended** (EOS or a ``generation.stop`` string, e.g. the first sentence end) and
+**EOS** alone (the model chose to stop; with stop strings, only a reply that ended before any sentence end). Each
+stored reply (``RUN/eval/replies/<method>.jsonl``) records how it ended (``finish``: "eos", "stop" or "length",
+from the decoder), so the count is exact. Replies stored before that was recorded are read from their token
+counts (EOS included): fewer tokens than the limit = EOS; one whose EOS was its last allowed token counts as cut.
 """
 
 from __future__ import annotations
@@ -17,23 +19,37 @@ import numpy as np
 from emorl.stats import bootstrap_ci
 from emorl.utils import read_jsonl
 
-COLUMN = "Ended % (EOS)"
+COLUMN = "Ended % (EOS or stop)"
+EOS_COLUMN = "EOS %"
 AFTER = "Length (tokens)"
+REASONS = ("eos", "stop", "length")
 
 
 def ended_flags(tokens: Sequence[int], max_new_tokens: int) -> np.ndarray:
-    """1.0 per reply with fewer tokens than ``max_new_tokens`` (it ended with EOS), else 0.0."""
+    """1.0 per reply with fewer tokens than ``max_new_tokens`` (it ended before the limit), else 0.0."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     return (np.asarray(tokens, dtype=int) < max_new_tokens).astype(float)
 
 
-def ended_percent(rows: Sequence[dict[str, Any]], max_new_tokens: int) -> tuple[float, list[float]] | None:
-    """(ended %, its 95% CI resampling prompts) of one method's stored replies, or None without replies."""
-    rows = [r for r in rows if "tokens" in r]
+def finish_of(row: dict[str, Any], max_new_tokens: int) -> str:
+    """How one stored reply ended: its recorded ``finish``, or (an older file) "eos" when it has fewer tokens than
+    the limit, else "length"."""
+    if "finish" in row:
+        if row["finish"] not in REASONS:
+            raise ValueError(f"finish must be one of {', '.join(REASONS)}, got {row['finish']!r}")
+        return str(row["finish"])
+    return "eos" if ended_flags([int(row["tokens"])], max_new_tokens)[0] else "length"
+
+
+def ended_percent(rows: Sequence[dict[str, Any]], max_new_tokens: int, reasons: tuple[str, ...] = ("eos", "stop")
+                  ) -> tuple[float, list[float]] | None:
+    """(% of one method's stored replies whose finish is in ``reasons``, its 95% CI resampling prompts), or None
+    without replies. Default: ended (EOS or a stop string); ``reasons=("eos",)``: EOS alone."""
+    rows = [r for r in rows if "tokens" in r or "finish" in r]
     if not rows:
         return None
-    flags = ended_flags([int(r["tokens"]) for r in rows], max_new_tokens)
+    flags = np.array([finish_of(r, max_new_tokens) in reasons for r in rows], dtype=float)
     lo, hi = bootstrap_ci(flags, clusters=[r.get("prompt", i) for i, r in enumerate(rows)])
     return 100 * float(flags.mean()), [100 * lo, 100 * hi]
 
@@ -44,8 +60,8 @@ def fmt_ended(value: tuple[float, list[float]] | None) -> str:
 
 def with_ended(run: str | Path, results: dict[str, Any],
                table: tuple[list[str], list[list[str]]]) -> tuple[list[str], list[list[str]]]:
-    """``table`` (the comparison table, one row per method in ``results["methods"]`` order) with the ended %
-    column after the length; a method decoded once for its twin (``same_as``) reads the twin's replies."""
+    """``table`` (the comparison table, one row per method in ``results["methods"]`` order) with the ended % and
+    EOS % columns after the length; a method decoded once for its twin (``same_as``) reads the twin's replies."""
     columns, rows = table
     limit = (results.get("generation") or {}).get("max_new_tokens")
     if not limit:
@@ -55,6 +71,8 @@ def with_ended(run: str | Path, results: dict[str, Any],
     cells = []
     for name, m in results["methods"].items():
         path = folder / f"{m.get('same_as') or name}.jsonl"
-        cells.append(fmt_ended(ended_percent(read_jsonl(path), int(limit)) if path.exists() else None))
-    return ([*columns[:where], COLUMN, *columns[where:]],
-            [[*r[:where], c, *r[where:]] for r, c in zip(rows, cells, strict=True)])
+        replies = read_jsonl(path) if path.exists() else []
+        cells.append([fmt_ended(ended_percent(replies, int(limit))),
+                      fmt_ended(ended_percent(replies, int(limit), ("eos",)))])
+    return ([*columns[:where], COLUMN, EOS_COLUMN, *columns[where:]],
+            [[*r[:where], *c, *r[where:]] for r, c in zip(rows, cells, strict=True)])

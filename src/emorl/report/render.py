@@ -223,7 +223,10 @@ def _decoding(results: dict[str, Any]) -> str:
                     "[95% CI, paired bootstrap over prompts]")
     else:
         seed_txt = "one decode (greedy decoding does not depend on the seed, so there is no spread to report)"
-    return f"{how}, up to {g['max_new_tokens']} new tokens, {seed_txt}"
+    stop = g.get("stop") or []
+    stop_txt = f", ending at the first stop string ({' '.join(f'`{x}`' for x in stop)}, kept in the reply)" if stop \
+        else ""
+    return f"{how}, up to {g['max_new_tokens']} new tokens{stop_txt}, {seed_txt}"
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -295,7 +298,10 @@ def render_markdown(run: Path, s: dict[str, Any], tables: dict[str, tuple[list[s
              "cost until each policy converged or spent its budget: EMORL, Model Soups and logit mixing all reuse the "
              "same K single-objective adapters, so they share that cost (sum over the adapters; per-adapter figures "
              "below) and add their own weight search. *Tokens/s* is decoding throughput on this machine; the mixing "
-             "methods run all K adapters at every step."
+             "methods run all K adapters at every step. *Ended % (EOS or stop)* is the share of replies that ended "
+             "before the token limit, at EOS or at a stop string (`generation.stop`, e.g. a sentence end); *EOS %* "
+             "counts EOS alone (the model chose to stop; with stop strings, only before its first sentence end). "
+             "The rest were cut at the limit."
              + (" Brackets are 95% confidence intervals from a paired bootstrap that resamples prompts, each with all "
                 f"its seeds ({s['bootstrap']['n_units']} (prompt, seed) units, {s['bootstrap']['resamples']} "
                 "resamples): every method saw the same prompts and random numbers." if s.get("bootstrap") else ""), ""]

@@ -97,12 +97,16 @@ class RolloutBatch:
                             self.completion_ids[start * k:stop * k], self.completion_mask[start * k:stop * k], k)
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int], stopped: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """1 for reply tokens up to and including the first EOS of each row, 0 after it (generate() pads finished
-    rows with pad = often the EOS id itself, so "after the first EOS" is the only safe rule)."""
+    rows with pad = often the EOS id itself, so "after the first EOS" is the only safe rule). ``stopped`` (rows, T)
+    bool: where a stop string ends; a row's reply then ends there too (the pads after it are not in the loss)."""
     is_eos = torch.zeros_like(completion_ids, dtype=torch.bool)
     for e in eos_ids:
         is_eos |= completion_ids == e
+    if stopped is not None:
+        is_eos |= stopped.to(is_eos.device)
     # number of EOS strictly before position t; keep positions with none before them
     before = torch.cumsum(is_eos.int(), dim=1) - is_eos.int()
     return (before == 0).to(torch.float32)

@@ -23,6 +23,7 @@ import torch
 from emorl.config import GenerationConfig
 from emorl.data import encode_prompts, format_prompts
 from emorl.decoding import plain_generation_config
+from emorl.ensemble.model import reply_text
 from emorl.models import Base, eos_ids
 from emorl.sampling import UniformSampler, uniforms
 from emorl.train.kscst import RolloutBatch, completion_mask
@@ -77,6 +78,19 @@ def prompt_width(base: Base, statements: list[str], max_prompt_tokens: int) -> i
     return int(encode_prompts(base.tokenizer, texts, max_prompt_tokens, base.is_seq2seq)["input_ids"].shape[1])
 
 
+def stop_positions(out: torch.Tensor, start: int, width: int, tokenizer: Any, stops: list[str]) -> torch.Tensor:
+    """(rows, width) bool: True where a stop string ends at reply token t, judged as ``generate``'s
+    StopStringCriteria judged it (on the sequence so far, ``out[:, :start + t + 1]``), so the reply's mask ends at
+    the token where generation stopped and the pads ``generate`` put after it stay out of the loss."""
+    from transformers import StopStringCriteria
+
+    crit = StopStringCriteria(tokenizer, list(stops))
+    hit = torch.zeros((out.shape[0], width), dtype=torch.bool, device=out.device)
+    for t in range(min(width, out.shape[1] - start)):
+        hit[:, t] = crit(out[:, : start + t + 1], None).to(out.device)
+    return hit
+
+
 def _trim(batch: RolloutBatch, left_padded: bool) -> RolloutBatch:
     """Drop prompt columns that are padding in every row of this group and reply columns after every row's end:
     the group's tensors (and its update) then depend only on its own prompts and replies, not on the others'."""
@@ -115,6 +129,8 @@ def sample_rollouts(model: Any, base: Base, groups: list[tuple[str, list[str]]],
             seeds = [int(torch.randint(0, 2**62, ())) for _ in groups]
         u = torch.cat([uniforms(s, rows_per_adapter, gen.max_new_tokens) for s in seeds]).to(base.device)
         sampler["logits_processor"] = LogitsProcessorList([UniformSampler(u, gen.temperature, gen.top_k, gen.top_p)])
+    if gen.stop:  # transformers' StopStringCriteria, as the decoder's (emorl.ensemble): the same stopping rule
+        sampler |= {"stop_strings": list(gen.stop), "tokenizer": tok}
     was_training = model.training
     model.eval()
     try:
@@ -125,12 +141,14 @@ def sample_rollouts(model: Any, base: Base, groups: list[tuple[str, list[str]]],
                 pad_token_id=tok.pad_token_id, eos_token_id=eos_ids(base), **sampler, **extra)
     finally:
         model.train(was_training)
-    completions = (out[:, 1:] if base.is_seq2seq else out[:, ids.shape[1]:]).contiguous()
+    start = 1 if base.is_seq2seq else ids.shape[1]
+    completions = out[:, start:].contiguous()
     if completions.shape[1] == 0:  # every row ended at once (possible with tiny models): keep one EOS token
         completions = torch.full((ids.shape[0], 1), eos_ids(base)[0], dtype=ids.dtype, device=ids.device)
-    cmask = completion_mask(completions, eos_ids(base))
-    decoded = tok.batch_decode(torch.where(cmask.bool(), completions, tok.pad_token_id), skip_special_tokens=True)
-    decoded = [t.strip() for t in decoded]
+    stopped = stop_positions(out, start, completions.shape[1], tok, gen.stop) if gen.stop else None
+    cmask = completion_mask(completions, eos_ids(base), stopped)
+    kept = torch.where(cmask.bool(), completions, tok.pad_token_id)
+    decoded = [reply_text(tok, row, list(gen.stop), include_stop=True) for row in kept]
     result = []
     n_prompts = len(groups[0][1])
     for g, (adapter, group) in enumerate(groups):
