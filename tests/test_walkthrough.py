@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 WALKTHROUGH = "examples/own-model.yaml"
 QUICK_START = ["./install.sh && .venv/bin/emorl run --preset default --output runs/default",
-               "./install.sh dev && .venv/bin/python -m pytest -ra"]
+               "./install.sh dev && .venv/bin/python -m pytest -ra -n auto"]
 
 
 def test_readme_is_short_and_shows_the_quick_start_ci_runs():
@@ -19,7 +19,8 @@ def test_readme_is_short_and_shows_the_quick_start_ci_runs():
     block = re.search(r"## Quick start.*?```bash\n(.*?)```", README, re.S).group(1)
     assert block.splitlines() == QUICK_START
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert ci[-1] == QUICK_START[1]  # the README's test command is CI's, -ra (skip reasons) included
+    # the README's test command is CI's: -ra (skip reasons), -n auto (pytest-xdist: one worker per core)
+    assert ci[-1] == QUICK_START[1]
 
 
 def test_readme_shows_the_walkthrough_file_verbatim():
