@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -46,6 +45,7 @@ from emorl.metrics import (  # noqa: F401 - re-exported: the evaluation's metric
     mean_std,
     ngrams,
     reply_metrics,
+    scored_seed,
     summarise,
     words,
 )
@@ -154,17 +154,12 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
                 reply_file = run / "eval" / "replies" / f"{s.name}.jsonl"
                 reply_file.unlink(missing_ok=True)
                 per_seed, samples = [], []
-                for seed, texts, lengths, seconds, *more in decoded:
-                    finish = more[0] if more else None  # how each reply ended (report.ended)
+                for seed, texts, lengths, seconds, *more in decoded:  # more: how each reply ended (report.ended)
                     scores = {o: _score(rewards[o], prompts, texts) for o in objectives}
-                    m = reply_metrics(prompts, texts, scores, lengths)
-                    m["decode_s"] = seconds
-                    m["tokens_per_s"] = sum(lengths) / seconds if seconds > 0 else math.nan
-                    per_seed.append({"seed": seed, **m})
-                    for i, (p, t) in enumerate(zip(prompts, texts, strict=True)):
-                        append_jsonl(reply_file, {"seed": seed, "prompt": p, "reply": t, "tokens": lengths[i],
-                                                  **({"finish": finish[i]} if finish else {}),
-                                                  "scores": {o: float(scores[o][i]) for o in objectives}})
+                    m, rows = scored_seed(seed, prompts, texts, lengths, seconds, scores, more[0] if more else None)
+                    per_seed.append(m)
+                    for row in rows:
+                        append_jsonl(reply_file, row)
                     if not samples:
                         samples = [{"prompt": p, "reply": t} for p, t in zip(prompts[:n_samples], texts, strict=False)]
                     done += 1

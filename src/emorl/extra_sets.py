@@ -16,7 +16,7 @@ from typing import Any
 
 from emorl.config import RunConfig
 from emorl.methods import decoding_parts
-from emorl.metrics import reply_metrics, summarise
+from emorl.metrics import scored_seed, summarise
 from emorl.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("emorl.extra_sets")
@@ -86,15 +86,11 @@ def _score_method(folder: Path, spec: Any, sig: str, decoded: list[Any], prompts
     from emorl.rewards import score
 
     per_seed, rows = [], []
-    for seed, texts, lengths, seconds, *more in decoded:
-        finish = more[0] if more else None  # how each reply ended (report.ended)
+    for seed, texts, lengths, seconds, *more in decoded:  # more: how each reply ended (report.ended)
         scores = {o: score(rewards[o], prompts, texts) for o in objectives}
-        m = reply_metrics(prompts, texts, scores, lengths)
-        m["decode_s"] = seconds
-        per_seed.append({"seed": seed, **m})
-        rows += [{"seed": seed, "prompt": p, "reply": t, "tokens": lengths[i],
-                  **({"finish": finish[i]} if finish else {}), "scores": {o: float(scores[o][i]) for o in objectives}}
-                 for i, (p, t) in enumerate(zip(prompts, texts, strict=True))]
+        m, seed_rows = scored_seed(seed, prompts, texts, lengths, seconds, scores, more[0] if more else None)
+        per_seed.append(m)
+        rows += seed_rows
     atomic_write_text(folder / "eval" / "replies" / f"{spec.name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return {"label": spec.label, "kind": spec.kind, "signature": sig, "per_seed": per_seed,
             "summary": summarise([{k: v for k, v in d.items() if k != "seed"} for d in per_seed])}

@@ -78,3 +78,16 @@ def summarise(per_seed: Sequence[dict[str, float]]) -> dict[str, dict[str, float
 
 
 # ------------------------------------------------------------------------------------------- methods
+
+
+def scored_seed(seed: int, prompts: Sequence[str], replies: Sequence[str], token_lengths: Sequence[int],
+                seconds: float, scores: dict[str, np.ndarray], finish: Sequence[str] | None = None
+                ) -> tuple[dict[str, float], list[dict]]:
+    """One method's decode for one seed, scored: its ``per_seed`` entry (:func:`reply_metrics`, decode seconds and
+    tokens/s) and its rows of RUN/eval/replies/METHOD.jsonl (how each reply ended, when the decoder said)."""
+    m = {"seed": seed, **reply_metrics(prompts, replies, scores, token_lengths), "decode_s": seconds}
+    m["tokens_per_s"] = sum(token_lengths) / seconds if seconds > 0 else math.nan
+    rows = [{"seed": seed, "prompt": p, "reply": t, "tokens": token_lengths[i],
+             **({"finish": finish[i]} if finish else {}), "scores": {o: float(s[i]) for o, s in scores.items()}}
+            for i, (p, t) in enumerate(zip(prompts, replies, strict=True))]
+    return m, rows
