@@ -34,13 +34,14 @@ from __future__ import annotations
 import contextlib
 import types
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from emorl.utils import EmorlError
 
-__all__ = ["BASE_SLOT", "LoraBank", "lora_bank", "lora_layers", "safe_rows"]
+__all__ = ["BASE_SLOT", "LoraBank", "RowPlan", "lora_bank", "lora_layers", "safe_rows"]
 
 _ATTR = "_emorl_bank"
 # A slot name that is no adapter: its rows (routed) or its weight (weighted) get no LoRA delta, i.e. the base model.
@@ -90,6 +91,65 @@ def lora_layers(model: Any) -> list[tuple[str, Any]]:
     return out
 
 
+def _longs(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+@dataclass(frozen=True)
+class RowGather:
+    """Flat (row, position) indices gathered into the rows of one matmul group: ``take`` (each group padded to the
+    same row count by repeating its last index: a matmul row does not depend on the others), ``keep`` the real
+    ones among them (None: no padding), ``dest`` the positions their deltas add into."""
+
+    take: torch.Tensor
+    keep: torch.Tensor | None
+    dest: torch.Tensor
+
+    @staticmethod
+    def of(groups: list[list[int]], device: torch.device) -> RowGather:
+        """``groups`` of flat indices, each padded to the longest (to :func:`safe_rows` of it on the CPU)."""
+        m = max(len(g) for g in groups)
+        m = safe_rows(m) if device.type == "cpu" else m
+        take: list[int] = []
+        keep: list[int] = []
+        for g in groups:
+            keep += range(len(take), len(take) + len(g))
+            take += g + [g[-1]] * (m - len(g))
+        dest = [i for g in groups for i in g]
+        return RowGather(_longs(take, device), None if len(keep) == len(take) else _longs(keep, device),
+                         _longs(dest, device))
+
+
+class RowPlan:
+    """Per-row mode, for forwards of ``t`` positions per row: the adapters that have one-hot rows (``hot``) and
+    their rows as one gather (``one``, group i = adapter ``hot[i]``), the mixed rows as another (``mixed``). Made
+    once per forward from the row weights, used by every LoRA layer (so no layer plans or loops over adapters)."""
+
+    def __init__(self, weights: torch.Tensor, t: int, device: torch.device) -> None:
+        groups: dict[int, list[int]] = {}
+        mixed: list[int] = []
+        for r, row in enumerate(weights.tolist()):
+            nz = [i for i, v in enumerate(row) if v != 0]
+            span = list(range(r * t, (r + 1) * t))
+            if len(nz) == 1 and row[nz[0]] == 1:
+                groups.setdefault(nz[0], []).extend(span)
+            elif nz:
+                mixed += span
+        self.hot = tuple(sorted(groups))
+        self.one = RowGather.of([groups[i] for i in self.hot], device) if groups else None
+        self.mixed = RowGather.of([mixed], device) if mixed else None
+        self._w = weights.to(device).index_select(0, self.mixed.take // t) if self.mixed is not None else None
+        self._coef: dict[int, torch.Tensor] = {}
+
+    def mixed_coef(self, r_max: int, ref: torch.Tensor) -> torch.Tensor:
+        """The mixed rows' coefficients, each repeated over an adapter's ``r_max`` rank columns."""
+        c = self._coef.get(r_max)
+        if c is None:
+            assert self._w is not None
+            c = self._coef[r_max] = self._w.to(device=ref.device, dtype=ref.dtype).repeat_interleave(r_max, dim=1)
+        return c
+
+
 class LoraBank:
     """State of an active bank (returned by :func:`lora_bank`); see the module docstring."""
 
@@ -99,6 +159,9 @@ class LoraBank:
         # id(layer) -> (A^T, sB^T, r_max), or None for a layer without any of the bank's adapters
         self._stacks: dict[int, tuple[torch.Tensor, torch.Tensor, int] | None] = {}
         self._coef: dict[int, torch.Tensor] = {}
+        self._plans: dict[int, RowPlan] = {}  # per-row mode: tokens per row -> its plan
+        self._hot_key: tuple[int, ...] | None = None
+        self._hot: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(layer) -> A, sB of _hot_key's adapters
         self.weights: torch.Tensor | None = None
         self.row_weights: torch.Tensor | None = None  # per-row mode (set_row_weights): (n_rows, K)
         layers = lora_layers(model) if hasattr(model, "named_modules") else []
@@ -150,70 +213,78 @@ class LoraBank:
         dtype = mod.get_base_layer().weight.dtype
         return a.to(dtype), b.to(dtype), r_max
 
-    def set_weights(self, weights: torch.Tensor | None) -> None:
-        """Switch to weighted mixing: ``weights`` (G, K) — or None to go back to routing (group i = adapter i)."""
-        self._coef = {}
-        self.row_weights = None
-        if weights is None:
-            self.weights = None
-            return
+    def _checked(self, weights: torch.Tensor, lead: str) -> torch.Tensor:
+        """``weights`` as a (lead, K) tensor, or an error naming the shape it has."""
         w = torch.as_tensor(weights)
         if w.ndim != 2 or w.shape[1] != len(self.names):
-            raise EmorlError(f"lora_bank: weights must be (G, {len(self.names)}), got shape {tuple(w.shape)}")
-        self.weights = w
+            raise EmorlError(f"lora_bank: weights must be ({lead}, {len(self.names)}), got shape {tuple(w.shape)}")
+        return w
+
+    def set_weights(self, weights: torch.Tensor | None) -> None:
+        """Switch to weighted mixing: ``weights`` (G, K) — or None to go back to routing (group i = adapter i)."""
+        self._coef, self._plans = {}, {}
+        self.row_weights = None
+        self.weights = None if weights is None else self._checked(weights, "G")
 
     def set_row_weights(self, weights: torch.Tensor | None) -> None:
         """Per-row mode: row r of every forward uses ``W0 + sum_i weights[r, i] ΔW_i`` (``weights`` (n_rows, K)):
         a one-hot row is one adapter, a zero row the base, any other a parameter mix — so rows of every mixing
-        mode share one forward (``emorl serve``'s running batch). None leaves per-row mode."""
-        self._coef = {}
+        mode share one forward (``emorl serve``'s running batch), in any order. None leaves per-row mode."""
+        self._coef, self._plans = {}, {}
         if weights is None:
             self.row_weights = None
             return
-        w = torch.as_tensor(weights)
-        if w.ndim != 2 or w.shape[1] != len(self.names):
-            raise EmorlError(f"lora_bank: row weights must be (rows, {len(self.names)}), got shape {tuple(w.shape)}")
-        self.weights, self.row_weights = None, w
+        self.weights, self.row_weights = None, self._checked(weights, "rows")
 
-    def _row_plan(self) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor | None]:
-        """Per-row mode: the rows of each adapter (one-hot coefficient 1), and the other rows with any non-zero
-        coefficient (zero rows, the base, get no delta)."""
-        plan = self._coef.get(-1)
+    def _row_plan(self, t: int, device: torch.device) -> RowPlan:
+        """Per-row mode: the plan for forwards of ``t`` positions per row (made once, used by every LoRA layer)."""
+        plan = self._plans.get(t)
         if plan is None:
-            w = self.row_weights
-            assert w is not None
-            nz = w != 0
-            hot = nz.sum(1) == 1
-            one = hot & (w.max(1).values == 1)
-            groups = [(i, torch.nonzero(one & nz[:, i])[:, 0].to(w.device)) for i in range(w.shape[1])]
-            groups = [(i, idx) for i, idx in groups if len(idx)]
-            mixed = torch.nonzero(~one & nz.any(1))[:, 0]
-            plan = (groups, mixed if len(mixed) else None)
-            self._coef[-1] = plan  # type: ignore[assignment]
-        return plan  # type: ignore[return-value]
+            assert self.row_weights is not None
+            plan = self._plans[t] = RowPlan(self.row_weights, t, device)
+        return plan
 
-    def _row_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r_max: int) -> torch.Tensor:
-        """Per-row mode, computed as the other modes compute the same row: a one-hot row as the routed form (its
-        adapter's rows in one matmul), any other non-zero row as the weighted form with one group per row."""
+    def _hot_stack(self, mod: Any, a: torch.Tensor, b: torch.Tensor, hot: tuple[int, ...]) -> tuple[Any, Any]:
+        """A and sB of adapters ``hot`` (in slot order): a view when they are consecutive slots, else a copy kept
+        per layer while the set of adapters with one-hot rows stays the same (it changes on joins and leaves)."""
+        if hot == tuple(range(hot[0], hot[0] + len(hot))):
+            return a[hot[0]:hot[0] + len(hot)], b[hot[0]:hot[0] + len(hot)]
+        if self._hot_key != hot:
+            self._hot_key, self._hot = hot, {}
+        got = self._hot.get(id(mod))
+        if got is None:
+            idx = torch.tensor(hot, device=a.device)
+            got = self._hot[id(mod)] = (a.index_select(0, idx), b.index_select(0, idx))
+        return got
+
+    def _row_delta_into(self, mod: Any, x: torch.Tensor, result: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                        r_max: int) -> torch.Tensor:
+        """Per-row mode, each row computed as the other modes compute it alone: the one-hot rows as the routed form
+        (one bmm over the adapters, each adapter's rows gathered into a group of :func:`safe_rows` rows), the
+        other non-zero rows as the weighted form; both added into their rows of ``result`` (zero rows: the base)."""
         assert self.row_weights is not None
         rows = x.shape[0]
         if rows != self.row_weights.shape[0]:
             raise ValueError(f"lora_bank: batch of {rows} rows but {self.row_weights.shape[0]} row weights")
-        flat = x.reshape(rows, -1, x.shape[-1]).to(a.dtype)  # (rows, T, in)
-        t = flat.shape[1]
-        out = flat.new_zeros(rows, t, b.shape[-1])
-        groups, mixed = self._row_plan()
-        for i, idx in groups:
-            m = len(idx) * t
-            xg = pad_rows(flat[idx].reshape(1, m, -1), 1, safe_rows(m))
-            out[idx] = torch.bmm(torch.bmm(xg, a[i:i + 1]), b[i:i + 1].to(xg.dtype))[0, :m].view(len(idx), t, -1)
-        if mixed is not None:
+        flat = x.reshape(-1, x.shape[-1]).to(a.dtype)  # (rows * T, in)
+        plan = self._row_plan(flat.shape[0] // rows, flat.device)
+        res = result.reshape(-1, result.shape[-1])
+        inplace = not torch.is_grad_enabled() and result.is_contiguous()  # res is then a view of result
+        parts = []
+        if plan.one is not None:
+            a_h, b_h = self._hot_stack(mod, a, b, plan.hot)
+            xg = flat.index_select(0, plan.one.take).view(len(plan.hot), -1, flat.shape[1])
+            d = torch.bmm(torch.bmm(xg, a_h), b_h.to(xg.dtype)).view(plan.one.take.shape[0], -1)
+            parts.append((plan.one.dest, d if plan.one.keep is None else d.index_select(0, plan.one.keep)))
+        if plan.mixed is not None:
             n_adapters = len(self.names)
-            xg = pad_rows(flat[mixed], 1)
-            xa = xg @ a.permute(1, 0, 2).reshape(a.shape[1], n_adapters * r_max)
-            c = self.row_weights[mixed].to(device=xa.device, dtype=xa.dtype).repeat_interleave(r_max, dim=1)
-            out[mixed] = ((xa * c[:, None, :]) @ b.reshape(n_adapters * r_max, b.shape[-1]).to(xa.dtype))[:, :t]
-        return out
+            xa = flat.index_select(0, plan.mixed.take) @ a.permute(1, 0, 2).reshape(a.shape[1], n_adapters * r_max)
+            xa = xa * plan.mixed_coef(r_max, xa)
+            d = xa @ b.reshape(n_adapters * r_max, b.shape[-1]).to(xa.dtype)
+            parts.append((plan.mixed.dest, d if plan.mixed.keep is None else d.index_select(0, plan.mixed.keep)))
+        for dest, d in parts:
+            res = res.index_add_(0, dest, d.to(res.dtype)) if inplace else res.index_add(0, dest, d.to(res.dtype))
+        return result if inplace else res.view_as(result)
 
     def _coef_for(self, r_max: int, ref: torch.Tensor) -> torch.Tensor:
         c = self._coef.get(r_max)
@@ -230,8 +301,7 @@ class LoraBank:
             return result
         a, b, r_max = stack
         if self.row_weights is not None:
-            delta = self._row_delta(x, a, b, r_max).reshape(result.shape).to(result.dtype)
-            return result.add_(delta) if not torch.is_grad_enabled() else result + delta
+            return self._row_delta_into(mod, x, result, a, b, r_max)
         groups = len(self.names) if self.weights is None else self.weights.shape[0]
         n_rows = x.shape[0]
         if n_rows % groups:
