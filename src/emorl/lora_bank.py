@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import types
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -91,39 +90,19 @@ def lora_layers(model: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def _longs(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=device)
-
-
-@dataclass(frozen=True)
-class RowGather:
-    """Flat (row, position) indices gathered into the rows of one matmul group: ``take`` (each group padded to the
-    same row count by repeating its last index: a matmul row does not depend on the others), ``keep`` the real
-    ones among them (None: no padding), ``dest`` the positions their deltas add into."""
-
-    take: torch.Tensor
-    keep: torch.Tensor | None
-    dest: torch.Tensor
-
-    @staticmethod
-    def of(groups: list[list[int]], device: torch.device) -> RowGather:
-        """``groups`` of flat indices, each padded to the longest (to :func:`safe_rows` of it on the CPU)."""
-        m = max(len(g) for g in groups)
-        m = safe_rows(m) if device.type == "cpu" else m
-        take: list[int] = []
-        keep: list[int] = []
-        for g in groups:
-            keep += range(len(take), len(take) + len(g))
-            take += g + [g[-1]] * (m - len(g))
-        dest = [i for g in groups for i in g]
-        return RowGather(_longs(take, device), None if len(keep) == len(take) else _longs(keep, device),
-                         _longs(dest, device))
+def _padded(groups: list[list[int]], device: torch.device) -> list[int]:
+    """``groups`` of flat indices, each padded to the longest (to :func:`safe_rows` of it on the CPU) by repeating
+    its last index (a matmul row does not depend on the other rows, only on their count), concatenated."""
+    m = max(len(g) for g in groups)
+    m = safe_rows(m) if device.type == "cpu" else m
+    return [i for g in groups for i in g + [g[-1]] * (m - len(g))]
 
 
 class RowPlan:
-    """Per-row mode, for forwards of ``t`` positions per row: the adapters that have one-hot rows (``hot``) and
-    their rows as one gather (``one``, group i = adapter ``hot[i]``), the mixed rows as another (``mixed``). Made
-    once per forward from the row weights, used by every LoRA layer (so no layer plans or loops over adapters)."""
+    """Per-row mode, for forwards of ``t`` positions per row: the flat (row, position) indices of the one-hot rows,
+    gathered into one equal group per adapter ``hot[i]`` (``one``), and of the mixed rows (``mixed``); ``src``
+    maps every flat position to its delta among [one's | mixed's | a zero row (the base)]. Made once per forward
+    from the row weights and used by every LoRA layer: no layer plans, loops over adapters or scatters."""
 
     def __init__(self, weights: torch.Tensor, t: int, device: torch.device) -> None:
         groups: dict[int, list[int]] = {}
@@ -136,10 +115,19 @@ class RowPlan:
             elif nz:
                 mixed += span
         self.hot = tuple(sorted(groups))
-        self.one = RowGather.of([groups[i] for i in self.hot], device) if groups else None
-        self.mixed = RowGather.of([mixed], device) if mixed else None
-        self._w = weights.to(device).index_select(0, self.mixed.take // t) if self.mixed is not None else None
+        one = _padded([groups[i] for i in self.hot], device) if groups else []
+        mix = _padded([mixed], device) if mixed else []
+        src = [len(one) + len(mix)] * (weights.shape[0] * t)  # the zero row
+        for start, take in ((0, one), (len(one), mix)):
+            for j, i in enumerate(take):
+                src[i] = min(src[i], start + j)  # a position's first occurrence (the repeats are padding)
+        self.one = torch.tensor(one, dtype=torch.long, device=device) if one else None
+        self.mixed = torch.tensor(mix, dtype=torch.long, device=device) if mix else None
+        self.src = torch.tensor(src, dtype=torch.long, device=device)
+        self.n_deltas = len(one) + len(mix) + 1
+        self._w = weights.to(device).index_select(0, self.mixed // t) if self.mixed is not None else None
         self._coef: dict[int, torch.Tensor] = {}
+        self._bufs: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
     def mixed_coef(self, r_max: int, ref: torch.Tensor) -> torch.Tensor:
         """The mixed rows' coefficients, each repeated over an adapter's ``r_max`` rank columns."""
@@ -148,6 +136,15 @@ class RowPlan:
             assert self._w is not None
             c = self._coef[r_max] = self._w.to(device=ref.device, dtype=ref.dtype).repeat_interleave(r_max, dim=1)
         return c
+
+    def buffer(self, width: int, ref: torch.Tensor) -> torch.Tensor:
+        """(n_deltas, width) deltas of one layer, its last row zero: one per output width and forward, shared by
+        the layers in turn (a layer's deltas are added to its output before the next layer runs; no autograd)."""
+        key = (width, ref.dtype)
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = ref.new_zeros(self.n_deltas, width)
+        return buf
 
 
 class LoraBank:
@@ -268,23 +265,26 @@ class LoraBank:
             raise ValueError(f"lora_bank: batch of {rows} rows but {self.row_weights.shape[0]} row weights")
         flat = x.reshape(-1, x.shape[-1]).to(a.dtype)  # (rows * T, in)
         plan = self._row_plan(flat.shape[0] // rows, flat.device)
-        res = result.reshape(-1, result.shape[-1])
-        inplace = not torch.is_grad_enabled() and result.is_contiguous()  # res is then a view of result
+        width = b.shape[-1]
+        # no grad: every delta written into the plan's buffer (bmm/mm out=); with autograd: concatenated
+        buf = plan.buffer(width, flat) if not torch.is_grad_enabled() else None
         parts = []
+        n_one = 0 if plan.one is None else plan.one.shape[0]
         if plan.one is not None:
             a_h, b_h = self._hot_stack(mod, a, b, plan.hot)
-            xg = flat.index_select(0, plan.one.take).view(len(plan.hot), -1, flat.shape[1])
-            d = torch.bmm(torch.bmm(xg, a_h), b_h.to(xg.dtype)).view(plan.one.take.shape[0], -1)
-            parts.append((plan.one.dest, d if plan.one.keep is None else d.index_select(0, plan.one.keep)))
+            xa = torch.bmm(flat.index_select(0, plan.one).view(len(plan.hot), -1, flat.shape[1]), a_h)
+            out = None if buf is None else buf[:n_one].view(len(plan.hot), -1, width)
+            parts.append(torch.bmm(xa, b_h.to(xa.dtype), out=out).view(n_one, width))
         if plan.mixed is not None:
             n_adapters = len(self.names)
-            xa = flat.index_select(0, plan.mixed.take) @ a.permute(1, 0, 2).reshape(a.shape[1], n_adapters * r_max)
-            xa = xa * plan.mixed_coef(r_max, xa)
-            d = xa @ b.reshape(n_adapters * r_max, b.shape[-1]).to(xa.dtype)
-            parts.append((plan.mixed.dest, d if plan.mixed.keep is None else d.index_select(0, plan.mixed.keep)))
-        for dest, d in parts:
-            res = res.index_add_(0, dest, d.to(res.dtype)) if inplace else res.index_add(0, dest, d.to(res.dtype))
-        return result if inplace else res.view_as(result)
+            xa = flat.index_select(0, plan.mixed) @ a.permute(1, 0, 2).reshape(a.shape[1], n_adapters * r_max)
+            xa = xa.mul_(plan.mixed_coef(r_max, xa)) if buf is not None else xa * plan.mixed_coef(r_max, xa)
+            out = None if buf is None else buf[n_one:n_one + plan.mixed.shape[0]]
+            parts.append(torch.mm(xa, b.reshape(n_adapters * r_max, width).to(xa.dtype), out=out))
+        if buf is None:
+            buf = torch.cat(parts + [flat.new_zeros(1, width)])
+        delta = buf.index_select(0, plan.src).view_as(result).to(result.dtype)
+        return result.add_(delta) if not torch.is_grad_enabled() else result + delta
 
     def _coef_for(self, r_max: int, ref: torch.Tensor) -> torch.Tensor:
         c = self._coef.get(r_max)
