@@ -6,8 +6,9 @@ below as ``old_delta_into``), side by side in one process on the same rows and t
 The rows are those of the step scheduler's batch (seq-contiguous, so adapters interleave): per copy, 8 requests —
 two base-anchored hidden mixes (4 and 3 rows), a convex hidden mix (2), a logits mix (3), two parameter mixes (1
 each), a baseline adapter alone (1) and the base (1): 16 rows. Each timed run copies the prefilled KV cache and
-times ``--steps`` decode forwards (the backbone, as ``Runner._forward``); the two paths alternate, ``--repeats``
-times, and every step's hidden states of both are compared bit for bit.
+times ``--steps`` decode forwards (the backbone, as ``Runner._forward``); the paths alternate, ``--repeats`` times,
+and every step's hidden states of both are compared bit for bit. A third path without any LoRA delta (every row
+the base: not a reply, a floor) shows what share of the step the deltas take.
 
     python bench/serve_step.py --run /work/runs/default --copies 1,4   # 16 and 64 rows, the real model (float32)
     python bench/serve_step.py --quick                                 # the tiny random model: a smoke run
@@ -75,6 +76,11 @@ def old_delta_into(bank: Any, mod: Any, x: torch.Tensor, result: torch.Tensor) -
     a, b, r_max = stack
     delta = _old_row_delta(bank, x, a, b, r_max).reshape(result.shape).to(result.dtype)
     return result.add_(delta) if not torch.is_grad_enabled() else result + delta
+
+
+def no_delta(bank: Any, mod: Any, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """No LoRA delta at all (every row the base): the floor the per-row deltas add to."""
+    return result
 
 
 # --------------------------------------------------------------------------------- the model and the rows
@@ -160,7 +166,7 @@ def bench(model: Any, names: list[str], n_objectives: int, copies: int, steps: i
     ids = torch.randint(0, 1000, (n, prompt), generator=g)
     mask = torch.ones(n, prompt, dtype=torch.long)
     mask[::3, : prompt // 4] = 0  # some rows left-padded, as in a running batch
-    times: dict[str, list[float]] = {"old": [], "new": []}
+    times: dict[str, list[float]] = {"old": [], "new": [], "base": []}
     equal = True
     with lora_bank(model, names) as bank, torch.inference_mode():
         bank.set_row_weights(coef)
@@ -168,9 +174,9 @@ def bench(model: Any, names: list[str], n_objectives: int, copies: int, steps: i
         cache = output_cache(decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True))
         for rep in range(repeats):
             hs: dict[str, list[torch.Tensor]] = {}
-            for path in (("old", "new") if rep % 2 == 0 else ("new", "old")):
-                if path == "old":
-                    bank.delta_into = types.MethodType(old_delta_into, bank)
+            for path in (("old", "new", "base") if rep % 2 == 0 else ("base", "new", "old")):
+                if path != "new":
+                    bank.delta_into = types.MethodType(old_delta_into if path == "old" else no_delta, bank)
                 try:
                     secs, hs[path] = time_steps(decoder, bank, coef, cache, mask, steps,
                                                 torch.Generator().manual_seed(rep))
@@ -178,13 +184,13 @@ def bench(model: Any, names: list[str], n_objectives: int, copies: int, steps: i
                     bank.__dict__.pop("delta_into", None)
                 times[path] += secs[1:] if steps > 1 else secs  # the first step of a run warms the plan caches
             equal = equal and all(torch.equal(a, b) for a, b in zip(hs["old"], hs["new"], strict=True))
-    old, new = statistics.median(times["old"]), statistics.median(times["new"])
+    old, new, base = (statistics.median(times[k]) for k in ("old", "new", "base"))
     print(f"{n} rows ({copies} x 8 requests, {len(names)} adapters), KV {prompt}+: old {1000 * old:.1f} ms/step, "
           f"new {1000 * new:.1f} ms/step (medians of {len(times['new'])} steps): new/old {new / old:.3f}; "
-          f"hidden states bit-equal: {equal}")
-    return {"rows": n, "copies": copies, "old_ms": 1000 * old, "new_ms": 1000 * new, "ratio": new / old,
-            "equal": equal, "old_steps_ms": [1000 * s for s in times["old"]],
-            "new_steps_ms": [1000 * s for s in times["new"]]}
+          f"without LoRA deltas {1000 * base:.1f} ms/step, so the deltas' share: old {1 - base / old:.0%}, new "
+          f"{1 - base / new:.0%}; hidden states bit-equal: {equal}")
+    return {"rows": n, "copies": copies, "old_ms": 1000 * old, "new_ms": 1000 * new, "base_ms": 1000 * base,
+            "ratio": new / old, "equal": equal, **{f"{k}_steps_ms": [1000 * s for s in v] for k, v in times.items()}}
 
 
 def main() -> int:
