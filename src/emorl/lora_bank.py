@@ -121,8 +121,9 @@ class RowPlan:
         for start, take in ((0, one), (len(one), mix)):
             for j, i in enumerate(take):
                 src[i] = min(src[i], start + j)  # a position's first occurrence (the repeats are padding)
-        self.one = torch.tensor(one, dtype=torch.long, device=device) if one else None
-        self.mixed = torch.tensor(mix, dtype=torch.long, device=device) if mix else None
+        self.take = torch.tensor(one + mix, dtype=torch.long, device=device)  # both gathered at once
+        self.one = self.take[:len(one)] if one else None
+        self.mixed = self.take[len(one):] if mix else None
         self.src = torch.tensor(src, dtype=torch.long, device=device)
         self.n_deltas = len(one) + len(mix) + 1
         self._w = weights.to(device).index_select(0, self.mixed // t) if self.mixed is not None else None
@@ -265,19 +266,22 @@ class LoraBank:
             raise ValueError(f"lora_bank: batch of {rows} rows but {self.row_weights.shape[0]} row weights")
         flat = x.reshape(-1, x.shape[-1]).to(a.dtype)  # (rows * T, in)
         plan = self._row_plan(flat.shape[0] // rows, flat.device)
+        if not plan.take.numel():  # only base rows
+            return result
         width = b.shape[-1]
         # no grad: every delta written into the plan's buffer (bmm/mm out=); with autograd: concatenated
         buf = plan.buffer(width, flat) if not torch.is_grad_enabled() else None
         parts = []
         n_one = 0 if plan.one is None else plan.one.shape[0]
+        xs = flat.index_select(0, plan.take)
         if plan.one is not None:
             a_h, b_h = self._hot_stack(mod, a, b, plan.hot)
-            xa = torch.bmm(flat.index_select(0, plan.one).view(len(plan.hot), -1, flat.shape[1]), a_h)
+            xa = torch.bmm(xs[:n_one].view(len(plan.hot), -1, flat.shape[1]), a_h)
             out = None if buf is None else buf[:n_one].view(len(plan.hot), -1, width)
             parts.append(torch.bmm(xa, b_h.to(xa.dtype), out=out).view(n_one, width))
         if plan.mixed is not None:
             n_adapters = len(self.names)
-            xa = flat.index_select(0, plan.mixed) @ a.permute(1, 0, 2).reshape(a.shape[1], n_adapters * r_max)
+            xa = xs[n_one:] @ a.permute(1, 0, 2).reshape(a.shape[1], n_adapters * r_max)
             xa = xa.mul_(plan.mixed_coef(r_max, xa)) if buf is not None else xa * plan.mixed_coef(r_max, xa)
             out = None if buf is None else buf[n_one:n_one + plan.mixed.shape[0]]
             parts.append(torch.mm(xa, b.reshape(n_adapters * r_max, width).to(xa.dtype), out=out))
