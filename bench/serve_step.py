@@ -1,14 +1,17 @@
 """Decode-step time of ``emorl serve``'s running batch: the per-row LoRA mode now (``lora_bank.RowPlan``: one gather,
 one bmm pair and an in-place ``index_add_`` per LoRA layer) beside the previous one (a gather, zero padding, a bmm
 pair and a scatter per adapter group, plus a zero-filled delta per layer: commit 0aa08a1's ``_row_delta``, copied
-below as ``old_delta_into``), side by side in one process on the same rows and the same KV cache.
+below as ``old_delta_into``), and the running batch's KV cache now (``serve.batch.RunningCache``: grown in blocks)
+beside transformers' ``DynamicCache`` (a ``torch.cat`` of the whole cache per layer and step), side by side in one
+process on the same rows and the same prefilled KV.
 
 The rows are those of the step scheduler's batch (seq-contiguous, so adapters interleave): per copy, 8 requests —
 two base-anchored hidden mixes (4 and 3 rows), a convex hidden mix (2), a logits mix (3), two parameter mixes (1
 each), a baseline adapter alone (1) and the base (1): 16 rows. Each timed run copies the prefilled KV cache and
 times ``--steps`` decode forwards (the backbone, as ``Runner._forward``); the paths alternate, ``--repeats`` times,
-and every step's hidden states of both are compared bit for bit. A third path without any LoRA delta (every row
-the base: not a reply, a floor) shows what share of the step the deltas take.
+and every step's hidden states of the paths are compared bit for bit. Paths: ``old`` (both as before), ``lora``
+(the new delta, the old cache), ``new`` (both new), ``base`` (no LoRA delta at all, every row the base: not a
+reply, a floor that shows the deltas' share of the step).
 
     python bench/serve_step.py --run /work/runs/default --copies 1,4   # 16 and 64 rows, the real model (float32)
     python bench/serve_step.py --quick                                 # the tiny random model: a smoke run
@@ -129,17 +132,18 @@ def row_coefs(n_adapters: int, n_objectives: int, copies: int) -> torch.Tensor:
     return torch.cat(coefs * copies)
 
 
-def copy_cache(cache: Any) -> Any:
-    out = type(cache)()
+def copy_cache(cache: Any, kind: type) -> Any:
+    out = kind()
     for li, layer in enumerate(cache.layers):
         out.update(layer.keys.clone(), layer.values.clone(), li)
     return out
 
 
 def time_steps(decoder: Any, bank: Any, coef: torch.Tensor, cache: Any, mask: torch.Tensor, steps: int,
-               gen: torch.Generator) -> tuple[list[float], list[torch.Tensor]]:
-    """``steps`` decode forwards from a copy of ``cache``: each step's seconds and last hidden states."""
-    cache = copy_cache(cache)
+               gen: torch.Generator, kind: type) -> tuple[list[float], list[torch.Tensor]]:
+    """``steps`` decode forwards from a copy of ``cache`` (as a ``kind`` cache): each step's seconds and last
+    hidden states."""
+    cache = copy_cache(cache, kind)
     n = coef.shape[0]
     pos = mask.sum(1)
     secs, hs = [], []
@@ -166,7 +170,14 @@ def bench(model: Any, names: list[str], n_objectives: int, copies: int, steps: i
     ids = torch.randint(0, 1000, (n, prompt), generator=g)
     mask = torch.ones(n, prompt, dtype=torch.long)
     mask[::3, : prompt // 4] = 0  # some rows left-padded, as in a running batch
-    times: dict[str, list[float]] = {"old": [], "new": [], "base": []}
+    from transformers.cache_utils import DynamicCache
+
+    from emorl.serve.batch import RunningCache
+
+    # path -> (per-row delta, KV cache): the previous step, its LoRA change alone, now, and no delta at all
+    paths = {"old": (old_delta_into, DynamicCache), "lora": (None, DynamicCache), "new": (None, RunningCache),
+             "base": (no_delta, DynamicCache)}
+    times: dict[str, list[float]] = {k: [] for k in paths}
     equal = True
     with lora_bank(model, names) as bank, torch.inference_mode():
         bank.set_row_weights(coef)
@@ -174,23 +185,27 @@ def bench(model: Any, names: list[str], n_objectives: int, copies: int, steps: i
         cache = output_cache(decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True))
         for rep in range(repeats):
             hs: dict[str, list[torch.Tensor]] = {}
-            for path in (("old", "new", "base") if rep % 2 == 0 else ("base", "new", "old")):
-                if path != "new":
-                    bank.delta_into = types.MethodType(old_delta_into if path == "old" else no_delta, bank)
+            for path in (list(paths) if rep % 2 == 0 else list(paths)[::-1]):
+                delta, kind = paths[path]
+                if delta is not None:
+                    bank.delta_into = types.MethodType(delta, bank)
                 try:
                     secs, hs[path] = time_steps(decoder, bank, coef, cache, mask, steps,
-                                                torch.Generator().manual_seed(rep))
+                                                torch.Generator().manual_seed(rep), kind)
                 finally:
                     bank.__dict__.pop("delta_into", None)
                 times[path] += secs[1:] if steps > 1 else secs  # the first step of a run warms the plan caches
-            equal = equal and all(torch.equal(a, b) for a, b in zip(hs["old"], hs["new"], strict=True))
-    old, new, base = (statistics.median(times[k]) for k in ("old", "new", "base"))
-    print(f"{n} rows ({copies} x 8 requests, {len(names)} adapters), KV {prompt}+: old {1000 * old:.1f} ms/step, "
-          f"new {1000 * new:.1f} ms/step (medians of {len(times['new'])} steps): new/old {new / old:.3f}; "
-          f"without LoRA deltas {1000 * base:.1f} ms/step, so the deltas' share: old {1 - base / old:.0%}, new "
-          f"{1 - base / new:.0%}; hidden states bit-equal: {equal}")
-    return {"rows": n, "copies": copies, "old_ms": 1000 * old, "new_ms": 1000 * new, "base_ms": 1000 * base,
-            "ratio": new / old, "equal": equal, **{f"{k}_steps_ms": [1000 * s for s in v] for k, v in times.items()}}
+            equal = equal and all(torch.equal(a, b) and torch.equal(a, c)
+                                  for a, b, c in zip(hs["old"], hs["lora"], hs["new"], strict=True))
+    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    print(f"{n} rows ({copies} x 8 requests, {len(names)} adapters), KV {prompt}+, medians of {len(times['new'])} "
+          f"steps: old {ms['old']:.1f} ms/step, new {ms['new']:.1f} ms/step: new/old {ms['new'] / ms['old']:.3f}. "
+          f"The LoRA change alone {ms['lora']:.1f} ms/step ({ms['lora'] / ms['old']:.3f}); without LoRA deltas "
+          f"{ms['base']:.1f} ms/step, so the deltas' share: old {1 - ms['base'] / ms['old']:.0%}, now "
+          f"{1 - ms['base'] / ms['lora']:.0%}; the growing KV cache saves {1 - ms['new'] / ms['lora']:.0%} of the "
+          f"step. Hidden states bit-equal: {equal}")
+    return {"rows": n, "copies": copies, **{f"{k}_ms": v for k, v in ms.items()}, "ratio": ms["new"] / ms["old"],
+            "equal": equal, **{f"{k}_steps_ms": [1000 * s for s in v] for k, v in times.items()}}
 
 
 def main() -> int:

@@ -20,7 +20,7 @@ import torch
 from emorl.lora_bank import lora_bank, safe_rows
 from emorl.models import output_cache, position_ids
 from emorl.sampling import choose
-from emorl.serve.batch import RunningBatch, Seq
+from emorl.serve.batch import RunningBatch, RunningCache, Seq
 
 
 def step_rows(n: int, device: torch.device) -> int:
@@ -88,7 +88,8 @@ class Runner:
         end = min(pf.ids.shape[1], pf.done + chunk)
         pos = position_ids(pf.mask)[:, pf.done:end]
         with torch.inference_mode():
-            pf.h, pf.cache = self._forward(pf.ids[:, pf.done:end], pf.mask[:, :end], pos, coef, pf.cache)
+            pf.h, pf.cache = self._forward(pf.ids[:, pf.done:end], pf.mask[:, :end], pos, coef,
+                                           RunningCache() if pf.cache is None else pf.cache)
         pf.done = end
         return end == pf.ids.shape[1]
 
