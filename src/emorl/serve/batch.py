@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from emorl.ensemble.pairs import PairSpec
 
 PAD_ALIGN = 16  # left padding is trimmed in multiples of this (emorl.prompts.PAD_MULTIPLE: attention alignment)
-KV_BLOCK = 64  # positions a running cache layer grows by at once
+KV_BLOCK = 16  # positions a running cache layer grows by at once (room beyond the KV budget: at most this per row)
 
 
 class GrowingLayer(DynamicLayer):
@@ -85,8 +85,9 @@ class Seq:
         return int(self.coef.shape[0])
 
     def worst_len(self, now: int) -> int:
-        """KV positions this reply may still need from a batch of length ``now``: its remaining tokens on top."""
-        return now + self.spec.max_new_tokens - len(self.tokens)
+        """KV positions this reply may still need from a batch of length ``now``: its remaining tokens on top, and
+        the room a :class:`GrowingLayer` may hold beyond them."""
+        return now + self.spec.max_new_tokens - len(self.tokens) + KV_BLOCK
 
 
 def _layers(cache: Any) -> list[Any]:
