@@ -19,6 +19,13 @@ API::
     with lora_bank(peft_model, names, weights=w) as bank:   # w: (G, K); rows in G equal groups, group g
         out = peft_model(input_ids=ids_point_major, ...)     #    uses W0 + sum_i w[g, i] ΔW_i
         bank.set_weights(w2)                                 # change the mixing (and G) without re-entering
+        bank.set_row_weights(c)                              # per row, rows in any order: c (rows, K); one-hot
+                                                             #    rows routed, zero rows the base, others weighted
+
+Per-row mode (``emorl serve``'s running batch) plans each forward once (:class:`RowPlan`): every LoRA layer then
+gathers the one-hot rows into one equal group per adapter and the mixed rows into one more, runs one bmm pair and
+one weighted pair, and adds the deltas back with one gather — a fixed number of ops per layer whatever the number
+of adapters (bench/serve_step.py; bench/RESULTS.md "Per-row LoRA deltas").
 
 Rules: the batch size of every forward inside the context must be a multiple of the number of groups (K for
 routed, G for weighted), or a ValueError names both. Only LoRA on ``Linear``/``Conv1D`` layers is supported
