@@ -174,8 +174,9 @@ class Runner:
             m = torch.tensor(members, dtype=torch.long, device=dev)
             if mode == "hidden":  # params rows have one row of weight 1: head(h) exactly
                 sc = head((h[idx[m]].to(torch.float32) * wt[m][:, :, None]).sum(1))
-            else:
-                ls = torch.log_softmax(head(h), dim=-1)[idx[m]]  # (a, S, V)
+            else:  # the head over these replies' rows only (a safe row count, as every head call here)
+                rows, inv = torch.unique(idx[m], return_inverse=True)
+                ls = torch.log_softmax(head(h.index_select(0, rows)), dim=-1)[inv]  # (a, S, V)
                 w = wt[m][:, :, None]
                 sc = (ls * w).sum(1) if mode == "logits" else torch.logsumexp(ls + torch.log(w), dim=1)
             if out is None:
