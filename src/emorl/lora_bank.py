@@ -19,6 +19,13 @@ API::
     with lora_bank(peft_model, names, weights=w) as bank:   # w: (G, K); rows in G equal groups, group g
         out = peft_model(input_ids=ids_point_major, ...)     #    uses W0 + sum_i w[g, i] ΔW_i
         bank.set_weights(w2)                                 # change the mixing (and G) without re-entering
+        bank.set_row_weights(c)                              # per row, rows in any order: c (rows, K); one-hot
+                                                             #    rows routed, zero rows the base, others weighted
+
+Per-row mode (``emorl serve``'s running batch) plans each forward once (:class:`RowPlan`): every LoRA layer then
+gathers the one-hot rows into one equal group per adapter and the mixed rows into one more, runs one bmm pair and
+one weighted pair, and adds the deltas back with one gather — a fixed number of ops per layer whatever the number
+of adapters (bench/serve_step.py; bench/RESULTS.md "Per-row LoRA deltas").
 
 Rules: the batch size of every forward inside the context must be a multiple of the number of groups (K for
 routed, G for weighted), or a ValueError names both. Only LoRA on ``Linear``/``Conv1D`` layers is supported
@@ -40,7 +47,7 @@ import torch
 
 from emorl.utils import EmorlError
 
-__all__ = ["BASE_SLOT", "LoraBank", "lora_bank", "lora_layers", "safe_rows"]
+__all__ = ["BASE_SLOT", "LoraBank", "RowPlan", "lora_bank", "lora_layers", "safe_rows"]
 
 _ATTR = "_emorl_bank"
 # A slot name that is no adapter: its rows (routed) or its weight (weighted) get no LoRA delta, i.e. the base model.
@@ -90,6 +97,64 @@ def lora_layers(model: Any) -> list[tuple[str, Any]]:
     return out
 
 
+def _padded(groups: list[list[int]], device: torch.device) -> list[int]:
+    """``groups`` of flat indices, each padded to the longest (to :func:`safe_rows` of it on the CPU) by repeating
+    its last index (a matmul row does not depend on the other rows, only on their count), concatenated."""
+    m = max(len(g) for g in groups)
+    m = safe_rows(m) if device.type == "cpu" else m
+    return [i for g in groups for i in g + [g[-1]] * (m - len(g))]
+
+
+class RowPlan:
+    """Per-row mode, for forwards of ``t`` positions per row: the flat (row, position) indices of the one-hot rows,
+    gathered into one equal group per adapter ``hot[i]`` (``one``), and of the mixed rows (``mixed``); ``src``
+    maps every flat position to its delta among [one's | mixed's | a zero row (the base)]. Made once per forward
+    from the row weights and used by every LoRA layer: no layer plans, loops over adapters or scatters."""
+
+    def __init__(self, weights: torch.Tensor, t: int, device: torch.device) -> None:
+        groups: dict[int, list[int]] = {}
+        mixed: list[int] = []
+        for r, row in enumerate(weights.tolist()):
+            nz = [i for i, v in enumerate(row) if v != 0]
+            span = list(range(r * t, (r + 1) * t))
+            if len(nz) == 1 and row[nz[0]] == 1:
+                groups.setdefault(nz[0], []).extend(span)
+            elif nz:
+                mixed += span
+        self.hot = tuple(sorted(groups))
+        one = _padded([groups[i] for i in self.hot], device) if groups else []
+        mix = _padded([mixed], device) if mixed else []
+        src = [len(one) + len(mix)] * (weights.shape[0] * t)  # the zero row
+        for start, take in ((0, one), (len(one), mix)):
+            for j, i in enumerate(take):
+                src[i] = min(src[i], start + j)  # a position's first occurrence (the repeats are padding)
+        self.take = torch.tensor(one + mix, dtype=torch.long, device=device)  # both gathered at once
+        self.one = self.take[:len(one)] if one else None
+        self.mixed = self.take[len(one):] if mix else None
+        self.src = torch.tensor(src, dtype=torch.long, device=device)
+        self.n_deltas = len(one) + len(mix) + 1
+        self._w = weights.to(device).index_select(0, self.mixed // t) if self.mixed is not None else None
+        self._coef: dict[int, torch.Tensor] = {}
+        self._bufs: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def mixed_coef(self, r_max: int, ref: torch.Tensor) -> torch.Tensor:
+        """The mixed rows' coefficients, each repeated over an adapter's ``r_max`` rank columns."""
+        c = self._coef.get(r_max)
+        if c is None:
+            assert self._w is not None
+            c = self._coef[r_max] = self._w.to(device=ref.device, dtype=ref.dtype).repeat_interleave(r_max, dim=1)
+        return c
+
+    def buffer(self, width: int, ref: torch.Tensor) -> torch.Tensor:
+        """(n_deltas, width) deltas of one layer, its last row zero: one per output width and forward, shared by
+        the layers in turn (a layer's deltas are added to its output before the next layer runs; no autograd)."""
+        key = (width, ref.dtype)
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = ref.new_zeros(self.n_deltas, width)
+        return buf
+
+
 class LoraBank:
     """State of an active bank (returned by :func:`lora_bank`); see the module docstring."""
 
@@ -99,6 +164,9 @@ class LoraBank:
         # id(layer) -> (A^T, sB^T, r_max), or None for a layer without any of the bank's adapters
         self._stacks: dict[int, tuple[torch.Tensor, torch.Tensor, int] | None] = {}
         self._coef: dict[int, torch.Tensor] = {}
+        self._plans: dict[int, RowPlan] = {}  # per-row mode: tokens per row -> its plan
+        self._hot_key: tuple[int, ...] | None = None
+        self._hot: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(layer) -> A, sB of _hot_key's adapters
         self.weights: torch.Tensor | None = None
         self.row_weights: torch.Tensor | None = None  # per-row mode (set_row_weights): (n_rows, K)
         layers = lora_layers(model) if hasattr(model, "named_modules") else []
@@ -150,70 +218,84 @@ class LoraBank:
         dtype = mod.get_base_layer().weight.dtype
         return a.to(dtype), b.to(dtype), r_max
 
-    def set_weights(self, weights: torch.Tensor | None) -> None:
-        """Switch to weighted mixing: ``weights`` (G, K) — or None to go back to routing (group i = adapter i)."""
-        self._coef = {}
-        self.row_weights = None
-        if weights is None:
-            self.weights = None
-            return
+    def _checked(self, weights: torch.Tensor, lead: str) -> torch.Tensor:
+        """``weights`` as a (lead, K) tensor, or an error naming the shape it has."""
         w = torch.as_tensor(weights)
         if w.ndim != 2 or w.shape[1] != len(self.names):
-            raise EmorlError(f"lora_bank: weights must be (G, {len(self.names)}), got shape {tuple(w.shape)}")
-        self.weights = w
+            raise EmorlError(f"lora_bank: weights must be ({lead}, {len(self.names)}), got shape {tuple(w.shape)}")
+        return w
+
+    def set_weights(self, weights: torch.Tensor | None) -> None:
+        """Switch to weighted mixing: ``weights`` (G, K) — or None to go back to routing (group i = adapter i)."""
+        self._coef, self._plans = {}, {}
+        self.row_weights = None
+        self.weights = None if weights is None else self._checked(weights, "G")
 
     def set_row_weights(self, weights: torch.Tensor | None) -> None:
         """Per-row mode: row r of every forward uses ``W0 + sum_i weights[r, i] ΔW_i`` (``weights`` (n_rows, K)):
         a one-hot row is one adapter, a zero row the base, any other a parameter mix — so rows of every mixing
-        mode share one forward (``emorl serve``'s running batch). None leaves per-row mode."""
-        self._coef = {}
+        mode share one forward (``emorl serve``'s running batch), in any order. None leaves per-row mode."""
+        self._coef, self._plans = {}, {}
         if weights is None:
             self.row_weights = None
             return
-        w = torch.as_tensor(weights)
-        if w.ndim != 2 or w.shape[1] != len(self.names):
-            raise EmorlError(f"lora_bank: row weights must be (rows, {len(self.names)}), got shape {tuple(w.shape)}")
-        self.weights, self.row_weights = None, w
+        self.weights, self.row_weights = None, self._checked(weights, "rows")
 
-    def _row_plan(self) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor | None]:
-        """Per-row mode: the rows of each adapter (one-hot coefficient 1), and the other rows with any non-zero
-        coefficient (zero rows, the base, get no delta)."""
-        plan = self._coef.get(-1)
+    def _row_plan(self, t: int, device: torch.device) -> RowPlan:
+        """Per-row mode: the plan for forwards of ``t`` positions per row (made once, used by every LoRA layer)."""
+        plan = self._plans.get(t)
         if plan is None:
-            w = self.row_weights
-            assert w is not None
-            nz = w != 0
-            hot = nz.sum(1) == 1
-            one = hot & (w.max(1).values == 1)
-            groups = [(i, torch.nonzero(one & nz[:, i])[:, 0].to(w.device)) for i in range(w.shape[1])]
-            groups = [(i, idx) for i, idx in groups if len(idx)]
-            mixed = torch.nonzero(~one & nz.any(1))[:, 0]
-            plan = (groups, mixed if len(mixed) else None)
-            self._coef[-1] = plan  # type: ignore[assignment]
-        return plan  # type: ignore[return-value]
+            assert self.row_weights is not None
+            plan = self._plans[t] = RowPlan(self.row_weights, t, device)
+        return plan
 
-    def _row_delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r_max: int) -> torch.Tensor:
-        """Per-row mode, computed as the other modes compute the same row: a one-hot row as the routed form (its
-        adapter's rows in one matmul), any other non-zero row as the weighted form with one group per row."""
+    def _hot_stack(self, mod: Any, a: torch.Tensor, b: torch.Tensor, hot: tuple[int, ...]) -> tuple[Any, Any]:
+        """A and sB of adapters ``hot`` (in slot order): a view when they are consecutive slots, else a copy kept
+        per layer while the set of adapters with one-hot rows stays the same (it changes on joins and leaves)."""
+        if hot == tuple(range(hot[0], hot[0] + len(hot))):
+            return a[hot[0]:hot[0] + len(hot)], b[hot[0]:hot[0] + len(hot)]
+        if self._hot_key != hot:
+            self._hot_key, self._hot = hot, {}
+        got = self._hot.get(id(mod))
+        if got is None:
+            idx = torch.tensor(hot, device=a.device)
+            got = self._hot[id(mod)] = (a.index_select(0, idx), b.index_select(0, idx))
+        return got
+
+    def _row_delta_into(self, mod: Any, x: torch.Tensor, result: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                        r_max: int) -> torch.Tensor:
+        """Per-row mode, each row computed as the other modes compute it alone: the one-hot rows as the routed form
+        (one bmm over the adapters, each adapter's rows gathered into a group of :func:`safe_rows` rows), the
+        other non-zero rows as the weighted form; both added into their rows of ``result`` (zero rows: the base)."""
         assert self.row_weights is not None
         rows = x.shape[0]
         if rows != self.row_weights.shape[0]:
             raise ValueError(f"lora_bank: batch of {rows} rows but {self.row_weights.shape[0]} row weights")
-        flat = x.reshape(rows, -1, x.shape[-1]).to(a.dtype)  # (rows, T, in)
-        t = flat.shape[1]
-        out = flat.new_zeros(rows, t, b.shape[-1])
-        groups, mixed = self._row_plan()
-        for i, idx in groups:
-            m = len(idx) * t
-            xg = pad_rows(flat[idx].reshape(1, m, -1), 1, safe_rows(m))
-            out[idx] = torch.bmm(torch.bmm(xg, a[i:i + 1]), b[i:i + 1].to(xg.dtype))[0, :m].view(len(idx), t, -1)
-        if mixed is not None:
+        flat = x.reshape(-1, x.shape[-1]).to(a.dtype)  # (rows * T, in)
+        plan = self._row_plan(flat.shape[0] // rows, flat.device)
+        if not plan.take.numel():  # only base rows
+            return result
+        width = b.shape[-1]
+        # no grad: every delta written into the plan's buffer (bmm/mm out=); with autograd: concatenated
+        buf = plan.buffer(width, flat) if not torch.is_grad_enabled() else None
+        parts = []
+        n_one = 0 if plan.one is None else plan.one.shape[0]
+        xs = flat.index_select(0, plan.take)
+        if plan.one is not None:
+            a_h, b_h = self._hot_stack(mod, a, b, plan.hot)
+            xa = torch.bmm(xs[:n_one].view(len(plan.hot), -1, flat.shape[1]), a_h)
+            out = None if buf is None else buf[:n_one].view(len(plan.hot), -1, width)
+            parts.append(torch.bmm(xa, b_h.to(xa.dtype), out=out).view(n_one, width))
+        if plan.mixed is not None:
             n_adapters = len(self.names)
-            xg = pad_rows(flat[mixed], 1)
-            xa = xg @ a.permute(1, 0, 2).reshape(a.shape[1], n_adapters * r_max)
-            c = self.row_weights[mixed].to(device=xa.device, dtype=xa.dtype).repeat_interleave(r_max, dim=1)
-            out[mixed] = ((xa * c[:, None, :]) @ b.reshape(n_adapters * r_max, b.shape[-1]).to(xa.dtype))[:, :t]
-        return out
+            xa = xs[n_one:] @ a.permute(1, 0, 2).reshape(a.shape[1], n_adapters * r_max)
+            xa = xa.mul_(plan.mixed_coef(r_max, xa)) if buf is not None else xa * plan.mixed_coef(r_max, xa)
+            out = None if buf is None else buf[n_one:n_one + plan.mixed.shape[0]]
+            parts.append(torch.mm(xa, b.reshape(n_adapters * r_max, width).to(xa.dtype), out=out))
+        if buf is None:
+            buf = torch.cat(parts + [flat.new_zeros(1, width)])
+        delta = buf.index_select(0, plan.src).view_as(result).to(result.dtype)
+        return result.add_(delta) if not torch.is_grad_enabled() else result + delta
 
     def _coef_for(self, r_max: int, ref: torch.Tensor) -> torch.Tensor:
         c = self._coef.get(r_max)
@@ -230,8 +312,7 @@ class LoraBank:
             return result
         a, b, r_max = stack
         if self.row_weights is not None:
-            delta = self._row_delta(x, a, b, r_max).reshape(result.shape).to(result.dtype)
-            return result.add_(delta) if not torch.is_grad_enabled() else result + delta
+            return self._row_delta_into(mod, x, result, a, b, r_max)
         groups = len(self.names) if self.weights is None else self.weights.shape[0]
         n_rows = x.shape[0]
         if n_rows % groups:

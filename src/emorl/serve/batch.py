@@ -16,10 +16,53 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from emorl.ensemble.pairs import PairSpec
 
 PAD_ALIGN = 16  # left padding is trimmed in multiples of this (emorl.prompts.PAD_MULTIPLE: attention alignment)
+KV_BLOCK = 16  # positions a running cache layer grows by at once (room beyond the KV budget: at most this per row)
+
+
+class GrowingLayer(DynamicLayer):
+    """transformers' ``DynamicLayer`` whose keys and values are views of buffers with room for :data:`KV_BLOCK`
+    more positions: a decode step writes its position instead of copying the whole cache (``torch.cat``: measured
+    14% of a 64-row decode step, bench/RESULTS.md "serve_step"). Keys set from outside (filter, select) are copied
+    into a new buffer at the next update."""
+
+    _kbuf: torch.Tensor | None = None
+    _vbuf: torch.Tensor | None = None
+
+    def _owns_keys(self) -> bool:
+        k, kb = self.keys, self._kbuf
+        return (kb is not None and k is not None and k.numel() > 0 and k.data_ptr() == kb.data_ptr()
+                and k.shape[:2] == kb.shape[:2] and k.stride() == kb.stride())
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, t = (self.keys.shape[-2] if self.keys.numel() else 0), key_states.shape[-2]
+        if not self._owns_keys() or self._kbuf is None or self._kbuf.shape[-2] < n + t:
+            shape = (*key_states.shape[:-2], n + t + KV_BLOCK, key_states.shape[-1])
+            kb, vb = key_states.new_empty(shape), value_states.new_empty(shape)
+            if n:
+                kb[:, :, :n].copy_(self.keys)
+                vb[:, :, :n].copy_(self.values)
+            self._kbuf, self._vbuf = kb, vb
+        assert self._vbuf is not None
+        self._kbuf[:, :, n:n + t].copy_(key_states)
+        self._vbuf[:, :, n:n + t].copy_(value_states)
+        self.keys, self.values = self._kbuf[:, :, :n + t], self._vbuf[:, :, :n + t]
+        return self.keys, self.values
+
+
+class RunningCache(DynamicCache):
+    """The running batch's KV cache: a ``DynamicCache`` of :class:`GrowingLayer` s (the model's own attention code
+    reads it as any dynamic cache)."""
+
+    def __init__(self) -> None:
+        Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
 
 
 @dataclass
@@ -42,8 +85,9 @@ class Seq:
         return int(self.coef.shape[0])
 
     def worst_len(self, now: int) -> int:
-        """KV positions this reply may still need from a batch of length ``now``: its remaining tokens on top."""
-        return now + self.spec.max_new_tokens - len(self.tokens)
+        """KV positions this reply may still need from a batch of length ``now``: its remaining tokens on top, and
+        the room a :class:`GrowingLayer` may hold beyond them."""
+        return now + self.spec.max_new_tokens - len(self.tokens) + KV_BLOCK
 
 
 def _layers(cache: Any) -> list[Any]:

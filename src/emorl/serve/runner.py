@@ -20,7 +20,7 @@ import torch
 from emorl.lora_bank import lora_bank, safe_rows
 from emorl.models import output_cache, position_ids
 from emorl.sampling import choose
-from emorl.serve.batch import RunningBatch, Seq
+from emorl.serve.batch import RunningBatch, RunningCache, Seq
 
 
 def step_rows(n: int, device: torch.device) -> int:
@@ -88,7 +88,8 @@ class Runner:
         end = min(pf.ids.shape[1], pf.done + chunk)
         pos = position_ids(pf.mask)[:, pf.done:end]
         with torch.inference_mode():
-            pf.h, pf.cache = self._forward(pf.ids[:, pf.done:end], pf.mask[:, :end], pos, coef, pf.cache)
+            pf.h, pf.cache = self._forward(pf.ids[:, pf.done:end], pf.mask[:, :end], pos, coef,
+                                           RunningCache() if pf.cache is None else pf.cache)
         pf.done = end
         return end == pf.ids.shape[1]
 
@@ -173,8 +174,9 @@ class Runner:
             m = torch.tensor(members, dtype=torch.long, device=dev)
             if mode == "hidden":  # params rows have one row of weight 1: head(h) exactly
                 sc = head((h[idx[m]].to(torch.float32) * wt[m][:, :, None]).sum(1))
-            else:
-                ls = torch.log_softmax(head(h), dim=-1)[idx[m]]  # (a, S, V)
+            else:  # the head over these replies' rows only (a safe row count, as every head call here)
+                rows, inv = torch.unique(idx[m], return_inverse=True)
+                ls = torch.log_softmax(head(h.index_select(0, rows)), dim=-1)[inv]  # (a, S, V)
                 w = wt[m][:, :, None]
                 sc = (ls * w).sum(1) if mode == "logits" else torch.logsumexp(ls + torch.log(w), dim=1)
             if out is None:

@@ -20,7 +20,7 @@ import torch
 
 from emorl.ensemble.pairs import PairResult
 from emorl.sampling import uniforms
-from emorl.serve.batch import RunningBatch, Seq, kv_bytes_per_row_token
+from emorl.serve.batch import KV_BLOCK, RunningBatch, Seq, kv_bytes_per_row_token
 from emorl.serve.runner import Prefill, Runner
 
 log = logging.getLogger("emorl.serve")
@@ -70,7 +70,8 @@ class StepScheduler:
         return -(-(job.prompt_tokens + 1) // 16) * 16  # encode_prompts' padded width
 
     def job_worst_len(self, job: Any) -> int:
-        return self.job_width(job) + max(p.max_new_tokens for p in job.pairs)
+        """KV positions a job's rows may take: its prompt, its longest reply, the running cache's growth room."""
+        return self.job_width(job) + max(p.max_new_tokens for p in job.pairs) + KV_BLOCK
 
     def reserved(self, extra: list[Any] = ()) -> int:
         """KV bytes the running batch, the prefill and ``extra`` waiting jobs may reach: every row padded to the
