@@ -86,7 +86,7 @@ def test_one_adapter_method_equals_a_direct_peft_computation(tmp_path, tiny_base
     assert kl.max() > 0
 
 
-def test_evaluation_stores_kl_per_reply_and_method(tmp_path, tiny_base):
+def test_evaluation_stores_kl_per_reply_and_method(tmp_path, tiny_base, caplog):
     cfg, run = make_run(tmp_path, tiny_base)
     cfg.eval.kl = True
     res = evaluate_run(run, cfg, ["base", "uniform"], base=tiny_base, progress=False)
@@ -100,7 +100,9 @@ def test_evaluation_stores_kl_per_reply_and_method(tmp_path, tiny_base):
     # on the first 2 prompts only: the same replies (the seed's uniforms are drawn row by row), so the same values
     full = [json.loads(x)["kl"] for x in (run / "eval" / "replies" / "uniform.jsonl").read_text().splitlines()]
     cfg.eval.kl_prompts = 2
-    res = evaluate_run(run, cfg, ["base", "uniform"], base=tiny_base, progress=False)
+    with caplog.at_level("WARNING", logger="emorl.kl"):
+        res = evaluate_run(run, cfg, ["base", "uniform"], base=tiny_base, progress=False)
+    assert "reproduced" not in caplog.text  # 2 of the 2 re-decoded replies: no warning (it used to count all rows)
     rows = [json.loads(x) for x in (run / "eval" / "replies" / "uniform.jsonl").read_text().splitlines()]
     assert [r.get("kl") for r in rows] == [*full[:2], *[None] * (len(rows) - 2)]
     assert res["methods"]["uniform"]["kl_reproduced"] == [2, 2]

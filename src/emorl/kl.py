@@ -171,9 +171,9 @@ def add_kl(run: str | Path, results: dict[str, Any], cfg: RunConfig, specs: Sequ
         m["summary"]["kl_per_token"]["ci95"] = bootstrap_ci(values)  # prompts resampled (one seed: one unit each)
         m["kl_reproduced"] = [same, len(values)]
         m["kl_signature"] = kl_signature(m, cfg.eval.kl_prompts)
-        if same < len(rows):
-            log.warning("%s: the re-decode reproduced %d of %d replies; the KL is that of the re-decoded replies",
-                        name, same, len(rows))
+        if same < len(values):  # eval.kl_prompts: only the first few replies per seed are re-decoded
+            log.warning("%s: the re-decode reproduced %d of the %d re-decoded replies; the KL is that of the "
+                        "re-decoded replies", name, same, len(values))
     for m in methods.values():
         twin = m.get("same_as")
         if twin and twin in methods and "kl_signature" in methods[twin]:
