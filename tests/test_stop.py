@@ -69,7 +69,11 @@ def test_config_stop_round_trips_and_bad_stops_are_named(tmp_path):
 def test_default_preset_stops_at_the_first_sentence_end_everywhere():
     cfg = load_config("default")
     for gen in (cfg.train.generation, cfg.search.generation, cfg.eval.generation):
-        assert gen.stop == [".", "!", "?"] and gen.max_new_tokens == 32
+        assert gen.stop == [".", "!", "?"]
+    # rollouts cap at 24 (a rollout batch runs to its longest row: the cap is training's cost); the search decodes
+    # exactly as the evaluation, at 32
+    assert cfg.train.generation.max_new_tokens == 24
+    assert cfg.search.generation == cfg.eval.generation and cfg.eval.generation.max_new_tokens == 32
     assert cfg.model.system_prompt == "You are a warm, supportive listener. Reply to the person in one short sentence."
 
 
