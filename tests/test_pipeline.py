@@ -221,3 +221,27 @@ def test_reward_probe_times_one_reply_per_reward(monkeypatch):
         return np.full(len(prompts), 0.5)
 
     assert est.probe_rewards({"a": slow, "b": slow}) == pytest.approx(0.01)
+
+
+def test_evaluate_estimate_counts_judges_kl_and_extra_sets(tmp_path):
+    """The evaluation's estimate includes what eval.judges, eval.kl and eval.extra_sets add (they made the default
+    study's evaluation 15 min where the plan said 6): by hand with a decode step of 1 s, no prefill, 0.5 s per
+    (reply, scorer)."""
+    from emorl.pipeline.estimate import DECODE_FACTOR, Speed, estimate
+    from emorl.pipeline.plan import make_plan
+
+    def evaluate_s(sets):
+        cfg = load_config("tiny", ["eval.methods=[base]", "eval.prompts=4", "eval.generation.max_new_tokens=2",
+                                   "eval.seeds=[0]", *sets])
+        plan = make_plan(cfg, tmp_path / "run")
+        estimate(plan, Speed(a=1.0, b=0.0, reward_s=0.5))
+        return plan.todo("evaluate")[0].estimate_s
+
+    n_obj = len(load_config("tiny").objectives)
+    plain = evaluate_s([])
+    assert plain == pytest.approx(DECODE_FACTOR * 2 + 4 * 0.5 * n_obj)  # 2 steps; 4 replies x the objectives
+    judged = evaluate_s(['eval.judges={j: {type: length}}'])
+    assert judged - plain == pytest.approx(4 * 0.5)  # one more scorer of the 4 replies
+    assert evaluate_s(["eval.kl=true", "eval.kl_prompts=2"]) - plain == pytest.approx(DECODE_FACTOR * 2)
+    extra = evaluate_s(['eval.extra_sets={more: {path: x.jsonl, prompts: 3}}'])
+    assert extra - plain == pytest.approx(DECODE_FACTOR * 2 + 3 * 0.5 * n_obj)

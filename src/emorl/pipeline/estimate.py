@@ -196,7 +196,13 @@ def estimate(plan: Plan, speed: Speed) -> None:
         n = cfg.eval.prompts or 64
         widths = [stream_width(method_kind(m)[1], cfg.search.anchor, n_obj)[0]
                   if method_kind(m)[0] in ("ensemble", "routed") else 1 for m in plan.methods]
-        s.estimate_s = seeds * sum(mix(1, n, w, True, g.max_new_tokens) + n * speed.reward_s * n_obj for w in widths)
+        ev = cfg.eval
+        scorers = n_obj + len(ev.judges)  # the held-out judges score every reply too (eval.judges)
+        sets = [n] + [int(x.get("prompts") or n) for x in ev.extra_sets.values()]  # the test split, eval.extra_sets
+        kl_n = min(ev.kl_prompts or n, n) if ev.kl else 0  # eval.kl: a re-decode (+ the base's forward) per method
+        s.estimate_s = seeds * sum(sum(mix(1, m, w, True, g.max_new_tokens) + m * speed.reward_s * scorers
+                                       for m in sets) + (mix(1, kl_n, w + 1, True, g.max_new_tokens) if kl_n else 0.0)
+                                   for w in widths)
     for s in plan.todo("front"):
         from emorl.methods import decode_seeds
 
