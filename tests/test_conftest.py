@@ -19,9 +19,9 @@ def test_never(): pass
 '''
 
 
-def _pytest(folder: Path, ci: str) -> subprocess.CompletedProcess:
+def _pytest(folder: Path, ci: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, CI=ci)
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", str(folder)],
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", *args, str(folder)],
                           cwd=folder, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -33,5 +33,7 @@ def test_ci_fails_on_a_skip_that_should_run(tmp_path):
     ci = _pytest(tmp_path, "true")
     assert ci.returncode == 1 and "1 test(s) skipped that must run here" in ci.stdout, ci.stdout[-2000:]
     assert "test_b.py: Skipped: could not import 'no_such_module_for_emorl'" in ci.stdout
+    workers = _pytest(tmp_path, "true", "-n", "2")  # the README's command runs on pytest-xdist workers
+    assert workers.returncode == 1 and "skipped that must run here" in workers.stdout, workers.stdout[-2000:]
     local = _pytest(tmp_path, "")
     assert local.returncode == 0 and "SKIPPED [1] test_b.py" in local.stdout  # -ra shows the reason
