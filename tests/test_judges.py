@@ -84,8 +84,8 @@ def test_judges_score_every_method_with_paired_differences(tmp_path, tiny_base, 
     assert CALLS == {"pointwise": 12, "pairwise": 12}
     # unchanged: nothing judged or decoded again; a changed judge spec re-judges without decoding
     decoded = []
-    monkeypatch.setattr(Decoder, "decode", lambda self, s, p, seed: decoded.append(s.name) or (["x"] * len(p),
-                                                                                                [1] * len(p)))
+    monkeypatch.setattr(Decoder, "decode_finish", lambda self, s, p, seed: decoded.append(s.name)
+                        or (["x"] * len(p), [1] * len(p), ["length"] * len(p)))
     evaluate_run(run, cfg, ["base", "uniform", "emorl"], base=tiny_base, progress=False)
     assert CALLS == {"pointwise": 12, "pairwise": 12} and decoded == []
     cfg.eval.judges["brief"]["target"] = 5
@@ -162,8 +162,8 @@ def test_extra_sets_are_evaluated_paired_and_reported_apart(tmp_path, tiny_base,
     assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
     # unchanged: reused without decoding; the report has its own section
     decoded = []
-    monkeypatch.setattr(Decoder, "decode", lambda self, s, p, seed: decoded.append(s.name) or (["x"] * len(p),
-                                                                                                [1] * len(p)))
+    monkeypatch.setattr(Decoder, "decode_finish", lambda self, s, p, seed: decoded.append(s.name)
+                        or (["x"] * len(p), [1] * len(p), ["length"] * len(p)))
     res2 = evaluate_run(run, cfg, ["base", "uniform"], base=tiny_base, progress=False)
     assert decoded == [] and res2["extra_sets"]["mine"]["methods"]["uniform"]["summary"]["mean_reward"] == \
         x["methods"]["uniform"]["summary"]["mean_reward"]

@@ -273,7 +273,7 @@ def test_tiny_end_to_end_route_generate_auto_and_evaluate(tiny_run: Path, tmp_pa
 
     ens = EnsembleModel.from_run(tiny_run)
     w, _, _ = route(tiny_run, ens, prompts)  # the evaluation decodes exactly what the router picks
-    texts, _ = decode_routed(ens, prompts, w, seed=cfg.eval.seeds[0], **generation_kwargs(cfg.eval.generation))
+    texts, _, _ = decode_routed(ens, prompts, w, seed=cfg.eval.seeds[0], **generation_kwargs(cfg.eval.generation))
     assert texts == [r["reply"] for r in replies]
 
     rep = compare_run(tiny_run, cfg, prompts=["I lost my job today.", "My cat is sick.", "I feel alone."], seeds=[0],

@@ -79,7 +79,7 @@ def test_default_preset_stops_at_the_first_sentence_end_everywhere():
 
 def test_decoder_keeps_the_stop_string_and_ends_the_row(ens: EnsembleModel):
     free = ens.generate(PROMPTS, [1.0], max_new_tokens=T)
-    assert free.finish == ["length"] * len(PROMPTS) or "eos" in free.finish
+    assert set(free.finish) <= {"eos", "length"}  # no stop string given: no row says "stop"
     piece, ends = _pick_stop(ens.tokenizer, free.token_ids)
     kept = ens.generate(PROMPTS, [1.0], max_new_tokens=T, stop=[piece], include_stop=True)
     cut = ens.generate(PROMPTS, [1.0], max_new_tokens=T, stop=[piece])

@@ -31,8 +31,8 @@ from emorl.utils import EmorlError
 if TYPE_CHECKING:
     from emorl.methods import MethodSpec
 
-__all__ = ["Decoder", "decode_routed", "decode_routed_finish", "decode_with", "generation_kwargs", "groups",
-           "parse_mix", "plain_generation_config", "prompt_config"]
+__all__ = ["Decoder", "decode_routed", "decode_with", "generation_kwargs", "groups", "parse_mix",
+           "plain_generation_config", "prompt_config"]
 
 
 def generation_kwargs(gen: GenerationConfig) -> dict[str, Any]:
@@ -78,15 +78,7 @@ def groups(weights: np.ndarray, decimals: int = 9) -> list[tuple[np.ndarray, lis
 
 
 def decode_routed(ens: Any, prompts: list[str], weights: Any, *, mode: str = "hidden", seed: int = 0,
-                  anchor: str = "base", **gen: Any) -> tuple[list[str], list[int]]:
-    """Replies and token counts, in prompt order, each prompt decoded with its own row of ``weights`` (B×K)
-    (:func:`decode_routed_finish` also says how each ended)."""
-    texts, lengths, _ = decode_routed_finish(ens, prompts, weights, mode=mode, seed=seed, anchor=anchor, **gen)
-    return texts, lengths
-
-
-def decode_routed_finish(ens: Any, prompts: list[str], weights: Any, *, mode: str = "hidden", seed: int = 0,
-                         anchor: str = "base", **gen: Any) -> tuple[list[str], list[int], list[str]]:
+                  anchor: str = "base", **gen: Any) -> tuple[list[str], list[int], list[str]]:
     """Replies, token counts and finish reasons ("eos", "stop", "length"), in prompt order, each prompt decoded with
     its own row of ``weights`` (B×K).
 
@@ -123,7 +115,6 @@ class Decoder:
         self.base_adapter = base_adapter or {}
         self.require_metadata = require_metadata
         self._ens: dict[tuple[str, ...], Any] = {}
-        self.last_finish: list[str] | None = None  # how each reply of the last :meth:`decode` ended
 
     def ensemble(self, adapters: dict[str, Path]) -> Any:
         """The :class:`~emorl.ensemble.EnsembleModel` over ``adapters`` (loaded once, cached by name)."""
@@ -154,20 +145,21 @@ class Decoder:
                              getattr(spec, "anchor", "base"), seed, **kw)
 
     def decode(self, spec: MethodSpec, prompts: Sequence[str], seed: int) -> tuple[list[str], list[int]]:
-        """Replies and their token counts of one method for one seed (a routed method: with its per-prompt
-        ``row_weights``, which the caller sets from the router). How each ended is left in :attr:`last_finish`."""
-        texts, lengths, self.last_finish = self.decode_finish(spec, prompts, seed)
+        """Replies and their token counts of one method for one seed (:meth:`decode_finish` without the finish)."""
+        texts, lengths, _ = self.decode_finish(spec, prompts, seed)
         return texts, lengths
 
     def decode_finish(self, spec: MethodSpec, prompts: Sequence[str], seed: int
                       ) -> tuple[list[str], list[int], list[str]]:
-        """:meth:`decode` plus how each reply ended ("eos", "stop" or "length"; the report's ended %)."""
+        """Replies, their token counts and how each ended ("eos", "stop" or "length"; the report's ended %) of one
+        method for one seed (a routed method: with its per-prompt ``row_weights``, which the caller sets from the
+        router)."""
         if spec.kind == "routed":
             if spec.row_weights is None:
                 raise EmorlError(f"{spec.name}: no per-prompt weights; the caller routes the prompts first "
                                  f"(emorl.evaluate.with_routes)")
-            return decode_routed_finish(self.ensemble(spec.adapters), list(prompts), spec.row_weights,
-                                        mode=spec.mode or "hidden", seed=seed, **generation_kwargs(self.gen))
+            return decode_routed(self.ensemble(spec.adapters), list(prompts), spec.row_weights,
+                                 mode=spec.mode or "hidden", seed=seed, **generation_kwargs(self.gen))
         res = self.result(spec, prompts, seed)
         return list(res.texts), [int(x) for x in res.lengths.tolist()], list(res.finish)
 
@@ -183,9 +175,8 @@ def decode_with(decoder: Decoder) -> Any:
             out = []
             for seed in seeds:
                 t0 = time.perf_counter()
-                decoder.last_finish = None
-                texts, lengths = decoder.decode(s, prompts, seed)
-                out.append((seed, texts, lengths, time.perf_counter() - t0, decoder.last_finish))
+                texts, lengths, finish = decoder.decode_finish(s, prompts, seed)
+                out.append((seed, texts, lengths, time.perf_counter() - t0, finish))
             yield s, out
 
     return decode

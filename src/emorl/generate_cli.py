@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     elif auto:
         from emorl.decoding import decode_routed, generation_kwargs
 
-        texts, _ = decode_routed(ens, prompts, routed, mode="hidden", seed=args.seed,
+        texts, _, _ = decode_routed(ens, prompts, routed, mode="hidden", seed=args.seed,
                                  **(generation_kwargs(gen) | ({"stop": args.stop} if args.stop else {})))
         records = [{"prompt": p, "weights": dict(zip(ens.names, map(float, w), strict=True)), "mode": "hidden",
                     "router": "fallback" if f else "routed", "reply": t}

@@ -304,7 +304,6 @@ class EnsembleModel:
         return reply_text(self.tokenizer, ids, stops)
 
 
-
 def reply_text(tokenizer: Any, ids: torch.Tensor, stops: list[str], include_stop: bool = False) -> str:
     """A row's reply: its tokens decoded, cut at the first stop string (before it, or after it with
     ``include_stop``: the stopping token may carry more text, e.g. '."', which is dropped), stripped."""

@@ -256,9 +256,9 @@ class Engine:
         step = getattr(self, "_step", None)
         if step is not None and not step.fits_alone(job):
             need = step.job_rows(job) * step.job_worst_len(job) * step.kv_per_row_token
-            raise TooLarge(f"this request may need {need / 2**20:.1f} MiB of KV cache (prompt + max_tokens for "
-                           f"{step.job_rows(job)} rows), over the server's budget of {self.kv_budget / 2**20:.1f} "
-                           "MiB (--kv-budget-mb); lower max_tokens or n")
+            raise TooLarge(f"this request may need {need / 2**20:.1f} MiB of KV cache (prompt + max_tokens + the "
+                           f"running cache's growth room, for {step.job_rows(job)} rows), over the server's budget "
+                           f"of {self.kv_budget / 2**20:.1f} MiB (--kv-budget-mb); lower max_tokens or n")
         with self._cond:
             if self._stopping:
                 raise EmorlError("the server is shutting down")
