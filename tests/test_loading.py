@@ -138,3 +138,25 @@ def test_a_full_finetune_that_cannot_fit_is_refused_before_loading() -> None:
     check_fits(cfg, 2 * need, "float32")  # float32 needs twice as much: just fits
     with pytest.raises(EmorlError, match=r"in float32"):
         check_fits(cfg, 2 * need - 1, "float32")
+
+
+def test_the_lm_head_gets_contiguous_inputs_and_the_same_logits() -> None:
+    """transformers slices ``hidden[:, -n:, :]`` before the head (``logits_to_keep``); on the CPU in bfloat16 that
+    strided input takes a GEMM path 10-100x slower, so :func:`contiguous_head_inputs` copies it first. The head
+    must see a contiguous tensor and give the same logits as with the slice (and as logits_to_keep=0 sliced)."""
+    from emorl.models.load import contiguous_head_inputs
+
+    base = load_base(ModelConfig(name="tiny-llama", dtype="bfloat16"))
+    head = base.model.get_output_embeddings()
+    assert getattr(head, "_emorl_contiguous", False), "load_base must install the hook"
+    seen: list[bool] = []
+    h = head.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))  # runs after ours
+    ids = torch.randint(0, 100, (3, 7))
+    with torch.inference_mode():
+        kept = base.model(input_ids=ids, logits_to_keep=4).logits
+        full = base.model(input_ids=ids).logits[:, -4:]
+    h.remove()
+    assert seen and all(seen)
+    torch.testing.assert_close(kept, full)
+    contiguous_head_inputs(base.model)  # idempotent: still one hook of ours
+    assert sum(1 for f in head._forward_pre_hooks.values() if f.__name__ == "_contiguous_input") == 1

@@ -81,8 +81,32 @@ def load_base(cfg: ModelConfig | None = None) -> Base:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    contiguous_head_inputs(model)
     return Base(model=model, tokenizer=tok, name=name, is_seq2seq=is_s2s, device=device,
                 fingerprint=fingerprint(model), config=cfg)
+
+
+def _contiguous_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and not x.is_contiguous():
+        return (x.contiguous(), *args[1:])
+    return None
+
+
+def contiguous_head_inputs(model: torch.nn.Module) -> None:
+    """Make the LM head copy a strided input contiguous before its GEMM.
+
+    transformers' causal LMs apply the head to ``hidden[:, -n:, :]`` (``logits_to_keep``): a 3-D slice. On the CPU
+    in bfloat16 that strided input sends ``F.linear`` to a path 10-130x slower than the same rows contiguous
+    (measured on this project's 2-core AVX512 machine, SmolLM2's 49152x576 head: 16 rows x 33 positions 1.0 s
+    against 0.09 s; the last position of 16 prompts 0.95 s against 0.007 s). The copy costs a few microseconds.
+    Every prefill in ``generate``, every log-likelihood reward and judge, and training's prompt forward take this
+    path. Idempotent (one hook per head)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "_emorl_contiguous", False):
+        return
+    head.register_forward_pre_hook(_contiguous_input)
+    head._emorl_contiguous = True
 
 
 def fingerprint(model: torch.nn.Module, legacy: bool = False) -> str:
