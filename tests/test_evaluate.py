@@ -219,8 +219,8 @@ def test_evaluate_run_writes_results_and_reuses_unchanged_methods(tmp_path, tiny
     assert len(lines) == 4 and set(json.loads(lines[0])["scores"]) == {"short", "long"}
     # nothing changed: nothing is decoded again; a changed setting re-decodes every method
     calls = []
-    monkeypatch.setattr(Decoder, "decode_finish", lambda self, s, p, seed: calls.append(s.name)
-                        or (["x"] * len(p), [1] * len(p), ["length"] * len(p)))
+    monkeypatch.setattr(Decoder, "decode_finish", lambda self, s, p, seed, kl_rows=0: calls.append(s.name)
+                        or (["x"] * len(p), [1] * len(p), ["length"] * len(p), None))
     evaluate_run(run, cfg, ["base", "uniform", "emorl"], base=tiny_base, progress=False)
     assert calls == []
     evaluate_run(run, cfg, ["uniform"], base=tiny_base, progress=False, keep_others=True)

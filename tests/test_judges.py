@@ -84,8 +84,8 @@ def test_judges_score_every_method_with_paired_differences(tmp_path, tiny_base, 
     assert CALLS == {"pointwise": 12, "pairwise": 12}
     # unchanged: nothing judged or decoded again; a changed judge spec re-judges without decoding
     decoded = []
-    monkeypatch.setattr(Decoder, "decode_finish", lambda self, s, p, seed: decoded.append(s.name)
-                        or (["x"] * len(p), [1] * len(p), ["length"] * len(p)))
+    monkeypatch.setattr(Decoder, "decode_finish", lambda self, s, p, seed, kl_rows=0: decoded.append(s.name)
+                        or (["x"] * len(p), [1] * len(p), ["length"] * len(p), None))
     evaluate_run(run, cfg, ["base", "uniform", "emorl"], base=tiny_base, progress=False)
     assert CALLS == {"pointwise": 12, "pairwise": 12} and decoded == []
     cfg.eval.judges["brief"]["target"] = 5
@@ -162,8 +162,8 @@ def test_extra_sets_are_evaluated_paired_and_reported_apart(tmp_path, tiny_base,
     assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
     # unchanged: reused without decoding; the report has its own section
     decoded = []
-    monkeypatch.setattr(Decoder, "decode_finish", lambda self, s, p, seed: decoded.append(s.name)
-                        or (["x"] * len(p), [1] * len(p), ["length"] * len(p)))
+    monkeypatch.setattr(Decoder, "decode_finish", lambda self, s, p, seed, kl_rows=0: decoded.append(s.name)
+                        or (["x"] * len(p), [1] * len(p), ["length"] * len(p), None))
     res2 = evaluate_run(run, cfg, ["base", "uniform"], base=tiny_base, progress=False)
     assert decoded == [] and res2["extra_sets"]["mine"]["methods"]["uniform"]["summary"]["mean_reward"] == \
         x["methods"]["uniform"]["summary"]["mean_reward"]
@@ -185,6 +185,23 @@ def test_extra_set_errors_name_the_key(tmp_path, tiny_base):
     with pytest.raises(EmorlError, match="eval.extra_sets.bad.path"):
         evaluate_run(run, cfg, ["base"], base=tiny_base, progress=False)
     assert not (run / "eval" / "results.json").exists()  # refused before decoding
+
+
+def test_an_extra_set_decodes_only_its_methods(tmp_path, tiny_base, monkeypatch):
+    """``methods`` on a set: only those are decoded on it (the others are not), and a name that is no method of the
+    run is refused before any decoding, naming the key."""
+    cfg, run = make_run(tmp_path, tiny_base)
+    f = tmp_path / "mine.jsonl"
+    f.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ["My cat is sick.", "I moved to a new city."]))
+    cfg.eval.extra_sets = {"mine": {"path": str(f), "methods": ["nope"]}}
+    with pytest.raises(EmorlError, match="eval.extra_sets.mine.methods: 'nope' is not a method of this run"):
+        evaluate_run(run, cfg, ["base", "uniform"], base=tiny_base, progress=False)
+    assert not (run / "eval" / "results.json").exists()
+    cfg.eval.extra_sets = {"mine": {"path": str(f), "methods": ["uniform"]}}
+    res = evaluate_run(run, cfg, ["base", "uniform"], base=tiny_base, progress=False)
+    assert list(res["extra_sets"]["mine"]["methods"]) == ["uniform"] and list(res["methods"]) == ["base", "uniform"]
+    folder = run / "eval" / "sets" / "mine" / "eval" / "replies"
+    assert (folder / "uniform.jsonl").exists() and not (folder / "base.jsonl").exists()
 
 
 def test_chitchat_heldout_is_disjoint_from_the_builtin_data_and_its_filter():

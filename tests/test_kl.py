@@ -112,6 +112,46 @@ def test_evaluation_stores_kl_per_reply_and_method(tmp_path, tiny_base, caplog):
     assert "kl_per_token" not in res["methods"]["uniform"]["summary"]
 
 
+def test_scores_of_the_first_rows_only_change_nothing_else(tmp_path, tiny_base):
+    """``output_scores=n`` keeps the scores of the first n prompts: the same tensors as ``output_scores=True``'s first
+    n rows, the same replies as without scores."""
+    cfg, run, specs = specs_of(tmp_path, tiny_base)
+    gen = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=0.8, top_k=5, top_p=1.0)
+    dec = Decoder(tiny_base, gen, {"uniform": run / "baselines" / "uniform"})
+    plain = dec.result(specs["uniform"], PROMPTS, 3)
+    every = dec.result(specs["uniform"], PROMPTS, 3, output_scores=True)
+    first = dec.result(specs["uniform"], PROMPTS, 3, output_scores=2)
+    assert plain.texts == every.texts == first.texts
+    assert plain.scores is None and every.scores.shape[1] == 3 and first.scores.shape[1] == 2
+    torch.testing.assert_close(first.scores, every.scores[:, :2])
+
+
+def test_evaluation_measures_kl_in_its_own_decode(tmp_path, tiny_base, monkeypatch):
+    """eval.kl costs no second decode: every method is decoded once per seed, and its first kl_prompts replies
+    carry the KL a separate re-decode (method_kl) measures on them."""
+    cfg, run = make_run(tmp_path, tiny_base)
+    cfg.eval.kl, cfg.eval.kl_prompts = True, 2
+    calls = []
+    real = Decoder.result
+    monkeypatch.setattr(Decoder, "result", lambda self, spec, *a, **k: calls.append(spec.name) or real(self, spec,
+                                                                                                       *a, **k))
+    res = evaluate_run(run, cfg, ["base", "uniform"], base=tiny_base, progress=False)
+    assert sorted(calls) == ["base", "uniform"]
+    monkeypatch.setattr(Decoder, "result", real)
+    specs = {s.name: s for s in resolve_methods(run, cfg, ["base", "uniform"])}
+    dec = Decoder(tiny_base, cfg.eval.generation, {"uniform": run / "baselines" / "uniform"})
+    for name in ("base", "uniform"):
+        rows = [json.loads(x) for x in (run / "eval" / "replies" / f"{name}.jsonl").read_text().splitlines()]
+        assert all("kl" in r for r in rows[:2]) and not any("kl" in r for r in rows[2:])
+        want, same = method_kl(dec, specs[name], [r["prompt"] for r in rows[:2]], 0, cfg.eval.generation,
+                               [r["reply"] for r in rows[:2]])
+        assert same == 2
+        np.testing.assert_allclose([r["kl"] for r in rows[:2]], want, rtol=1e-4, atol=1e-6)
+        assert res["methods"][name]["kl_reproduced"] == [2, 2]
+        assert res["methods"][name]["summary"]["kl_per_token"]["mean"] == pytest.approx(float(np.mean(want)),
+                                                                                       rel=1e-4, abs=1e-6)
+
+
 def test_report_shows_kl_column_figure_and_judges(tmp_path, tiny_base):
     from emorl.report import write_report
 

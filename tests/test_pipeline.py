@@ -242,6 +242,9 @@ def test_evaluate_estimate_counts_judges_kl_and_extra_sets(tmp_path):
     assert plain == pytest.approx(DECODE_FACTOR * 2 + 4 * 0.5 * n_obj)  # 2 steps; 4 replies x the objectives
     judged = evaluate_s(['eval.judges={j: {type: length}}'])
     assert judged - plain == pytest.approx(4 * 0.5)  # one more scorer of the 4 replies
-    assert evaluate_s(["eval.kl=true", "eval.kl_prompts=2"]) - plain == pytest.approx(DECODE_FACTOR * 2)
+    # the KL comes from the evaluation's own decode: only the base's forward over 2 replies, no second decode
+    assert evaluate_s(["eval.kl=true", "eval.kl_prompts=2"]) - plain == pytest.approx(2 * 0.5)
     extra = evaluate_s(['eval.extra_sets={more: {path: x.jsonl, prompts: 3}}'])
     assert extra - plain == pytest.approx(DECODE_FACTOR * 2 + 3 * 0.5 * n_obj)
+    # a set that names its methods adds nothing for the others
+    assert evaluate_s(['eval.extra_sets={more: {path: x.jsonl, prompts: 3, methods: [emorl]}}']) == pytest.approx(plain)

@@ -29,6 +29,7 @@ from emorl.config import GenerationConfig
 from emorl.utils import EmorlError
 
 if TYPE_CHECKING:
+    from emorl.divergence import ReplyKL
     from emorl.methods import MethodSpec
 
 __all__ = ["Decoder", "decode_routed", "decode_with", "generation_kwargs", "groups", "parse_mix",
@@ -145,38 +146,50 @@ class Decoder:
                              getattr(spec, "anchor", "base"), seed, **kw)
 
     def decode(self, spec: MethodSpec, prompts: Sequence[str], seed: int) -> tuple[list[str], list[int]]:
-        """Replies and their token counts of one method for one seed (:meth:`decode_finish` without the finish)."""
-        texts, lengths, _ = self.decode_finish(spec, prompts, seed)
+        """Replies and their token counts of one method for one seed (:meth:`decode_finish` without the rest)."""
+        texts, lengths, _, _ = self.decode_finish(spec, prompts, seed)
         return texts, lengths
 
-    def decode_finish(self, spec: MethodSpec, prompts: Sequence[str], seed: int
-                      ) -> tuple[list[str], list[int], list[str]]:
-        """Replies, their token counts and how each ended ("eos", "stop" or "length"; the report's ended %) of one
-        method for one seed (a routed method: with its per-prompt ``row_weights``, which the caller sets from the
-        router)."""
+    def decode_finish(self, spec: MethodSpec, prompts: Sequence[str], seed: int, kl_rows: int = 0
+                      ) -> tuple[list[str], list[int], list[str], ReplyKL | None]:
+        """Replies, their token counts, how each ended ("eos", "stop" or "length"; the report's ended %) and,
+        with ``kl_rows`` = n > 0, the first n replies' per-token KL to the base and its seconds
+        (:class:`~emorl.divergence.ReplyKL`, from this decode's own scores: the replies are exactly those without
+        it), else None — of one method for one seed. A routed method is decoded with its per-prompt
+        ``row_weights`` (the caller sets them from the router) and gets no KL."""
         if spec.kind == "routed":
             if spec.row_weights is None:
                 raise EmorlError(f"{spec.name}: no per-prompt weights; the caller routes the prompts first "
                                  f"(emorl.evaluate.with_routes)")
-            return decode_routed(self.ensemble(spec.adapters), list(prompts), spec.row_weights,
-                                 mode=spec.mode or "hidden", seed=seed, **generation_kwargs(self.gen))
-        res = self.result(spec, prompts, seed)
-        return list(res.texts), [int(x) for x in res.lengths.tolist()], list(res.finish)
+            texts, lengths, finish = decode_routed(self.ensemble(spec.adapters), list(prompts), spec.row_weights,
+                                                   mode=spec.mode or "hidden", seed=seed, **generation_kwargs(self.gen))
+            return texts, lengths, finish, None
+        n = min(int(kl_rows), len(prompts))
+        res = self.result(spec, prompts, seed, **({"output_scores": n} if n > 0 else {}))
+        kl = None
+        if n > 0:
+            from emorl.divergence import timed_reply_kl
+
+            kl = timed_reply_kl(self.base, res, list(prompts)[:n], self.gen)
+        return list(res.texts), [int(x) for x in res.lengths.tolist()], list(res.finish), kl
 
 
 def decode_with(decoder: Decoder) -> Any:
-    """``decode(specs, prompts, seeds)`` yielding ``(spec, [(seed, replies, lengths, seconds, finish), ...])`` per
-    method, one method after another in this process (the local executor's and a Ray worker's way); ``finish``:
-    how each reply ended ("eos", "stop" or "length")."""
+    """``decode(specs, prompts, seeds, kl_rows=0)`` yielding ``(spec, [(seed, replies, lengths, seconds, finish,
+    kl), ...])`` per method, one method after another in this process (the local executor's and a Ray worker's
+    way); ``finish``: how each reply ended ("eos", "stop" or "length"); ``kl``: the first ``kl_rows`` replies'
+    per-token KL to the base (:class:`~emorl.divergence.ReplyKL`) or None (:meth:`Decoder.decode_finish`)."""
     import time
 
-    def decode(specs: list[Any], prompts: list[str], seeds: list[int]) -> Iterator[tuple[Any, list[Any]]]:
+    def decode(specs: list[Any], prompts: list[str], seeds: list[int], kl_rows: int = 0
+               ) -> Iterator[tuple[Any, list[Any]]]:
         for s in specs:
             out = []
             for seed in seeds:
                 t0 = time.perf_counter()
-                texts, lengths, finish = decoder.decode_finish(s, prompts, seed)
-                out.append((seed, texts, lengths, time.perf_counter() - t0, finish))
+                texts, lengths, finish, kl = decoder.decode_finish(s, prompts, seed, kl_rows)
+                seconds = time.perf_counter() - t0 - (kl.seconds if kl is not None else 0.0)  # the decode's own
+                out.append((seed, texts, lengths, seconds, finish, kl))
             yield s, out
 
     return decode

@@ -117,7 +117,7 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
     check_judges(cfg, [s.name for s in specs])
     from emorl.extra_sets import check_sets
 
-    extra_prompts = check_sets(cfg)  # eval.extra_sets: every set's prompts read before decoding
+    extra_prompts = check_sets(cfg, [s.name for s in specs])  # eval.extra_sets: read before decoding
     prompts = eval_prompts(cfg, split)
     seeds = decode_seeds(cfg)
     objectives = list(cfg.objectives)
@@ -146,18 +146,27 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
         todo = [with_routes(s, prompts, base) for s in todo]
         same = same_as_hidden(todo, base)  # logits mixing that would repeat EMORL's decode token for token
         todo = [s for s in todo if s.name not in same]
+        from emorl.kl import kl_rows, record_kl
+
+        n_kl = kl_rows(cfg, len(prompts))  # eval.kl: measured on the evaluation's own decode, not a second one
         with Progress(progress).run() as bars:
             bars.add("evaluate", len(todo) * len(seeds))
             done = 0
-            for s, decoded in decode(todo, prompts, seeds):
+            for s, decoded in (decode(todo, prompts, seeds, kl_rows=n_kl) if n_kl else decode(todo, prompts, seeds)):
                 bars.update("evaluate", done, s.name)
                 reply_file = run / "eval" / "replies" / f"{s.name}.jsonl"
                 reply_file.unlink(missing_ok=True)
-                per_seed, samples = [], []
-                for seed, texts, lengths, seconds, *more in decoded:  # more: how each reply ended (report.ended)
+                per_seed, samples, all_rows = [], [], []
+                for seed, texts, lengths, seconds, *more in decoded:  # more: how each reply ended, the KL
                     scores = {o: _score(rewards[o], prompts, texts) for o in objectives}
                     m, rows = scored_seed(seed, prompts, texts, lengths, seconds, scores, more[0] if more else None)
+                    kl = more[1] if len(more) > 1 else None
+                    if kl is not None:
+                        for row, v in zip(rows, kl.values, strict=False):
+                            row["kl"] = v
+                        m["kl_per_token"] = float(np.mean(kl.values))
                     per_seed.append(m)
+                    all_rows += rows
                     for row in rows:
                         append_jsonl(reply_file, row)
                     if not samples:
@@ -171,6 +180,8 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
                     "per_seed": per_seed, "summary": summarise([{k: v for k, v in d.items() if k != "seed"}
                                                                 for d in per_seed]),
                     "training": training_cost(s), "search": search_cost(s), "samples": samples}
+                if n_kl and all("kl_per_token" in d for d in per_seed):
+                    record_kl(results["methods"][s.name], all_rows, cfg)
                 _write(run, results, order)  # a finished method survives an interrupted evaluation
             bars.update("evaluate", done, "done")
         for name, twin in same.items():

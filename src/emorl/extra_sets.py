@@ -17,7 +17,7 @@ from typing import Any
 from emorl.config import RunConfig
 from emorl.methods import decoding_parts
 from emorl.metrics import scored_seed, summarise
-from emorl.utils import atomic_write_json, atomic_write_text
+from emorl.utils import EmorlError, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("emorl.extra_sets")
 
@@ -26,11 +26,31 @@ def set_folder(run: Path, name: str) -> Path:
     return run / "eval" / "sets" / name
 
 
-def check_sets(cfg: RunConfig) -> dict[str, list[str]]:
-    """Every set's prompts (errors name the set and key), read before any decoding."""
+def check_sets(cfg: RunConfig, methods: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """Every set's prompts (errors name the set and key), read before any decoding; a set's ``methods`` (a subset
+    of the evaluated ``methods``) checked too."""
     from emorl.heldout_prompts import set_prompts
 
+    for name, spec in cfg.eval.extra_sets.items():
+        wanted = spec.get("methods") if isinstance(spec, dict) else None
+        if wanted is None:
+            continue
+        if not isinstance(wanted, list) or not wanted or not all(isinstance(m, str) for m in wanted):
+            raise EmorlError(f"eval.extra_sets.{name}.methods: expected a list of method names (e.g. [base, emorl, "
+                             f"uniform]), or leave it out for every evaluated method; got {wanted!r}")
+        known = set(methods or []) | set(cfg.eval.methods) | {f"single:{o}" for o in cfg.objectives}
+        missing = [m for m in wanted if methods is not None and m not in known]
+        if missing:
+            raise EmorlError(f"eval.extra_sets.{name}.methods: {missing[0]!r} is not a method of this run "
+                             f"(evaluated: {', '.join(methods or [])}); use one of eval.methods, or leave "
+                             f"methods out for all")
     return {name: set_prompts(name, spec) for name, spec in cfg.eval.extra_sets.items()}
+
+
+def set_methods(spec: dict[str, Any], specs: Sequence[Any]) -> list[Any]:
+    """The evaluated methods a set decodes: those among its ``methods`` (in the evaluation's order), or all."""
+    wanted = spec.get("methods")
+    return [s for s in specs if wanted is None or s.name in wanted]
 
 
 def _old(folder: Path) -> dict[str, Any]:
@@ -59,7 +79,9 @@ def evaluate_extra_sets(run: str | Path, results: dict[str, Any], cfg: RunConfig
     seeds = list(results["seeds"])
     objectives = list(cfg.objectives)
     results["extra_sets"] = {}
+    all_specs = specs
     for name, prompts in sets.items():
+        specs = set_methods(cfg.eval.extra_sets[name], all_specs)
         folder = set_folder(run, name)
         old = _old(folder).get("methods", {})
         sigs = {s.name: signature(s, cfg, prompts, seeds) for s in specs}

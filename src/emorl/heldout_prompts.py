@@ -68,9 +68,10 @@ def set_prompts(name: str, spec: dict[str, Any]) -> list[str]:
     where = f"eval.extra_sets.{name}"
     if not isinstance(spec, dict):
         raise EmorlError(f"{where}: expected a mapping like {{path: my_prompts.jsonl}} or {{source: {BUILTIN}}}")
-    unknown = set(spec) - {"source", "path", "prompt_field", "prompts"}
+    unknown = set(spec) - {"source", "path", "prompt_field", "prompts", "methods"}
     if unknown:
-        raise EmorlError(f"{where}.{sorted(unknown)[0]}: unknown key; valid keys: source, path, prompt_field, prompts")
+        raise EmorlError(f"{where}.{sorted(unknown)[0]}: unknown key; valid keys: source, path, prompt_field, prompts, "
+                         f"methods")
     n = spec.get("prompts")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise EmorlError(f"{where}.prompts: expected an integer >= 1 (or leave it out for all), got {n!r}")

@@ -1,9 +1,12 @@
 """KL to the base model per method, per token, on the test replies (``eval.kl``): how far each method's sampling
 distribution moved from the base's, the x-axis on which reward over-optimisation shows (Gao et al. 2023).
 
-For each method and seed the test replies are decoded again with the evaluation's seed (common random numbers, so the
-same tokens; the share reproduced is recorded) and ``output_scores=True``, which gives the method's next-token scores
-before the sampling warpers (for a mix: the mixed scores). At every generated position t of a reply::
+The evaluation measures it in its own decode: the first ``eval.kl_prompts`` rows of each method's decode keep their
+next-token scores before the sampling warpers (``output_scores=n``; for a mix: the mixed scores), so the KL costs one
+teacher-forced base forward, not a second decode (:meth:`emorl.decoding.Decoder.decode_finish`). A run evaluated
+without it (``eval.kl`` switched on later, another ``kl_prompts``) gets it from :func:`add_kl`, which decodes those
+rows again with the evaluation's seed (common random numbers, so the same tokens; the share reproduced is
+recorded). The math is :mod:`emorl.divergence`. At every generated position t of a reply::
 
     KL_t = sum_v q_t(v) (log q_t(v) - log p_t(v))
 
@@ -25,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from emorl.config import GenerationConfig, RunConfig
+from emorl.divergence import base_logits, reference_logprobs, reply_kl, sampled_logprobs, token_kl  # noqa: F401
 from emorl.metrics import summarise
 from emorl.stats import bootstrap_ci
 from emorl.utils import atomic_write_text
@@ -36,82 +39,14 @@ log = logging.getLogger("emorl.kl")
 KL_VERSION = 1
 
 
-def sampled_logprobs(scores: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:
-    """log q: the sampled distribution of scores (N, V) after ``gen``'s warpers (-inf where truncated)."""
-    from emorl.sampling import warpers
-
-    x = scores.float()
-    if gen.do_sample:
-        dummy = torch.zeros((x.shape[0], 1), dtype=torch.long, device=x.device)
-        for p in warpers(gen.temperature, gen.top_k, gen.top_p):
-            x = p(dummy, x)
-    return torch.log_softmax(x, dim=-1)
-
-
-def reference_logprobs(logits: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:
-    """log p: the base's distribution at the sampling temperature, untruncated."""
-    t = gen.temperature if gen.do_sample and gen.temperature else 1.0
-    return torch.log_softmax(logits.float() / t, dim=-1)
-
-
-def token_kl(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """KL(q || p) per row of (N, V) log-probabilities (terms with q = 0 count 0)."""
-    q = logq.exp()
-    terms = torch.where(q > 0, q * (logq - logp), torch.zeros_like(q))
-    return terms.sum(-1).clamp(min=0.0)
-
-
-@torch.inference_mode()
-def base_logits(base: Any, prompts: Sequence[str], tokens: torch.Tensor, micro_batch: int = 8) -> torch.Tensor:
-    """The base model's logits (B, T, V) for each generated position of ``tokens`` (B, T), teacher-forced on the
-    evaluation's formatted prompts, adapters disabled."""
-    from emorl.models import adapters_disabled, position_ids
-    from emorl.prompts import encode_prompts, format_prompts
-    from emorl.utils import eval_mode
-
-    tok = base.tokenizer
-    texts = format_prompts(tok, list(prompts), base.is_seq2seq, base.config.system_prompt)
-    enc = encode_prompts(tok, texts, base.config.max_prompt_tokens, base.is_seq2seq, base.device)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    tokens = tokens.to(base.device)
-    T = tokens.shape[1]
-    out = []
-    model = base.model
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    with adapters_disabled(model), eval_mode(model):
-        for s in range(0, len(prompts), micro_batch):
-            sl = slice(s, s + micro_batch)
-            if base.is_seq2seq:
-                start = getattr(lm.config, "decoder_start_token_id", None)
-                start = tok.pad_token_id if start is None else start
-                dec = torch.cat([torch.full((tokens[sl].shape[0], 1), start, device=tokens.device),
-                                 tokens[sl, :-1]], 1)
-                logits = model(input_ids=ids[sl], attention_mask=mask[sl], decoder_input_ids=dec).logits
-            else:
-                full = torch.cat([ids[sl], tokens[sl]], 1)
-                m = torch.cat([mask[sl], torch.ones_like(tokens[sl])], 1)
-                logits = model(input_ids=full, attention_mask=m, position_ids=position_ids(m)).logits[:, -T - 1:-1]
-            out.append(logits.float().cpu())
-    return torch.cat(out, 0)
-
-
 def method_kl(decoder: Any, spec: Any, prompts: Sequence[str], seed: int, gen: GenerationConfig,
               replies: Sequence[str] | None = None) -> tuple[np.ndarray, int]:
-    """Per-reply mean per-token KL(method's sampled distribution || base) for one seed, and how many of
-    ``replies`` (the evaluated ones) the re-decode reproduced."""
+    """Per-reply mean per-token KL(method's sampled distribution || base) for one seed, re-decoded, and how many
+    of ``replies`` (the evaluated ones) the re-decode reproduced. The evaluation itself takes the KL from its own
+    decode (:meth:`emorl.decoding.Decoder.decode_finish` with ``kl_rows``); this re-decode serves runs evaluated
+    without it."""
     res = decoder.result(spec, list(prompts), seed, output_scores=True)
-    scores = res.scores[0] if res.scores.dim() == 4 else res.scores  # (B, T, V)
-    tokens, lengths = res.token_ids, res.lengths
-    ref = base_logits(decoder.base, prompts, tokens)
-    T = min(scores.shape[1], ref.shape[1])
-    values = np.zeros(len(prompts))
-    for b in range(len(prompts)):
-        n = int(lengths[b])
-        if n == 0:
-            continue
-        n = min(n, T)
-        kl = token_kl(sampled_logprobs(scores[b, :n], gen), reference_logprobs(ref[b, :n], gen))
-        values[b] = float(kl.mean())
+    values = reply_kl(decoder.base, res, prompts, gen)
     same = sum(a == b for a, b in zip(res.texts, replies, strict=True)) if replies is not None else len(prompts)
     return values, int(same)
 
@@ -166,11 +101,7 @@ def add_kl(run: str | Path, results: dict[str, Any], cfg: RunConfig, specs: Sequ
                 r["kl"] = float(v)
             d["kl_per_token"] = float(values.mean())
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-        m["summary"] = summarise([{k: v for k, v in d.items() if k != "seed"} for d in m["per_seed"]])
-        values = [r["kl"] for r in rows if "kl" in r]
-        m["summary"]["kl_per_token"]["ci95"] = bootstrap_ci(values)  # prompts resampled (one seed: one unit each)
-        m["kl_reproduced"] = [same, len(values)]
-        m["kl_signature"] = kl_signature(m, cfg.eval.kl_prompts)
+        values = record_kl(m, rows, cfg, same)
         if same < len(values):  # eval.kl_prompts: only the first few replies per seed are re-decoded
             log.warning("%s: the re-decode reproduced %d of the %d re-decoded replies; the KL is that of the "
                         "re-decoded replies", name, same, len(values))
@@ -180,6 +111,25 @@ def add_kl(run: str | Path, results: dict[str, Any], cfg: RunConfig, specs: Sequ
             m["per_seed"], m["summary"] = methods[twin]["per_seed"], methods[twin]["summary"]
             m["kl_reproduced"] = methods[twin].get("kl_reproduced")
     return results
+
+
+def record_kl(m: dict[str, Any], rows: list[dict[str, Any]], cfg: RunConfig, reproduced: int | None = None
+              ) -> list[float]:
+    """A method's KL fields once its reply ``rows`` carry ``"kl"`` and its per-seed metrics ``kl_per_token``: the
+    summary with the KL's CI, ``kl_reproduced`` (replies the KL was measured on that are the evaluated ones; all of
+    them when measured in the evaluation's own decode) and ``kl_signature``. Returns the reply values."""
+    m["summary"] = summarise([{k: v for k, v in d.items() if k != "seed"} for d in m["per_seed"]])
+    values = [r["kl"] for r in rows if "kl" in r]
+    m["summary"]["kl_per_token"]["ci95"] = bootstrap_ci(values)  # prompts resampled (one seed: one unit each)
+    m["kl_reproduced"] = [len(values) if reproduced is None else reproduced, len(values)]
+    m["kl_signature"] = kl_signature(m, cfg.eval.kl_prompts)
+    return values
+
+
+def kl_rows(cfg: RunConfig, n_prompts: int) -> int:
+    """How many replies per seed the evaluation measures the KL on (``eval.kl_prompts``, all when unset; 0 without
+    ``eval.kl``)."""
+    return min(cfg.eval.kl_prompts or n_prompts, n_prompts) if cfg.eval.kl else 0
 
 
 def _strip(m: dict[str, Any]) -> None:

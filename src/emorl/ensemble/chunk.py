@@ -57,7 +57,7 @@ class DecodeSpec:
 
 def decode_chunk(stream: Stream, head: Head, bank: Any, spec: DecodeSpec, h0: torch.Tensor, state: dict[str, Any],
                  group0: torch.Tensor, w_pairs: torch.Tensor, streams: int, u: torch.Tensor | None,
-                 progress: Any = None, stats: dict[str, Any] | None = None
+                 progress: Any = None, stats: dict[str, Any] | None = None, score_pairs: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Decode n (point, prompt) pairs from a state of m row groups (streams*m rows, adapter-major; one row per group
     for params).
@@ -69,7 +69,9 @@ def decode_chunk(stream: Stream, head: Head, bank: Any, spec: DecodeSpec, h0: to
     which decodes one merged stream).
     ``group0`` (n,): each pair's initial group (its prompt's row of the prefill); ``w_pairs`` (n, K);
     ``u`` (n, T) uniforms for sampling or None for greedy. Returns token ids (n, T) padded, lengths (n,), and
-    the per-step mixed scores (n, T, V) if ``spec.output_scores``."""
+    the per-step mixed scores (n, T, V) if ``spec.output_scores`` — only of the pairs ``score_pairs`` (indices
+    into the n pairs, in that order: (len(score_pairs), T, V)) when given, so a caller that needs a few rows' scores
+    (the evaluation's KL) does not hold every row's."""
     n, t_max = w_pairs.shape[0], spec.max_new_tokens
     dev = h0.device
     params = spec.mode == "params"
@@ -77,6 +79,10 @@ def decode_chunk(stream: Stream, head: Head, bank: Any, spec: DecodeSpec, h0: to
     out = torch.full((n, t_max), spec.pad, dtype=torch.long, device=dev)
     lengths = torch.full((n,), t_max, dtype=torch.long, device=dev)
     scores_out = None
+    slot = None  # pair -> its row of scores_out (-1: not kept)
+    if spec.output_scores and score_pairs is not None:
+        slot = torch.full((n,), -1, dtype=torch.long, device=dev)
+        slot[score_pairs.to(dev)] = torch.arange(len(score_pairs), device=dev)
     procs = spec.processors(dev) if spec.rows is None else None
     eos = torch.tensor(spec.eos, dtype=torch.long, device=dev)
     grp = group0.clone()
@@ -90,8 +96,14 @@ def decode_chunk(stream: Stream, head: Head, bank: Any, spec: DecodeSpec, h0: to
         sc = mix_scores(spec.mode, h, width, g_act, w_pairs[act], head, spec.anchored)
         if spec.output_scores:
             if scores_out is None:
-                scores_out = torch.zeros(n, t_max, sc.shape[-1], dtype=torch.float32, device=dev)
-            scores_out[act, t] = sc
+                kept = n if slot is None else len(score_pairs)
+                scores_out = torch.zeros(kept, t_max, sc.shape[-1], dtype=torch.float32, device=dev)
+            if slot is None:
+                scores_out[act, t] = sc
+            else:
+                s_act = slot[act]
+                sel = s_act >= 0
+                scores_out[s_act[sel], t] = sc[sel]
         sc = procs(out[act, :t], sc) if procs is not None else spec.rows.warp(act, out[act, :t], sc)
         nxt = _choose(sc, None if u is None else u[act, t])
         out[act, t] = nxt

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -169,8 +170,8 @@ class EnsembleModel:
     def generate(self, prompts: list[str], weights: Any, mode: str = "hidden", *, max_new_tokens: int = 64,
                  min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None,
-                 include_stop: bool = False, anchor: str = "base", formatted: bool = False, output_scores: bool = False,
-                 memory_budget_gb: float | None = None, max_rows: int | None = None,
+                 include_stop: bool = False, anchor: str = "base", formatted: bool = False,
+                 output_scores: bool | int = False, memory_budget_gb: float | None = None, max_rows: int | None = None,
                  progress: bool = False) -> GenerationResult:
         """Decode ``prompts`` for one weight vector (K) or G weight points (G×K) in one call.
 
@@ -183,7 +184,9 @@ class EnsembleModel:
         ``temperature``/``top_k``/``top_p`` (transformers' warpers) and ``seed``. ``anchor`` is the weight rule
         (:func:`~emorl.ensemble.mixing.weight_rule`): ``"base"`` mixes each adapter's shift of the base at strength
         w_k (w = 0 decodes the base), ``"none"`` rescales every point to sum 1 (the convex mix; parameter average
-        for ``params``). Work is chunked so one chunk's
+        for ``params``). ``output_scores``: the per-step mixed scores before the warpers in
+        ``GenerationResult.scores`` (G, B, T, V); an int n keeps those of the first n prompts only ((G, n, T, V)),
+        decoding every prompt exactly as without it. Work is chunked so one chunk's
         KV cache fits ``memory_budget_gb`` (default: 4 GiB on CPU, half the free GPU memory) or ``max_rows``."""
         from emorl.data import encode_prompts, format_prompts
 
@@ -216,7 +219,8 @@ class EnsembleModel:
         streams = len(names)  # rows per row group: the used adapters, + the base stream when anchored (params: 1 row)
         trunk = self.trunk(names) if mode != "params" and streams > 1 else 0  # one stream: nothing to share
         spec = DecodeSpec(mode, max_new_tokens, min(min_new_tokens, max_new_tokens), do_sample, temperature, top_k,
-                          top_p, self.eos, self.pad, stop_criteria, output_scores, anchored)
+                          top_p, self.eos, self.pad, stop_criteria, bool(output_scores), anchored)
+        score_rows = n_prompts if output_scores is True or not output_scores else min(int(output_scores), n_prompts)
         u_all = None
         if do_sample:  # common random numbers: every point draws the same uniforms (paired comparisons)
             u_all = uniforms(0 if seed is None else int(seed), n_prompts, max_new_tokens, self.device).expand(
@@ -260,15 +264,17 @@ class EnsembleModel:
                 width = 1 if mode == "params" else streams  # backbone rows per pair
                 stats["rows_per_chunk"] = max(stats["rows_per_chunk"], len(g_idx) * width)
                 u = None if u_all is None else u_all[g_idx, b_idx]
-                toks, lens, scs = decode_chunk(self.stream, self.head, bank, spec, h0, state, group0, w_pairs, streams,
-                                               u, pbar, stats)
+                keep = torch.nonzero(b_idx < score_rows)[:, 0] if output_scores else None
+                chunk_spec = spec if keep is None or len(keep) else replace(spec, output_scores=False)
+                toks, lens, scs = decode_chunk(self.stream, self.head, bank, chunk_spec, h0, state, group0, w_pairs,
+                                               streams, u, pbar, stats, keep)
                 del state, h0
                 tok_out[g_idx, b_idx] = toks
                 len_out[g_idx, b_idx] = lens
                 if scs is not None:
                     if scores_out is None:
-                        scores_out = torch.zeros(n_points, n_prompts, max_new_tokens, scs.shape[-1])
-                    scores_out[g_idx.cpu(), b_idx.cpu()] = scs.cpu()
+                        scores_out = torch.zeros(n_points, score_rows, max_new_tokens, scs.shape[-1])
+                    scores_out[g_idx[keep].cpu(), b_idx[keep].cpu()] = scs.cpu()
         if pbar is not None:
             pbar.close()
         all_texts = [[reply_text(self.tokenizer, tok_out[g, b, : len_out[g, b]], stops, include_stop)

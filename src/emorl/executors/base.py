@@ -23,9 +23,10 @@ class TrainJob:
     objectives: tuple[str, ...]
 
 
-# (seed, replies, reply lengths in tokens, decode seconds, finish reasons "eos"/"stop"/"length") for one method and
-# seed (a decode without the fifth item stores no finish reasons)
-Decoded = tuple[int, list[str], list[int], float, list[str]]
+# (seed, replies, reply lengths in tokens, decode seconds, finish reasons "eos"/"stop"/"length", the first kl_rows
+# replies' KL to the base as an emorl.divergence.ReplyKL or None) for one method and seed (a decode without the fifth
+# item stores no finish reasons; without the sixth, no KL)
+Decoded = tuple[int, list[str], list[int], float, list[str], Any]
 
 
 class Executor(Protocol):
@@ -39,9 +40,10 @@ class Executor(Protocol):
                          ) -> Any:
         """A search objective (``objective(points) -> [Score]``, ``.degenerate()``) over the run's adapters."""
 
-    def decode_methods(self, specs: list[MethodSpec], prompts: list[str], seeds: list[int]
+    def decode_methods(self, specs: list[MethodSpec], prompts: list[str], seeds: list[int], kl_rows: int = 0
                        ) -> Iterator[tuple[MethodSpec, list[Decoded]]]:
-        """Each method's replies for every seed, method by method (in any order)."""
+        """Each method's replies for every seed, method by method (in any order); with ``kl_rows`` = n, the first
+        n replies' KL to the base from the same decode (:meth:`emorl.decoding.Decoder.decode_finish`)."""
 
     def close(self) -> None:
         """Release workers (and a Ray instance this executor started)."""

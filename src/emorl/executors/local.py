@@ -85,13 +85,13 @@ class LocalExecutor:
         sc = self.cfg.search
         return build_objective(self._ensemble, prompts, self.res.rewards, mode, sc, seeds)
 
-    def decode_methods(self, specs: list[Any], prompts: list[str], seeds: list[int]
+    def decode_methods(self, specs: list[Any], prompts: list[str], seeds: list[int], kl_rows: int = 0
                        ) -> Iterator[tuple[Any, list[Decoded]]]:
         from emorl.decoding import Decoder, decode_with
         from emorl.methods import any_adapter
 
         yield from decode_with(Decoder(self.res.base, self.cfg.eval.generation, any_adapter(self.run, specs)))(
-            specs, prompts, seeds)
+            specs, prompts, seeds, kl_rows)
 
     def close(self) -> None:
         self._ensemble = None

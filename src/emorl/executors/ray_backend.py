@@ -175,8 +175,8 @@ class Worker:
         s = self._objective(mode, names, prompts, seeds).degenerate()
         return s.aggregate, s.scores
 
-    def decode(self, spec: Any, prompts: list[str], seeds: list[int], run: str, any_adapter: dict[str, str] | None
-               ) -> tuple[Any, list[Decoded]]:
+    def decode(self, spec: Any, prompts: list[str], seeds: list[int], run: str, any_adapter: dict[str, str] | None,
+               kl_rows: int = 0) -> tuple[Any, list[Decoded]]:
         """One method's replies for every seed; the spec's adapter folders are mapped into this worker's copy."""
         import dataclasses
 
@@ -189,7 +189,7 @@ class Worker:
         decoder = Decoder(self.base, self.cfg.eval.generation,
                           {n: here(f) for n, f in any_adapter.items()} if any_adapter else None)
         decoder._ens = self._ensembles  # reuse loaded ensembles across methods
-        (_, out), = decode_with(decoder)([local], prompts, seeds)
+        (_, out), = decode_with(decoder)([local], prompts, seeds, kl_rows)
         return spec, out
 
     def close(self) -> None:
@@ -369,7 +369,7 @@ class RayExecutor:
                          ) -> Any:
         return RayObjective(self._pool(), mode, names, prompts, seeds)
 
-    def decode_methods(self, specs: list[Any], prompts: list[str], seeds: list[int]
+    def decode_methods(self, specs: list[Any], prompts: list[str], seeds: list[int], kl_rows: int = 0
                        ) -> Iterator[tuple[Any, list[Decoded]]]:
         from emorl.methods import any_adapter
 
@@ -377,7 +377,7 @@ class RayExecutor:
         workers = self._pool()
         anyad = any_adapter(self.run, specs)
         anyad_s = {n: str(f) for n, f in anyad.items()} if anyad else None
-        pending = [workers[i % len(workers)].decode.remote(s, prompts, seeds, str(self.run), anyad_s)
+        pending = [workers[i % len(workers)].decode.remote(s, prompts, seeds, str(self.run), anyad_s, kl_rows)
                    for i, s in enumerate(specs)]
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)

@@ -198,11 +198,13 @@ def estimate(plan: Plan, speed: Speed) -> None:
                   if method_kind(m)[0] in ("ensemble", "routed") else 1 for m in plan.methods]
         ev = cfg.eval
         scorers = n_obj + len(ev.judges)  # the held-out judges score every reply too (eval.judges)
-        sets = [n] + [int(x.get("prompts") or n) for x in ev.extra_sets.values()]  # the test split, eval.extra_sets
-        kl_n = min(ev.kl_prompts or n, n) if ev.kl else 0  # eval.kl: a re-decode (+ the base's forward) per method
-        s.estimate_s = seeds * sum(sum(mix(1, m, w, True, g.max_new_tokens) + m * speed.reward_s * scorers
-                                       for m in sets) + (mix(1, kl_n, w + 1, True, g.max_new_tokens) if kl_n else 0.0)
-                                   for w in widths)
+        # the test split, then each of eval.extra_sets that decodes the method (a set's `methods`, or all)
+        sets = {m: [n] + [int(x.get("prompts") or n) for x in ev.extra_sets.values()
+                          if not x.get("methods") or m in x["methods"]] for m in plan.methods}
+        kl_n = min(ev.kl_prompts or n, n) if ev.kl else 0  # eval.kl: the base's forward over kl_n replies per method
+        s.estimate_s = seeds * sum(sum(mix(1, k, w, True, g.max_new_tokens) + k * speed.reward_s * scorers
+                                       for k in sets[m]) + kl_n * speed.reward_s
+                                   for m, w in zip(plan.methods, widths, strict=True))
     for s in plan.todo("front"):
         from emorl.methods import decode_seeds
 
