@@ -131,6 +131,7 @@ def test_evaluation_measures_kl_in_its_own_decode(tmp_path, tiny_base, monkeypat
     carry the KL a separate re-decode (method_kl) measures on them."""
     cfg, run = make_run(tmp_path, tiny_base)
     cfg.eval.kl, cfg.eval.kl_prompts = True, 2
+    cfg.eval.judges = {"brief": {"type": "length", "target": 3}}  # the judges re-summarise after the decode
     calls = []
     real = Decoder.result
     monkeypatch.setattr(Decoder, "result", lambda self, spec, *a, **k: calls.append(spec.name) or real(self, spec,
@@ -148,6 +149,8 @@ def test_evaluation_measures_kl_in_its_own_decode(tmp_path, tiny_base, monkeypat
         assert same == 2
         np.testing.assert_allclose([r["kl"] for r in rows[:2]], want, rtol=1e-4, atol=1e-6)
         assert res["methods"][name]["kl_reproduced"] == [2, 2]
+        lo, hi = res["methods"][name]["summary"]["kl_per_token"]["ci95"]  # the CI survives the judges' summary
+        assert lo <= res["methods"][name]["summary"]["kl_per_token"]["mean"] <= hi
         assert res["methods"][name]["summary"]["kl_per_token"]["mean"] == pytest.approx(float(np.mean(want)),
                                                                                        rel=1e-4, abs=1e-6)
 

@@ -105,6 +105,12 @@ def add_kl(run: str | Path, results: dict[str, Any], cfg: RunConfig, specs: Sequ
         if same < len(values):  # eval.kl_prompts: only the first few replies per seed are re-decoded
             log.warning("%s: the re-decode reproduced %d of the %d re-decoded replies; the KL is that of the "
                         "re-decoded replies", name, same, len(values))
+    for name, m in methods.items():  # measured earlier (the evaluation's own decode): a summary rebuilt since (the
+        # judges re-summarise) gets the KL's CI back from the reply rows
+        kl_sum = m.get("summary", {}).get("kl_per_token")
+        if name not in todo and not m.get("same_as") and kl_sum is not None and "ci95" not in kl_sum:
+            rows = read_jsonl(run / "eval" / "replies" / f"{name}.jsonl")
+            record_kl(m, rows, cfg, (m.get("kl_reproduced") or [None])[0])
     for m in methods.values():
         twin = m.get("same_as")
         if twin and twin in methods and "kl_signature" in methods[twin]:
