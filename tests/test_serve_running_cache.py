@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache
 
-from emorl.serve.batch import KV_BLOCK, GrowingLayer, RunningCache
+from emorl.serve.batch import KV_BLOCK, PAD_ALIGN, GrowingLayer, RunningBatch, RunningCache, Seq
 
 
 def _kv(rows: int, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,3 +39,48 @@ def test_keys_set_from_outside_are_taken_over() -> None:
     keys, values = cache.update(k2, v2, 0)
     assert torch.equal(keys, torch.cat([k[:2], k2], dim=2)) and torch.equal(values, torch.cat([v[:2], v2], dim=2))
     assert keys.shape == (2, 2, 7, 4) and layer._kbuf.shape[0] == 2
+
+
+def _batch(rows: list[int], length: int, pad: list[int], seed: int) -> RunningBatch:
+    """A running batch of replies with ``rows[i]`` rows each, ``length`` positions, reply i's rows left-padded by
+    ``pad[i]`` (two layers of random keys and values)."""
+    seqs = [Seq(None, 0, None, "hidden", torch.zeros(r, 2), torch.ones(r), None) for r in rows]
+    n = sum(rows)
+    cache = RunningCache()
+    for li in range(2):
+        cache.update(*_kv(n, length, seed + li), li)
+    mask = torch.ones(n, length, dtype=torch.long)
+    r0 = 0
+    for r, p in zip(rows, pad, strict=True):
+        mask[r0:r0 + r, :p] = 0
+        r0 += r
+    return RunningBatch(seqs, cache, mask, torch.arange(n), torch.zeros(n, 2), torch.zeros(n, 8))
+
+
+def test_join_and_retire_copy_each_layer_once_and_release_the_old() -> None:
+    """concatenate = the two caches left-padded to one length and stacked; filter = the kept rows without the left
+    padding they all have (whole PAD_ALIGN blocks). Both write into buffers with a block of room (the next step
+    writes in place) and release the consumed batches' layers as they go (the flood's peak memory)."""
+    a, b = _batch([2, 1], 5, [0, 1], 0), _batch([1], 8, [2], 10)
+    want = [(torch.cat([torch.cat([torch.zeros(3, 2, 3, 4), la.keys], 2), lb.keys]),
+             torch.cat([torch.cat([torch.zeros(3, 2, 3, 4), la.values], 2), lb.values]))
+            for la, lb in zip(a.cache.layers, b.cache.layers, strict=True)]
+    want_mask = torch.cat([torch.cat([torch.zeros(3, 3, dtype=torch.long), a.mask], 1), b.mask])
+    joined = a.concatenate(b)
+    assert torch.equal(joined.mask, want_mask) and joined.n_rows == 4
+    for layer, (k, v) in zip(joined.cache.layers, want, strict=True):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+        assert layer._owns_keys() and layer._kbuf.shape[2] == 8 + KV_BLOCK
+    assert all(la.keys is None and la._kbuf is None for la in a.cache.layers + b.cache.layers)  # released
+    ptr = joined.cache.layers[0]._kbuf.data_ptr()
+    joined.cache.update(*_kv(4, 1, 99), 0)  # a decode step: in place
+    assert joined.cache.layers[0]._kbuf.data_ptr() == ptr and joined.cache.layers[0].keys.shape[2] == 9
+
+    wide = _batch([1, 2, 1], PAD_ALIGN + 4, [PAD_ALIGN + 1, PAD_ALIGN + 2, 0], 20)  # reply 2 retires
+    keys = [layer.keys.clone() for layer in wide.cache.layers]
+    kept = wide.filter([wide.seqs[0], wide.seqs[1]])
+    assert kept is not None and kept.n_rows == 3 and kept.length == 4  # one whole block of padding trimmed
+    for layer, k in zip(kept.cache.layers, keys, strict=True):
+        assert torch.equal(layer.keys, k[:3, :, PAD_ALIGN:]) and layer._owns_keys()
+    assert all(layer.keys is None for layer in wide.cache.layers)
+    assert torch.equal(kept.mask, torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]]))

@@ -57,6 +57,25 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
 
+    def adopt(self, kbuf: torch.Tensor, vbuf: torch.Tensor, n: int) -> None:
+        """Take buffers the caller filled (positions [0, n), room after): the next update writes in place."""
+        self._kbuf, self._vbuf = kbuf, vbuf
+        self.keys, self.values = kbuf[:, :, :n], vbuf[:, :, :n]
+        self.device = kbuf.device
+        self.is_initialized = True
+
+    def release(self) -> None:
+        """Drop this layer's tensors (its batch is being replaced): a join or retire then holds one layer of the old
+        cache at a time beside the new one, not all of it (the flood's peak memory, bench/RESULTS.md)."""
+        self.keys = self.values = self._kbuf = self._vbuf = None
+
+
+def _room_like(t: torch.Tensor, rows: int, length: int) -> torch.Tensor:
+    """A zeroed (rows, heads, length + KV_BLOCK, head_dim) buffer like ``t``: a joined or filtered layer's keys or
+    values with a block of room, so the steps after it write in place."""
+    return t.new_zeros((rows, t.shape[1], length + KV_BLOCK, t.shape[3]))
+
+
 class RunningCache(DynamicCache):
     """The running batch's KV cache: a ``DynamicCache`` of :class:`GrowingLayer` s (the model's own attention code
     reads it as any dynamic cache)."""
@@ -128,47 +147,69 @@ class RunningBatch:
             o += s.rows
         return out
 
-    def select_seqs(self, keep: list[int]) -> RunningBatch:
+    def select_seqs(self, keep: list[int], *, cut: int = 0, consume: bool = False) -> RunningBatch:
         """A batch of replies ``keep`` (indices into ``seqs``, any order, repeats allowed: n > 1 choices fork one
-        prefill), sharing nothing with this one."""
+        prefill), sharing nothing with this one, without its first ``cut`` positions (left padding every kept row
+        has). ``consume``: this batch is being replaced, so each layer is released once copied (the copy's peak is
+        the new cache and one old layer, not both caches)."""
         offs = self.offsets()
         idx = torch.tensor([offs[i] + r for i in keep for r in range(self.seqs[i].rows)], dtype=torch.long,
                            device=self.mask.device)
-        cache = type(self.cache)()
-        for li, layer in enumerate(_layers(self.cache)):
-            cache.update(layer.keys.index_select(0, idx), layer.values.index_select(0, idx), li)
-        return RunningBatch([self.seqs[i] for i in keep], cache, self.mask.index_select(0, idx),
+        cache = RunningCache()
+        n = self.length - cut
+        for layer in _layers(self.cache):
+            kb, vb = _room_like(layer.keys, len(idx), n), _room_like(layer.values, len(idx), n)
+            kb[:, :, :n].copy_(layer.keys[:, :, cut:].index_select(0, idx))
+            vb[:, :, :n].copy_(layer.values[:, :, cut:].index_select(0, idx))
+            new = GrowingLayer()
+            new.adopt(kb, vb, n)
+            cache.layers.append(new)
+            if consume:
+                _release(layer)
+        return RunningBatch([self.seqs[i] for i in keep], cache, self.mask[:, cut:].index_select(0, idx),
                             self.pos.index_select(0, idx), self.coef.index_select(0, idx), self.h.index_select(0, idx))
 
     def filter(self, alive: list[Seq]) -> RunningBatch | None:
         """TGI's ``filter``: keep the rows of ``alive`` replies; trim left padding no row needs any more (in whole
-        :data:`PAD_ALIGN` blocks). None when nothing is left."""
+        :data:`PAD_ALIGN` blocks). None when nothing is left. This batch is consumed when a new one is made."""
         keep = [i for i, s in enumerate(self.seqs) if any(s is a for a in alive)]
         if not keep:
             return None
         if len(keep) == len(self.seqs):
             return self
-        out = self.select_seqs(keep)
-        free = int((out.mask.cumsum(1) == 0).sum(1).min())  # leading columns masked in every row
-        cut = free - free % PAD_ALIGN
-        if cut > 0:
-            out.mask = out.mask[:, cut:]
-            for layer in _layers(out.cache):
-                layer.keys, layer.values = layer.keys[:, :, cut:].contiguous(), layer.values[:, :, cut:].contiguous()
-        return out
+        offs = self.offsets()
+        rows = torch.tensor([offs[i] + r for i in keep for r in range(self.seqs[i].rows)], dtype=torch.long,
+                            device=self.mask.device)
+        free = int((self.mask.index_select(0, rows).cumsum(1) == 0).sum(1).min())  # leading columns masked in every
+        return self.select_seqs(keep, cut=free - free % PAD_ALIGN, consume=True)  # kept row, in whole blocks
 
     def concatenate(self, other: RunningBatch) -> RunningBatch:
-        """TGI's ``concatenate``: one batch of both, the shorter one's KV and mask left-padded to the longer."""
+        """TGI's ``concatenate``: one batch of both, the shorter one's KV and mask left-padded to the longer. Both
+        batches are consumed: each layer is copied into the joined buffer (with a block of room) and released."""
         length = max(self.length, other.length)
-        parts = [(b, length - b.length) for b in (self, other)]
-        cache = type(self.cache)()
-        for li, (la, lb) in enumerate(zip(_layers(self.cache), _layers(other.cache), strict=True)):
-            k = torch.cat([_pad_left(la.keys, parts[0][1], 2), _pad_left(lb.keys, parts[1][1], 2)])
-            v = torch.cat([_pad_left(la.values, parts[0][1], 2), _pad_left(lb.values, parts[1][1], 2)])
-            cache.update(k, v, li)
-        mask = torch.cat([_pad_left(b.mask, e, 1) for b, e in parts])
+        ra = self.n_rows
+        cache = RunningCache()
+        for la, lb in zip(_layers(self.cache), _layers(other.cache), strict=True):
+            kb, vb = _room_like(la.keys, ra + other.n_rows, length), _room_like(la.values, ra + other.n_rows, length)
+            for buf, a, b in ((kb, la.keys, lb.keys), (vb, la.values, lb.values)):
+                buf[:ra, :, length - a.shape[2]:length].copy_(a)
+                buf[ra:, :, length - b.shape[2]:length].copy_(b)
+            new = GrowingLayer()
+            new.adopt(kb, vb, length)
+            cache.layers.append(new)
+            _release(la)
+            _release(lb)
+        mask = torch.cat([_pad_left(b.mask, length - b.length, 1) for b in (self, other)])
         return RunningBatch(self.seqs + other.seqs, cache, mask, torch.cat([self.pos, other.pos]),
                             torch.cat([self.coef, other.coef]), torch.cat([self.h, other.h]))
+
+
+def _release(layer: Any) -> None:
+    """Free a consumed layer's tensors (a GrowingLayer's buffers too)."""
+    if isinstance(layer, GrowingLayer):
+        layer.release()
+    else:
+        layer.keys = layer.values = None
 
 
 def kv_bytes_per_row_token(model_config: Any, dtype: torch.dtype) -> int:

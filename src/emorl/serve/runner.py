@@ -107,7 +107,7 @@ class Runner:
         assert pf.h is not None
         pre = RunningBatch(firsts, pf.cache, pf.mask, position_ids(pf.mask)[:, -1] + 1,
                            torch.cat([s.coef for s in firsts]), pf.h)
-        out = pre.select_seqs(pf.fork)
+        out = pre.select_seqs(pf.fork, consume=True)
         out.seqs = list(pf.seqs)
         return out
 
