@@ -30,6 +30,9 @@ OVERRIDES = [f"objectives.{o}.{k}" for o, fn in (("reflection", "vowels"), ("emp
 OVERRIDES += ["search.generation.do_sample=true", "eval.generation.do_sample=true"]  # greedy: special tokens only
 
 
+KL = ("eval.kl=true", "eval.kl_prompts=4")  # the KL comes from each executor's own decode (kl_rows)
+
+
 def tiny(*extra: str):
     return load_config("tiny", [*OVERRIDES, *extra])
 
@@ -92,8 +95,8 @@ def method_scores(run: Path) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def local_and_ray(ray_instance, tmp_path_factory):
     root = tmp_path_factory.mktemp("executors")
-    run_pipeline(tiny(), root / "local", progress=False)
-    run_pipeline(tiny("executor.kind=ray"), root / "ray", progress=False)
+    run_pipeline(tiny(*KL), root / "local", progress=False)
+    run_pipeline(tiny("executor.kind=ray", *KL), root / "ray", progress=False)
     return root / "local", root / "ray"
 
 
@@ -149,6 +152,7 @@ def test_ray_gives_the_same_adapters_and_scores_as_local(local_and_ray):
         assert a["weights"] == b["weights"] and a["aggregate"] == b["aggregate"], mode
     scores = method_scores(local)
     assert scores == method_scores(ray_run)
+    assert all("kl_per_token" in m for m in scores.values())  # measured on the Ray workers' decode too
     assert len({round(m["mean_reward"]["mean"], 6) for m in scores.values()}) > 2, "the methods should differ"
     assert not (ray_run / "checkpoints").exists() or not any((ray_run / "checkpoints").iterdir())
 
@@ -190,7 +194,7 @@ def test_a_killed_driver_is_completed_by_resume(local_and_ray, tmp_path, caplog)
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     env = {**os.environ, **ray_env(tmp), "EMORL_TOY_REWARD_SLEEP": "0.5"}  # slower steps: a window to kill in
     cmd = [sys.executable, "-m", "emorl.cli", "run", "--preset", "tiny", "--output", str(run), "--executor", "ray",
-           "--no-progress", "--threads", "1", *OVERRIDES]
+           "--no-progress", "--threads", "1", *OVERRIDES, *KL]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
 
@@ -215,7 +219,7 @@ def test_a_killed_driver_is_completed_by_resume(local_and_ray, tmp_path, caplog)
     done = {p: p.read_bytes() for f in finished() for p in sorted(f.rglob("*")) if p.is_file()}
     assert done
     with caplog.at_level(logging.INFO, logger="emorl.ray"):
-        run_pipeline(tiny("executor.kind=ray"), run, resume=True, progress=False)
+        run_pipeline(tiny("executor.kind=ray", *KL), run, resume=True, progress=False)
     assert "resuming from" in caplog.text, "the interrupted job did not continue from its mirrored checkpoint"
     # byte-identical: not trained again (emorl.json records each training's wall time)
     assert {p: p.read_bytes() for p in done} == done
