@@ -14,8 +14,9 @@ from test_evaluate import make_run
 
 from emorl.config import GenerationConfig
 from emorl.decoding import Decoder
+from emorl.divergence import base_logits, token_kl
 from emorl.evaluate import evaluate_run, resolve_methods
-from emorl.kl import base_logits, method_kl, token_kl
+from emorl.kl import method_kl
 
 PROMPTS = ["I lost my job today.", "My sister stopped calling me.", "I can't sleep before exams."]
 

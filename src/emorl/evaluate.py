@@ -146,7 +146,7 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
         todo = [with_routes(s, prompts, base) for s in todo]
         same = same_as_hidden(todo, base)  # logits mixing that would repeat EMORL's decode token for token
         todo = [s for s in todo if s.name not in same]
-        from emorl.kl import kl_rows, record_kl
+        from emorl.kl import kl_rows, kl_signature
 
         n_kl = kl_rows(cfg, len(prompts))  # eval.kl: measured on the evaluation's own decode, not a second one
         with Progress(progress).run() as bars:
@@ -156,7 +156,7 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
                 bars.update("evaluate", done, s.name)
                 reply_file = run / "eval" / "replies" / f"{s.name}.jsonl"
                 reply_file.unlink(missing_ok=True)
-                per_seed, samples, all_rows = [], [], []
+                per_seed, samples = [], []
                 for seed, texts, lengths, seconds, *more in decoded:  # more: how each reply ended, the KL
                     scores = {o: _score(rewards[o], prompts, texts) for o in objectives}
                     m, rows = scored_seed(seed, prompts, texts, lengths, seconds, scores, more[0] if more else None)
@@ -166,7 +166,6 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
                             row["kl"] = v
                         m["kl_per_token"] = float(np.mean(kl.values))
                     per_seed.append(m)
-                    all_rows += rows
                     for row in rows:
                         append_jsonl(reply_file, row)
                     if not samples:
@@ -180,8 +179,9 @@ def evaluate_run(run_dir: str | Path, cfg: RunConfig | None = None, methods: Seq
                     "per_seed": per_seed, "summary": summarise([{k: v for k, v in d.items() if k != "seed"}
                                                                 for d in per_seed]),
                     "training": training_cost(s), "search": search_cost(s), "samples": samples}
-                if n_kl and all("kl_per_token" in d for d in per_seed):
-                    record_kl(results["methods"][s.name], all_rows, cfg)
+                if n_kl and all("kl_per_token" in d for d in per_seed):  # measured: add_kl adds its CI, no re-decode
+                    m_res = results["methods"][s.name]
+                    m_res["kl_signature"] = kl_signature(m_res, cfg.eval.kl_prompts)
                 _write(run, results, order)  # a finished method survives an interrupted evaluation
             bars.update("evaluate", done, "done")
         for name, twin in same.items():

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from emorl.config import GenerationConfig, RunConfig
-from emorl.divergence import base_logits, reference_logprobs, reply_kl, sampled_logprobs, token_kl  # noqa: F401
+from emorl.divergence import reply_kl
 from emorl.metrics import summarise
 from emorl.stats import bootstrap_ci
 from emorl.utils import atomic_write_text
@@ -105,8 +105,8 @@ def add_kl(run: str | Path, results: dict[str, Any], cfg: RunConfig, specs: Sequ
         if same < len(values):  # eval.kl_prompts: only the first few replies per seed are re-decoded
             log.warning("%s: the re-decode reproduced %d of the %d re-decoded replies; the KL is that of the "
                         "re-decoded replies", name, same, len(values))
-    for name, m in methods.items():  # measured earlier (the evaluation's own decode): a summary rebuilt since (the
-        # judges re-summarise) gets the KL's CI back from the reply rows
+    for name, m in methods.items():  # measured in the evaluation's own decode, or a summary the judges rebuilt since:
+        # the KL's CI (and kl_reproduced) from the reply rows
         kl_sum = m.get("summary", {}).get("kl_per_token")
         if name not in todo and not m.get("same_as") and kl_sum is not None and "ci95" not in kl_sum:
             rows = read_jsonl(run / "eval" / "replies" / f"{name}.jsonl")
@@ -123,7 +123,8 @@ def record_kl(m: dict[str, Any], rows: list[dict[str, Any]], cfg: RunConfig, rep
               ) -> list[float]:
     """A method's KL fields once its reply ``rows`` carry ``"kl"`` and its per-seed metrics ``kl_per_token``: the
     summary with the KL's CI, ``kl_reproduced`` (replies the KL was measured on that are the evaluated ones; all of
-    them when measured in the evaluation's own decode) and ``kl_signature``. Returns the reply values."""
+    them when measured in the evaluation's own decode) and ``kl_signature``. Returns the reply values. Called by
+    :func:`add_kl` only, after the judges (which rebuild the summary)."""
     m["summary"] = summarise([{k: v for k, v in d.items() if k != "seed"} for d in m["per_seed"]])
     values = [r["kl"] for r in rows if "kl" in r]
     m["summary"]["kl_per_token"]["ci95"] = bootstrap_ci(values)  # prompts resampled (one seed: one unit each)

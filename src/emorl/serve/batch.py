@@ -56,7 +56,6 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self._kbuf[:, :, :n + t], self._vbuf[:, :, :n + t]
         return self.keys, self.values
 
-
     def adopt(self, kbuf: torch.Tensor, vbuf: torch.Tensor, n: int) -> None:
         """Take buffers the caller filled (positions [0, n), room after): the next update writes in place."""
         self._kbuf, self._vbuf = kbuf, vbuf
@@ -71,9 +70,11 @@ class GrowingLayer(DynamicLayer):
 
 
 def _room_like(t: torch.Tensor, rows: int, length: int) -> torch.Tensor:
-    """A zeroed (rows, heads, length + KV_BLOCK, head_dim) buffer like ``t``: a joined or filtered layer's keys or
-    values with a block of room, so the steps after it write in place."""
-    return t.new_zeros((rows, t.shape[1], length + KV_BLOCK, t.shape[3]))
+    """An uninitialised (rows, heads, length + KV_BLOCK, head_dim) buffer like ``t``: a joined or filtered layer's
+    keys or values with a block of room, so the steps after it write in place. The caller fills positions
+    [0, length) (left padding with zeros: a masked position must not hold NaN); the room is written before it is
+    read."""
+    return t.new_empty((rows, t.shape[1], length + KV_BLOCK, t.shape[3]))
 
 
 class RunningCache(DynamicCache):
@@ -147,14 +148,18 @@ class RunningBatch:
             o += s.rows
         return out
 
+    def row_index(self, keep: list[int]) -> torch.Tensor:
+        """The backbone rows of replies ``keep`` (indices into ``seqs``), in that order."""
+        offs = self.offsets()
+        return torch.tensor([offs[i] + r for i in keep for r in range(self.seqs[i].rows)], dtype=torch.long,
+                            device=self.mask.device)
+
     def select_seqs(self, keep: list[int], *, cut: int = 0, consume: bool = False) -> RunningBatch:
         """A batch of replies ``keep`` (indices into ``seqs``, any order, repeats allowed: n > 1 choices fork one
         prefill), sharing nothing with this one, without its first ``cut`` positions (left padding every kept row
         has). ``consume``: this batch is being replaced, so each layer is released once copied (the copy's peak is
         the new cache and one old layer, not both caches)."""
-        offs = self.offsets()
-        idx = torch.tensor([offs[i] + r for i in keep for r in range(self.seqs[i].rows)], dtype=torch.long,
-                           device=self.mask.device)
+        idx = self.row_index(keep)
         cache = RunningCache()
         n = self.length - cut
         for layer in _layers(self.cache):
@@ -177,11 +182,9 @@ class RunningBatch:
             return None
         if len(keep) == len(self.seqs):
             return self
-        offs = self.offsets()
-        rows = torch.tensor([offs[i] + r for i in keep for r in range(self.seqs[i].rows)], dtype=torch.long,
-                            device=self.mask.device)
-        free = int((self.mask.index_select(0, rows).cumsum(1) == 0).sum(1).min())  # leading columns masked in every
-        return self.select_seqs(keep, cut=free - free % PAD_ALIGN, consume=True)  # kept row, in whole blocks
+        masked = self.mask.index_select(0, self.row_index(keep)).cumsum(1) == 0
+        free = int(masked.sum(1).min())  # leading columns masked in every kept row: trimmed in whole blocks
+        return self.select_seqs(keep, cut=free - free % PAD_ALIGN, consume=True)
 
     def concatenate(self, other: RunningBatch) -> RunningBatch:
         """TGI's ``concatenate``: one batch of both, the shorter one's KV and mask left-padded to the longer. Both
@@ -192,8 +195,10 @@ class RunningBatch:
         for la, lb in zip(_layers(self.cache), _layers(other.cache), strict=True):
             kb, vb = _room_like(la.keys, ra + other.n_rows, length), _room_like(la.values, ra + other.n_rows, length)
             for buf, a, b in ((kb, la.keys, lb.keys), (vb, la.values, lb.values)):
-                buf[:ra, :, length - a.shape[2]:length].copy_(a)
-                buf[ra:, :, length - b.shape[2]:length].copy_(b)
+                for part, src in ((buf[:ra], a), (buf[ra:], b)):
+                    pad = length - src.shape[2]
+                    part[:, :, :pad].zero_()
+                    part[:, :, pad:length].copy_(src)
             new = GrowingLayer()
             new.adopt(kb, vb, length)
             cache.layers.append(new)
