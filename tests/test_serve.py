@@ -37,12 +37,14 @@ STATEMENT = "I lost my job today."
 KEY = "test-key-123"
 
 
-def make_run(root: Path) -> Path:
-    """A run folder as training and search leave it: config, 3 adapters, a uniform baseline, a hidden search."""
+def make_run(root: Path, layers: str = "all") -> Path:
+    """A run folder as training and search leave it: config, 3 adapters, a uniform baseline, a hidden search;
+    ``layers``: the adapters' ``lora.layers``."""
     from emorl.search.store import adapter_identity
 
     run = root / "run"
     cfg = load_config("tiny")
+    cfg.lora.layers = layers
     cfg.objectives = {k: dict(v) for k, v in OBJECTIVES.items()}
     cfg.eval.generation.max_new_tokens = 8
     cfg.save(run / "config.yaml")

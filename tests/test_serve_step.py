@@ -156,7 +156,11 @@ def test_requests_joining_and_leaving_mid_batch_get_their_lone_replies(served: d
     """Requests admitted while others decode, and others retired around them, reproduce `generate` for each
     request alone (float32, CPU): modes hidden (anchored and convex), logits, probs, params, a single adapter and
     the base, greedy and sampled."""
-    engine = served["engine"]
+    joining_and_leaving(served["engine"])
+
+
+def joining_and_leaving(engine: Engine) -> None:
+    """The check of the test above on any engine (tests/test_serve_trunk.py runs it with a shared trunk)."""
     ens = engine.ens
     specs = [  # name, statement, weights, batch key, generate's (mode, anchor), settings
         ("a", STATEMENT, [0.8, 0.5, 0.1], "hidden+base", ("hidden", "base"), dict(max_new_tokens=30)),

@@ -83,26 +83,33 @@ class FanOut:
     """Forward pre-hooks on the decoder layers from the first adapted one up: the trunk below ran on one row per
     group (m rows); there every batch tensor argument (hidden states, masks, rotary tables, T5's position biases
     and encoder states) becomes ``streams`` copies, stream-major (row j*m + g is stream j of group g: the LoRA bank's
-    layout). Arguments already streams*m rows (set by a layer above the first) pass unchanged."""
+    layout). Arguments already streams*m rows (set by a layer above the first) pass unchanged. With ``index`` (the
+    serving runner's rows: row r is a copy of group ``index[r]``, any number of rows per group) the rows are
+    ``x[index]`` instead, and above the first layer only the tensors expanded at the first are expanded again."""
 
-    def __init__(self, layers: Any, streams: int, m: int) -> None:
+    def __init__(self, layers: Any, streams: int, m: int, index: torch.Tensor | None = None) -> None:
         self.layers, self.streams, self.m = list(layers), streams, m
+        self.index = index
         self.handles: list[Any] = []
         self.memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # one expansion per tensor per forward
 
-    def _expand(self, x: Any) -> Any:
+    def _expand(self, x: Any, first: bool) -> Any:
         if isinstance(x, tuple):
-            return tuple(self._expand(v) for v in x)
+            return tuple(self._expand(v, first) for v in x)
         if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] != self.m:
             return x
         hit = self.memo.get(id(x))
-        if hit is None or hit[0] is not x:
-            hit = (x, x.repeat(self.streams, *([1] * (x.ndim - 1))))
-            self.memo[id(x)] = hit
-        return hit[1]
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        if self.index is not None and not first:  # above the first layer only the tensors expanded there (the
+            return x  # shared masks and rotary tables): a layer's own output may have m rows by coincidence
+        out = x.repeat(self.streams, *([1] * (x.ndim - 1))) if self.index is None else x.index_select(0, self.index)
+        self.memo[id(x)] = (x, out)
+        return out
 
     def _hook(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        return tuple(self._expand(a) for a in args), {key: self._expand(v) for key, v in kwargs.items()}
+        first = module is self.layers[0]
+        return tuple(self._expand(a, first) for a in args), {key: self._expand(v, first) for key, v in kwargs.items()}
 
     def __enter__(self) -> FanOut:
         self.handles = [layer.register_forward_pre_hook(self._hook, with_kwargs=True) for layer in self.layers]

@@ -8,6 +8,10 @@ LoRA coefficients, last hidden states) with :meth:`~RunningBatch.filter` (retire
 the next step) and :meth:`~RunningBatch.concatenate` (join a freshly prefilled batch, KV left-padded to a common
 length). Why not paged KV: on a CPU with tens of rows the copy on join/retire is small next to the forward, and a
 padded cache keeps the model's own attention code (``research/serving-anchors.md``: TGI's 2023 design).
+
+With a shared trunk (``trunk`` = L > 0: no loaded adapter has a LoRA layer below decoder layer L, issue 24) a
+reply's rows are identical below layer L, so the cache of those layers holds ONE row per reply (its *group*, the
+reply's index in ``seqs``) and the layers above one per row; every method here indexes each layer by its own rows.
 """
 
 from __future__ import annotations
@@ -132,6 +136,7 @@ class RunningBatch:
     pos: torch.Tensor  # (rows,) position of the next token
     coef: torch.Tensor  # (rows, K_all) LoRA coefficients
     h: torch.Tensor  # (rows, H) last hidden states
+    trunk: int = 0  # KV layers [0, trunk) hold one row per reply (a shared trunk), the others one per row
 
     @property
     def length(self) -> int:
@@ -148,6 +153,15 @@ class RunningBatch:
             o += s.rows
         return out
 
+    def group_index(self) -> torch.Tensor:
+        """For every backbone row, its reply's index in ``seqs`` (the trunk row it fans out from)."""
+        return torch.tensor([i for i, s in enumerate(self.seqs) for _ in range(s.rows)], dtype=torch.long,
+                            device=self.mask.device)
+
+    def first_rows(self) -> torch.Tensor:
+        """Each reply's first backbone row (its mask and position stand for the reply's trunk row)."""
+        return torch.tensor(self.offsets(), dtype=torch.long, device=self.mask.device)
+
     def row_index(self, keep: list[int]) -> torch.Tensor:
         """The backbone rows of replies ``keep`` (indices into ``seqs``), in that order."""
         offs = self.offsets()
@@ -160,19 +174,22 @@ class RunningBatch:
         has). ``consume``: this batch is being replaced, so each layer is released once copied (the copy's peak is
         the new cache and one old layer, not both caches)."""
         idx = self.row_index(keep)
+        groups = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         cache = RunningCache()
         n = self.length - cut
-        for layer in _layers(self.cache):
-            kb, vb = _room_like(layer.keys, len(idx), n), _room_like(layer.values, len(idx), n)
-            kb[:, :, :n].copy_(layer.keys[:, :, cut:].index_select(0, idx))
-            vb[:, :, :n].copy_(layer.values[:, :, cut:].index_select(0, idx))
+        for li, layer in enumerate(_layers(self.cache)):
+            rows = groups if li < self.trunk else idx
+            kb, vb = _room_like(layer.keys, len(rows), n), _room_like(layer.values, len(rows), n)
+            kb[:, :, :n].copy_(layer.keys[:, :, cut:].index_select(0, rows))
+            vb[:, :, :n].copy_(layer.values[:, :, cut:].index_select(0, rows))
             new = GrowingLayer()
             new.adopt(kb, vb, n)
             cache.layers.append(new)
             if consume:
                 _release(layer)
         return RunningBatch([self.seqs[i] for i in keep], cache, self.mask[:, cut:].index_select(0, idx),
-                            self.pos.index_select(0, idx), self.coef.index_select(0, idx), self.h.index_select(0, idx))
+                            self.pos.index_select(0, idx), self.coef.index_select(0, idx), self.h.index_select(0, idx),
+                            self.trunk)
 
     def filter(self, alive: list[Seq]) -> RunningBatch | None:
         """TGI's ``filter``: keep the rows of ``alive`` replies; trim left padding no row needs any more (in whole
@@ -189,11 +206,13 @@ class RunningBatch:
     def concatenate(self, other: RunningBatch) -> RunningBatch:
         """TGI's ``concatenate``: one batch of both, the shorter one's KV and mask left-padded to the longer. Both
         batches are consumed: each layer is copied into the joined buffer (with a block of room) and released."""
+        if self.trunk != other.trunk:
+            raise ValueError(f"cannot join batches with different shared trunks ({self.trunk} vs {other.trunk})")
         length = max(self.length, other.length)
-        ra = self.n_rows
         cache = RunningCache()
         for la, lb in zip(_layers(self.cache), _layers(other.cache), strict=True):
-            kb, vb = _room_like(la.keys, ra + other.n_rows, length), _room_like(la.values, ra + other.n_rows, length)
+            ra, rows = la.keys.shape[0], la.keys.shape[0] + lb.keys.shape[0]  # a trunk layer: one row per reply
+            kb, vb = _room_like(la.keys, rows, length), _room_like(la.values, rows, length)
             for buf, a, b in ((kb, la.keys, lb.keys), (vb, la.values, lb.values)):
                 for part, src in ((buf[:ra], a), (buf[ra:], b)):
                     pad = length - src.shape[2]
@@ -206,7 +225,7 @@ class RunningBatch:
             _release(lb)
         mask = torch.cat([_pad_left(b.mask, length - b.length, 1) for b in (self, other)])
         return RunningBatch(self.seqs + other.seqs, cache, mask, torch.cat([self.pos, other.pos]),
-                            torch.cat([self.coef, other.coef]), torch.cat([self.h, other.h]))
+                            torch.cat([self.coef, other.coef]), torch.cat([self.h, other.h]), self.trunk)
 
 
 def _release(layer: Any) -> None:

@@ -255,7 +255,7 @@ class Engine:
         cannot fit the KV budget even alone (step scheduler)."""
         step = getattr(self, "_step", None)
         if step is not None and not step.fits_alone(job):
-            need = step.job_rows(job) * step.job_worst_len(job) * step.kv_per_row_token
+            need = step.job_bytes(job)
             raise TooLarge(f"this request may need {need / 2**20:.1f} MiB of KV cache (prompt + max_tokens + the "
                            f"running cache's growth room, for {step.job_rows(job)} rows), over the server's budget "
                            f"of {self.kv_budget / 2**20:.1f} MiB (--kv-budget-mb); lower max_tokens or n")

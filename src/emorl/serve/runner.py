@@ -8,6 +8,12 @@ logits and probs mixes, parameter mixes, single adapters and the base run in ONE
 scores are its mode's rule over its rows, as :func:`emorl.ensemble.mixing.mix_scores` computes them
 (``(1 - sum w) x_0 + sum w_k x_k`` for anchored points, in float32), then transformers' warpers and
 :func:`emorl.sampling.choose` with the reply's own uniforms.
+
+A shared trunk (issue 24): when no loaded adapter has a LoRA layer below decoder layer L (``lora.layers: top:N``),
+a reply's rows are identical there, so layers 0..L-1 run on one row per reply (its group) and
+:class:`~emorl.ensemble.streams.FanOut` copies each group into its rows at layer L; the KV cache of the trunk holds
+one row per reply (:class:`~emorl.serve.batch.RunningBatch`). A one-row reply (params, a single adapter) costs the
+same either way; a base-anchored K = 3 mix runs 1 row instead of 4 below L.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 
 import torch
 
+from emorl.ensemble.streams import FanOut
 from emorl.lora_bank import lora_bank, safe_rows
 from emorl.models import output_cache, position_ids
 from emorl.sampling import choose
@@ -59,6 +66,9 @@ class Runner:
         self._stack = contextlib.ExitStack()
         self.bank: Any = None
         self._stops: dict[tuple[str, ...], Any] = {}
+        self.layers = ens.stream.layers
+        trunk = ens.trunk(adapters)
+        self.trunk = trunk if 0 < trunk < len(self.layers) else 0  # every layer shared: no adapter at all, no gain
 
     # ------------------------------------------------------------------------------------------- the bank
 
@@ -74,22 +84,33 @@ class Runner:
             self.bank = None
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, coef: torch.Tensor,
-                 cache: Any) -> tuple[torch.Tensor, Any]:
+                 cache: Any, fan: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """The backbone over ``ids`` (one row per group with ``fan``: row r of the layers above the trunk copies
+        group ``fan[r]``; else one per row), every row's LoRA coefficients ``coef``; the rows' last hidden states."""
         self.bank.set_row_weights(coef)
         kwargs = {self.kw: cache} if cache is not None else {}
-        out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs)
+        fanout = FanOut(self.layers[self.trunk:], 1, ids.shape[0], fan) if fan is not None else contextlib.nullcontext()
+        with fanout:
+            out = self.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs)
         return out.last_hidden_state[:, -1], output_cache(out)
 
     # ------------------------------------------------------------------------------------------- execution
 
     def prefill_chunk(self, pf: Prefill, chunk: int) -> bool:
         """Prefill the next ``chunk`` positions of ``pf``; True once the prompt is done."""
-        coef = torch.cat([s.coef for s in self._firsts(pf)])
+        firsts = self._firsts(pf)
+        coef = torch.cat([s.coef for s in firsts])
         end = min(pf.ids.shape[1], pf.done + chunk)
-        pos = position_ids(pf.mask)[:, pf.done:end]
+        ids, mask, fan = pf.ids, pf.mask, None
+        if self.trunk:  # one row per group below the trunk: the group's first row (its rows are the same prompt)
+            offs = torch.tensor([0, *[s.rows for s in firsts]], device=ids.device).cumsum(0)[:-1]
+            ids, mask = ids.index_select(0, offs), mask.index_select(0, offs)
+            fan = torch.repeat_interleave(torch.arange(len(firsts), device=ids.device),
+                                          torch.tensor([s.rows for s in firsts], device=ids.device))
+        pos = position_ids(mask)[:, pf.done:end]
         with torch.inference_mode():
-            pf.h, pf.cache = self._forward(pf.ids[:, pf.done:end], pf.mask[:, :end], pos, coef,
-                                           RunningCache() if pf.cache is None else pf.cache)
+            pf.h, pf.cache = self._forward(ids[:, pf.done:end], mask[:, :end], pos, coef,
+                                           RunningCache() if pf.cache is None else pf.cache, fan)
         pf.done = end
         return end == pf.ids.shape[1]
 
@@ -106,7 +127,7 @@ class Runner:
         firsts = self._firsts(pf)
         assert pf.h is not None
         pre = RunningBatch(firsts, pf.cache, pf.mask, position_ids(pf.mask)[:, -1] + 1,
-                           torch.cat([s.coef for s in firsts]), pf.h)
+                           torch.cat([s.coef for s in firsts]), pf.h, self.trunk)
         out = pre.select_seqs(pf.fork, consume=True)
         out.seqs = list(pf.seqs)
         return out
@@ -114,23 +135,40 @@ class Runner:
     def step(self, batch: RunningBatch) -> None:
         """One decode step: feed every reply's last token through its rows. On the CPU a batch of an unsafe row
         count (:func:`step_rows`) runs with its last row repeated, so its rows round as they would alone."""
-        feed = torch.tensor([s.tokens[-1] for s in batch.seqs for _ in range(s.rows)], dtype=torch.long,
-                            device=batch.mask.device)
+        dev = batch.mask.device
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(batch.n_rows, 1)], dim=1)
-        n, padded = batch.n_rows, step_rows(batch.n_rows, batch.mask.device)
-        mask, pos, coef, cache = batch.mask, batch.pos, batch.coef, batch.cache
-        if padded > n:
-            idx = torch.cat([torch.arange(n), torch.full((padded - n,), n - 1)]).to(mask.device)
-            feed, mask, pos, coef = _expand(idx, feed, mask, pos, coef)
+        n, padded = batch.n_rows, step_rows(batch.n_rows, dev)
+        idx = torch.cat([torch.arange(n), torch.full((padded - n,), n - 1)]).to(dev)  # rows, the last repeated
+        coef = batch.coef if padded == n else batch.coef.index_select(0, idx)
+        if batch.trunk:  # the trunk runs one row per reply (its first row's mask and position), a safe count too
+            g, gpad = len(batch.seqs), step_rows(len(batch.seqs), dev)
+            gidx = torch.cat([torch.arange(g), torch.full((gpad - g,), g - 1)]).to(dev)
+            first = batch.first_rows().index_select(0, gidx)
+            feed = torch.tensor([s.tokens[-1] for s in batch.seqs], dtype=torch.long, device=dev).index_select(0, gidx)
+            mask, pos, fan = batch.mask.index_select(0, first), batch.pos.index_select(0, first), \
+                batch.group_index().index_select(0, idx)
+        else:
+            g = gpad = 0
+            gidx = idx
+            feed = torch.tensor([s.tokens[-1] for s in batch.seqs for _ in range(s.rows)], dtype=torch.long,
+                                device=dev)
+            mask, pos, fan = batch.mask, batch.pos, None
+            if padded > n:
+                feed, mask, pos = _expand(idx, feed, mask, pos)
+        cache = batch.cache
+        trimmed = (padded > n, gpad > g)
+        if any(trimmed):  # layers padded to their safe row count (the trunk's by group, the rest by row)
             cache = type(batch.cache)()
             for li, layer in enumerate(batch.cache.layers):
-                cache.update(layer.keys.index_select(0, idx), layer.values.index_select(0, idx), li)
+                rows = gidx if li < batch.trunk else idx
+                cache.update(layer.keys.index_select(0, rows), layer.values.index_select(0, rows), li)
         with torch.inference_mode():
-            h, cache = self._forward(feed[:, None], mask, pos[:, None], coef, cache)
-        if padded > n:
+            h, cache = self._forward(feed[:, None], mask, pos[:, None], coef, cache, fan)
+        if any(trimmed):
             h = h[:n]
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[:n], layer.values[:n]
+            for li, layer in enumerate(cache.layers):
+                keep = g if li < batch.trunk else n
+                layer.keys, layer.values = layer.keys[:keep], layer.values[:keep]
         batch.h, batch.cache = h, cache
         batch.pos = batch.pos + 1
 

@@ -52,6 +52,9 @@ class StepScheduler:
         self.n_adapters = len(engine.adapters)
         self.kv_per_row_token = kv_bytes_per_row_token(engine.ens.stream.decoder.config,
                                                        next(engine.ens.model.parameters()).dtype)
+        # with a shared trunk a reply keeps one KV row (not one per stream) in the layers below it
+        self.n_layers = max(1, len(engine.ens.stream.layers))
+        self.trunk = self.runner.trunk
         self.running: RunningBatch | None = None
         self.prefill: Prefill | None = None
         st = engine.stats
@@ -65,6 +68,16 @@ class StepScheduler:
         coef, _ = stream_coefs(job.key, list(job.pairs[0].weights), self.n_adapters)
         return coef.shape[0] * len(job.pairs)
 
+    def kv_bytes(self, rows: int, replies: int, positions: int) -> int:
+        """KV bytes of ``rows`` backbone rows of ``replies`` replies over ``positions`` positions: every layer per
+        row, except the shared trunk's layers, which hold one row per reply."""
+        per_layer = self.kv_per_row_token / self.n_layers
+        return int((rows * (self.n_layers - self.trunk) + replies * self.trunk) * positions * per_layer)
+
+    def job_bytes(self, job: Any) -> int:
+        """A job's worst-case KV bytes alone."""
+        return self.kv_bytes(self.job_rows(job), len(job.pairs), self.job_worst_len(job))
+
     @staticmethod
     def job_width(job: Any) -> int:
         return -(-(job.prompt_tokens + 1) // 16) * 16  # encode_prompts' padded width
@@ -76,20 +89,22 @@ class StepScheduler:
     def reserved(self, extra: list[Any] = ()) -> int:
         """KV bytes the running batch, the prefill and ``extra`` waiting jobs may reach: every row padded to the
         longest worst case."""
-        rows, worst, now = 0, 0, 0  # now: the running batch's length, which a joining reply is padded to
+        rows, replies, worst, now = 0, 0, 0, 0  # now: the running batch's length, which a joining reply is padded to
         if self.running is not None:
-            rows, now = self.running.n_rows, self.running.length
+            rows, replies, now = self.running.n_rows, len(self.running.seqs), self.running.length
             worst = max(s.worst_len(now) for s in self.running.seqs)
         if self.prefill is not None:
             rows += sum(s.rows for s in self.prefill.seqs)
+            replies += len(self.prefill.seqs)
             worst = max(worst, max(s.worst_len(max(now, s.prompt_width)) for s in self.prefill.seqs))
         for j in extra:
             rows += self.job_rows(j)
+            replies += len(j.pairs)
             worst = max(worst, self.job_worst_len(j) + max(0, now - self.job_width(j)))
-        return rows * worst * self.kv_per_row_token
+        return self.kv_bytes(rows, replies, worst)
 
     def fits_alone(self, job: Any) -> bool:
-        return self.job_rows(job) * self.job_worst_len(job) * self.kv_per_row_token <= self.e.kv_budget
+        return self.job_bytes(job) <= self.e.kv_budget
 
     # ------------------------------------------------------------------------------------------- loop
 
