@@ -16,6 +16,9 @@ reply's index in ``seqs``) and the layers above one per row; every method here i
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,6 +237,27 @@ def _release(layer: Any) -> None:
         layer.release()
     else:
         layer.keys = layer.values = None
+
+
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial M_MMAP_THRESHOLD, kept fixed (see return_freed_memory)
+
+
+def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Make glibc's malloc serve every allocation of ``threshold`` bytes or more with its own ``mmap``, so freeing it
+    gives the memory back to the system at once. Why: the running cache's buffers are large, short-lived and of
+    ever-changing sizes (a join, a retire, every KV_BLOCK of growth). glibc raises its mmap threshold to the size of
+    each mmapped block it frees (up to 32 MiB), after which such buffers come from the heap, which fragments and is
+    not returned: a flood of 500 requests grew the server 1.10-1.32x its KV budget without this, 0.87x with it
+    (bench/RESULTS.md, "The flood's memory"). Setting the threshold also turns glibc's adjustment off. A no-op
+    (False) off glibc, or when ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice wins)."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl or another libc
+        return False
+    m_mmap_threshold = -3  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
 
 
 def kv_bytes_per_row_token(model_config: Any, dtype: torch.dtype) -> int:
