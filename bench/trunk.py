@@ -38,17 +38,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 WEIGHTS = [0.78, 0.5, 0.06]
-DEPTHS = {"full": "all", "top": "top:1/3"}
+DEPTHS = {"full": "all", "top": "top:1/3", "quarter": "top:1/4", "half": "top:1/2"}  # the depth study's four
 
 
-def build(model: str) -> tuple[Any, Any]:
-    """One base with K=3 adapters per depth (names full0.., top0..)."""
+def build(model: str, depths: list[str]) -> tuple[Any, Any]:
+    """One base with K=3 adapters per depth of ``depths`` (names full0.., top0.., ...), full and top always."""
     from emorl.config import LoraConfig, ModelConfig
     from emorl.ensemble import EnsembleModel
     from emorl.models import add_adapters, load_base
 
     base = load_base(ModelConfig(name=model, tiny_layers=6))  # the default system prompt, as the evaluation
     for depth, spec in DEPTHS.items():
+        if depth not in {"full", "top", *depths}:
+            continue
         for i in range(3):
             n = f"{depth}{i}"
             add_adapters(base, [n], LoraConfig(r=8, alpha=32, dropout=0.0, layers=spec), seed=1000 + i)
@@ -128,9 +130,9 @@ def train_bench(base: Any, steps: int, prompts: int, k: int, tokens: int) -> dic
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - t0, saved[0]
 
-    names = {d: f"{d}0" for d in DEPTHS}
+    names = {d: f"{d}0" for d in ("full", "top")}
     step(names["full"])  # warm-up
-    times: dict[str, list[float]] = {d: [] for d in DEPTHS}
+    times: dict[str, list[float]] = {d: [] for d in names}
     kept: dict[str, int] = {}
     for _ in range(steps):
         for d, n in names.items():
@@ -149,7 +151,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=24, help="new tokens per reply (the evaluation's 24)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--train-steps", type=int, default=3, help="timed loss steps per depth; 0 skips training")
-    ap.add_argument("--depths", default="full,top", help="adapter depths to decode: full, top or both")
+    ap.add_argument("--depths", default="full,top", help="adapter depths to decode, comma-separated: full (all "
+                    "layers), top (top third), quarter (top quarter), half (top half)")
     ap.add_argument("--no-trunk", action="store_true", help="also time the top-third mix without the shared trunk")
     ap.add_argument("--quick", action="store_true", help="tiny model, B=4, 4 tokens, 1 repeat (smoke test)")
     ap.add_argument("--json", help="also write the numbers to this JSON file")
@@ -160,7 +163,11 @@ def main() -> int:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     from emorl.data import default_records
 
-    base, ens = build(model if model != "default" else _default_name())
+    depths = args.depths.split(",")
+    bad = [d for d in depths if d not in DEPTHS]
+    if bad:
+        raise SystemExit(f"--depths: unknown {bad}; choose from {list(DEPTHS)}")
+    base, ens = build(model if model != "default" else _default_name(), depths)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout
     res: dict[str, Any] = {"commit": commit.strip(), "machine": f"{platform.processor() or platform.machine()}, "
                            f"{os.cpu_count()} cpus, torch {torch.__version__}, threads {torch.get_num_threads()}",
@@ -168,7 +175,7 @@ def main() -> int:
     print(f"# {res['machine']}; commit {res['commit']}; load average at start {res['load_start']}")
     statements = [r.prompt for r in default_records()]
     for b in [int(x) for x in args.batches.split(",")]:
-        r = decode_bench(ens, statements[:b], args.tokens, args.repeats, args.no_trunk, args.depths.split(","))
+        r = decode_bench(ens, statements[:b], args.tokens, args.repeats, args.no_trunk, depths)
         res[f"decode B={b}"] = r
         print(f"decode B={b}, {args.tokens} tokens: medians " + ", ".join(f"{k} {v:.2f} s" for k, v in
                                                                           r["median"].items()))
