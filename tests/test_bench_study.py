@@ -28,12 +28,27 @@ def test_trunk_study_quick(script, tmp_path):
     assert list(study) == ["1/2", "all"]
     for row in study.values():
         assert set(row) == {"budget", "emorl - full", "emorl - uniform", "reflection: single - base",
-                            "fluency: single - base", "emorl tokens/s"}
+                            "fluency: single - base", "emorl tokens/s", "search grid HV - full"}
         assert row["emorl tokens/s"] > 0
     assert study["all"]["emorl - full"]["mean"] == 0.0 and study["all"]["emorl - full"]["ci95"] == [0.0, 0.0]
+    assert study["all"]["search grid HV - full"] is None  # full depth is the reference
+    hv = study["1/2"]["search grid HV - full"]
+    assert hv["points"] == 3 ** 2 - 1 and hv["prompts"] == 2 and hv["ci95"][0] <= hv["mean"] <= hv["ci95"][1]
     assert study["1/2"]["budget"] == budgets["1/2"]
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0] for r in rows] == ["| depth", "| 1/2", "| all"]
+
+    # the reduced study: full depth is that finished run (not retrained), the depth's run continues its budget folder
+    reduced = tmp_path / "reduced"
+    out = script("trunk_study", "--quick", "--out", str(reduced), "--full-run", str(tmp_path / "runs" / "all"),
+                 "--depths", "1/2", "--probe-steps", "1", "--reduced-runs")
+    budgets = json.loads((reduced / "budgets.json").read_text())
+    assert list(budgets) == ["1/2"] and not (reduced / "train" / "all").exists() and not (reduced / "runs").exists()
+    run = reduced / "train" / "1of2" / "lr0.001-r4"
+    assert budgets["1/2"]["folder"] == str(run) and (run / "eval" / "replies" / "emorl.jsonl").exists()
+    assert not (run / "eval" / "replies" / "dynaopt.jsonl").exists()  # --reduced-runs: what the comparison reads
+    study = json.loads((reduced / "study.json").read_text())
+    assert list(study) == ["1/2", "all"] and study["all"]["emorl - full"]["mean"] == 0.0
 
 
 def test_executors_quick(script, tmp_path):
