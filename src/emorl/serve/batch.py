@@ -17,7 +17,6 @@ reply's index in ``seqs``) and the layers above one per row; every method here i
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -239,25 +238,26 @@ def _release(layer: Any) -> None:
         layer.keys = layer.values = None
 
 
-MMAP_THRESHOLD = 128 * 1024  # glibc's initial M_MMAP_THRESHOLD, kept fixed (see return_freed_memory)
+_LIBC: Any = None
 
 
-def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Make glibc's malloc serve every allocation of ``threshold`` bytes or more with its own ``mmap``, so freeing it
-    gives the memory back to the system at once. Why: the running cache's buffers are large, short-lived and of
-    ever-changing sizes (a join, a retire, every KV_BLOCK of growth). glibc raises its mmap threshold to the size of
-    each mmapped block it frees (up to 32 MiB), after which such buffers come from the heap, which fragments and is
-    not returned: a flood of 500 requests grew the server 1.10-1.32x its KV budget without this, 0.87x with it
-    (bench/RESULTS.md, "The flood's memory"). Setting the threshold also turns glibc's adjustment off. A no-op
-    (False) off glibc, or when ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice wins)."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # musl or another libc
-        return False
-    m_mmap_threshold = -3  # <malloc.h>
-    return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
+def trim_freed_memory() -> bool:
+    """Give the free pages of malloc's heap back to the system (glibc's ``malloc_trim(0)``). Called after a join or
+    a retire has released the old cache. Why: the running cache's buffers are large, short-lived and of ever-changing
+    sizes; glibc raises its mmap threshold to the size of each mmapped block it frees (up to 32 MiB), so later
+    buffers come from the heap, which fragments and keeps its free memory — a flood of 500 requests grew the server
+    1.10-1.32x its KV budget (bench/RESULTS.md, "The flood's memory"). Fixing the mmap threshold instead (every block
+    of 128 KiB or more its own mapping) returned the memory too, but made every decode step 35% slower: the forward's
+    activations then page-fault afresh at every step. Trimming after a join or retire costs one trim per batch change.
+    False (a no-op) off glibc."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else False
+            _LIBC.malloc_trim  # noqa: B018 - glibc only (musl has none)
+        except (OSError, AttributeError):
+            _LIBC = False
+    return bool(_LIBC and _LIBC.malloc_trim(0))
 
 
 def kv_bytes_per_row_token(model_config: Any, dtype: torch.dtype) -> int:

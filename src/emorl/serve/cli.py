@@ -81,10 +81,8 @@ def run(args: argparse.Namespace) -> int:
         from emorl.serve.app import create_app
     except ModuleNotFoundError as e:
         raise EmorlError(f"emorl serve needs the serve extra ({e.name} is missing): pip install 'emorl[serve]'") from e
-    from emorl.serve.batch import return_freed_memory
     from emorl.serve.engine import Engine
 
-    return_freed_memory()  # the KV buffers' memory goes back to the system when freed (the flood's peak memory)
     key = args.api_key or os.environ.get("EMORL_API_KEY") or None
     if not is_loopback(args.host) and not key:
         log.warning("binding %s without an API key: anyone who can reach this port can use the model. Set "

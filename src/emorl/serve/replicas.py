@@ -73,10 +73,8 @@ class EngineReplica:
     def __init__(self, run: str, engine_kwargs: dict[str, Any], app_kwargs: dict[str, Any], threads: int) -> None:
         import torch
 
-        from emorl.serve.batch import return_freed_memory
         from emorl.serve.engine import Engine
 
-        return_freed_memory()  # as `emorl serve` does, in the replica's own process
         if threads > 0:  # the replica's share of the node's cores (Ray's num_cpus), not all of them
             torch.set_num_threads(threads)
         self.replica = import_serve().get_replica_context().replica_id.unique_id

@@ -20,7 +20,7 @@ import torch
 
 from emorl.ensemble.pairs import PairResult
 from emorl.sampling import uniforms
-from emorl.serve.batch import KV_BLOCK, RunningBatch, Seq, kv_bytes_per_row_token
+from emorl.serve.batch import KV_BLOCK, RunningBatch, Seq, kv_bytes_per_row_token, trim_freed_memory
 from emorl.serve.runner import Prefill, Runner
 
 log = logging.getLogger("emorl.serve")
@@ -59,7 +59,7 @@ class StepScheduler:
         self.prefill: Prefill | None = None
         st = engine.stats
         for key in ("steps", "prefills", "max_running_rows", "max_running_jobs", "kv_bytes_reserved",
-                    "max_kv_bytes_reserved"):
+                    "max_kv_bytes_reserved", "trims"):
             st.setdefault(key, 0)
 
     # ------------------------------------------------------------------------------------------- budget
@@ -191,6 +191,7 @@ class StepScheduler:
         batch = batch.filter(alive)
         if batch is not None:
             self.running = batch if self.running is None else self.running.concatenate(batch)
+        self._trim()
         self._note()
 
     def _decode(self) -> None:
@@ -200,7 +201,14 @@ class StepScheduler:
         self.e.stats["steps"] += 1
         alive = self._advance(batch.seqs, batch.h)
         self.running = batch.filter(alive)
+        if self.running is not batch:  # a retire: the old cache was released
+            self._trim()
         self._note()
+
+    def _trim(self) -> None:
+        """After a join or a retire: the old cache's freed buffers go back to the system (``trim_freed_memory``)."""
+        if trim_freed_memory():
+            self.e.stats["trims"] += 1
 
     def _note(self) -> None:
         st = self.e.stats
