@@ -323,3 +323,42 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(served: dict[
     pre = [i for i, c in enumerate(calls) if c.startswith("prefill")]
     assert len(pre) >= 4  # > 64 prompt tokens in chunks of 16
     assert all("step" in calls[a + 1:b] for a, b in zip(pre, pre[1:], strict=False))  # a decode step between chunks
+
+
+def test_a_prefill_computes_at_most_max_prefill_tokens(served: dict[str, Any]) -> None:
+    """`--max-prefill-tokens` bounds one prefill forward (the prompt's padded width x its rows): waiting requests
+    over it wait for a later prefill group, and each still gets its lone reply; a lone request over it is prefilled
+    in chunks of at most that many token-rows. By hand: a base-anchored K = 3 mix has 4 rows; its prompt (40 tokens)
+    is padded to 48, so its prefill is 192 token-rows: a cap of 200 fits one such request, not two."""
+    engine = served["engine"]
+    ens = engine.ens
+    runner = engine._step.runner
+    chunks: list[tuple[int, int]] = []  # (rows, positions) of each prefill forward
+    chunk = runner.prefill_chunk
+    runner.prefill_chunk = lambda pf, n: (chunks.append((pf.rows, min(n, pf.ids.shape[1] - pf.done))),
+                                          chunk(pf, n))[1]
+    old = engine.max_prefill_tokens
+    out: dict[str, PairResult] = {}
+    weights = {"a": [0.8, 0.5, 0.1], "b": [0.2, 0.4, 0.6], "c": [1.0, 0.3, 0.3]}
+    try:
+        engine.max_prefill_tokens = 200
+        jobs = {n: _job(engine, STATEMENT, w, "hidden+base", out, n, max_new_tokens=6) for n, w in weights.items()}
+        with Gate(engine):
+            for j in jobs.values():
+                engine.submit(j)
+            for j in jobs.values():
+                assert j.done.wait(60)  # type: ignore[attr-defined]
+        assert chunks and all(rows == 4 for rows, _ in chunks)  # one request per prefill group
+        for n, w in weights.items():
+            ref = ens.generate([STATEMENT], w, mode="hidden", anchor="base", max_new_tokens=6)
+            assert out[n].token_ids == ref.token_ids[0, : int(ref.lengths[0])].tolist(), n
+        chunks.clear()
+        engine.max_prefill_tokens = 100  # below one request's 192: it runs alone, in chunks of 100 // 4 = 25
+        lone = _job(engine, STATEMENT, weights["a"], "hidden+base", out, "lone", max_new_tokens=3)
+        engine.submit(lone)
+        assert lone.done.wait(60)  # type: ignore[attr-defined]
+        assert len(chunks) >= 2 and all(rows * pos <= 100 for rows, pos in chunks), chunks
+    finally:
+        runner.prefill_chunk = chunk
+        engine.max_prefill_tokens = old
+    assert _wait(lambda: engine.pending() == 0)

@@ -50,6 +50,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "of the free memory, printed at start)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="most waiting requests; more are answered 429 with Retry-After")
+    p.add_argument("--max-prefill-tokens", type=int, default=1024,
+                   help="most prompt tokens x rows one prefill forward computes (vLLM's max_num_batched_tokens): "
+                        "waiting requests beyond it are prefilled at a later step, and a lone request over it in "
+                        "shorter chunks. Bounds the forward's work memory beside the KV budget (about 50 KiB per "
+                        "token-row for SmolLM2-135M in float32) and how long one prefill stalls the running replies")
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt positions prefilled per step (decode steps of running replies go in between)")
     p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body, in KiB")
@@ -90,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     engine_kwargs = dict(max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, max_gap_ms=args.max_gap_ms,
                          max_tokens=args.max_tokens, device=args.device, scheduler=args.scheduler,
                          kv_budget_mb=args.kv_budget_mb, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                         max_prefill_tokens=args.max_prefill_tokens,
                          max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens)
     app_kwargs = dict(api_key=key, max_body_bytes=args.max_body_kb * 1024)
     if args.replicas:

@@ -92,7 +92,7 @@ class Engine:
                  max_gap_ms: float = 10.0, max_tokens: int = 1024, device: str | None = None, base: Any = None,
                  scheduler: str = "step", kv_budget_mb: float | None = None, max_queue: int = 256,
                  prefill_chunk: int = 256, max_prompt_tokens: int | None = None,
-                 default_max_tokens: int | None = None) -> None:
+                 default_max_tokens: int | None = None, max_prefill_tokens: int = 1024) -> None:
         from emorl.config import load_config
         from emorl.ensemble import EnsembleModel
         from emorl.models import check_same_base, load_adapters, load_base, read_adapter_info
@@ -104,8 +104,9 @@ class Engine:
             raise EmorlError("--max-batch-rows and --max-tokens must be >= 1, --max-wait-ms and --max-gap-ms >= 0")
         if scheduler not in ("step", "window"):
             raise EmorlError(f"--scheduler {scheduler!r}: choose 'step' (per decode step) or 'window'")
-        if max_queue < 1 or prefill_chunk < 1 or (kv_budget_mb is not None and kv_budget_mb <= 0):
-            raise EmorlError("--max-queue and --prefill-chunk must be >= 1, --kv-budget-mb > 0")
+        if max_queue < 1 or prefill_chunk < 1 or max_prefill_tokens < 1 or (kv_budget_mb is not None
+                                                                              and kv_budget_mb <= 0):
+            raise EmorlError("--max-queue, --prefill-chunk and --max-prefill-tokens must be >= 1, --kv-budget-mb > 0")
         self.cfg = load_config(self.run / "config.yaml")
         if device:
             self.cfg.model.device = device
@@ -128,7 +129,7 @@ class Engine:
         self.ens.verify_head()
         self._limits(max_prompt_tokens, default_max_tokens)
         self.scheduler = "window" if self.ens.base.is_seq2seq else scheduler  # step: causal backbones only
-        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        self.max_queue, self.prefill_chunk, self.max_prefill_tokens = max_queue, prefill_chunk, max_prefill_tokens
         self.kv_budget = int(kv_budget_mb * 2**20) if kv_budget_mb else default_kv_budget(self.ens.device)
         self.request_tokenizer = copy.deepcopy(self.ens.tokenizer)  # the event loop's own (parse_chat, streaming)
         self.worker = Worker(self.run, self.cfg, self.objectives, str(self.ens.device))

@@ -3,11 +3,12 @@
 
 Every iteration: (1) drop waiting requests whose client is gone; (2) admit waiting requests, oldest first, into a
 prefill group while the KV byte budget holds their worst case (prompt + ``max_tokens`` for every row, the batch's
-left padding included); (3) run ONE decode step of the running batch, if any — decodes go first; (4) run one
-chunk of the prefill (``prefill_chunk`` positions), and once the prompt is done sample each new reply's first
-token and concatenate its rows into the running batch; (5) report tokens, finish replies (EOS, stop string,
-length, cancelled) and filter their rows out. A short request that arrives while a long one decodes starts at
-the next iteration instead of waiting for the long one to end.
+left padding included) and the group's prompt tokens x rows stay within ``max_prefill_tokens``; (3) run ONE decode
+step of the running batch, if any — decodes go first; (4) run one chunk of the prefill (``prefill_chunk``
+positions), and once the prompt is done sample each new reply's first token and concatenate its rows into the
+running batch; (5) report tokens, finish replies (EOS, stop string, length, cancelled) and filter their rows out. A
+short request that arrives while a long one decodes starts at the next iteration instead of waiting for the long
+one to end.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ class StepScheduler:
             st.setdefault(key, 0)
 
     # ------------------------------------------------------------------------------------------- budget
+
+    def prefill_tokens(self, job: Any) -> int:
+        """Token-rows a job's prefill computes: its streams (choices fork after the prefill) x its padded width."""
+        return self.job_rows(job) // len(job.pairs) * self.job_width(job)
 
     def job_rows(self, job: Any) -> int:
         coef, _ = stream_coefs(job.key, list(job.pairs[0].weights), self.n_adapters)
@@ -151,6 +156,8 @@ class StepScheduler:
         for job in e._queue:
             if taken and sum(self.job_rows(j) for j in taken) + self.job_rows(job) > e.max_batch_rows:
                 break
+            if taken and sum(self.prefill_tokens(j) for j in taken) + self.prefill_tokens(job) > e.max_prefill_tokens:
+                break  # the prefill's work memory and its stall of the running replies stay bounded
             if self.reserved(taken + [job]) > e.kv_budget and (self.running or self.prefill or taken):
                 break
             taken.append(job)
@@ -182,7 +189,8 @@ class StepScheduler:
     def _prefill_step(self) -> None:
         pf = self.prefill
         assert pf is not None
-        if not self.runner.prefill_chunk(pf, self.e.prefill_chunk):
+        chunk = min(self.e.prefill_chunk, max(1, self.e.max_prefill_tokens // pf.rows))  # a lone job over the cap
+        if not self.runner.prefill_chunk(pf, chunk):
             return
         self.prefill = None
         self.e.stats["prefills"] += 1
