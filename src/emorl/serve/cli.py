@@ -50,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "of the free memory, printed at start)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="most waiting requests; more are answered 429 with Retry-After")
-    p.add_argument("--max-prefill-tokens", type=int, default=1024,
+    p.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="most prompt tokens x rows one prefill forward computes (vLLM's max_num_batched_tokens): "
                         "waiting requests beyond it are prefilled at a later step, and a lone request over it in "
                         "shorter chunks. Bounds the forward's work memory beside the KV budget (about 50 KiB per "

@@ -92,7 +92,7 @@ class Engine:
                  max_gap_ms: float = 10.0, max_tokens: int = 1024, device: str | None = None, base: Any = None,
                  scheduler: str = "step", kv_budget_mb: float | None = None, max_queue: int = 256,
                  prefill_chunk: int = 256, max_prompt_tokens: int | None = None,
-                 default_max_tokens: int | None = None, max_prefill_tokens: int = 1024) -> None:
+                 default_max_tokens: int | None = None, max_prefill_tokens: int = 512) -> None:
         from emorl.config import load_config
         from emorl.ensemble import EnsembleModel
         from emorl.models import check_same_base, load_adapters, load_base, read_adapter_info
