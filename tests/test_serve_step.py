@@ -349,6 +349,7 @@ def test_a_prefill_computes_at_most_max_prefill_tokens(served: dict[str, Any]) -
             for j in jobs.values():
                 assert j.done.wait(60)  # type: ignore[attr-defined]
         assert chunks and all(rows == 4 for rows, _ in chunks)  # one request per prefill group
+        assert _wait(lambda: engine.pending() == 0)  # the engine idle: generate may use the model
         for n, w in weights.items():
             ref = ens.generate([STATEMENT], w, mode="hidden", anchor="base", max_new_tokens=6)
             assert out[n].token_ids == ref.token_ids[0, : int(ref.lengths[0])].tolist(), n
