@@ -116,6 +116,13 @@ class Seq:
         return now + self.spec.max_new_tokens - len(self.tokens) + KV_BLOCK
 
 
+def trunk_layout(seqs: list[Seq], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared trunk's view of seq-contiguous rows: each reply's first row (its mask and position stand for the
+    reply's trunk row) and, for every row, its reply's index (the trunk row it fans out from)."""
+    rows = torch.tensor([s.rows for s in seqs], dtype=torch.long, device=device)
+    return rows.cumsum(0) - rows, torch.repeat_interleave(torch.arange(len(seqs), device=device), rows)
+
+
 def _layers(cache: Any) -> list[Any]:
     return list(cache.layers)
 
@@ -154,15 +161,6 @@ class RunningBatch:
             out.append(o)
             o += s.rows
         return out
-
-    def group_index(self) -> torch.Tensor:
-        """For every backbone row, its reply's index in ``seqs`` (the trunk row it fans out from)."""
-        return torch.tensor([i for i, s in enumerate(self.seqs) for _ in range(s.rows)], dtype=torch.long,
-                            device=self.mask.device)
-
-    def first_rows(self) -> torch.Tensor:
-        """Each reply's first backbone row (its mask and position stand for the reply's trunk row)."""
-        return torch.tensor(self.offsets(), dtype=torch.long, device=self.mask.device)
 
     def row_index(self, keep: list[int]) -> torch.Tensor:
         """The backbone rows of replies ``keep`` (indices into ``seqs``), in that order."""

@@ -27,7 +27,7 @@ from emorl.ensemble.streams import FanOut
 from emorl.lora_bank import lora_bank, safe_rows
 from emorl.models import output_cache, position_ids
 from emorl.sampling import choose
-from emorl.serve.batch import RunningBatch, RunningCache, Seq
+from emorl.serve.batch import RunningBatch, RunningCache, Seq, trunk_layout
 
 
 def step_rows(n: int, device: torch.device) -> int:
@@ -38,6 +38,12 @@ def step_rows(n: int, device: torch.device) -> int:
 
 def _expand(idx: torch.Tensor, *ts: torch.Tensor) -> list[torch.Tensor]:
     return [t.index_select(0, idx) for t in ts]
+
+
+def _padded(n: int, device: torch.device) -> torch.Tensor:
+    """Indices 0..n-1 with the last repeated up to :func:`step_rows` (n)."""
+    padded = step_rows(n, device)
+    return torch.cat([torch.arange(n), torch.full((padded - n,), n - 1)]).to(device)
 
 
 class Prefill:
@@ -103,10 +109,8 @@ class Runner:
         end = min(pf.ids.shape[1], pf.done + chunk)
         ids, mask, fan = pf.ids, pf.mask, None
         if self.trunk:  # one row per group below the trunk: the group's first row (its rows are the same prompt)
-            offs = torch.tensor([0, *[s.rows for s in firsts]], device=ids.device).cumsum(0)[:-1]
-            ids, mask = ids.index_select(0, offs), mask.index_select(0, offs)
-            fan = torch.repeat_interleave(torch.arange(len(firsts), device=ids.device),
-                                          torch.tensor([s.rows for s in firsts], device=ids.device))
+            first, fan = trunk_layout(firsts, ids.device)
+            ids, mask = ids.index_select(0, first), mask.index_select(0, first)
         pos = position_ids(mask)[:, pf.done:end]
         with torch.inference_mode():
             pf.h, pf.cache = self._forward(ids[:, pf.done:end], mask[:, :end], pos, coef,
@@ -137,16 +141,19 @@ class Runner:
         count (:func:`step_rows`) runs with its last row repeated, so its rows round as they would alone."""
         dev = batch.mask.device
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(batch.n_rows, 1)], dim=1)
-        n, padded = batch.n_rows, step_rows(batch.n_rows, dev)
-        idx = torch.cat([torch.arange(n), torch.full((padded - n,), n - 1)]).to(dev)  # rows, the last repeated
+        n = batch.n_rows
+        idx = _padded(n, dev)  # rows, the last repeated
+        padded = len(idx)
         coef = batch.coef if padded == n else batch.coef.index_select(0, idx)
         if batch.trunk:  # the trunk runs one row per reply (its first row's mask and position), a safe count too
-            g, gpad = len(batch.seqs), step_rows(len(batch.seqs), dev)
-            gidx = torch.cat([torch.arange(g), torch.full((gpad - g,), g - 1)]).to(dev)
-            first = batch.first_rows().index_select(0, gidx)
+            g = len(batch.seqs)
+            gidx = _padded(g, dev)
+            gpad = len(gidx)
+            first, group = trunk_layout(batch.seqs, dev)
+            first = first.index_select(0, gidx)
             feed = torch.tensor([s.tokens[-1] for s in batch.seqs], dtype=torch.long, device=dev).index_select(0, gidx)
             mask, pos, fan = batch.mask.index_select(0, first), batch.pos.index_select(0, first), \
-                batch.group_index().index_select(0, idx)
+                group.index_select(0, idx)
         else:
             g = gpad = 0
             gidx = idx

@@ -153,14 +153,16 @@ class StepScheduler:
         """Oldest waiting jobs whose worst case fits the budget next to what runs (first come, first served)."""
         e = self.e
         taken: list[Any] = []
+        rows = tokens = 0  # the group's rows and prefill token-rows so far
         for job in e._queue:
-            if taken and sum(self.job_rows(j) for j in taken) + self.job_rows(job) > e.max_batch_rows:
+            if taken and rows + self.job_rows(job) > e.max_batch_rows:
                 break
-            if taken and sum(self.prefill_tokens(j) for j in taken) + self.prefill_tokens(job) > e.max_prefill_tokens:
+            if taken and tokens + self.prefill_tokens(job) > e.max_prefill_tokens:
                 break  # the prefill's work memory and its stall of the running replies stay bounded
             if self.reserved(taken + [job]) > e.kv_budget and (self.running or self.prefill or taken):
                 break
             taken.append(job)
+            rows, tokens = rows + self.job_rows(job), tokens + self.prefill_tokens(job)
         e._queue = e._queue[len(taken):]
         return taken
 
