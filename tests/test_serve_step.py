@@ -189,11 +189,13 @@ def joining_and_leaving(engine: Engine) -> None:
     for name, st, w, key, _, kw in specs:
         jobs[name] = _job(engine, st, w, key, out, name, a_token if name == "a" else None, **kw)
     assert _wait(lambda: engine.pending() == 0)
+    reused = engine.stats.get("prefix_reused_token_rows", 0)
     engine.submit(jobs["a"])
     for j in jobs.values():
         assert j.done.wait(60)  # type: ignore[attr-defined]
     assert _wait(lambda: engine.pending() == 0)
     assert engine.stats["max_running_jobs"] >= 3
+    assert engine.stats["prefix_reused_token_rows"] > reused  # the prompt-prefix cache served these prefills
     for name, st, w, _, (mode, anchor), kw in specs:
         ref = ens.generate([st], w, mode=mode, anchor=anchor, **kw)
         assert out[name].token_ids == ref.token_ids[0, : int(ref.lengths[0])].tolist(), name
@@ -341,6 +343,7 @@ def test_a_prefill_computes_at_most_max_prefill_tokens(served: dict[str, Any]) -
     out: dict[str, PairResult] = {}
     weights = {"a": [0.8, 0.5, 0.1], "b": [0.2, 0.4, 0.6], "c": [1.0, 0.3, 0.3]}
     try:
+        engine.prefix_cache = False  # whole prompts (with the cache a prefill starts after the system prompt)
         engine.max_prefill_tokens = 200
         jobs = {n: _job(engine, STATEMENT, w, "hidden+base", out, n, max_new_tokens=6) for n, w in weights.items()}
         with Gate(engine):
@@ -362,4 +365,5 @@ def test_a_prefill_computes_at_most_max_prefill_tokens(served: dict[str, Any]) -
     finally:
         runner.prefill_chunk = chunk
         engine.max_prefill_tokens = old
+        engine.prefix_cache = True
     assert _wait(lambda: engine.pending() == 0)

@@ -92,7 +92,8 @@ class Engine:
                  max_gap_ms: float = 10.0, max_tokens: int = 1024, device: str | None = None, base: Any = None,
                  scheduler: str = "step", kv_budget_mb: float | None = None, max_queue: int = 256,
                  prefill_chunk: int = 256, max_prompt_tokens: int | None = None,
-                 default_max_tokens: int | None = None, max_prefill_tokens: int = 512) -> None:
+                 default_max_tokens: int | None = None, max_prefill_tokens: int = 512,
+                 prefix_cache: bool = True) -> None:
         from emorl.config import load_config
         from emorl.ensemble import EnsembleModel
         from emorl.models import check_same_base, load_adapters, load_base, read_adapter_info
@@ -130,6 +131,7 @@ class Engine:
         self._limits(max_prompt_tokens, default_max_tokens)
         self.scheduler = "window" if self.ens.base.is_seq2seq else scheduler  # step: causal backbones only
         self.max_queue, self.prefill_chunk, self.max_prefill_tokens = max_queue, prefill_chunk, max_prefill_tokens
+        self.prefix_cache = prefix_cache  # reuse the system prompt's keys and values (emorl.serve.prefix)
         self.kv_budget = int(kv_budget_mb * 2**20) if kv_budget_mb else default_kv_budget(self.ens.device)
         self.request_tokenizer = copy.deepcopy(self.ens.tokenizer)  # the event loop's own (parse_chat, streaming)
         self.worker = Worker(self.run, self.cfg, self.objectives, str(self.ens.device))
@@ -259,7 +261,9 @@ class Engine:
             need = step.job_bytes(job)
             raise TooLarge(f"this request may need {need / 2**20:.1f} MiB of KV cache (prompt + max_tokens + the "
                            f"running cache's growth room, for {step.job_rows(job)} rows), over the server's budget "
-                           f"of {self.kv_budget / 2**20:.1f} MiB (--kv-budget-mb); lower max_tokens or n")
+                           f"of {self.kv_budget / 2**20:.1f} MiB (--kv-budget-mb; "
+                           f"{step.prefix_reserve / 2**20:.1f} MiB of it kept for the prompt-prefix cache); lower "
+                           "max_tokens or n")
         with self._cond:
             if self._stopping:
                 raise EmorlError("the server is shutting down")

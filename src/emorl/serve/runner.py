@@ -28,6 +28,7 @@ from emorl.lora_bank import lora_bank, safe_rows
 from emorl.models import output_cache, position_ids
 from emorl.sampling import choose
 from emorl.serve.batch import RunningBatch, RunningCache, Seq, trunk_layout
+from emorl.serve.prefix import PrefixCache, shared_prefix
 
 
 def step_rows(n: int, device: torch.device) -> int:
@@ -64,7 +65,8 @@ class Prefill:
 class Runner:
     """Executes prefill chunks and decode steps for the scheduler (see the module docstring)."""
 
-    def __init__(self, ens: Any, adapters: list[str]) -> None:
+    def __init__(self, ens: Any, adapters: list[str], prefix_bytes: int = 0, stats: dict[str, Any] | None = None
+                 ) -> None:
         self.ens = ens
         self.adapters = adapters
         self.decoder = ens.stream.decoder
@@ -75,6 +77,11 @@ class Runner:
         self.layers = ens.stream.layers
         trunk = ens.trunk(adapters)
         self.trunk = trunk if 0 < trunk < len(self.layers) else 0  # every layer shared: no adapter at all, no gain
+        self.prefix_bytes = prefix_bytes  # the prompt-prefix cache's most bytes (0: no cache)
+        self._prefix: PrefixCache | None = None
+        self.stats = stats if stats is not None else {}
+        for key in ("prefix_reused_token_rows", "prefix_computed_rows"):
+            self.stats.setdefault(key, 0)
 
     # ------------------------------------------------------------------------------------------- the bank
 
@@ -106,10 +113,13 @@ class Runner:
         """Prefill the next ``chunk`` positions of ``pf``; True once the prompt is done."""
         firsts = self._firsts(pf)
         coef = torch.cat([s.coef for s in firsts])
-        end = min(pf.ids.shape[1], pf.done + chunk)
-        ids, mask, fan = pf.ids, pf.mask, None
+        ids, mask, fan, first = pf.ids, pf.mask, None, None
         if self.trunk:  # one row per group below the trunk: the group's first row (its rows are the same prompt)
             first, fan = trunk_layout(firsts, ids.device)
+        if pf.cache is None:
+            self._reuse_prefix(pf, coef, first)
+        end = min(pf.ids.shape[1], pf.done + chunk)
+        if first is not None:
             ids, mask = ids.index_select(0, first), mask.index_select(0, first)
         pos = position_ids(mask)[:, pf.done:end]
         with torch.inference_mode():
@@ -117,6 +127,45 @@ class Runner:
                                            RunningCache() if pf.cache is None else pf.cache, fan)
         pf.done = end
         return end == pf.ids.shape[1]
+
+    def prefix_cache(self) -> PrefixCache | None:
+        """The prompt-prefix cache (:mod:`emorl.serve.prefix`), made on first use on the decode thread (it tokenises
+        with the decode thread's tokenizer); None when disabled or the model has no chat template."""
+        if self.prefix_bytes <= 0 or self.ens.base.is_seq2seq:
+            return None
+        if self._prefix is None:
+            tok = self.ens.tokenizer
+            tokens = shared_prefix(tok, self.ens.base.config.system_prompt)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            tokens = tokens if len(tokens) >= 4 else []
+            self._prefix = PrefixCache(tokens, self.prefix_bytes, int(pad), tok.decode(tokens) if tokens else "")
+        return self._prefix
+
+    @property
+    def prefix_bytes_held(self) -> int:
+        return self._prefix.bytes if self._prefix is not None else 0
+
+    def _reuse_prefix(self, pf: Prefill, coef: torch.Tensor, first: torch.Tensor | None) -> None:
+        """Start ``pf`` after the shared prefix when every row begins with it: its keys and values from the cache,
+        computing (in one forward) the entries it lacks first. Leaves ``pf`` as it is otherwise."""
+        cache = self.prefix_cache()
+        if cache is None:
+            return
+        plan = cache.plan(pf.ids, pf.mask, coef, len(first) if first is not None else pf.rows)
+        if plan is None:
+            return
+        miss = cache.missing(plan)
+        fresh = {}
+        if miss:
+            ids, mask, c = cache.prefix_inputs(miss, pf.ids.device)
+            with torch.inference_mode():
+                _, out = self._forward(ids, mask, position_ids(mask), c, RunningCache())
+            fresh = cache.store(miss, out)
+            self.stats["prefix_computed_rows"] += len(miss)
+        pf.cache = cache.assemble(plan, fresh, int(pf.ids.shape[1]), self.trunk,
+                                  first.tolist() if first is not None else None)
+        pf.done = plan.start
+        self.stats["prefix_reused_token_rows"] += sum(plan.start - n for n in plan.pads if plan.start > n)
 
     @staticmethod
     def _firsts(pf: Prefill) -> list[Seq]:

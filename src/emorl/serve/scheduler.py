@@ -49,7 +49,7 @@ class StepScheduler:
 
     def __init__(self, engine: Any) -> None:
         self.e = engine
-        self.runner = Runner(engine.ens, engine.adapters)
+        self.runner = Runner(engine.ens, engine.adapters, self.prefix_reserve, engine.stats)
         self.n_adapters = len(engine.adapters)
         self.kv_per_row_token = kv_bytes_per_row_token(engine.ens.stream.decoder.config,
                                                        next(engine.ens.model.parameters()).dtype)
@@ -65,9 +65,29 @@ class StepScheduler:
 
     # ------------------------------------------------------------------------------------------- budget
 
+    @property
+    def prefix_reserve(self) -> int:
+        """The prompt-prefix cache's share of the KV budget: a 16th, at most 64 MiB (~1 MiB per entry for
+        SmolLM2-135M in float32; an entry per stream and alignment, :mod:`emorl.serve.prefix`)."""
+        return min(64 << 20, self.e.kv_budget // 16) if self.e.prefix_cache else 0
+
     def prefill_tokens(self, job: Any) -> int:
-        """Token-rows a job's prefill computes: its streams (choices fork after the prefill) x its padded width."""
-        return self.job_rows(job) // len(job.pairs) * self.job_width(job)
+        """Token-rows a job's prefill computes: its streams (choices fork after the prefill) x its padded width,
+        less the shared prefix when its prompt begins with it (the prefix cache's estimate: a prefill computes no
+        more than ``max_prefill_tokens`` // rows positions at once whatever this says)."""
+        width = self.job_width(job)
+        cache = self._prefix()
+        if cache is not None and cache.length and job.pairs[0].text.startswith(cache.text):
+            width = max(12, width - cache.length)
+        return self.job_rows(job) // len(job.pairs) * width
+
+    def _prefix(self) -> Any:
+        """The runner's prompt-prefix cache held to :attr:`prefix_reserve` (None when there is none)."""
+        self.runner.prefix_bytes = self.prefix_reserve
+        cache = self.runner.prefix_cache()
+        if cache is not None:
+            cache.limit(self.runner.prefix_bytes)
+        return cache
 
     def job_rows(self, job: Any) -> int:
         coef, _ = stream_coefs(job.key, list(job.pairs[0].weights), self.n_adapters)
@@ -109,7 +129,7 @@ class StepScheduler:
         return self.kv_bytes(rows, replies, worst)
 
     def fits_alone(self, job: Any) -> bool:
-        return self.job_bytes(job) <= self.e.kv_budget
+        return self.job_bytes(job) + self.prefix_reserve <= self.e.kv_budget
 
     # ------------------------------------------------------------------------------------------- loop
 
@@ -146,7 +166,8 @@ class StepScheduler:
                 if not (self.running or self.prefill):
                     self.runner.release()  # before pending() reads 0: the model is plain again when idle
                 e._busy = bool(self.running or self.prefill)
-                e.stats["kv_bytes_reserved"] = self.reserved()
+                e.stats["kv_bytes_reserved"] = self.reserved()  # requests' KV (the prefix cache: prefix_cache_bytes)
+                e.stats["prefix_cache_bytes"] = self.runner.prefix_bytes_held
                 e.stats["max_kv_bytes_reserved"] = max(e.stats["max_kv_bytes_reserved"], e.stats["kv_bytes_reserved"])
 
     def _admit(self) -> list[Any]:
@@ -159,7 +180,8 @@ class StepScheduler:
                 break
             if taken and tokens + self.prefill_tokens(job) > e.max_prefill_tokens:
                 break  # the prefill's work memory and its stall of the running replies stay bounded
-            if self.reserved(taken + [job]) > e.kv_budget and (self.running or self.prefill or taken):
+            over = self.reserved(taken + [job]) + self.prefix_reserve > e.kv_budget
+            if over and (self.running or self.prefill or taken):
                 break
             taken.append(job)
             rows, tokens = rows + self.job_rows(job), tokens + self.prefill_tokens(job)
@@ -171,6 +193,7 @@ class StepScheduler:
 
         ens = self.e.ens
         dev = ens.device
+        self._prefix()  # the budget may have changed since the last prefill
         texts = [j.pairs[0].text for j in jobs]
         enc = encode_prompts(ens.tokenizer, texts, self.e.prompt_limit, False, dev)
         seqs, fork, rows = [], [], []

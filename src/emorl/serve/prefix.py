@@ -1,0 +1,173 @@
+"""The prompt-prefix cache of the step scheduler: vLLM's automatic prefix caching, narrowed to the one prefix that
+every request of ``emorl serve`` shares — the chat template's head with the run's system prompt, up to the user's
+statement (24 of the ~45 tokens of a short statement's prompt with SmolLM2's template).
+
+A new prompt's prefill then starts after that prefix: its keys and values come from the cache, and only the
+statement and the generation prompt are computed (with the left padding in front of them, which is computed too
+without the cache). Why keyed by (a row's LoRA coefficients, the prefix's alignment):
+
+- A row's keys and values depend on its adapter at every adapted layer, so each stream (one-hot coefficients, the
+  base's zeros, a ``params`` row's weights) has its own entry.
+- CPU attention reduces keys in 16-lane vectors, so a prefix whose first token sits at another position modulo
+  :data:`~emorl.prompts.PAD_MULTIPLE` rounds differently (``encode_prompts``). An entry is computed at the alignment
+  the prompt has in its batch (1-16 pads in front), so a reused prefix holds the bits the prompt's own prefill
+  would have computed, and a reply still equals ``emorl generate`` for its request alone (tests/test_serve_prefix.py).
+
+A prompt that does not begin with the prefix (its own system message, a cut template) is prefilled whole. Entries are
+evicted oldest first beyond ``max_bytes``; the scheduler counts ``max_bytes`` in the KV budget.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from emorl.lora_bank import safe_rows
+from emorl.prompts import PAD_MULTIPLE
+from emorl.serve.batch import KV_BLOCK, GrowingLayer, RunningCache
+
+Key = tuple[tuple[float, ...], int]  # (a row's LoRA coefficients, pads in front of the prefix: 1..PAD_MULTIPLE)
+Entry = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values (1, heads, P, head_dim) of the prefix
+
+
+def shared_prefix(tokenizer: Any, system_prompt: str | None) -> list[int]:
+    """The token ids every single-statement prompt of this tokenizer and system prompt begins with: the common
+    prefix of two rendered prompts whose statements share no first character (``[]`` without a chat template)."""
+    from emorl.data import format_prompts
+
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    a, b = (tokenizer(t, add_special_tokens=False)["input_ids"]
+            for t in format_prompts(tokenizer, ["a", "Zebra 1"], False, system_prompt))
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return list(a[:n])
+
+
+def _size(entry: Entry) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in entry)
+
+
+def align(pads: int) -> int:
+    """The pads an entry is computed behind for a prompt with ``pads`` left pads: the same count modulo 16, >= 1."""
+    return (pads - 1) % PAD_MULTIPLE + 1
+
+
+class Plan:
+    """How a prefill group reuses the prefix: each row's left padding and key, and the first position computed."""
+
+    def __init__(self, pads: list[int], keys: list[Key], start: int) -> None:
+        self.pads, self.keys, self.start = pads, keys, start
+
+
+class PrefixCache:
+    """Keys and values of the shared prefix per (row coefficients, alignment); see the module docstring."""
+
+    def __init__(self, tokens: list[int], max_bytes: int, pad_id: int, text: str = "") -> None:
+        self.tokens = torch.tensor(tokens, dtype=torch.long)
+        self.text = text  # the prefix as text (admission's estimate of which waiting prompts begin with it)
+        self.max_bytes, self.pad_id = max_bytes, pad_id
+        self.entries: OrderedDict[Key, Entry] = OrderedDict()
+        self.bytes = 0
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens.numel())
+
+    def plan(self, ids: torch.Tensor, mask: torch.Tensor, coef: torch.Tensor, groups: int) -> Plan | None:
+        """The reuse plan of a prefill over left-padded ``ids`` / ``mask`` whose rows have LoRA coefficients
+        ``coef``, or None when a row does not begin with the prefix. ``groups``: rows of its shared-trunk forward
+        (the rows otherwise). The first computed position leaves a width whose matmuls round each row as alone
+        (:func:`~emorl.lora_bank.safe_rows`: at least 12 token-rows, or a multiple of 4)."""
+        p, width = self.length, int(ids.shape[1])
+        if p == 0 or self.max_bytes <= 0:
+            return None
+        pads = (mask.cumsum(1) == 0).sum(1).tolist()
+        tokens = self.tokens.to(ids.device)
+        for r, n in enumerate(pads):
+            if n + p >= width or not bool((ids[r, n:n + p] == tokens).all()):
+                return None
+        start = min(pads) + p
+        while start > 0 and any(safe_rows(m * (width - start)) != m * (width - start) for m in (groups, len(pads))):
+            start -= 1
+        if start <= min(pads):
+            return None
+        keys = [(tuple(float(c) for c in coef[r].tolist()), align(n)) for r, n in enumerate(pads)]
+        return Plan(pads, keys, start)
+
+    def missing(self, plan: Plan) -> list[Key]:
+        """The plan's keys without an entry, each once."""
+        return list(dict.fromkeys(k for k in plan.keys if k not in self.entries))
+
+    def prefix_inputs(self, keys: list[Key], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids, mask and LoRA coefficients of a forward computing the entries of ``keys``: row i holds its
+        alignment's pads, the prefix, then pads (after the prefix: causal attention never reads them) up to a
+        width that is a multiple of :data:`~emorl.prompts.PAD_MULTIPLE`, as a prompt's batch is (CPU attention
+        rounds by the key length's blocks of 16)."""
+        p, most = self.length, max(a for _, a in keys)
+        width = -(-(most + p) // PAD_MULTIPLE) * PAD_MULTIPLE
+        ids = torch.full((len(keys), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (_, a) in enumerate(keys):
+            ids[i, a:a + p] = self.tokens
+            mask[i, a:a + p] = 1
+        coef = torch.tensor([c for c, _ in keys], dtype=torch.float32)
+        return ids.to(device), mask.to(device), coef.to(device)
+
+    def store(self, keys: list[Key], cache: Any) -> dict[Key, Entry]:
+        """Entries of ``keys`` from the cache of their :meth:`prefix_inputs` forward (copied out of it), kept while
+        they fit ``max_bytes`` (oldest evicted first); returned for the plan that asked for them either way."""
+        p = self.length
+        out: dict[Key, Entry] = {}
+        for i, key in enumerate(keys):
+            a = key[1]
+            out[key] = [(layer.keys[i:i + 1, :, a:a + p].clone(), layer.values[i:i + 1, :, a:a + p].clone())
+                        for layer in cache.layers]
+        for key, entry in out.items():
+            size = _size(entry)
+            if size > self.max_bytes:
+                continue
+            self._evict(self.max_bytes - size)
+            self.entries[key] = entry
+            self.bytes += size
+        return out
+
+    def limit(self, max_bytes: int) -> None:
+        """Hold at most ``max_bytes`` from now on (the KV budget changed), evicting the oldest entries."""
+        self.max_bytes = max_bytes
+        self._evict(max_bytes)
+
+    def _evict(self, to: int) -> None:
+        while self.entries and self.bytes > to:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= _size(old)
+
+    def assemble(self, plan: Plan, fresh: dict[Key, Entry], width: int, trunk: int,
+                 first: list[int] | None) -> RunningCache:
+        """The prefill's cache over positions [0, plan.start): each row's prefix (its part before the start) at its
+        own columns, zeros in its left padding; room up to ``width`` + a block. Layers below ``trunk`` hold the
+        rows ``first`` (one per group: a shared trunk's rows are identical there)."""
+        entries = [fresh[k] if k in fresh else self.entries[k] for k in plan.keys]
+        for k in plan.keys:
+            if k in self.entries:
+                self.entries.move_to_end(k)
+        cache = RunningCache()
+        start = plan.start
+        for li in range(len(entries[0])):
+            rows = first if (first is not None and li < trunk) else list(range(len(plan.keys)))
+            k0 = entries[0][li][0]
+            kb = k0.new_zeros((len(rows), k0.shape[1], width + KV_BLOCK, k0.shape[3]))
+            vb = torch.zeros_like(kb)
+            for i, r in enumerate(rows):
+                n = plan.pads[r]
+                if start > n:
+                    k, v = entries[r][li]
+                    kb[i, :, n:start] = k[0, :, :start - n]
+                    vb[i, :, n:start] = v[0, :, :start - n]
+            layer = GrowingLayer()
+            layer.adopt(kb, vb, start)
+            cache.layers.append(layer)
+        return cache
