@@ -116,6 +116,7 @@ def main() -> int:
     ap.add_argument("--max-gap-ms", type=float, default=10.0)
     ap.add_argument("--max-batch-rows", type=int, default=256)
     ap.add_argument("--screenshot", metavar="PNG", help="also save a screenshot of the page")
+    ap.add_argument("--no-prefix-cache", action="store_true", help="the server without its prompt-prefix cache")
     args = ap.parse_args()
     if args.quick:
         args.clients, args.requests, args.max_tokens = "1,2", 4, 8
@@ -140,7 +141,7 @@ def main() -> int:
 def measure(args: argparse.Namespace, run: str) -> list[dict[str, Any]]:
     """Each client count's requests, concurrent then one at a time, through one in-process server."""
     srv = InProcess(run, args.scheduler, None, max(args.max_tokens, 64), args.max_batch_rows,
-                    max_wait_ms=args.max_wait_ms, max_gap_ms=args.max_gap_ms)
+                    max_wait_ms=args.max_wait_ms, max_gap_ms=args.max_gap_ms, prefix_cache=not args.no_prefix_cache)
     engine, url = srv.engine, srv.url
     objectives = engine.objectives
     temperature = args.temperature if args.temperature is not None else engine.cfg.eval.generation.temperature

@@ -57,6 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "token-row for SmolLM2-135M in float32) and how long one prefill stalls the running replies")
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="prompt positions prefilled per step (decode steps of running replies go in between)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every prompt whole (by default the system prompt's keys and values are computed once "
+                        "per stream and reused; the cache takes a 16th of --kv-budget-mb, at most 128 MiB)")
     p.add_argument("--max-body-kb", type=int, default=1024, help="largest request body, in KiB")
     p.add_argument("--grace-s", type=float, default=5.0,
                    help="after Ctrl-C / SIGTERM, how long in-flight requests may finish before they are cancelled")
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     engine_kwargs = dict(max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, max_gap_ms=args.max_gap_ms,
                          max_tokens=args.max_tokens, device=args.device, scheduler=args.scheduler,
                          kv_budget_mb=args.kv_budget_mb, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                         max_prefill_tokens=args.max_prefill_tokens,
+                         max_prefill_tokens=args.max_prefill_tokens, prefix_cache=not args.no_prefix_cache,
                          max_prompt_tokens=args.max_prompt_tokens, default_max_tokens=args.default_max_tokens)
     app_kwargs = dict(api_key=key, max_body_bytes=args.max_body_kb * 1024)
     if args.replicas:

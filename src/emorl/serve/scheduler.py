@@ -67,9 +67,10 @@ class StepScheduler:
 
     @property
     def prefix_reserve(self) -> int:
-        """The prompt-prefix cache's share of the KV budget: a 16th, at most 64 MiB (~1 MiB per entry for
-        SmolLM2-135M in float32; an entry per stream and alignment, :mod:`emorl.serve.prefix`)."""
-        return min(64 << 20, self.e.kv_budget // 16) if self.e.prefix_cache else 0
+        """The prompt-prefix cache's share of the KV budget: a 16th, at most 128 MiB (an entry per stream and
+        alignment, :mod:`emorl.serve.prefix`: ~1.3 MiB for SmolLM2-135M in float32 with the default system prompt,
+        so a base-anchored K = 3 mix's 4 streams x 16 alignments take ~83 MiB)."""
+        return min(128 << 20, self.e.kv_budget // 16) if self.e.prefix_cache else 0
 
     def prefill_tokens(self, job: Any) -> int:
         """Token-rows a job's prefill computes: its streams (choices fork after the prefill) x its padded width,
