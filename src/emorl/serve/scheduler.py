@@ -3,12 +3,19 @@
 
 Every iteration: (1) drop waiting requests whose client is gone; (2) admit waiting requests, oldest first, into a
 prefill group while the KV byte budget holds their worst case (prompt + ``max_tokens`` for every row, the batch's
-left padding included) and the group's prompt tokens x rows stay within ``max_prefill_tokens``; (3) run ONE decode
-step of the running batch, if any — decodes go first; (4) run one chunk of the prefill (``prefill_chunk``
-positions), and once the prompt is done sample each new reply's first token and concatenate its rows into the
-running batch; (5) report tokens, finish replies (EOS, stop string, length, cancelled) and filter their rows out. A
-short request that arrives while a long one decodes starts at the next iteration instead of waiting for the long
-one to end.
+left padding included) and the group's prompt tokens x rows stay within ``max_prefill_tokens``; (3) run one chunk
+of the prefill (``prefill_chunk`` positions, at most ``max_prefill_tokens`` token-rows), and once the prompt is done
+sample each new reply's first token and concatenate its rows into the running batch; (4) run ONE decode step of the
+running batch, if any; (5) report tokens, finish replies (EOS, stop string, length, cancelled) and filter their rows
+out. A short request that arrives while a long one decodes starts at the next iteration instead of waiting for the
+long one to end.
+
+Decodes keep their place the way vLLM's "decodes first" budget keeps it: every iteration advances every running
+reply by one token, and a prompt takes at most one bounded chunk per iteration, so a long prompt delays the running
+replies by one chunk per token, never by its whole prefill. The chunk runs before the step, not after it: the
+running replies wait the same (one chunk and one step per token either way), while a new request's first token no
+longer waits for a step of the running batch, and its rows join that same iteration's step (bench/RESULTS.md, head
+of line).
 """
 
 from __future__ import annotations
@@ -147,14 +154,16 @@ class StepScheduler:
                 e._drop_cancelled()
                 admit = self._admit() if self.prefill is None else []
                 e._busy = bool(self.running or self.prefill or admit)
+                if admit:
+                    self._note_reserved(admit)
             try:
                 self.runner.hold()
                 if admit:
                     self._start_prefill(admit)
-                if self.running is not None:
-                    self._decode()
                 if self.prefill is not None:
                     self._prefill_step()
+                if self.running is not None:
+                    self._decode()
             except Exception as ex:  # a failed step fails its requests, never the server
                 log.exception("decode step failed")
                 jobs = {id(s.job): s.job for b in (self.running, self.prefill) if b is not None for s in b.seqs}
@@ -167,9 +176,15 @@ class StepScheduler:
                 if not (self.running or self.prefill):
                     self.runner.release()  # before pending() reads 0: the model is plain again when idle
                 e._busy = bool(self.running or self.prefill)
-                e.stats["kv_bytes_reserved"] = self.reserved()  # requests' KV (the prefix cache: prefix_cache_bytes)
-                e.stats["prefix_cache_bytes"] = self.runner.prefix_bytes_held
-                e.stats["max_kv_bytes_reserved"] = max(e.stats["max_kv_bytes_reserved"], e.stats["kv_bytes_reserved"])
+                self._note_reserved()
+
+    def _note_reserved(self, admitted: list[Any] = ()) -> None:
+        """Stats: the KV bytes reserved for requests (with ``admitted``, just taken: from the moment they are) and
+        what the prompt-prefix cache holds."""
+        st = self.e.stats
+        st["kv_bytes_reserved"] = self.reserved(list(admitted))
+        st["max_kv_bytes_reserved"] = max(st["max_kv_bytes_reserved"], st["kv_bytes_reserved"])
+        st["prefix_cache_bytes"] = self.runner.prefix_bytes_held
 
     def _admit(self) -> list[Any]:
         """Oldest waiting jobs whose worst case fits the budget next to what runs (first come, first served)."""
