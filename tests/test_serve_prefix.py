@@ -109,6 +109,25 @@ def test_each_prompt_alone_with_a_fresh_cache(step: StepScheduler, spec: tuple[s
     assert torch.equal(on.h, off.h)
 
 
+def test_a_cache_too_small_for_one_group_evicts_and_still_reuses(step: StepScheduler) -> None:
+    """With room for about one entry, a group's new entries evict the ones it found (a flood's small budget): the
+    prefill keeps what it found and still equals the whole prompts' (this raised KeyError once)."""
+    _, off = prefill(step, jobs(step, JOBS), cache=False)
+    prefill(step, jobs(step, JOBS), cache=True)
+    cache = step.runner.prefix_cache()
+    assert cache is not None and len(cache.entries) >= 4
+    entry = cache.bytes // len(cache.entries)
+    old = step.e.kv_budget
+    try:
+        step.e.kv_budget = int(16 * 1.5 * entry)  # the cache's share: a 16th, so 1.5 entries
+        for order in (JOBS, JOBS[::-1], JOBS):
+            _, on = prefill(step, jobs(step, order), cache=True)
+            assert cache.bytes <= 1.5 * entry and len(cache.entries) == 1
+        assert torch.equal(on.h, off.h)
+    finally:
+        step.e.kv_budget = old
+
+
 def test_a_prompt_without_the_prefix_is_prefilled_whole(step: StepScheduler) -> None:
     tok = step.e.ens.tokenizer
     group = jobs(step, JOBS[:2])

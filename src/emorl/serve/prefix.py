@@ -98,9 +98,15 @@ class PrefixCache:
         keys = [(tuple(float(c) for c in coef[r].tolist()), align(n)) for r, n in enumerate(pads)]
         return Plan(pads, keys, start)
 
-    def missing(self, plan: Plan) -> list[Key]:
-        """The plan's keys without an entry, each once."""
-        return list(dict.fromkeys(k for k in plan.keys if k not in self.entries))
+    def take(self, plan: Plan) -> tuple[dict[Key, Entry], list[Key]]:
+        """The plan's entries held now (marked as just used) and its keys without one, each once. The caller keeps
+        the held ones: storing the missing ones may evict them from the cache."""
+        held: dict[Key, Entry] = {}
+        for k in plan.keys:
+            if k in self.entries:
+                held[k] = self.entries[k]
+                self.entries.move_to_end(k)
+        return held, list(dict.fromkeys(k for k in plan.keys if k not in held))
 
     def prefix_inputs(self, keys: list[Key], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ids, mask and LoRA coefficients of a forward computing the entries of ``keys``: row i holds its
@@ -145,15 +151,14 @@ class PrefixCache:
             _, old = self.entries.popitem(last=False)
             self.bytes -= _size(old)
 
-    def assemble(self, plan: Plan, fresh: dict[Key, Entry], width: int, trunk: int,
-                 first: list[int] | None) -> RunningCache:
-        """The prefill's cache over positions [0, plan.start): each row's prefix (its part before the start) at its
-        own columns, zeros in its left padding; room up to ``width`` + a block. Layers below ``trunk`` hold the
-        rows ``first`` (one per group: a shared trunk's rows are identical there)."""
-        entries = [fresh[k] if k in fresh else self.entries[k] for k in plan.keys]
-        for k in plan.keys:
-            if k in self.entries:
-                self.entries.move_to_end(k)
+    @staticmethod
+    def assemble(plan: Plan, found: dict[Key, Entry], width: int, trunk: int, first: list[int] | None
+                 ) -> RunningCache:
+        """The prefill's cache over positions [0, plan.start) from the entries ``found`` for the plan's keys: each
+        row's prefix (its part before the start) at its own columns, zeros in its left padding; room up to
+        ``width`` + a block. Layers below ``trunk`` hold the rows ``first`` (one per group: a shared trunk's rows
+        are identical there)."""
+        entries = [found[k] for k in plan.keys]
         cache = RunningCache()
         start = plan.start
         for li in range(len(entries[0])):

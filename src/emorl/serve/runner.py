@@ -154,15 +154,14 @@ class Runner:
         plan = cache.plan(pf.ids, pf.mask, coef, len(first) if first is not None else pf.rows)
         if plan is None:
             return
-        miss = cache.missing(plan)
-        fresh = {}
+        found, miss = cache.take(plan)
         if miss:
             ids, mask, c = cache.prefix_inputs(miss, pf.ids.device)
             with torch.inference_mode():
                 _, out = self._forward(ids, mask, position_ids(mask), c, RunningCache())
-            fresh = cache.store(miss, out)
+            found.update(cache.store(miss, out))  # may evict some of ``found`` from the cache: kept here
             self.stats["prefix_computed_rows"] += len(miss)
-        pf.cache = cache.assemble(plan, fresh, int(pf.ids.shape[1]), self.trunk,
+        pf.cache = cache.assemble(plan, found, int(pf.ids.shape[1]), self.trunk,
                                   first.tolist() if first is not None else None)
         pf.done = plan.start
         self.stats["prefix_reused_token_rows"] += sum(plan.start - n for n in plan.pads if plan.start > n)
