@@ -312,7 +312,8 @@ def _proc_mb(pid: int, field: str) -> float:
 
 
 def flood_process(run: str, n: int, seconds: float, max_queue: int, kv_budget_mb: float,
-                  short: tuple[int, int] = (24, 64), max_prefill_tokens: int | None = None) -> dict[str, Any]:
+                  short: tuple[int, int] = (24, 64), max_prefill_tokens: int | None = None,
+                  extra: list[str] = ()) -> dict[str, Any]:
     """The flood against ``emorl serve`` in its own process (loopback, stopped at the end): its peak RSS (VmHWM)
     against its RSS once loaded plus the KV budget, the 429s, and the served."""
     import os
@@ -328,6 +329,7 @@ def flood_process(run: str, n: int, seconds: float, max_queue: int, kv_budget_mb
            str(max_queue), "--kv-budget-mb", str(kv_budget_mb)]
     if max_prefill_tokens:
         cmd += ["--max-prefill-tokens", str(max_prefill_tokens)]
+    cmd += list(extra)  # more `emorl serve` options
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
@@ -354,7 +356,7 @@ def flood_process(run: str, n: int, seconds: float, max_queue: int, kv_budget_mb
             proc.wait()
     return {"requests": n, "over_s": seconds, "served": codes.count(200), "429": codes.count(429),
             "other": len(codes) - codes.count(200) - codes.count(429), "max_queue": max_queue,
-            "kv_budget_mb": kv_budget_mb, "max_prefill_tokens": max_prefill_tokens or "default",
+            "kv_budget_mb": kv_budget_mb, "max_prefill_tokens": max_prefill_tokens or "default", "options": list(extra),
             "max_kv_reserved_mb": round(stats["max_kv_bytes_reserved"] / 2**20, 1),
             "server_rss_mb_loaded": round(loaded), "server_peak_rss_mb": round(peak),
             "peak_within_loaded_plus_budget": peak <= loaded + kv_budget_mb, "seconds": round(secs, 1)}
@@ -407,7 +409,8 @@ def measure(args: argparse.Namespace, run: str, sizes: dict[str, Any]) -> dict[s
     flood); ``sizes`` shrinks the requests (--quick)."""
     if args.flood_process:
         out = flood_process(run, args.flood or 500, args.flood_seconds, args.max_queue, args.kv_budget_mb or 256,
-                            sizes.get("short", (24, 64)), args.max_prefill_tokens)
+                            sizes.get("short", (24, 64)), args.max_prefill_tokens,
+                            ["--no-prefix-cache"] if args.no_prefix_cache else [])
         print("flood (own process)", out, flush=True)
         return {"args": vars(args), "flood_process": out}
 

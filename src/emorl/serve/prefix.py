@@ -28,6 +28,8 @@ from emorl.lora_bank import safe_rows
 from emorl.prompts import PAD_MULTIPLE
 from emorl.serve.batch import KV_BLOCK, GrowingLayer, RunningCache
 
+FORWARD_TOKENS = 128  # most token-rows of one forward computing entries: its KV and activations are not in the
+# KV budget (a flood's group of 20 new entries in one forward took ~90 MB beyond it, bench/RESULTS.md)
 Key = tuple[tuple[float, ...], int]  # (a row's LoRA coefficients, pads in front of the prefix: 1..PAD_MULTIPLE)
 Entry = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values (1, heads, P, head_dim) of the prefix
 
@@ -107,6 +109,12 @@ class PrefixCache:
                 held[k] = self.entries[k]
                 self.entries.move_to_end(k)
         return held, list(dict.fromkeys(k for k in plan.keys if k not in held))
+
+    def batches(self, keys: list[Key]) -> list[list[Key]]:
+        """``keys`` in forwards of at most :data:`FORWARD_TOKENS` token-rows (one key at least)."""
+        width = -(-(PAD_MULTIPLE + self.length) // PAD_MULTIPLE) * PAD_MULTIPLE  # the widest a forward may be
+        per = max(1, FORWARD_TOKENS // width)
+        return [keys[i:i + per] for i in range(0, len(keys), per)]
 
     def prefix_inputs(self, keys: list[Key], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ids, mask and LoRA coefficients of a forward computing the entries of ``keys``: row i holds its

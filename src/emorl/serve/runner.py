@@ -22,6 +22,7 @@ import contextlib
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 from emorl.ensemble.streams import FanOut
 from emorl.lora_bank import lora_bank, safe_rows
@@ -155,12 +156,12 @@ class Runner:
         if plan is None:
             return
         found, miss = cache.take(plan)
-        if miss:
-            ids, mask, c = cache.prefix_inputs(miss, pf.ids.device)
+        for part in cache.batches(miss):  # a few rows per forward: its transient KV stays a few MB
+            ids, mask, c = cache.prefix_inputs(part, pf.ids.device)
             with torch.inference_mode():
-                _, out = self._forward(ids, mask, position_ids(mask), c, RunningCache())
-            found.update(cache.store(miss, out))  # may evict some of ``found`` from the cache: kept here
-            self.stats["prefix_computed_rows"] += len(miss)
+                _, out = self._forward(ids, mask, position_ids(mask), c, DynamicCache())
+            found.update(cache.store(part, out))  # may evict some of ``found`` from the cache: kept here
+            self.stats["prefix_computed_rows"] += len(part)
         pf.cache = cache.assemble(plan, found, int(pf.ids.shape[1]), self.trunk,
                                   first.tolist() if first is not None else None)
         pf.done = plan.start
