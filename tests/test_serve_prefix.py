@@ -25,7 +25,7 @@ from test_serve_step import _job  # noqa: E402
 from emorl.data import format_prompts  # noqa: E402
 from emorl.serve import Engine  # noqa: E402
 from emorl.serve.batch import trunk_layout  # noqa: E402
-from emorl.serve.prefix import PrefixCache, align, shared_prefix  # noqa: E402
+from emorl.serve.prefix import Plan, PrefixCache, align, shared_prefix  # noqa: E402
 from emorl.serve.scheduler import StepScheduler  # noqa: E402
 
 JOBS = [  # statement, weights, batch key: rows of every kind (one-hot, base, a params row's weights)
@@ -139,19 +139,29 @@ def test_a_prompt_without_the_prefix_is_prefilled_whole(step: StepScheduler) -> 
     assert torch.equal(on.h, off.h)
 
 
-def test_entries_beyond_the_byte_limit_are_evicted_oldest_first() -> None:
+def test_entries_live_in_slots_and_the_oldest_unpinned_one_is_replaced() -> None:
     entry = 2 * 2 * 3 * 2 * 4  # 2 layers x (keys + values) x 3 positions x head_dim 2 x 4 bytes = 96
-    cache = PrefixCache([1, 2, 3], max_bytes=3 * entry, pad_id=0)
+    cache = PrefixCache([1, 2, 3], max_bytes=3 * entry + 10, pad_id=0)  # 3 slots
 
     class Layer:
-        keys = values = torch.zeros(4, 1, 8, 2)  # 4 rows, 1 head, 8 positions, head_dim 2
+        keys = torch.arange(4 * 8 * 2, dtype=torch.float32).reshape(4, 1, 8, 2)  # 4 rows, 1 head, 8 positions
+        values = -keys
 
     class Out:
         layers = [Layer(), Layer()]
 
     keys = [((float(i),), 1) for i in range(4)]
-    fresh = cache.store(keys, Out())
-    assert len(fresh) == 4 and fresh[keys[0]][0][0].shape == (1, 1, 3, 2)  # all four for the plan that asked
-    assert list(cache.entries) == keys[1:] and cache.bytes == 3 * entry
-    cache.limit(2 * entry)
-    assert list(cache.entries) == keys[2:] and cache.bytes == 2 * entry and cache.max_bytes == 2 * entry
+    fresh = cache.store(keys, Out())  # the 4th finds every slot taken by this plan: kept for it only
+    assert len(fresh) == 4 and fresh[keys[3]].shape == (2, 2, 1, 3, 2)
+    assert torch.equal(fresh[keys[3]][0, 0], Layer.keys[3, :, 1:4]) and torch.equal(fresh[keys[3]][1, 1],
+                                                                                   -Layer.keys[3, :, 1:4])
+    assert list(cache.entries) == keys[:3] and cache.bytes == 3 * entry
+    cache.assemble(Plan([1], [keys[0]], 2), fresh, 8, 0, None)  # the plan is done: nothing pinned any more
+    new = ((9.0,), 1)
+    cache.store([new], Out())  # replaces the oldest entry, keys[0]
+    assert list(cache.entries) == [keys[1], keys[2], new] and cache.bytes == 3 * entry
+    held, missing = cache.take(Plan([1, 1], [keys[1], keys[0]], 2))
+    assert list(held) == [keys[1]] and missing == [keys[0]]
+    assert torch.equal(held[keys[1]][0, 0], Layer.keys[1, :, 1:4])  # its slot untouched by new's store
+    cache.limit(2 * entry)  # another budget: a new, empty slab
+    assert not cache.entries and cache.bytes == 0

@@ -31,7 +31,7 @@ from emorl.serve.batch import KV_BLOCK, GrowingLayer, RunningCache
 FORWARD_TOKENS = 128  # most token-rows of one forward computing entries: its KV and activations are not in the
 # KV budget (a flood's group of 20 new entries in one forward took ~90 MB beyond it, bench/RESULTS.md)
 Key = tuple[tuple[float, ...], int]  # (a row's LoRA coefficients, pads in front of the prefix: 1..PAD_MULTIPLE)
-Entry = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values (1, heads, P, head_dim) of the prefix
+Entry = torch.Tensor  # (layers, 2: keys and values, heads, P, head_dim) of the prefix
 
 
 def shared_prefix(tokenizer: Any, system_prompt: str | None) -> list[int]:
@@ -49,10 +49,6 @@ def shared_prefix(tokenizer: Any, system_prompt: str | None) -> list[int]:
     return list(a[:n])
 
 
-def _size(entry: Entry) -> int:
-    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in entry)
-
-
 def align(pads: int) -> int:
     """The pads an entry is computed behind for a prompt with ``pads`` left pads: the same count modulo 16, >= 1."""
     return (pads - 1) % PAD_MULTIPLE + 1
@@ -66,18 +62,29 @@ class Plan:
 
 
 class PrefixCache:
-    """Keys and values of the shared prefix per (row coefficients, alignment); see the module docstring."""
+    """Keys and values of the shared prefix per (row coefficients, alignment); see the module docstring.
+
+    Entries live in one slab of ``max_bytes`` (slots), allocated once: entries come and go with traffic, and ~60
+    small tensors per entry made and freed at each eviction fragmented the heap (a flood's peak memory)."""
 
     def __init__(self, tokens: list[int], max_bytes: int, pad_id: int, text: str = "") -> None:
         self.tokens = torch.tensor(tokens, dtype=torch.long)
         self.text = text  # the prefix as text (admission's estimate of which waiting prompts begin with it)
         self.max_bytes, self.pad_id = max_bytes, pad_id
-        self.entries: OrderedDict[Key, Entry] = OrderedDict()
-        self.bytes = 0
+        self.entries: OrderedDict[Key, int] = OrderedDict()  # key -> its slot, oldest first
+        self.slab: torch.Tensor | None = None  # (slots, layers, 2, heads, P, head_dim)
+        self._free: list[int] = []
+        self._pinned: set[Key] = set()  # the keys of the plan being assembled: never evicted under it
 
     @property
     def length(self) -> int:
         return int(self.tokens.numel())
+
+    @property
+    def bytes(self) -> int:
+        if self.slab is None:
+            return 0
+        return len(self.entries) * self.slab[0].numel() * self.slab.element_size()
 
     def plan(self, ids: torch.Tensor, mask: torch.Tensor, coef: torch.Tensor, groups: int) -> Plan | None:
         """The reuse plan of a prefill over left-padded ``ids`` / ``mask`` whose rows have LoRA coefficients
@@ -101,13 +108,15 @@ class PrefixCache:
         return Plan(pads, keys, start)
 
     def take(self, plan: Plan) -> tuple[dict[Key, Entry], list[Key]]:
-        """The plan's entries held now (marked as just used) and its keys without one, each once. The caller keeps
-        the held ones: storing the missing ones may evict them from the cache."""
+        """The plan's entries held now (marked as just used, and pinned until :meth:`assemble`) and its keys
+        without one, each once."""
         held: dict[Key, Entry] = {}
+        assert self.slab is not None or not self.entries
         for k in plan.keys:
             if k in self.entries:
-                held[k] = self.entries[k]
+                held[k] = self.slab[self.entries[k]]  # type: ignore[index]
                 self.entries.move_to_end(k)
+        self._pinned = set(held)
         return held, list(dict.fromkeys(k for k in plan.keys if k not in held))
 
     def batches(self, keys: list[Key]) -> list[list[Key]]:
@@ -132,35 +141,50 @@ class PrefixCache:
         return ids.to(device), mask.to(device), coef.to(device)
 
     def store(self, keys: list[Key], cache: Any) -> dict[Key, Entry]:
-        """Entries of ``keys`` from the cache of their :meth:`prefix_inputs` forward (copied out of it), kept while
-        they fit ``max_bytes`` (oldest evicted first); returned for the plan that asked for them either way."""
-        p = self.length
+        """Entries of ``keys`` from the cache of their :meth:`prefix_inputs` forward, copied into free slots or
+        the oldest entries' (never a pinned one's); an entry with no slot left is kept for this plan only."""
+        p, layers = self.length, list(cache.layers)
+        k0 = layers[0].keys
+        if self.slab is None:
+            per = len(layers) * 2 * k0.shape[1] * p * k0.shape[3] * k0.element_size()
+            slots = self.max_bytes // per
+            if slots:
+                self.slab = k0.new_empty((slots, len(layers), 2, k0.shape[1], p, k0.shape[3]))
+                self._free = list(range(slots))
         out: dict[Key, Entry] = {}
         for i, key in enumerate(keys):
+            slot = self._slot()
+            if slot is None:
+                e = k0.new_empty((len(layers), 2, k0.shape[1], p, k0.shape[3]))
+            else:
+                assert self.slab is not None
+                e = self.slab[slot]
+                self.entries[key] = slot
             a = key[1]
-            out[key] = [(layer.keys[i:i + 1, :, a:a + p].clone(), layer.values[i:i + 1, :, a:a + p].clone())
-                        for layer in cache.layers]
-        for key, entry in out.items():
-            size = _size(entry)
-            if size > self.max_bytes:
-                continue
-            self._evict(self.max_bytes - size)
-            self.entries[key] = entry
-            self.bytes += size
+            for li, layer in enumerate(layers):
+                e[li, 0].copy_(layer.keys[i, :, a:a + p])
+                e[li, 1].copy_(layer.values[i, :, a:a + p])
+            out[key] = e
+            self._pinned.add(key)
         return out
 
+    def _slot(self) -> int | None:
+        """A free slot, or the oldest unpinned entry's; None when every slot is pinned (or there is no slab)."""
+        if self._free:
+            return self._free.pop()
+        for k in self.entries:
+            if k not in self._pinned:
+                return self.entries.pop(k)
+        return None
+
     def limit(self, max_bytes: int) -> None:
-        """Hold at most ``max_bytes`` from now on (the KV budget changed), evicting the oldest entries."""
-        self.max_bytes = max_bytes
-        self._evict(max_bytes)
+        """Hold at most ``max_bytes`` from now on (the KV budget changed): a slab of another size starts empty."""
+        if max_bytes != self.max_bytes:
+            self.max_bytes = max_bytes
+            self.entries.clear()
+            self.slab, self._free = None, []
 
-    def _evict(self, to: int) -> None:
-        while self.entries and self.bytes > to:
-            _, old = self.entries.popitem(last=False)
-            self.bytes -= _size(old)
-
-    @staticmethod
-    def assemble(plan: Plan, found: dict[Key, Entry], width: int, trunk: int, first: list[int] | None
+    def assemble(self, plan: Plan, found: dict[Key, Entry], width: int, trunk: int, first: list[int] | None
                  ) -> RunningCache:
         """The prefill's cache over positions [0, plan.start) from the entries ``found`` for the plan's keys: each
         row's prefix (its part before the start) at its own columns, zeros in its left padding; room up to
@@ -171,16 +195,16 @@ class PrefixCache:
         start = plan.start
         for li in range(len(entries[0])):
             rows = first if (first is not None and li < trunk) else list(range(len(plan.keys)))
-            k0 = entries[0][li][0]
-            kb = k0.new_zeros((len(rows), k0.shape[1], width + KV_BLOCK, k0.shape[3]))
+            k0 = entries[0][li, 0]  # (heads, P, head_dim)
+            kb = k0.new_zeros((len(rows), k0.shape[0], width + KV_BLOCK, k0.shape[2]))
             vb = torch.zeros_like(kb)
             for i, r in enumerate(rows):
                 n = plan.pads[r]
                 if start > n:
-                    k, v = entries[r][li]
-                    kb[i, :, n:start] = k[0, :, :start - n]
-                    vb[i, :, n:start] = v[0, :, :start - n]
+                    kb[i, :, n:start] = entries[r][li, 0, :, :start - n]
+                    vb[i, :, n:start] = entries[r][li, 1, :, :start - n]
             layer = GrowingLayer()
             layer.adopt(kb, vb, start)
             cache.layers.append(layer)
+        self._pinned = set()
         return cache
