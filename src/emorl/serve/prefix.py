@@ -26,7 +26,7 @@ import torch
 
 from emorl.lora_bank import safe_rows
 from emorl.prompts import PAD_MULTIPLE
-from emorl.serve.batch import KV_BLOCK, GrowingLayer, RunningCache
+from emorl.serve.batch import GrowingLayer, RunningCache
 
 FORWARD_TOKENS = 128  # most token-rows of one forward computing entries: its KV and activations are not in the
 # KV budget (a flood's group of 20 new entries in one forward took ~90 MB beyond it, bench/RESULTS.md)
@@ -188,15 +188,16 @@ class PrefixCache:
                  ) -> RunningCache:
         """The prefill's cache over positions [0, plan.start) from the entries ``found`` for the plan's keys: each
         row's prefix (its part before the start) at its own columns, zeros in its left padding; room up to
-        ``width`` + a block. Layers below ``trunk`` hold the rows ``first`` (one per group: a shared trunk's rows
-        are identical there)."""
+        ``width`` (the prefill's chunks write there; the running batch it joins copies it with its own room).
+        Layers below ``trunk`` hold the rows ``first`` (one per group: a shared trunk's rows are identical
+        there)."""
         entries = [found[k] for k in plan.keys]
         cache = RunningCache()
         start = plan.start
         for li in range(len(entries[0])):
             rows = first if (first is not None and li < trunk) else list(range(len(plan.keys)))
             k0 = entries[0][li, 0]  # (heads, P, head_dim)
-            kb = k0.new_zeros((len(rows), k0.shape[0], width + KV_BLOCK, k0.shape[2]))
+            kb = k0.new_zeros((len(rows), k0.shape[0], width, k0.shape[2]))
             vb = torch.zeros_like(kb)
             for i, r in enumerate(rows):
                 n = plan.pads[r]

@@ -29,6 +29,7 @@ import torch
 from emorl.ensemble.pairs import PairResult
 from emorl.sampling import uniforms
 from emorl.serve.batch import KV_BLOCK, RunningBatch, Seq, kv_bytes_per_row_token, trim_freed_memory
+from emorl.serve.prefix import FORWARD_TOKENS
 from emorl.serve.runner import Prefill, Runner
 
 log = logging.getLogger("emorl.serve")
@@ -56,7 +57,7 @@ class StepScheduler:
 
     def __init__(self, engine: Any) -> None:
         self.e = engine
-        self.runner = Runner(engine.ens, engine.adapters, self.prefix_reserve, engine.stats)
+        self.runner = Runner(engine.ens, engine.adapters, 0, engine.stats)  # the prefix slab: set by _prefix
         self.n_adapters = len(engine.adapters)
         self.kv_per_row_token = kv_bytes_per_row_token(engine.ens.stream.decoder.config,
                                                        next(engine.ens.model.parameters()).dtype)
@@ -73,11 +74,19 @@ class StepScheduler:
     # ------------------------------------------------------------------------------------------- budget
 
     @property
-    def prefix_reserve(self) -> int:
-        """The prompt-prefix cache's share of the KV budget: a 16th, at most 128 MiB (an entry per stream and
+    def prefix_slab(self) -> int:
+        """The prompt-prefix cache's entries: a 16th of the KV budget, at most 128 MiB (an entry per stream and
         alignment, :mod:`emorl.serve.prefix`: ~1.3 MiB for SmolLM2-135M in float32 with the default system prompt,
         so a base-anchored K = 3 mix's 4 streams x 16 alignments take ~83 MiB)."""
         return min(128 << 20, self.e.kv_budget // 16) if self.e.prefix_cache else 0
+
+    @property
+    def prefix_reserve(self) -> int:
+        """The prompt-prefix cache's share of the KV budget: its entries, and the work of a forward computing them
+        (:data:`~emorl.serve.prefix.FORWARD_TOKENS` token-rows: their keys and values, and activations about as
+        large)."""
+        slab = self.prefix_slab
+        return slab + FORWARD_TOKENS * 2 * self.kv_per_row_token if slab else 0
 
     def prefill_tokens(self, job: Any) -> int:
         """Token-rows a job's prefill computes: its streams (choices fork after the prefill) x its padded width,
@@ -91,7 +100,7 @@ class StepScheduler:
 
     def _prefix(self) -> Any:
         """The runner's prompt-prefix cache held to :attr:`prefix_reserve` (None when there is none)."""
-        self.runner.prefix_bytes = self.prefix_reserve
+        self.runner.prefix_bytes = self.prefix_slab
         cache = self.runner.prefix_cache()
         if cache is not None:
             cache.limit(self.runner.prefix_bytes)
