@@ -247,8 +247,6 @@ class StepScheduler:
         batch = self.runner.finish_prefill(pf)
         alive = self._advance(batch.seqs, batch.h)
         batch = batch.filter(alive)
-        if batch is not None and self.running is not None:
-            self._trim()  # the prefill's freed activations go back before the join copies both caches (its peak)
         if batch is not None:
             self.running = batch if self.running is None else self.running.concatenate(batch)
         self._trim()
