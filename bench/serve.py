@@ -157,7 +157,9 @@ def measure(args: argparse.Namespace, run: str) -> list[dict[str, Any]]:
             time.sleep(0.02)
 
     try:
-        send_all(url, requests_for(2, 1, weights, objectives, 4, temperature, args.anchor), 1)  # warm-up
+        # warm-up: every statement once, so that neither part times a cache's first fill (emorl.serve.prefix: the
+        # prompt-prefix cache's entries for these prompts' streams are made here, as after a while of traffic)
+        send_all(url, requests_for(len(STATEMENTS), 1, weights, objectives, 1, temperature, args.anchor), 1)
         for c in levels:
             reqs = requests_for(args.requests, c, weights, objectives, args.max_tokens, temperature, args.anchor)
             idle()

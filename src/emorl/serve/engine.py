@@ -262,8 +262,8 @@ class Engine:
             raise TooLarge(f"this request may need {need / 2**20:.1f} MiB of KV cache (prompt + max_tokens + the "
                            f"running cache's growth room, for {step.job_rows(job)} rows), over the server's budget "
                            f"of {self.kv_budget / 2**20:.1f} MiB (--kv-budget-mb; "
-                           f"{step.prefix_reserve / 2**20:.1f} MiB of it kept for the prompt-prefix cache); lower "
-                           "max_tokens or n")
+                           f"{step.reserve / 2**20:.1f} MiB of it kept for the prompt-prefix cache and a prefill's "
+                           "work); lower max_tokens or n")
         with self._cond:
             if self._stopping:
                 raise EmorlError("the server is shutting down")

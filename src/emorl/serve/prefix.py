@@ -1,6 +1,7 @@
 """The prompt-prefix cache of the step scheduler: vLLM's automatic prefix caching, narrowed to the one prefix that
 every request of ``emorl serve`` shares — the chat template's head with the run's system prompt, up to the user's
-statement (24 of the ~45 tokens of a short statement's prompt with SmolLM2's template).
+statement (26 of the 38-48 tokens of a short statement's prompt, SmolLM2's template, the default run's system
+prompt).
 
 A new prompt's prefill then starts after that prefix: its keys and values come from the cache, and only the
 statement and the generation prompt are computed (with the left padding in front of them, which is computed too

@@ -59,8 +59,12 @@ class StepScheduler:
         self.e = engine
         self.runner = Runner(engine.ens, engine.adapters, 0, engine.stats)  # the prefix slab: set by _prefix
         self.n_adapters = len(engine.adapters)
-        self.kv_per_row_token = kv_bytes_per_row_token(engine.ens.stream.decoder.config,
-                                                       next(engine.ens.model.parameters()).dtype)
+        dtype = next(engine.ens.model.parameters()).dtype
+        self.kv_per_row_token = kv_bytes_per_row_token(engine.ens.stream.decoder.config, dtype)
+        cfg = engine.ens.stream.decoder.config
+        hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0) or 0)
+        inter = int(getattr(cfg, "intermediate_size", 0) or getattr(cfg, "n_inner", 0) or 4 * hidden)
+        self.act_per_token = (6 * hidden + 3 * inter) * torch.empty((), dtype=dtype).element_size()
         # with a shared trunk a reply keeps one KV row (not one per stream) in the layers below it
         self.n_layers = max(1, len(engine.ens.stream.layers))
         self.trunk = self.runner.trunk
@@ -76,8 +80,8 @@ class StepScheduler:
     @property
     def prefix_slab(self) -> int:
         """The prompt-prefix cache's entries: a 16th of the KV budget, at most 128 MiB (an entry per stream and
-        alignment, :mod:`emorl.serve.prefix`: ~1.3 MiB for SmolLM2-135M in float32 with the default system prompt,
-        so a base-anchored K = 3 mix's 4 streams x 16 alignments take ~83 MiB)."""
+        alignment, :mod:`emorl.serve.prefix`: ~1.1 MiB for SmolLM2-135M in float32 with the default system prompt,
+        so a base-anchored K = 3 mix's 4 streams x 16 alignments take ~73 MiB)."""
         return min(128 << 20, self.e.kv_budget // 16) if self.e.prefix_cache else 0
 
     @property
@@ -87,6 +91,19 @@ class StepScheduler:
         large)."""
         slab = self.prefix_slab
         return slab + FORWARD_TOKENS * 2 * self.kv_per_row_token if slab else 0
+
+    @property
+    def work_reserve(self) -> int:
+        """The KV budget's share for one prefill's work memory outside the KV cache: its activations, about
+        (6 x hidden + 3 x intermediate) numbers per token-row (~32 KB for SmolLM2-135M in float32) x
+        ``max_prefill_tokens``, at most a 16th of the budget. Kept so that the budget bounds what the server adds
+        to its loaded size (a flood's peak, bench/RESULTS.md)."""
+        return min(self.e.kv_budget // 16, self.e.max_prefill_tokens * self.act_per_token)
+
+    @property
+    def reserve(self) -> int:
+        """What the KV budget keeps beside the requests' KV: the prefix cache's share and one prefill's work."""
+        return self.prefix_reserve + self.work_reserve
 
     def prefill_tokens(self, job: Any) -> int:
         """Token-rows a job's prefill computes: its streams (choices fork after the prefill) x its padded width,
@@ -146,7 +163,7 @@ class StepScheduler:
         return self.kv_bytes(rows, replies, worst)
 
     def fits_alone(self, job: Any) -> bool:
-        return self.job_bytes(job) + self.prefix_reserve <= self.e.kv_budget
+        return self.job_bytes(job) + self.reserve <= self.e.kv_budget
 
     # ------------------------------------------------------------------------------------------- loop
 
@@ -205,7 +222,7 @@ class StepScheduler:
                 break
             if taken and tokens + self.prefill_tokens(job) > e.max_prefill_tokens:
                 break  # the prefill's work memory and its stall of the running replies stay bounded
-            over = self.reserved(taken + [job]) + self.prefix_reserve > e.kv_budget
+            over = self.reserved(taken + [job]) + self.reserve > e.kv_budget
             if over and (self.running or self.prefill or taken):
                 break
             taken.append(job)
