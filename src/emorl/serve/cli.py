@@ -46,7 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", choices=("step", "window"), default="step",
                    help="step: admit and retire requests at every decode step (default); window: the first design")
     p.add_argument("--kv-budget-mb", type=float,
-                   help="KV-cache byte budget; a request is admitted when its worst case fits (default: a quarter "
+                   help="KV-cache byte budget (it also keeps a 16th for the prompt-prefix cache and at most a 16th "
+                        "for one prefill's work); a request is admitted when its worst case fits (default: a quarter "
                         "of the free memory, printed at start)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="most waiting requests; more are answered 429 with Retry-After")
