@@ -15,12 +15,14 @@ without the cache). Why keyed by (a row's LoRA coefficients, the prefix's alignm
   would have computed, and a reply still equals ``emorl generate`` for its request alone (tests/test_serve_prefix.py).
 
 A prompt that does not begin with the prefix (its own system message, a cut template) is prefilled whole. Entries are
-evicted oldest first beyond ``max_bytes``; the scheduler counts ``max_bytes`` in the KV budget.
+replaced oldest first beyond ``max_bytes``; the scheduler counts ``max_bytes`` and the forward that computes entries
+in the KV budget (``StepScheduler.prefix_reserve``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,8 +31,8 @@ from emorl.lora_bank import safe_rows
 from emorl.prompts import PAD_MULTIPLE
 from emorl.serve.batch import GrowingLayer, RunningCache
 
-FORWARD_TOKENS = 128  # most token-rows of one forward computing entries: its KV and activations are not in the
-# KV budget (a flood's group of 20 new entries in one forward took ~90 MB beyond it, bench/RESULTS.md)
+FORWARD_TOKENS = 128  # most token-rows of one forward computing entries; the scheduler keeps room for its KV and
+# activations in the KV budget (one forward for a flood's 20 new entries had taken ~90 MB, bench/RESULTS.md)
 Key = tuple[tuple[float, ...], int]  # (a row's LoRA coefficients, pads in front of the prefix: 1..PAD_MULTIPLE)
 Entry = torch.Tensor  # (layers, 2: keys and values, heads, P, head_dim) of the prefix
 
@@ -55,11 +57,13 @@ def align(pads: int) -> int:
     return (pads - 1) % PAD_MULTIPLE + 1
 
 
+@dataclass
 class Plan:
-    """How a prefill group reuses the prefix: each row's left padding and key, and the first position computed."""
+    """How a prefill group reuses the prefix."""
 
-    def __init__(self, pads: list[int], keys: list[Key], start: int) -> None:
-        self.pads, self.keys, self.start = pads, keys, start
+    pads: list[int]  # each row's left padding
+    keys: list[Key]  # each row's entry
+    start: int  # the first position the prefill computes
 
 
 class PrefixCache:
