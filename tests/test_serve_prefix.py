@@ -99,8 +99,7 @@ def test_a_prefill_after_the_cached_prefix_equals_the_whole_prompts(step: StepSc
 @pytest.mark.parametrize("spec", JOBS)
 def test_each_prompt_alone_with_a_fresh_cache(step: StepScheduler, spec: tuple[str, list[float], str]) -> None:
     """Entries computed for one prompt alone (one alignment: the entries' forward is narrowest) hold its bits too."""
-    step._prefix()
-    cache = step.runner.prefix_cache()
+    cache = step._prefix()
     assert cache is not None
     cache.limit(0)  # empty
     _, off = prefill(step, jobs(step, [spec]), cache=False)
@@ -114,7 +113,7 @@ def test_a_cache_too_small_for_one_group_evicts_and_still_reuses(step: StepSched
     prefill keeps what it found and still equals the whole prompts' (this raised KeyError once)."""
     _, off = prefill(step, jobs(step, JOBS), cache=False)
     prefill(step, jobs(step, JOBS), cache=True)
-    cache = step.runner.prefix_cache()
+    cache = step._prefix()
     assert cache is not None and len(cache.entries) >= 4
     entry = cache.bytes // len(cache.entries)
     old = step.e.kv_budget

@@ -92,6 +92,11 @@ def fit_prompts(tokenizer: Any, texts: list[str], max_tokens: int, is_seq2seq: b
 PAD_MULTIPLE = 16  # left padding is aligned to this many positions (see encode_prompts)
 
 
+def aligned_width(n: int) -> int:
+    """``n`` rounded up to a multiple of :data:`PAD_MULTIPLE` (a causal batch's width on the CPU)."""
+    return -(-n // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
 def encode_prompts(tokenizer: Any, texts: list[str], max_tokens: int, is_seq2seq: bool,
                    device: torch.device | str = "cpu", pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """Tokenise formatted prompts: left-padded for causal models (so generation appends on the right).
@@ -124,7 +129,7 @@ def encode_prompts(tokenizer: Any, texts: list[str], max_tokens: int, is_seq2seq
         # >= 1 pad in every row (attention always takes a mask); an aligned pad_to (a width this function returned
         # before) is kept as it is
         longest = out["input_ids"].shape[1]
-        width = -(-max(pad_to or 0, longest + 1) // PAD_MULTIPLE) * PAD_MULTIPLE
+        width = aligned_width(max(pad_to or 0, longest + 1))
     extra = width - out["input_ids"].shape[1]
     if extra > 0:
         pad = (0, extra) if is_seq2seq else (extra, 0)

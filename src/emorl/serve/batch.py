@@ -268,6 +268,15 @@ def kv_bytes_per_row_token(model_config: Any, dtype: torch.dtype) -> int:
     return 2 * layers * kv * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def activation_bytes_per_token(model_config: Any, dtype: torch.dtype) -> int:
+    """A forward's work memory per token-row outside the KV cache, roughly: (6 x hidden + 3 x intermediate) numbers
+    (~32 KB for SmolLM2-135M in float32)."""
+    cfg = model_config
+    hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0) or 0)
+    inter = int(getattr(cfg, "intermediate_size", 0) or getattr(cfg, "n_inner", 0) or 4 * hidden)
+    return (6 * hidden + 3 * inter) * torch.empty((), dtype=dtype).element_size()
+
+
 def default_kv_budget(device: torch.device) -> int:
     """Default KV byte budget: a quarter of the free accelerator memory, or of the available RAM on CPU."""
     if device.type == "cuda":

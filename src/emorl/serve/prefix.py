@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from emorl.lora_bank import safe_rows
-from emorl.prompts import PAD_MULTIPLE
+from emorl.prompts import PAD_MULTIPLE, aligned_width
 from emorl.serve.batch import GrowingLayer, RunningCache
 
 FORWARD_TOKENS = 128  # most token-rows of one forward computing entries; the scheduler keeps room for its KV and
@@ -126,7 +126,7 @@ class PrefixCache:
 
     def batches(self, keys: list[Key]) -> list[list[Key]]:
         """``keys`` in forwards of at most :data:`FORWARD_TOKENS` token-rows (one key at least)."""
-        width = -(-(PAD_MULTIPLE + self.length) // PAD_MULTIPLE) * PAD_MULTIPLE  # the widest a forward may be
+        width = aligned_width(PAD_MULTIPLE + self.length)  # the widest a forward may be
         per = max(1, FORWARD_TOKENS // width)
         return [keys[i:i + per] for i in range(0, len(keys), per)]
 
@@ -136,7 +136,7 @@ class PrefixCache:
         width that is a multiple of :data:`~emorl.prompts.PAD_MULTIPLE`, as a prompt's batch is (CPU attention
         rounds by the key length's blocks of 16)."""
         p, most = self.length, max(a for _, a in keys)
-        width = -(-(most + p) // PAD_MULTIPLE) * PAD_MULTIPLE
+        width = aligned_width(most + p)
         ids = torch.full((len(keys), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, (_, a) in enumerate(keys):

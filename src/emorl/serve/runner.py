@@ -66,8 +66,7 @@ class Prefill:
 class Runner:
     """Executes prefill chunks and decode steps for the scheduler (see the module docstring)."""
 
-    def __init__(self, ens: Any, adapters: list[str], prefix_bytes: int = 0, stats: dict[str, Any] | None = None
-                 ) -> None:
+    def __init__(self, ens: Any, adapters: list[str], stats: dict[str, Any] | None = None) -> None:
         self.ens = ens
         self.adapters = adapters
         self.decoder = ens.stream.decoder
@@ -78,8 +77,7 @@ class Runner:
         self.layers = ens.stream.layers
         trunk = ens.trunk(adapters)
         self.trunk = trunk if 0 < trunk < len(self.layers) else 0  # every layer shared: no adapter at all, no gain
-        self.prefix_bytes = prefix_bytes  # the prompt-prefix cache's most bytes (0: no cache)
-        self._prefix: PrefixCache | None = None
+        self._prefix: PrefixCache | None = None  # made by prefix_cache()
         self.stats = stats if stats is not None else {}
         for key in ("prefix_reused_token_rows", "prefix_computed_rows"):
             self.stats.setdefault(key, 0)
@@ -129,18 +127,21 @@ class Runner:
         pf.done = end
         return end == pf.ids.shape[1]
 
-    def prefix_cache(self) -> PrefixCache | None:
-        """The prompt-prefix cache (:mod:`emorl.serve.prefix`), made on first use on the decode thread (it tokenises
-        with the decode thread's tokenizer); None when disabled or the model has no chat template."""
-        if self.prefix_bytes <= 0 or self.ens.base.is_seq2seq:
+    def prefix_cache(self, max_bytes: int) -> PrefixCache | None:
+        """The prompt-prefix cache (:mod:`emorl.serve.prefix`) held to ``max_bytes``, made on first use on the
+        decode thread (it tokenises with the decode thread's tokenizer); None when ``max_bytes`` is 0 (disabled) or
+        the model is a seq2seq one. The scheduler calls this at each admission, so a prefill's
+        :meth:`_reuse_prefix` finds it."""
+        if self.ens.base.is_seq2seq:
             return None
         if self._prefix is None:
             tok = self.ens.tokenizer
             tokens = shared_prefix(tok, self.ens.base.config.system_prompt)
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
             tokens = tokens if len(tokens) >= 4 else []
-            self._prefix = PrefixCache(tokens, self.prefix_bytes, int(pad), tok.decode(tokens) if tokens else "")
-        return self._prefix
+            self._prefix = PrefixCache(tokens, max_bytes, int(pad), tok.decode(tokens) if tokens else "")
+        self._prefix.limit(max_bytes)
+        return self._prefix if max_bytes > 0 else None
 
     @property
     def prefix_bytes_held(self) -> int:
@@ -148,8 +149,9 @@ class Runner:
 
     def _reuse_prefix(self, pf: Prefill, coef: torch.Tensor, first: torch.Tensor | None) -> None:
         """Start ``pf`` after the shared prefix when every row begins with it: its keys and values from the cache,
-        computing (in one forward) the entries it lacks first. Leaves ``pf`` as it is otherwise."""
-        cache = self.prefix_cache()
+        computing the entries it lacks first (a few per forward). Leaves ``pf`` as it is otherwise (no cache, or a
+        disabled one: its plan is None)."""
+        cache = self._prefix
         if cache is None:
             return
         plan = cache.plan(pf.ids, pf.mask, coef, len(first) if first is not None else pf.rows)

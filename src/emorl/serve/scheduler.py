@@ -27,9 +27,17 @@ from typing import Any
 import torch
 
 from emorl.ensemble.pairs import PairResult
+from emorl.prompts import aligned_width
 from emorl.sampling import uniforms
-from emorl.serve.batch import KV_BLOCK, RunningBatch, Seq, kv_bytes_per_row_token, trim_freed_memory
-from emorl.serve.prefix import FORWARD_TOKENS
+from emorl.serve.batch import (
+    KV_BLOCK,
+    RunningBatch,
+    Seq,
+    activation_bytes_per_token,
+    kv_bytes_per_row_token,
+    trim_freed_memory,
+)
+from emorl.serve.prefix import FORWARD_TOKENS, PrefixCache
 from emorl.serve.runner import Prefill, Runner
 
 log = logging.getLogger("emorl.serve")
@@ -57,14 +65,11 @@ class StepScheduler:
 
     def __init__(self, engine: Any) -> None:
         self.e = engine
-        self.runner = Runner(engine.ens, engine.adapters, 0, engine.stats)  # the prefix slab: set by _prefix
+        self.runner = Runner(engine.ens, engine.adapters, engine.stats)
         self.n_adapters = len(engine.adapters)
         dtype = next(engine.ens.model.parameters()).dtype
         self.kv_per_row_token = kv_bytes_per_row_token(engine.ens.stream.decoder.config, dtype)
-        cfg = engine.ens.stream.decoder.config
-        hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0) or 0)
-        inter = int(getattr(cfg, "intermediate_size", 0) or getattr(cfg, "n_inner", 0) or 4 * hidden)
-        self.act_per_token = (6 * hidden + 3 * inter) * torch.empty((), dtype=dtype).element_size()
+        self.act_per_token = activation_bytes_per_token(engine.ens.stream.decoder.config, dtype)
         # with a shared trunk a reply keeps one KV row (not one per stream) in the layers below it
         self.n_layers = max(1, len(engine.ens.stream.layers))
         self.trunk = self.runner.trunk
@@ -105,23 +110,18 @@ class StepScheduler:
         """What the KV budget keeps beside the requests' KV: the prefix cache's share and one prefill's work."""
         return self.prefix_reserve + self.work_reserve
 
-    def prefill_tokens(self, job: Any) -> int:
+    def prefill_tokens(self, job: Any, cache: PrefixCache | None = None) -> int:
         """Token-rows a job's prefill computes: its streams (choices fork after the prefill) x its padded width,
-        less the shared prefix when its prompt begins with it (the prefix cache's estimate: a prefill computes no
-        more than ``max_prefill_tokens`` // rows positions at once whatever this says)."""
+        less the shared prefix of ``cache`` when its prompt begins with it (an estimate: a prefill computes no more
+        than ``max_prefill_tokens`` // rows positions at once whatever this says)."""
         width = self.job_width(job)
-        cache = self._prefix()
         if cache is not None and cache.length and job.pairs[0].text.startswith(cache.text):
             width = max(12, width - cache.length)
         return self.job_rows(job) // len(job.pairs) * width
 
-    def _prefix(self) -> Any:
-        """The runner's prompt-prefix cache held to :attr:`prefix_reserve` (None when there is none)."""
-        self.runner.prefix_bytes = self.prefix_slab
-        cache = self.runner.prefix_cache()
-        if cache is not None:
-            cache.limit(self.runner.prefix_bytes)
-        return cache
+    def _prefix(self) -> PrefixCache | None:
+        """The runner's prompt-prefix cache, held to :attr:`prefix_slab` (the budget may have changed)."""
+        return self.runner.prefix_cache(self.prefix_slab)
 
     def job_rows(self, job: Any) -> int:
         coef, _ = stream_coefs(job.key, list(job.pairs[0].weights), self.n_adapters)
@@ -139,7 +139,7 @@ class StepScheduler:
 
     @staticmethod
     def job_width(job: Any) -> int:
-        return -(-(job.prompt_tokens + 1) // 16) * 16  # encode_prompts' padded width
+        return aligned_width(job.prompt_tokens + 1)  # encode_prompts' padded width
 
     def job_worst_len(self, job: Any) -> int:
         """KV positions a job's rows may take: its prompt, its longest reply, the running cache's growth room."""
@@ -215,18 +215,20 @@ class StepScheduler:
     def _admit(self) -> list[Any]:
         """Oldest waiting jobs whose worst case fits the budget next to what runs (first come, first served)."""
         e = self.e
+        cache = self._prefix()
         taken: list[Any] = []
         rows = tokens = 0  # the group's rows and prefill token-rows so far
         for job in e._queue:
-            if taken and rows + self.job_rows(job) > e.max_batch_rows:
+            job_rows, job_tokens = self.job_rows(job), self.prefill_tokens(job, cache)
+            if taken and rows + job_rows > e.max_batch_rows:
                 break
-            if taken and tokens + self.prefill_tokens(job) > e.max_prefill_tokens:
+            if taken and tokens + job_tokens > e.max_prefill_tokens:
                 break  # the prefill's work memory and its stall of the running replies stay bounded
             over = self.reserved(taken + [job]) + self.reserve > e.kv_budget
             if over and (self.running or self.prefill or taken):
                 break
             taken.append(job)
-            rows, tokens = rows + self.job_rows(job), tokens + self.prefill_tokens(job)
+            rows, tokens = rows + job_rows, tokens + job_tokens
         e._queue = e._queue[len(taken):]
         return taken
 
@@ -235,7 +237,6 @@ class StepScheduler:
 
         ens = self.e.ens
         dev = ens.device
-        self._prefix()  # the budget may have changed since the last prefill
         texts = [j.pairs[0].text for j in jobs]
         enc = encode_prompts(ens.tokenizer, texts, self.e.prompt_limit, False, dev)
         seqs, fork, rows = [], [], []
