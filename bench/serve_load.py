@@ -64,11 +64,67 @@ class InProcess:
         while not self.server.started:
             time.sleep(0.05)
         self.url = f"http://127.0.0.1:{port}"
+        self.objectives = self.engine.objectives
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(60)
         self.engine.close()
+
+
+class OwnProcess:
+    """``emorl serve`` in its own process on a free loopback port (``--own-process``, and the flood's memory):
+    the client's threads then share no interpreter lock with the server, as with a client on another machine.
+    :meth:`stop` ends it."""
+
+    engine = None  # no in-process engine: the parts that need one (agreement, the in-process flood) do not run
+
+    def __init__(self, run: str, options: list[str]) -> None:
+        import os
+        import subprocess
+
+        import httpx
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "emorl.cli", "serve", "--run", run, "--port", str(port), *options]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        try:
+            for _ in range(1200):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"emorl serve exited with {self.proc.returncode}: {' '.join(cmd)}")
+                try:
+                    if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.25)
+            self.objectives = httpx.get(f"{self.url}/v1/objectives", timeout=30).json()["objectives"]
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        import httpx
+
+        return httpx.get(f"{self.url}/health", timeout=30).json()["stats"]
+
+    def stop(self) -> None:
+        import subprocess
+
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def one_request(url: str, req: dict[str, Any], stop_at: float) -> dict[str, Any]:
@@ -179,13 +235,15 @@ def summarise(run: dict[str, Any], slo_ttft: float, slo_tpots: list[float]) -> d
 
 
 def head_of_line(url: str, objectives: list[str], temperature: float, long_tokens: int = 256, short_tokens: int = 8,
-                 delay: float = 0.5) -> dict[str, Any]:
+                 delay: float = 0.5, bursts: int = 8, seed: int = 0) -> dict[str, Any]:
     """After each probe prompt once (the server's caches warm, as after a while of traffic: a prompt-prefix cache's
-    entries for these prompts' streams are made then), a lone short request's TTFT; the four short requests together
-    with nothing running (their own prefill); then
-    one long request and, ``delay`` s later, the four short ones (by default 8 and 256 tokens, 0.5 s). ``ratio``:
-    the worst short TTFT behind the long one ÷ the lone TTFT (the issue's target); ``behind_long_vs_alone``: ÷ the
-    four's worst TTFT alone, the part the long request adds."""
+    entries for these prompts' streams are made then), a lone short request's TTFT (the median of 3); the four short
+    requests together with nothing running (their own prefill); then one long request and, ``delay`` s later, the
+    four short ones (by default 8 and 256 tokens, 0.5 s), and again after each burst has finished, a random 0-0.4 s
+    later, up to ``bursts`` bursts while the long request runs: a burst lands at a random point of the long request's
+    decode step, and where it lands decides how long it waits. ``ratio``: the worst short TTFT of any burst behind
+    the long one ÷ the lone TTFT (the issue's target, for every burst); ``ratios``: each burst's worst ÷ the lone;
+    ``behind_long_vs_alone``: the worst ÷ the four's worst TTFT alone, the part the long request adds."""
     w = {o: 1.0 / len(objectives) for o in objectives}
 
     def req(max_tokens: int, seed: int) -> dict[str, Any]:
@@ -194,9 +252,9 @@ def head_of_line(url: str, objectives: list[str], temperature: float, long_token
                 "stream_options": {"include_usage": True}, "emorl": {"weights": w, "anchor": "base"}}
 
     far = time.perf_counter() + 3600
-    for seed in range(6):  # warm: each probe prompt once, so no part times a cache's first fill (emorl.serve.prefix)
-        one_request(url, req(1, seed), far)
-    lone = one_request(url, req(short_tokens, 1), far)
+    for seed_ in range(6):  # warm: each probe prompt once, so no part times a cache's first fill (emorl.serve.prefix)
+        one_request(url, req(1, seed_), far)
+    lone = float(np.median([one_request(url, req(short_tokens, 1), far)["ttft"] for _ in range(3)]))
 
     def four_shorts() -> list[dict[str, Any]]:
         got: list[dict[str, Any]] = []
@@ -212,15 +270,29 @@ def head_of_line(url: str, objectives: list[str], temperature: float, long_token
     # long request's share of their wait is measured
     alone = max(s["ttft"] or float("inf") for s in four_shorts())
     out: dict[str, Any] = {}
-    long_t = threading.Thread(target=lambda: out.__setitem__("long", one_request(url, req(long_tokens, 0), far)))
+    done = threading.Event()
+
+    def long_request() -> None:
+        out["long"] = one_request(url, req(long_tokens, 0), far)
+        done.set()
+
+    long_t = threading.Thread(target=long_request)
     long_t.start()
     time.sleep(delay)
-    shorts = four_shorts()
+    rng = np.random.default_rng(seed)
+    worsts: list[float] = []
+    for b in range(bursts):
+        if b:
+            time.sleep(float(rng.uniform(0.0, 0.4)))
+            if done.is_set():
+                break  # later bursts count only while the long request runs
+        worsts.append(max(s["ttft"] or float("inf") for s in four_shorts()))
     long_t.join()
-    worst = max(s["ttft"] or float("inf") for s in shorts)
-    return {"lone_ttft": round(lone["ttft"], 3), "short_ttft_max": round(worst, 3),
-            "ratio": round(worst / lone["ttft"], 2), "four_alone_ttft_max": round(alone, 3),
-            "ratio_four_alone": round(alone / lone["ttft"], 2), "behind_long_vs_alone": round(worst / alone, 2),
+    worst = max(worsts)
+    return {"lone_ttft": round(lone, 3), "short_ttft_max": round(worst, 3), "ratio": round(worst / lone, 2),
+            "bursts": len(worsts), "ratios": [round(x / lone, 2) for x in worsts],
+            "ratio_median": round(float(np.median(worsts)) / lone, 2), "four_alone_ttft_max": round(alone, 3),
+            "ratio_four_alone": round(alone / lone, 2), "behind_long_vs_alone": round(worst / alone, 2),
             "long_e2e": round(out["long"]["e2e"], 2), "long_tokens": out["long"]["tokens"]}
 
 
@@ -316,44 +388,22 @@ def flood_process(run: str, n: int, seconds: float, max_queue: int, kv_budget_mb
                   extra: list[str] = ()) -> dict[str, Any]:
     """The flood against ``emorl serve`` in its own process (loopback, stopped at the end): its peak RSS (VmHWM)
     against its RSS once loaded plus the KV budget, the 429s, and the served."""
-    import os
-    import subprocess
-
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "emorl.cli", "serve", "--run", run, "--port", str(port), "--max-queue",
-           str(max_queue), "--kv-budget-mb", str(kv_budget_mb)]
+    options = ["--max-queue", str(max_queue), "--kv-budget-mb", str(kv_budget_mb)]
     if max_prefill_tokens:
-        cmd += ["--max-prefill-tokens", str(max_prefill_tokens)]
-    cmd += list(extra)  # more `emorl serve` options
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        options += ["--max-prefill-tokens", str(max_prefill_tokens)]
+    srv = OwnProcess(run, options + list(extra))  # more `emorl serve` options
     try:
-        for _ in range(1200):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.25)
-        objectives = httpx.get(f"{url}/v1/objectives", timeout=30).json()["objectives"]
-        warm = {**workload(1, objectives, 99, 0.0, 1.0)[0], "stream": False}
+        warm = {**workload(1, srv.objectives, 99, 0.0, 1.0)[0], "stream": False}
         warm.pop("stream_options")
-        httpx.post(f"{url}/v1/chat/completions", json=warm, timeout=600)  # loaded and warmed up
-        loaded = _proc_mb(proc.pid, "VmRSS")
-        codes, secs = flood_codes(url, n, seconds, objectives, short)
-        stats = httpx.get(f"{url}/health", timeout=30).json()["stats"]
-        peak = _proc_mb(proc.pid, "VmHWM")
+        httpx.post(f"{srv.url}/v1/chat/completions", json=warm, timeout=600)  # loaded and warmed up
+        loaded = _proc_mb(srv.proc.pid, "VmRSS")
+        codes, secs = flood_codes(srv.url, n, seconds, srv.objectives, short)
+        stats = srv.stats
+        peak = _proc_mb(srv.proc.pid, "VmHWM")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        srv.stop()
     return {"requests": n, "over_s": seconds, "served": codes.count(200), "429": codes.count(429),
             "other": len(codes) - codes.count(200) - codes.count(429), "max_queue": max_queue,
             "kv_budget_mb": kv_budget_mb, "max_prefill_tokens": max_prefill_tokens or "default", "options": list(extra),
@@ -389,14 +439,24 @@ def main() -> int:
     ap.add_argument("--kv-budget-mb", type=float)
     ap.add_argument("--max-prefill-tokens", type=int, help="--flood-process: the server's --max-prefill-tokens")
     ap.add_argument("--no-prefix-cache", action="store_true", help="the server without its prompt-prefix cache")
+    ap.add_argument("--own-process", action="store_true",
+                    help="each scheduler's server as `emorl serve` in its own process (as a client on another "
+                         "machine sees it: the client's threads share no interpreter lock with the server); "
+                         "without --agreement and --flood, which read the in-process engine")
     ap.add_argument("--device", help="cpu, cuda, ... (default: the run config's)")
     args = ap.parse_args()
+    if args.own_process and (args.agreement or args.flood) and not args.flood_process:
+        ap.error("--own-process runs no --agreement or in-process --flood (they read the engine); "
+                 "run them without it, or the flood with --flood-process")
     sizes: dict[str, Any] = {}  # request lengths: the defaults of workload() and head_of_line()
     if args.quick:
         args.rates, args.requests, args.clients, args.long_share = "8,16", 3, 4, 0.5
         args.max_seconds, args.drain_seconds, args.agreement = 5.0, 20.0, 3
         args.flood, args.flood_seconds, args.max_queue = 6, 0.1, 1
-        sizes = {"short": (4, 8), "long": (12, 16), "hol": {"long_tokens": 16, "short_tokens": 4, "delay": 0.05}}
+        if args.own_process:  # the parts that read the in-process engine do not run
+            args.agreement = args.flood = 0
+        sizes = {"short": (4, 8), "long": (12, 16), "hol": {"long_tokens": 16, "short_tokens": 4, "delay": 0.05,
+                                                                     "bursts": 1}}
     with run_folder(args, ap) as run:
         results = measure(args, str(run), sizes)
     if args.output:
@@ -420,13 +480,20 @@ def measure(args: argparse.Namespace, run: str, sizes: dict[str, Any]) -> dict[s
     cfg = load_config(Path(run) / "config.yaml")
     if args.device:
         cfg.model.device = args.device
-    base = load_base(cfg.model)
+    base = None if args.own_process else load_base(cfg.model)
     temperature = cfg.eval.generation.temperature
     lengths = {k: v for k, v in sizes.items() if k in ("short", "long")}
     results: dict[str, Any] = {"args": vars(args), "schedulers": {}}
     for sched in args.schedulers.split(","):
-        srv = InProcess(run, sched, base, 512, args.max_batch_rows, prefix_cache=not args.no_prefix_cache)
-        objectives = srv.engine.objectives
+        srv: InProcess | OwnProcess
+        if args.own_process:
+            srv = OwnProcess(run, ["--scheduler", sched, "--max-tokens", "512", "--max-batch-rows",
+                                   str(args.max_batch_rows), "--max-queue", "4096",
+                                   *(["--no-prefix-cache"] if args.no_prefix_cache else []),
+                                   *(["--device", args.device] if args.device else [])])
+        else:
+            srv = InProcess(run, sched, base, 512, args.max_batch_rows, prefix_cache=not args.no_prefix_cache)
+        objectives = srv.objectives
         per: dict[str, Any] = {"rates": {}}
         try:
             one_request(srv.url, workload(1, objectives, 99, 0.0, temperature, **lengths)[0],
@@ -450,7 +517,7 @@ def measure(args: argparse.Namespace, run: str, sizes: dict[str, Any]) -> dict[s
                 per["flood"] = flood(srv.url, srv.engine, args.flood, args.flood_seconds, objectives,
                                      lengths.get("short", (24, 64)))
                 print(sched, "flood", per["flood"], flush=True)
-            per["stats"] = {k: v for k, v in srv.engine.stats.items() if not isinstance(v, dict)}
+            per["stats"] = {k: v for k, v in srv.stats.items() if not isinstance(v, dict)}
         finally:
             srv.stop()
         results["schedulers"][sched] = per

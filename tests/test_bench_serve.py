@@ -47,6 +47,7 @@ def test_serve_load_quick(script, tiny_study, tmp_path):
                 assert r["tokens"] == r["max_tokens"] if r["finish"] == "length" else r["tokens"] <= r["max_tokens"]
         hol = per["head_of_line"]
         assert 1 <= hol["long_tokens"] <= 16 and hol["lone_ttft"] > 0 and hol["short_ttft_max"] > 0
+        assert hol["bursts"] == len(hol["ratios"]) == 1 and hol["ratio"] == max(hol["ratios"])
         assert hol["four_alone_ttft_max"] > 0  # the four short requests with nothing in front: their own prefill
         assert hol["behind_long_vs_alone"] == pytest.approx(hol["short_ttft_max"] / hol["four_alone_ttft_max"],
                                                             rel=0.02, abs=0.01)

@@ -367,3 +367,46 @@ def test_a_prefill_computes_at_most_max_prefill_tokens(served: dict[str, Any]) -
         engine.max_prefill_tokens = old
         engine.prefix_cache = True
     assert _wait(lambda: engine.pending() == 0)
+
+
+def test_requests_arriving_during_a_prefill_are_prefilled_before_the_next_step(served: dict[str, Any]) -> None:
+    """A burst whose first request is already being prefilled: the rest, arriving during that prefill, are prefilled
+    next, before the decode step, while the iteration's prefill stays within `--max-prefill-tokens`; each still gets
+    its lone reply. By hand (no prefix cache): a base-anchored K = 3 request is 4 rows x 48 positions = 192
+    token-rows; a cap of 400 leaves 208 after the first, so the second joins it before the step and the third
+    (192 + 192 > 208) waits for the next iteration."""
+    engine = served["engine"]
+    ens = engine.ens
+    runner = engine._step.runner
+    calls: list[str] = []
+    chunk, step = runner.prefill_chunk, runner.step
+    out: dict[str, PairResult] = {}
+    weights = {"a": [0.8, 0.5, 0.1], "b": [0.2, 0.4, 0.6], "c": [1.0, 0.3, 0.3]}
+    jobs = {n: _job(engine, STATEMENT, w, "hidden+base", out, n, max_new_tokens=6) for n, w in weights.items()}
+
+    def prefill(pf: Any, n: int) -> bool:
+        calls.append(f"prefill{pf.rows}")
+        if len(calls) == 1:  # b and c arrive while a is being prefilled
+            engine.submit(jobs["b"])
+            engine.submit(jobs["c"])
+        return chunk(pf, n)
+
+    old = engine.max_prefill_tokens
+    assert _wait(lambda: engine.pending() == 0)
+    try:
+        runner.prefill_chunk = prefill
+        runner.step = lambda batch: (calls.append("step"), step(batch))[1]
+        engine.prefix_cache = False
+        engine.max_prefill_tokens = 400
+        engine.submit(jobs["a"])
+        for j in jobs.values():
+            assert j.done.wait(60)  # type: ignore[attr-defined]
+    finally:
+        runner.prefill_chunk, runner.step = chunk, step
+        engine.max_prefill_tokens = old
+        engine.prefix_cache = True
+    assert calls[:4] == ["prefill4", "prefill4", "step", "prefill4"], calls
+    assert _wait(lambda: engine.pending() == 0)
+    for n, w in weights.items():
+        ref = ens.generate([STATEMENT], w, mode="hidden", anchor="base", max_new_tokens=6)
+        assert out[n].token_ids == ref.token_ids[0, : int(ref.lengths[0])].tolist(), n

@@ -5,14 +5,18 @@ Every iteration: (1) drop waiting requests whose client is gone; (2) admit waiti
 prefill group while the KV byte budget holds their worst case (prompt + ``max_tokens`` for every row, the batch's
 left padding included) and the group's prompt tokens x rows stay within ``max_prefill_tokens``; (3) run one chunk
 of the prefill (``prefill_chunk`` positions, at most ``max_prefill_tokens`` token-rows), and once the prompt is done
-sample each new reply's first token and concatenate its rows into the running batch; (4) run ONE decode step of the
-running batch, if any; (5) report tokens, finish replies (EOS, stop string, length, cancelled) and filter their rows
-out. A short request that arrives while a long one decodes starts at the next iteration instead of waiting for the
-long one to end.
+sample each new reply's first token and concatenate its rows into the running batch; a group whose prefill started
+and ended in this iteration leaves the rest of the iteration's prefill budget (``max_prefill_tokens`` token-rows)
+to requests that arrived during it, admitted and prefilled as a next group before the step (vLLM's per-step token
+budget: a burst whose first request is already being prefilled does not wait a decode step for the rest); (4) run
+ONE decode step of the running batch, if any; (5) report tokens, finish replies (EOS, stop string, length,
+cancelled) and filter their rows out. A short request that arrives while a long one decodes starts at the next
+iteration instead of waiting for the long one to end.
 
 Decodes keep their place the way vLLM's "decodes first" budget keeps it: every iteration advances every running
-reply by one token, and a prompt takes at most one bounded chunk per iteration, so a long prompt delays the running
-replies by one chunk per token, never by its whole prefill. The chunk runs before the step, not after it: the
+reply by one token, and prompts take at most ``max_prefill_tokens`` token-rows of prefill per iteration (one
+bounded chunk of a long prompt, or a few short groups), so a long prompt delays the running replies by one chunk
+per token, never by its whole prefill. The chunk runs before the step, not after it: the
 running replies wait the same (one chunk and one step per token either way), while a new request's first token no
 longer waits for a step of the running batch, and its rows join that same iteration's step (bench/RESULTS.md, head
 of line).
@@ -178,22 +182,37 @@ class StepScheduler:
                     self.runner.release()
                     return
                 e._drop_cancelled()
-                admit = self._admit() if self.prefill is None else []
+                admit = self._admit(e.max_prefill_tokens) if self.prefill is None else []
                 e._busy = bool(self.running or self.prefill or admit)
                 if admit:
                     self._note_reserved(admit)
+            admitted = list(admit)  # every job this iteration admits (a failed step fails them too)
             try:
                 self.runner.hold()
                 if admit:
                     self._start_prefill(admit)
                 if self.prefill is not None:
-                    self._prefill_step()
+                    done = self._prefill_step()
+                    budget = e.max_prefill_tokens - self._group_tokens(admit) if admit else 0
+                    while done and budget > 0:  # arrivals during that prefill: next groups, in the same budget
+                        with e._cond:
+                            e._drop_cancelled()
+                            more = self._admit(budget, first_must_fit=True)
+                            if more:
+                                e._busy = True
+                                self._note_reserved(more)
+                        if not more:
+                            break
+                        admitted += more
+                        budget -= self._group_tokens(more)
+                        self._start_prefill(more)
+                        done = self._prefill_step()
                 if self.running is not None:
                     self._decode()
             except Exception as ex:  # a failed step fails its requests, never the server
                 log.exception("decode step failed")
                 jobs = {id(s.job): s.job for b in (self.running, self.prefill) if b is not None for s in b.seqs}
-                jobs.update({id(j): j for j in admit})
+                jobs.update({id(j): j for j in admitted})
                 for j in jobs.values():
                     j.emit(("error", f"decoding failed: {type(ex).__name__}: {ex}", None))
                 self.running = self.prefill = None
@@ -212,8 +231,9 @@ class StepScheduler:
         st["max_kv_bytes_reserved"] = max(st["max_kv_bytes_reserved"], st["kv_bytes_reserved"])
         st["prefix_cache_bytes"] = self.runner.prefix_bytes_held
 
-    def _admit(self) -> list[Any]:
-        """Oldest waiting jobs whose worst case fits the budget next to what runs (first come, first served)."""
+    def _admit(self, max_tokens: int, first_must_fit: bool = False) -> list[Any]:
+        """Oldest waiting jobs whose worst case fits the budget next to what runs (first come, first served), their
+        prefill token-rows within ``max_tokens`` (a job over it alone is taken alone, unless ``first_must_fit``)."""
         e = self.e
         cache = self._prefix()
         taken: list[Any] = []
@@ -222,7 +242,7 @@ class StepScheduler:
             job_rows, job_tokens = self.job_rows(job), self.prefill_tokens(job, cache)
             if taken and rows + job_rows > e.max_batch_rows:
                 break
-            if taken and tokens + job_tokens > e.max_prefill_tokens:
+            if (taken or first_must_fit) and tokens + job_tokens > max_tokens:
                 break  # the prefill's work memory and its stall of the running replies stay bounded
             over = self.reserved(taken + [job]) + self.reserve > e.kv_budget
             if over and (self.running or self.prefill or taken):
@@ -231,6 +251,11 @@ class StepScheduler:
             rows, tokens = rows + job_rows, tokens + job_tokens
         e._queue = e._queue[len(taken):]
         return taken
+
+    def _group_tokens(self, jobs: list[Any]) -> int:
+        """The prefill token-rows of a group :meth:`_admit` took (its estimate, as admission counted them)."""
+        cache = self._prefix()
+        return sum(self.prefill_tokens(j, cache) for j in jobs)
 
     def _start_prefill(self, jobs: list[Any]) -> None:
         from emorl.data import encode_prompts
@@ -254,12 +279,13 @@ class StepScheduler:
         self.e.stats["jobs"] += len(jobs)
         self.e.stats["pairs"] += len(seqs)
 
-    def _prefill_step(self) -> None:
+    def _prefill_step(self) -> bool:
+        """Run one chunk of the prefill; once its prompt is done, join its replies to the running batch (True)."""
         pf = self.prefill
         assert pf is not None
         chunk = min(self.e.prefill_chunk, max(1, self.e.max_prefill_tokens // pf.rows))  # a lone job over the cap
         if not self.runner.prefill_chunk(pf, chunk):
-            return
+            return False
         self.prefill = None
         self.e.stats["prefills"] += 1
         batch = self.runner.finish_prefill(pf)
@@ -269,6 +295,7 @@ class StepScheduler:
             self.running = batch if self.running is None else self.running.concatenate(batch)
         self._trim()
         self._note()
+        return True
 
     def _decode(self) -> None:
         batch = self.running
