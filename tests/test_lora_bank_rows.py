@@ -99,3 +99,22 @@ def test_the_row_plan_by_hand() -> None:
     assert two.one.tolist() == [0, 1, 2, 2] and two.mixed is None and two.src.tolist() == [0, 1, 2, 4, 4, 4]
     a = RowPlan(torch.tensor([[1.0, 0.0]]), 1, torch.device("cpu"))
     assert a.src.tolist() == [0] and a.mixed is None
+
+
+def test_kept_stacks_are_made_once_and_reused_bit_for_bit(model: Any) -> None:
+    """``stacks=``: the first context stacks each layer's adapters into the caller's dict, a later one reuses the
+    very tensors (no copy), and its rows equal a fresh bank's bit for bit (the serving runner re-enters the bank so
+    after every idle period)."""
+    coef = torch.stack([torch.eye(3)[1], torch.tensor([0.5, 0.2, 0.9]), torch.eye(3)[0]])
+    ids = torch.randint(0, 1000, (3, 9), generator=torch.Generator().manual_seed(2))
+    kept: dict[Any, Any] = {}
+    with lora_bank(model, NAMES, stacks=kept) as bank:
+        first = dict(bank._stacks)
+    assert kept and all(v is not None for v in first.values())
+    with lora_bank(model, NAMES, stacks=kept) as bank:
+        assert all(bank._stacks[k] is first[k] for k in first)  # the same tensors: nothing stacked again
+        reused = _two_steps(model, ids, lambda: bank.set_row_weights(coef))
+    with lora_bank(model, NAMES) as bank:
+        fresh = _two_steps(model, ids, lambda: bank.set_row_weights(coef))
+    for a, b in zip(reused, fresh, strict=True):
+        assert torch.equal(a, b)

@@ -78,6 +78,7 @@ class Runner:
         trunk = ens.trunk(adapters)
         self.trunk = trunk if 0 < trunk < len(self.layers) else 0  # every layer shared: no adapter at all, no gain
         self._prefix: PrefixCache | None = None  # made by prefix_cache()
+        self._stacks: dict[Any, Any] = {}  # the bank's stacked adapters, made on the first hold, reused after
         self.stats = stats if stats is not None else {}
         for key in ("prefix_reused_token_rows", "prefix_computed_rows"):
             self.stats.setdefault(key, 0)
@@ -85,9 +86,10 @@ class Runner:
     # ------------------------------------------------------------------------------------------- the bank
 
     def hold(self) -> None:
-        """Enter the LoRA bank (kept while there is work: entering stacks every adapter's A and B)."""
+        """Enter the LoRA bank (kept while there is work). The served adapters do not change, so their stacked A
+        and B are made on the first hold only: a request that finds the server idle does not pay for stacking."""
         if self.bank is None:
-            self.bank = self._stack.enter_context(lora_bank(self.ens.model, self.adapters))
+            self.bank = self._stack.enter_context(lora_bank(self.ens.model, self.adapters, stacks=self._stacks))
 
     def release(self) -> None:
         """Leave the bank when idle, so the model is plain again (``EnsembleModel.generate`` may use it)."""
