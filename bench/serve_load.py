@@ -6,18 +6,20 @@ side by side in one run on one machine, loopback only.
     python bench/serve_load.py --run runs/default --rates 4,8 --clients 64       # a GPU (bench/gpu.sh)
     python bench/serve_load.py --quick        # every part, a few short requests, on a tiny run in a temp folder
 
-For each scheduler (``--schedulers step,window``: the same model, one in-process server at a time) and each rate,
-``--requests`` requests arrive open-loop (gamma inter-arrival times with shape ``--burstiness``; 1 = Poisson),
-each with its own weight vector (Dirichlet over the objectives, base-anchored hidden mix of model ``emorl``), its
-own seed, sampled at the run's temperature, and a mixed length: 70% draw ``max_tokens`` from 24-64, 30% from
-128-256 (``--long-share``). ``--clients`` caps the requests in flight (vLLM's ``--max-concurrency``). Each rate
-stops sending after ``--max-seconds`` and cancels what is still running ``--drain-seconds`` later: bounded in count
-and time. Reported per rate: TTFT, TPOT (time per output token after the first), end-to-end latency (p50/p95/p99),
-request and output-token throughput, and goodput (requests/s meeting TTFT <= ``--slo-ttft`` and TPOT <=
-``--slo-tpot``, DistServe's definition; several TPOT SLOs give goodput under each). Then the head-of-line
-scenario: one 256-token request, and 0.5 s later
-four 8-token requests; their time to first token against a lone 8-token request's, and against the same four sent
-together with nothing running (what their own prefill costs: on a compute-bound CPU, four prompts cost about four).
+For each scheduler (``--schedulers step,window``: the same model, one server at a time: in this process, or with
+``--own-process`` as ``emorl serve`` in its own, where the client's threads share no interpreter lock with it) and
+each rate, ``--requests`` requests arrive open-loop (gamma inter-arrival times with shape ``--burstiness``; 1 =
+Poisson), each with its own weight vector (Dirichlet over the objectives, base-anchored hidden mix of model
+``emorl``), its own seed, sampled at the run's temperature, and a mixed length: 70% draw ``max_tokens`` from 24-64,
+30% from 128-256 (``--long-share``). ``--clients`` caps the requests in flight (vLLM's ``--max-concurrency``). Each
+rate stops sending after ``--max-seconds`` and cancels what is still running ``--drain-seconds`` later: bounded in
+count and time. Reported per rate: TTFT, TPOT (time per output token after the first), end-to-end latency
+(p50/p95/p99), request and output-token throughput, and goodput (requests/s meeting TTFT <= ``--slo-ttft`` and TPOT
+<= ``--slo-tpot``, DistServe's definition; several TPOT SLOs give goodput under each). Then the head-of-line
+scenario: one 256-token request, and 0.5 s later four 8-token requests, then again after each burst ends (8 bursts
+at random phases of the long request's decode step, while it runs); their time to first token against a lone 8-token
+request's, and against the same four sent together with nothing running (what their own prefill costs: on a
+compute-bound CPU, four prompts cost about four; bench/prefill_cost.py measures it).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The serving benchmarks' quick modes (bench/serve.py, serve_load.py, serve_finish.py, serve_profile.py) on the tiny
+"""The serving benchmarks' quick modes (bench/serve.py, serve_load.py, serve_finish.py, serve_profile.py,
+prefill_cost.py) on the tiny
 study, loopback only: each runs to the end and writes what it says, with counts a person can check (every request
 sent is answered, both schedulers measured, same seed gives the same reply). Timings are not checked. Not run here:
 serve_load.py --flood-process (it starts `emorl serve` in its own process, ~30 s; tests/test_serve.py starts one) and
@@ -59,6 +60,17 @@ def test_serve_load_quick(script, tiny_study, tmp_path):
     assert "agreement" not in window and "flood" not in window and step["stats"]["steps"] > 0
 
 
+def test_serve_load_own_process_quick(script, tiny_study, tmp_path):
+    """--own-process: the step scheduler's server as `emorl serve` in its own process answers both rates and the
+    head-of-line probe over loopback, and the parts that read the in-process engine are left out."""
+    script("serve_load", "--quick", "--own-process", "--schedulers", "step", "--run", str(tiny_study), "--output",
+           str(tmp_path / "own.json"))
+    per = json.loads((tmp_path / "own.json").read_text())["schedulers"]["step"]
+    assert all((r["sent"], r["completed"], r["failed"]) == (3, 3, 0) for r in per["rates"].values())
+    assert per["head_of_line"]["bursts"] == 1 and per["stats"]["steps"] > 0  # /health's stats of that process
+    assert "agreement" not in per and "flood" not in per
+
+
 def test_serve_finish_quick(script, tiny_study, tmp_path):
     """The share of EOS-ended replies at L = 8, 16 for 2 prompts: a share of 2, never falling as L grows, and the
     smallest L the script names is the first at which both methods reach 95%."""
@@ -88,7 +100,17 @@ def test_serve_profile_quick(script, tiny_study, tmp_path):
     assert scheduler.StepScheduler.run is run
 
 
-@pytest.mark.parametrize("name", ["serve", "serve_load", "serve_finish", "serve_profile"])
+def test_prefill_cost_quick(script, tiny_study, tmp_path):
+    """The forward of 1 and of 2 requests' rows (one per objective) after a cached context, and a decode step:
+    positive times, and the ratio is the second over the first."""
+    script("prefill_cost", "--quick", "--run", str(tiny_study), "--output", str(tmp_path / "cost.json"))
+    res = json.loads((tmp_path / "cost.json").read_text())
+    assert res["rows_per_request"] == 3 and res["positions"] == 16 and res["step_s"] > 0
+    assert set(res["prefill_s"]) == {"1", "2"} and all(v > 0 for v in res["prefill_s"].values())
+    assert res["prefill_ratio"]["2"] == pytest.approx(res["prefill_s"]["2"] / res["prefill_s"]["1"], abs=0.01)
+
+
+@pytest.mark.parametrize("name", ["serve", "serve_load", "serve_finish", "serve_profile", "prefill_cost"])
 def test_serve_scripts_ask_for_a_run_or_quick(name, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [str(BENCH / f"{name}.py")])
     monkeypatch.setattr(sys, "path", list(sys.path))
