@@ -1,9 +1,9 @@
 """The serving benchmarks' quick modes (bench/serve.py, serve_load.py, serve_finish.py, serve_profile.py,
-prefill_cost.py) on the tiny
-study, loopback only: each runs to the end and writes what it says, with counts a person can check (every request
-sent is answered, both schedulers measured, same seed gives the same reply). Timings are not checked. Not run here:
-serve_load.py --flood-process (it starts `emorl serve` in its own process, ~30 s; tests/test_serve.py starts one) and
---quick without --run (it makes the study itself with `emorl run`, ~30 s; the tiny_study fixture is that study)."""
+prefill_cost.py) on the tiny study, loopback only: each runs to the end and writes what it says, with counts a
+person can check (every request sent is answered, both schedulers measured, same seed gives the same reply). Timings
+are not checked. Not run here: serve_load.py --flood-process (it starts `emorl serve` in its own process, ~30 s;
+tests/test_serve.py starts one) and --quick without --run (it makes the study itself with `emorl run`, ~30 s; the
+tiny_study fixture is that study)."""
 
 from __future__ import annotations
 

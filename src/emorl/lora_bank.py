@@ -195,9 +195,10 @@ class LoraBank:
                 if getattr(mod.lora_B[n], "bias", None) is not None:
                     raise EmorlError(f"lora_bank: adapter {n!r} has lora_bias at {lname}; not supported")
             key = (id(mod), tuple(self.names))
-            if stacks is not None and key not in stacks:
-                stacks[key] = self._stack(mod)
-            self._stacks[id(mod)] = stacks[key] if stacks is not None else self._stack(mod)
+            if stacks is None:
+                self._stacks[id(mod)] = self._stack(mod)
+            else:
+                self._stacks[id(mod)] = stacks[key] = stacks.get(key) or self._stack(mod)
             self.layers.append(mod)
         if weights is not None:
             self.set_weights(weights)
@@ -374,8 +375,8 @@ def lora_bank(model: Any, names: Sequence[str], weights: torch.Tensor | None = N
     (G, K): rows in G equal groups, group g uses ``W0 + sum_i weights[g, i] ΔW_i``.
 
     ``stacks``: a dict the caller keeps across contexts, for adapters that do not change between them (serving):
-    each layer's stacked A and sB are made on the first entry and reused after (entering then costs ~1 ms instead
-    of stacking every adapter: ~85 ms for SmolLM2-135M with 6 adapters on 2 CPU cores). Not for training, whose
+    each layer's stacked A and sB are made on the first entry and reused after (entering then costs ~12 ms, its
+    checks, instead of ~84 ms for stacking 6 adapters of SmolLM2-135M on 2 CPU cores). Not for training, whose
     updates would not reach the stacked copies."""
     bank = LoraBank(model, names, weights, stacks)
     patched: list[tuple[Any, Any]] = []

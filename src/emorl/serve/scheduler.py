@@ -182,7 +182,7 @@ class StepScheduler:
                     self.runner.release()
                     return
                 e._drop_cancelled()
-                admit = self._admit(e.max_prefill_tokens) if self.prefill is None else []
+                admit, tokens = self._admit(e.max_prefill_tokens) if self.prefill is None else ([], 0)
                 e._busy = bool(self.running or self.prefill or admit)
                 if admit:
                     self._note_reserved(admit)
@@ -193,18 +193,18 @@ class StepScheduler:
                     self._start_prefill(admit)
                 if self.prefill is not None:
                     done = self._prefill_step()
-                    budget = e.max_prefill_tokens - self._group_tokens(admit) if admit else 0
+                    budget = e.max_prefill_tokens - tokens if admit else 0
                     while done and budget > 0:  # arrivals during that prefill: next groups, in the same budget
                         with e._cond:
                             e._drop_cancelled()
-                            more = self._admit(budget, first_must_fit=True)
+                            more, tokens = self._admit(budget, first_must_fit=True)
                             if more:
                                 e._busy = True
                                 self._note_reserved(more)
                         if not more:
                             break
                         admitted += more
-                        budget -= self._group_tokens(more)
+                        budget -= tokens
                         self._start_prefill(more)
                         done = self._prefill_step()
                 if self.running is not None:
@@ -231,9 +231,10 @@ class StepScheduler:
         st["max_kv_bytes_reserved"] = max(st["max_kv_bytes_reserved"], st["kv_bytes_reserved"])
         st["prefix_cache_bytes"] = self.runner.prefix_bytes_held
 
-    def _admit(self, max_tokens: int, first_must_fit: bool = False) -> list[Any]:
+    def _admit(self, max_tokens: int, first_must_fit: bool = False) -> tuple[list[Any], int]:
         """Oldest waiting jobs whose worst case fits the budget next to what runs (first come, first served), their
-        prefill token-rows within ``max_tokens`` (a job over it alone is taken alone, unless ``first_must_fit``)."""
+        prefill token-rows within ``max_tokens`` (a job over it alone is taken alone, unless ``first_must_fit``);
+        and those token-rows (:meth:`prefill_tokens`' estimate)."""
         e = self.e
         cache = self._prefix()
         taken: list[Any] = []
@@ -250,12 +251,7 @@ class StepScheduler:
             taken.append(job)
             rows, tokens = rows + job_rows, tokens + job_tokens
         e._queue = e._queue[len(taken):]
-        return taken
-
-    def _group_tokens(self, jobs: list[Any]) -> int:
-        """The prefill token-rows of a group :meth:`_admit` took (its estimate, as admission counted them)."""
-        cache = self._prefix()
-        return sum(self.prefill_tokens(j, cache) for j in jobs)
+        return taken, tokens
 
     def _start_prefill(self, jobs: list[Any]) -> None:
         from emorl.data import encode_prompts
